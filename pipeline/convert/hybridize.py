@@ -1,0 +1,260 @@
+"""Teacher -> hybrid surgery with Mamba-in-Llama (MIL) initialisation.
+
+`hybridize(teacher, mamba_layers)` returns a `HybridForCausalLM` whose listed layers hold Mamba-1
+mixers initialised from that layer's attention (x <- v_proj, B <- k_proj, C <- q_proj,
+out_proj <- o_proj, biases too) and whose every other weight is the teacher's, copied unchanged.
+The source may be a Llama, Mistral or Qwen2 teacher, or a hybrid (progressive steps convert more
+layers of the previous checkpoint). Every key is accounted for: copied, MIL-mapped, freshly
+initialised (z, dt, conv, A_log, D), or dropped (the replaced attention), and shapes must match.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+
+from pipeline.model.config import ATTENTION, GQA_EXPANSIONS, IDENTITY, MAMBA, HybridConfig
+from pipeline.model.modeling import HybridForCausalLM
+
+TEACHER_CLASSES: tuple[type[PreTrainedModel], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+SUPPORTED = ", ".join(cls.__name__ for cls in (*TEACHER_CLASSES, HybridForCausalLM))
+
+# Mamba options a caller may set; None = the recipe's default (or, for a hybrid source, its own value).
+MAMBA_OPTIONS = {
+    "d_state": "mamba_d_state",
+    "dt_rank": "mamba_dt_rank",
+    "d_conv": "mamba_d_conv",
+    "d_inner": "mamba_d_inner",
+    "gqa_expansion": "mamba_gqa_expansion",
+    "conv_bias": "mamba_conv_bias",
+    "dt_min": "mamba_dt_min",
+    "dt_max": "mamba_dt_max",
+    "scan_chunk": "mamba_scan_chunk",
+}
+
+
+class ConversionError(ValueError):
+    """The teacher or the requested layers cannot be converted."""
+
+
+def check_teacher(model: nn.Module) -> None:
+    """One clear error for a model this project cannot convert."""
+    if isinstance(model, HybridForCausalLM):
+        return
+    if not isinstance(model, TEACHER_CLASSES):
+        raise ConversionError(f"unsupported teacher architecture {type(model).__name__}; supported: {SUPPORTED}")
+    config = model.config
+    if any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise ConversionError(
+            f"unsupported teacher: {type(model).__name__} with mixture-of-experts layers; supported: {SUPPORTED}"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted({kind for kind in layer_types if kind != "full_attention"})
+    if other:
+        raise ConversionError(
+            f"unsupported teacher layer types {other}: only full attention (optionally Mistral's sliding_window) "
+            "can be converted"
+        )
+
+
+def hybrid_config_from_teacher(teacher_config, layer_types: list[str], **mamba_options) -> HybridConfig:
+    """A HybridConfig that reproduces the teacher's decoder, with the given per-layer mixers."""
+    source = teacher_config
+    return HybridConfig(
+        vocab_size=source.vocab_size,
+        hidden_size=source.hidden_size,
+        intermediate_size=source.intermediate_size,
+        num_hidden_layers=source.num_hidden_layers,
+        num_attention_heads=source.num_attention_heads,
+        num_key_value_heads=source.num_key_value_heads,
+        head_dim=getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads,
+        hidden_act=source.hidden_act,
+        max_position_embeddings=source.max_position_embeddings,
+        initializer_range=source.initializer_range,
+        rms_norm_eps=source.rms_norm_eps,
+        pad_token_id=source.pad_token_id,
+        bos_token_id=source.bos_token_id,
+        eos_token_id=source.eos_token_id,
+        tie_word_embeddings=source.tie_word_embeddings,
+        rope_parameters=dict(source.rope_parameters) if source.rope_parameters is not None else None,
+        attention_dropout=float(getattr(source, "attention_dropout", 0.0) or 0.0),
+        mlp_bias=bool(getattr(source, "mlp_bias", False)),
+        sliding_window=getattr(source, "sliding_window", None),
+        layer_types=layer_types,
+        **mamba_options,
+    )
+
+
+def _layer_list(name: str, layers: Iterable[int], num_layers: int) -> list[int]:
+    layers = [int(i) for i in layers]
+    for index in layers:
+        if not 0 <= index < num_layers:
+            raise ConversionError(f"{name}: layer index {index} is out of range for a {num_layers}-layer model")
+    repeated = sorted({i for i in layers if layers.count(i) > 1})
+    if repeated:
+        raise ConversionError(f"{name}: layer indices repeated: {repeated}")
+    return sorted(layers)
+
+
+def _attention_biases(teacher: nn.Module) -> tuple[bool, bool]:
+    """(q/k/v have biases, o_proj has a bias), read off the first attention layer's modules."""
+    for layer in teacher.model.layers:
+        attention = getattr(layer, "self_attn", None) or getattr(layer, "mixer", None)
+        if attention is not None and hasattr(attention, "q_proj"):
+            return attention.q_proj.bias is not None, attention.o_proj.bias is not None
+    return False, False
+
+
+def _source_key(key: str, is_hybrid: bool) -> str:
+    """Hybrid key -> the teacher's key for the same tensor (the only rename: mixer. <-> self_attn.)."""
+    return key if is_hybrid else key.replace(".mixer.", ".self_attn.")
+
+
+def hybridize(
+    teacher: nn.Module,
+    mamba_layers: Iterable[int],
+    *,
+    identity_layers: Iterable[int] = (),
+    seed: int = 0,
+    **mamba_options,
+) -> HybridForCausalLM:
+    """Convert `mamba_layers` of `teacher` to MIL-initialised Mamba mixers (and `identity_layers` to no mixer).
+
+    mamba_options: d_state (16), dt_rank (16), d_conv (4), d_inner (n_heads x head_dim),
+    gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max, scan_chunk.
+    For a hybrid source the listed layers are converted in addition to its existing Mamba layers, and
+    its Mamba options are kept.
+    """
+    check_teacher(teacher)
+    unknown = sorted(set(mamba_options) - set(MAMBA_OPTIONS))
+    if unknown:
+        raise ConversionError(f"unknown Mamba option(s) {unknown}; valid: {sorted(MAMBA_OPTIONS)}")
+    if mamba_options.get("gqa_expansion", "chunk") not in GQA_EXPANSIONS:
+        raise ConversionError(
+            f"gqa_expansion must be one of {list(GQA_EXPANSIONS)}, got {mamba_options['gqa_expansion']!r}"
+        )
+    source_config = teacher.config
+    num_layers = source_config.num_hidden_layers
+    new_mamba = _layer_list("mamba_layers", mamba_layers, num_layers)
+    new_identity = _layer_list("identity_layers", identity_layers, num_layers)
+    both = sorted(set(new_mamba) & set(new_identity))
+    if both:
+        raise ConversionError(f"layers {both} are listed both as Mamba and as identity")
+    is_hybrid = isinstance(teacher, HybridForCausalLM)
+
+    options = {MAMBA_OPTIONS[k]: v for k, v in mamba_options.items() if v is not None}
+    if is_hybrid:
+        layer_types = list(source_config.layer_types)
+        for index in new_mamba + new_identity:
+            if layer_types[index] != ATTENTION:
+                kind = {MAMBA: "Mamba", IDENTITY: "identity"}[layer_types[index]]
+                raise ConversionError(f"layer {index} is already {kind}; only attention layers can be converted")
+        clashing = {k: v for k, v in options.items() if getattr(source_config, k) != v}
+        if clashing:
+            raise ConversionError(
+                f"Mamba options {clashing} differ from the source hybrid's; a hybrid keeps its Mamba shape"
+            )
+        config = copy.deepcopy(source_config)
+    else:
+        layer_types = [ATTENTION] * num_layers
+        qkv_bias, out_bias = _attention_biases(teacher)
+        options.update(
+            attention_bias=qkv_bias,
+            attention_out_bias=out_bias,
+            mamba_in_proj_bias=qkv_bias,
+            mamba_out_proj_bias=out_bias,
+        )
+        config = hybrid_config_from_teacher(source_config, layer_types, **options)
+    for index in new_mamba:
+        layer_types[index] = MAMBA
+    for index in new_identity:
+        layer_types[index] = IDENTITY
+    config.layer_types = layer_types
+    config.validate_layer_type()
+
+    d_inner, d_xb = config.mamba_d_inner, config.mamba_d_xb
+    if new_mamba and (
+        d_inner != config.num_attention_heads * config.head_dim
+        or d_xb != config.num_key_value_heads * config.head_dim
+    ):
+        raise ConversionError(
+            f"MIL initialisation needs d_inner = n_heads x head_dim ({config.num_attention_heads * config.head_dim}) "
+            f"and d_xb = n_kv_heads x head_dim ({config.num_key_value_heads * config.head_dim}); "
+            f"got d_inner={d_inner}, d_xb={d_xb}"
+        )
+
+    parameter = next(teacher.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(parameter.device):
+            hybrid = HybridForCausalLM(config)
+    hybrid.to(parameter.dtype)
+    _copy_weights(teacher, hybrid, new_mamba, is_hybrid)
+    hybrid.generation_config = teacher.generation_config
+    return hybrid.eval() if not teacher.training else hybrid
+
+
+@torch.no_grad()
+def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list[int], is_hybrid: bool) -> None:
+    source = teacher.state_dict()
+    target = hybrid.state_dict()
+    used: set[str] = set()
+    fresh: list[str] = []
+    for key, tensor in target.items():
+        layer = _layer_of(key)
+        if layer in new_mamba and ".mixer." in key:
+            fresh.append(key)  # MIL-mapped below, or fresh initialisation
+            continue
+        source_key = _source_key(key, is_hybrid)
+        if source_key not in source:
+            raise ConversionError(f"weight surgery: {key} has no source tensor {source_key} in the teacher")
+        if source[source_key].shape != tensor.shape:
+            raise ConversionError(
+                f"weight surgery: shape of {key} {tuple(tensor.shape)} != teacher's {tuple(source[source_key].shape)}"
+            )
+        tensor.copy_(source[source_key])
+        used.add(source_key)
+
+    for index in new_mamba:
+        attention = _attention_of(teacher, index)
+        mixer = hybrid.model.layers[index].mixer
+        d_inner, d_xb = mixer.d_inner, mixer.d_xb
+        # in_proj rows: [z (d_inner, random) | x (d_xb) | B (d_xb) | C (d_inner)]
+        weight = mixer.in_proj.weight
+        weight[d_inner: d_inner + d_xb].copy_(attention.v_proj.weight)
+        weight[d_inner + d_xb: d_inner + 2 * d_xb].copy_(attention.k_proj.weight)
+        weight[d_inner + 2 * d_xb:].copy_(attention.q_proj.weight)
+        if mixer.in_proj.bias is not None:
+            mixer.in_proj.bias[:d_inner].zero_()
+            mixer.in_proj.bias[d_inner: d_inner + d_xb].copy_(attention.v_proj.bias)
+            mixer.in_proj.bias[d_inner + d_xb: d_inner + 2 * d_xb].copy_(attention.k_proj.bias)
+            mixer.in_proj.bias[d_inner + 2 * d_xb:].copy_(attention.q_proj.bias)
+        mixer.out_proj.weight.copy_(attention.o_proj.weight)
+        if mixer.out_proj.bias is not None:
+            mixer.out_proj.bias.copy_(attention.o_proj.bias)
+        prefix = f"model.layers.{index}.{'mixer' if is_hybrid else 'self_attn'}."
+        used.update(key for key in source if key.startswith(prefix))
+
+    # Everything the teacher had must be used or be a replaced layer's attention (identity layers drop it).
+    leftover = sorted(key for key in source if key not in used and ".self_attn." not in key and ".mixer." not in key)
+    if leftover:
+        raise ConversionError(f"weight surgery: teacher tensors not carried over: {leftover[:5]}")
+
+
+def _layer_of(key: str) -> int | None:
+    parts = key.split(".")
+    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
+        return int(parts[2])
+    return None
+
+
+def _attention_of(teacher: nn.Module, index: int) -> nn.Module:
+    layer = teacher.model.layers[index]
+    return layer.mixer if isinstance(teacher, HybridForCausalLM) else layer.self_attn
+
+
+__all__ = ["ConversionError", "SUPPORTED", "TEACHER_CLASSES", "check_teacher", "hybrid_config_from_teacher", "hybridize"]

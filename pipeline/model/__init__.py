@@ -1,0 +1,42 @@
+"""The hybrid model: config, mixers, cache, kernel dispatch; registered with transformers' Auto classes."""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from pipeline.model.config import (
+    ATTENTION,
+    IDENTITY,
+    LAYER_KINDS,
+    MAMBA,
+    HybridConfig,
+    HybridConfigError,
+    canonical_layer_types,
+)
+from pipeline.model.modeling import HybridForCausalLM, HybridModel
+
+
+def register() -> None:
+    """Make `AutoConfig` / `AutoModelForCausalLM` know the hybrid (idempotent)."""
+    try:
+        AutoConfig.register(HybridConfig.model_type, HybridConfig)
+    except ValueError:  # already registered
+        pass
+    try:
+        AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM)
+    except ValueError:
+        pass
+
+
+register()
+
+__all__ = [
+    "ATTENTION",
+    "IDENTITY",
+    "LAYER_KINDS",
+    "MAMBA",
+    "HybridConfig",
+    "HybridConfigError",
+    "HybridForCausalLM",
+    "HybridModel",
+    "canonical_layer_types",
+    "register",
+]

@@ -1,0 +1,361 @@
+"""Kernel dispatch: fast CUDA kernels where they exist, a pure-PyTorch reference everywhere else.
+
+Every op here has both paths; which one runs is decided explicitly by `kernel_mode()` and the inputs,
+and logged once per op. Modes (environment variable `HYBRID_KERNELS`, or `set_kernel_mode`):
+- "auto" (default): CUDA kernels when the tensors are on CUDA and the packages import, else reference.
+- "reference": always the PyTorch reference (what the parity tests compare against).
+- "cuda": CUDA kernels required; a missing package is an error that says what to install.
+
+Shapes, one notation throughout: b batch, d channels (d_inner), n state size (d_state), g groups of B/C,
+l sequence length, k conv width, h heads, t query length, s key length, e head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+KERNEL_MODES = ("auto", "reference", "cuda")
+_mode: str | None = None
+_announced: set[tuple[str, str]] = set()
+
+
+class KernelUnavailableError(RuntimeError):
+    """CUDA kernels were required but cannot be used."""
+
+
+def kernel_mode() -> str:
+    mode = _mode or os.environ.get("HYBRID_KERNELS", "auto")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"HYBRID_KERNELS={mode!r} is not a kernel mode; valid: {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def set_kernel_mode(mode: str | None) -> None:
+    """Set the kernel mode for this process (None = back to the environment / "auto")."""
+    global _mode
+    if mode is not None and mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode {mode!r} is not one of {', '.join(KERNEL_MODES)}")
+    _mode = mode
+
+
+@contextmanager
+def use_kernels(mode: str) -> Iterator[None]:
+    """Temporarily force a kernel mode (tests run both paths with this)."""
+    previous = _mode
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(previous)
+
+
+def _announce(op: str, path: str) -> None:
+    if (op, path) not in _announced:
+        _announced.add((op, path))
+        log.info("kernel %s: %s", op, path)
+
+
+def paths_used() -> dict[str, list[str]]:
+    """Which implementation each op has used in this process (for logs and benchmark records)."""
+    out: dict[str, list[str]] = {}
+    for op, path in sorted(_announced):
+        out.setdefault(op, []).append(path)
+    return out
+
+
+# --- optional packages -------------------------------------------------------------------------
+
+@functools.cache
+def _mamba_ssm():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    except Exception as error:  # ImportError, or a CUDA extension that fails to load
+        return None, f"mamba_ssm unavailable ({type(error).__name__}: {error})"
+    return (selective_scan_fn, selective_state_update), ""
+
+
+@functools.cache
+def _causal_conv1d():
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    except Exception as error:
+        return None, f"causal_conv1d unavailable ({type(error).__name__}: {error})"
+    return (causal_conv1d_fn, causal_conv1d_update), ""
+
+
+@functools.cache
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_func
+    except Exception as error:
+        return None, f"flash_attn unavailable ({type(error).__name__}: {error})"
+    return flash_attn_func, ""
+
+
+def _use_cuda(op: str, tensor: torch.Tensor, loader, *, required_by_mode: bool = True):
+    """The CUDA functions for `op` if this call should use them, else None (reference)."""
+    mode = kernel_mode()
+    if mode == "reference":
+        return None
+    functions, reason = loader()
+    if not tensor.is_cuda:
+        if mode == "cuda" and required_by_mode:
+            raise KernelUnavailableError(f"HYBRID_KERNELS=cuda but {op} got a {tensor.device.type} tensor")
+        return None
+    if functions is None:
+        if mode == "cuda" and required_by_mode:
+            raise KernelUnavailableError(
+                f"HYBRID_KERNELS=cuda but {reason}; install the GPU extras: pip install 'hybrid-distill[gpu]'"
+            )
+        _announce(op, f"reference ({reason})")
+        return None
+    return functions
+
+
+# --- selective scan (prefill / training) ---------------------------------------------------------
+
+def selective_scan(
+    u: torch.Tensor,  # (b, d, l) input after conv + activation
+    delta: torch.Tensor,  # (b, d, l) dt before bias and softplus
+    A: torch.Tensor,  # (d, n) fp32, negative
+    B: torch.Tensor,  # (b, g, n, l)
+    C: torch.Tensor,  # (b, g, n, l)
+    D: torch.Tensor,  # (d,)
+    z: torch.Tensor,  # (b, d, l) gate
+    delta_bias: torch.Tensor,  # (d,)
+    initial_state: torch.Tensor | None = None,  # (b, d, n) fp32
+    chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = (C . h + D u) * silu(z) with h_t = exp(dt_t A) h_(t-1) + dt_t B_t u_t; returns (y (b,d,l), h_l (b,d,n) fp32).
+
+    The CUDA kernel has no initial-state input, so a continuation from a cached state (a multi-token
+    step after a prefill) runs the reference scan.
+    """
+    functions = _use_cuda("selective_scan", u, _mamba_ssm, required_by_mode=initial_state is None)
+    if functions is not None and initial_state is None:
+        _announce("selective_scan", "mamba_ssm.selective_scan_fn (CUDA)")
+        selective_scan_fn = functions[0]
+        y, last_state = selective_scan_fn(
+            u, delta, A, B, C, D.float(), z=z, delta_bias=delta_bias.float(), delta_softplus=True,
+            return_last_state=True,
+        )
+        return y, last_state.float()
+    _announce("selective_scan", "PyTorch chunked reference")
+    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk)
+
+
+def selective_scan_reference(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    z: torch.Tensor,
+    delta_bias: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    chunk: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked, vectorised scan in fp32: a loop over chunks of `chunk` tokens, none over tokens.
+
+    Inside a chunk every pair (t, s <= t) gets its exact decay exp(S_t - S_s), S the cumulative log
+    decay, so nothing can overflow; the state carries between chunks. Cost O(l * chunk), memory
+    O(b d n chunk^2) per chunk.
+    """
+    batch, channels, length = u.shape
+    groups = B.shape[1]
+    out_dtype = u.dtype
+    u32, z32 = u.float(), z.float()
+    dt = F.softplus(delta.float() + delta_bias.float()[:, None])  # (b, d, l)
+    channels_per_group = channels // groups
+    B_channel = B.float().repeat_interleave(channels_per_group, dim=1)  # (b, d, n, l)
+    C_channel = C.float().repeat_interleave(channels_per_group, dim=1)  # (b, d, n, l)
+    log_decay = dt[:, :, None, :] * A.float()[None, :, :, None]  # (b, d, n, l), <= 0
+    drive = (dt * u32)[:, :, None, :] * B_channel  # (b, d, n, l)
+    state = (
+        initial_state.float()
+        if initial_state is not None
+        else u32.new_zeros(batch, channels, A.shape[1])
+    )  # (b, d, n)
+    outputs = []
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        cum = log_decay[..., start:stop].cumsum(-1)  # (b, d, n, c)
+        steps = stop - start
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=u.device).tril()  # [t, s]
+        pair = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))  # (b, d, n, c, c)
+        # h_t = sum_{s<=t} exp(S_t - S_s) drive_s + exp(S_t) h_0
+        h = (pair.exp() @ drive[..., start:stop, None]).squeeze(-1) + cum.exp() * state[..., None]  # (b,d,n,c)
+        outputs.append((h * C_channel[..., start:stop]).sum(2))  # (b, d, c)
+        state = h[..., -1]
+    y = torch.cat(outputs, dim=-1) + D.float()[:, None] * u32
+    y = y * F.silu(z32)
+    return y.to(out_dtype), state
+
+
+def selective_scan_naive(u, delta, A, B, C, D, z, delta_bias, initial_state=None):
+    """Per-token recurrence, the definition itself: only for tests."""
+    batch, channels, length = u.shape
+    dt = F.softplus(delta.float() + delta_bias.float()[:, None])
+    reps = channels // B.shape[1]
+    state = initial_state.float().clone() if initial_state is not None else u.new_zeros(
+        batch, channels, A.shape[1], dtype=torch.float32
+    )
+    ys = []
+    for t in range(length):
+        Bt = B[..., t].float().repeat_interleave(reps, dim=1)  # (b, d, n)
+        Ct = C[..., t].float().repeat_interleave(reps, dim=1)
+        state = torch.exp(dt[..., t, None] * A.float()) * state + dt[..., t, None] * Bt * u[..., t, None].float()
+        ys.append((state * Ct).sum(-1) + D.float() * u[..., t].float())
+    y = torch.stack(ys, dim=-1) * F.silu(z.float())
+    return y.to(u.dtype), state
+
+
+# --- selective state update (decode) -------------------------------------------------------------
+
+def selective_state_step(
+    state: torch.Tensor,  # (b, d, n) fp32, updated in place
+    x: torch.Tensor,  # (b, d)
+    delta: torch.Tensor,  # (b, d) before bias and softplus
+    A: torch.Tensor,  # (d, n)
+    B: torch.Tensor,  # (b, g, n)
+    C: torch.Tensor,  # (b, g, n)
+    D: torch.Tensor,  # (d,)
+    z: torch.Tensor,  # (b, d)
+    delta_bias: torch.Tensor,  # (d,)
+) -> torch.Tensor:
+    """One token of the recurrence; returns y (b, d) and advances `state` in place."""
+    functions = _use_cuda("selective_state_update", x, _mamba_ssm)
+    batch, channels = x.shape
+    groups, n = B.shape[1], B.shape[2]
+    if functions is not None:
+        _announce("selective_state_update", "mamba_ssm selective_state_update (Triton)")
+        selective_state_update = functions[1]
+        # Grouped Mamba-1 as the multi-head form: group = "head" of channels/groups channels sharing B, C.
+        per = channels // groups
+        y = selective_state_update(
+            state.view(batch, groups, per, n),
+            x.view(batch, groups, per),
+            delta.view(batch, groups, per),
+            A.view(groups, per, n),
+            B,
+            C,
+            D=D.view(groups, per),
+            z=z.view(batch, groups, per),
+            dt_bias=delta_bias.view(groups, per),
+            dt_softplus=True,
+        )
+        return y.view(batch, channels)
+    _announce("selective_state_update", "PyTorch reference")
+    dt = F.softplus(delta.float() + delta_bias.float())  # (b, d)
+    reps = channels // groups
+    B_channel = B.float().repeat_interleave(reps, dim=1)  # (b, d, n)
+    C_channel = C.float().repeat_interleave(reps, dim=1)
+    new_state = torch.exp(dt[..., None] * A.float()) * state + dt[..., None] * B_channel * x.float()[..., None]
+    state.copy_(new_state)
+    y = (new_state * C_channel).sum(-1) + D.float() * x.float()
+    return (y * F.silu(z.float())).to(x.dtype)
+
+
+# --- causal depthwise conv -----------------------------------------------------------------------
+
+def causal_conv(
+    x: torch.Tensor,  # (b, d, l)
+    weight: torch.Tensor,  # (d, k)
+    bias: torch.Tensor | None,  # (d,)
+    context: torch.Tensor | None = None,  # (b, d, k) inputs before x (from the cache), or None = zeros
+) -> torch.Tensor:
+    """silu(depthwise causal conv); returns (b, d, l)."""
+    width = weight.shape[-1]
+    if context is None:
+        functions = _use_cuda("causal_conv1d", x, _causal_conv1d)
+        if functions is not None:
+            _announce("causal_conv1d", "causal_conv1d_fn (CUDA)")
+            return functions[0](x, weight, bias, activation="silu")
+        padded = F.pad(x, (width - 1, 0))
+    else:
+        padded = torch.cat([context[..., -(width - 1):].to(x.dtype), x], dim=-1) if width > 1 else x
+    _announce("causal_conv1d", "PyTorch conv1d")
+    out = F.conv1d(padded, weight.unsqueeze(1).to(x.dtype), None if bias is None else bias.to(x.dtype),
+                   groups=x.shape[1])
+    return F.silu(out)
+
+
+def causal_conv_step(
+    x: torch.Tensor,  # (b, d) the new input
+    conv_state: torch.Tensor,  # (b, d, k) the last k inputs, updated in place (oldest first)
+    weight: torch.Tensor,  # (d, k)
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """One token of the causal conv; returns silu(conv) (b, d) and shifts `x` into `conv_state`."""
+    functions = _use_cuda("causal_conv1d_update", x, _causal_conv1d)
+    if functions is not None and conv_state.dtype == x.dtype:
+        _announce("causal_conv1d_update", "causal_conv1d_update (CUDA)")
+        return functions[1](x, conv_state, weight, bias, activation="silu")
+    _announce("causal_conv1d_update", "PyTorch reference")
+    window = torch.cat([conv_state[..., 1:], x.to(conv_state.dtype)[..., None]], dim=-1)
+    conv_state.copy_(window)
+    out = (window * weight.to(window.dtype)).sum(-1)
+    if bias is not None:
+        out = out + bias.to(window.dtype)
+    return F.silu(out).to(x.dtype)
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+def attention(
+    q: torch.Tensor,  # (b, h, t, e)
+    k: torch.Tensor,  # (b, h_kv, s, e)
+    v: torch.Tensor,  # (b, h_kv, s, e)
+    mask: torch.Tensor | None,  # (b, 1, t, s) bool, True = may attend; None = plain causal
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Grouped-query attention; returns (b, h, t, e). flash-attn for unpadded causal fp16/bf16 on CUDA."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    plain_causal = mask is None and q.shape[2] == k.shape[2]
+    if plain_causal and q.dtype in (torch.float16, torch.bfloat16):
+        flash = _use_cuda("attention", q, _flash_attn, required_by_mode=False)
+        if flash is not None:
+            _announce("attention", "flash_attn_func (CUDA)")
+            out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout,
+                        softmax_scale=scale, causal=True)
+            return out.transpose(1, 2)
+    _announce("attention", f"torch SDPA ({q.device.type})")
+    if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    if mask is None and q.shape[2] != k.shape[2]:
+        raise ValueError("attention over a cache needs an explicit mask")
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scale
+    )
+
+
+__all__ = [
+    "KERNEL_MODES",
+    "KernelUnavailableError",
+    "attention",
+    "causal_conv",
+    "causal_conv_step",
+    "kernel_mode",
+    "paths_used",
+    "selective_scan",
+    "selective_scan_naive",
+    "selective_scan_reference",
+    "selective_state_step",
+    "set_kernel_mode",
+    "use_kernels",
+]

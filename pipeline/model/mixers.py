@@ -1,0 +1,201 @@
+"""Token mixers: one interface, three implementations (attention, Mamba-1 with the MIL layout, identity).
+
+A mixer is called as `mixer(hidden, context)` with hidden (b, l, H) already normalised and returns the
+residual update (b, l, H), or None when it contributes nothing (identity). `MixerContext` carries what
+any mixer may need: rotary embeddings, the attention mask, the token padding mask and the cache.
+The decoder block never asks which mixer it holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from pipeline.model import kernels
+from pipeline.model.cache import MambaCacheView
+from pipeline.model.config import ATTENTION, IDENTITY, MAMBA, HybridConfig
+
+
+@dataclass
+class MixerContext:
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (b, l, e)
+    attention_mask: torch.Tensor | None  # (b, 1, l, s) bool (True = attend), None = plain causal
+    token_mask: torch.Tensor | None  # (b, l) 1 for real tokens, 0 for padding; None = no padding
+    cache: object | None  # a transformers Cache built from config.layer_types, or None
+
+
+class AttentionMixer(nn.Module):
+    """The teacher's GQA self-attention with RoPE (weight names as in Llama/Mistral/Qwen2)."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        hidden, q_width, kv_width = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_width, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_width, hidden, bias=config.attention_out_bias)
+
+    def forward(self, hidden: torch.Tensor, context: MixerContext) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        q = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (b,h,l,e)
+        k = self.k_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = context.position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if context.cache is not None:
+            k, v = context.cache.update(k, v, self.layer_idx)  # (b, h_kv, s, e)
+        out = kernels.attention(
+            q, k, v, context.attention_mask, self.scale, self.dropout if self.training else 0.0
+        )  # (b, h, l, e)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+def gqa_expansion_index(d_inner: int, d_xb: int, unit: int) -> torch.Tensor:
+    """Source index in the d_xb-wide x/B for each of the d_inner expanded channels.
+
+    The expanded width is cut into blocks of `unit` channels; block j copies source block j // r, with
+    r = d_inner / d_xb. unit = d_state is the Apriel/M1 "chunk" repeat; unit = head_dim repeats each KV
+    head's dims for the query heads that share it in attention ("head_aligned").
+    """
+    repeat = d_inner // d_xb
+    channel = torch.arange(d_inner)
+    return (channel // unit // repeat) * unit + channel % unit
+
+
+class MambaMixer(nn.Module):
+    """Mamba-1 with the Mamba-in-Llama layout.
+
+    in_proj gives z (d_inner), x (d_xb), B (d_xb), C (d_inner); x and B are expanded to d_inner (GQA
+    expansion), x goes through the causal conv; B and C are split in groups of d_state channels;
+    dt = softplus(dt_proj(dt_in_proj(h)) + dt_bias); A = -exp(A_log) in fp32.
+    MIL initialisation maps x <- v_proj, B <- k_proj, C <- q_proj, out_proj <- o_proj.
+    """
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_inner = config.mamba_d_inner
+        self.d_xb = config.mamba_d_xb
+        self.d_state = config.mamba_d_state
+        self.d_conv = config.mamba_d_conv
+        self.dt_rank = config.mamba_dt_rank
+        self.groups = self.d_inner // self.d_state
+        self.scan_chunk = config.mamba_scan_chunk
+        hidden = config.hidden_size
+        self.in_proj = nn.Linear(hidden, 2 * self.d_inner + 2 * self.d_xb, bias=config.mamba_in_proj_bias)
+        self.dt_in_proj = nn.Linear(hidden, self.dt_rank, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)  # its bias is dt_bias
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, self.d_conv, groups=self.d_inner, padding=0, bias=config.mamba_conv_bias
+        )
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, dtype=torch.float32))
+        self.out_proj = nn.Linear(self.d_inner, hidden, bias=config.mamba_out_proj_bias)
+        # Tags read by the optimiser set-up and the dtype casting: SSM parameters stay fp32, no decay.
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.A_log._keep_fp32 = True
+        self.D._keep_fp32 = True
+        unit = self.d_state if config.mamba_gqa_expansion == "chunk" else config.head_dim
+        self.register_buffer(
+            "expand_index", gqa_expansion_index(self.d_inner, self.d_xb, unit), persistent=False
+        )
+        self._dt_min, self._dt_max, self._dt_floor = config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` and friends move A_log and D but keep them fp32 (the recurrence's precision).
+        super()._apply(fn, recurse)
+        for parameter in (self.A_log, self.D):
+            if parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+        return self
+
+    # --- initialisers (named, so MIL and fresh init share them) ---
+    @torch.no_grad()
+    def init_ssm_parameters(self) -> None:
+        """A_log = log(1..d_state) per channel, D = 1, dt bias = softplus^-1 of log-uniform dt, dt_proj ~ U."""
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        std = self.dt_rank**-0.5
+        self.dt_proj.weight.uniform_(-std, std)
+        dt = torch.exp(
+            torch.rand(self.d_inner) * (math.log(self._dt_max) - math.log(self._dt_min)) + math.log(self._dt_min)
+        ).clamp(min=self._dt_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def _split(self, hidden: torch.Tensor):
+        """(b, l, H) -> z (b,d,l), x (b,d,l) expanded, B (b,g,n,l), C (b,g,n,l), dt (b,d,l) before bias."""
+        batch, length, _ = hidden.shape
+        z, x, B, C = self.in_proj(hidden).split([self.d_inner, self.d_xb, self.d_xb, self.d_inner], dim=-1)
+        x = x.index_select(-1, self.expand_index)  # (b, l, d)
+        B = B.index_select(-1, self.expand_index)  # (b, l, d)
+        B = B.view(batch, length, self.groups, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, l)
+        C = C.view(batch, length, self.groups, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, l)
+        dt = F.linear(self.dt_in_proj(hidden), self.dt_proj.weight)  # (b, l, d)
+        return z.transpose(1, 2), x.transpose(1, 2), B.contiguous(), C.contiguous(), dt.transpose(1, 2)
+
+    def forward(self, hidden: torch.Tensor, context: MixerContext) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        z, x, B, C, dt = self._split(hidden)
+        mask = None if context.token_mask is None else context.token_mask[:, None, :].to(x.dtype)  # (b,1,l)
+        if mask is not None:
+            x = x * mask  # padding must not enter the conv window ...
+        A = -torch.exp(self.A_log.float())  # (d, n)
+        conv_weight = self.conv1d.weight.squeeze(1)  # (d, k)
+        state = MambaCacheView(context.cache, self.layer_idx) if context.cache is not None else None
+
+        if state is not None and state.has_previous and length == 1:  # decode step
+            u = kernels.causal_conv_step(x[..., 0], state.conv, conv_weight, self.conv1d.bias)  # (b, d)
+            if mask is not None:
+                u = u * mask[..., 0]
+            y = kernels.selective_state_step(
+                state.ssm, u, dt[..., 0], A, B[..., 0], C[..., 0], self.D, z[..., 0], self.dt_proj.bias
+            )[..., None]  # (b, d, 1)
+        else:
+            previous = state is not None and state.has_previous
+            context_window = state.conv if previous else None
+            u = kernels.causal_conv(x, conv_weight, self.conv1d.bias, context_window)  # (b, d, l)
+            if mask is not None:
+                u = u * mask  # ... nor, through the conv bias, the SSM state
+            y, last_state = kernels.selective_scan(
+                u, dt, A, B, C, self.D, z, self.dt_proj.bias,
+                initial_state=state.ssm if previous else None, chunk=self.scan_chunk,
+            )
+            if state is not None:
+                window = torch.cat([context_window, x.float()], dim=-1) if previous else F.pad(
+                    x.float(), (max(self.d_conv - length, 0), 0)
+                )
+                state.write(window[..., -self.d_conv:], last_state)
+        return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
+
+
+class IdentityMixer(nn.Module):
+    """No token mixing: the block reduces to its MLP (used by leave-one-out)."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden: torch.Tensor, context: MixerContext) -> None:
+        return None
+
+
+MIXERS: dict[str, type[nn.Module]] = {ATTENTION: AttentionMixer, MAMBA: MambaMixer, IDENTITY: IdentityMixer}
+
+
+def build_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
+    return MIXERS[config.layer_types[layer_idx]](config, layer_idx)
+
+
+__all__ = ["AttentionMixer", "IdentityMixer", "MambaMixer", "MixerContext", "build_mixer", "gqa_expansion_index"]
