@@ -11,7 +11,7 @@ from pipeline.model.config import (
     HybridConfigError,
     canonical_layer_types,
 )
-from pipeline.model.modeling import HybridForCausalLM, HybridModel
+from pipeline.model.modeling import HybridForCausalLM, HybridModel, cache_of
 
 
 def register() -> None:
@@ -37,6 +37,7 @@ __all__ = [
     "HybridConfigError",
     "HybridForCausalLM",
     "HybridModel",
+    "cache_of",
     "canonical_layer_types",
     "register",
 ]

@@ -116,6 +116,9 @@ class HybridConfig(PretrainedConfig):
             self.mamba_d_xb = self.num_key_value_heads * self.head_dim
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        # Our own checks first, so a user sees one plain line rather than the strict-dataclass wrapper.
+        self.validate_layer_type()
+        self.validate_architecture()
         super().__post_init__(**kwargs)
 
     # --- validation (run by @strict at init and again by save_pretrained) ---

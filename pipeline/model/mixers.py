@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.model import kernels
@@ -69,7 +70,7 @@ def gqa_expansion_index(d_inner: int, d_xb: int, unit: int) -> torch.Tensor:
     head's dims for the query heads that share it in attention ("head_aligned").
     """
     repeat = d_inner // d_xb
-    channel = torch.arange(d_inner)
+    channel = torch.arange(d_inner, device="cpu")  # explicit: models may be built under a meta-device context
     return (channel // unit // repeat) * unit + channel % unit
 
 
@@ -108,9 +109,9 @@ class MambaMixer(nn.Module):
         self.A_log._keep_fp32 = True
         self.D._keep_fp32 = True
         unit = self.d_state if config.mamba_gqa_expansion == "chunk" else config.head_dim
-        self.register_buffer(
-            "expand_index", gqa_expansion_index(self.d_inner, self.d_xb, unit), persistent=False
-        )
+        # A derived constant, not a buffer: from_pretrained materialises models on the meta device and
+        # would leave a non-persistent buffer uninitialised.
+        self._expand_index = {"cpu": gqa_expansion_index(self.d_inner, self.d_xb, unit)}
         self._dt_min, self._dt_max, self._dt_floor = config.mamba_dt_min, config.mamba_dt_max, config.mamba_dt_init_floor
 
     def _apply(self, fn, recurse=True):
@@ -124,22 +125,33 @@ class MambaMixer(nn.Module):
     # --- initialisers (named, so MIL and fresh init share them) ---
     @torch.no_grad()
     def init_ssm_parameters(self) -> None:
-        """A_log = log(1..d_state) per channel, D = 1, dt bias = softplus^-1 of log-uniform dt, dt_proj ~ U."""
-        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
-        self.D.fill_(1.0)
+        """A_log = log(1..d_state) per channel, D = 1, dt bias = softplus^-1 of log-uniform dt, dt_proj ~ U.
+
+        Uses transformers' `initialization` helpers, which skip tensors already loaded from a checkpoint.
+        """
+        init.copy_(self.A_log, torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device))
+                   .expand(self.d_inner, -1))
+        init.ones_(self.D)
         std = self.dt_rank**-0.5
-        self.dt_proj.weight.uniform_(-std, std)
-        dt = torch.exp(
-            torch.rand(self.d_inner) * (math.log(self._dt_max) - math.log(self._dt_min)) + math.log(self._dt_min)
-        ).clamp(min=self._dt_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init.uniform_(self.dt_proj.weight, -std, std)
+        log_min, log_max = math.log(self._dt_min), math.log(self._dt_max)
+        dt = torch.exp(torch.rand(self.d_inner, device=self.dt_proj.bias.device) * (log_max - log_min) + log_min)
+        dt = dt.clamp(min=self._dt_floor)
+        init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def expand_index(self, device: torch.device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._expand_index:
+            self._expand_index[key] = self._expand_index["cpu"].to(device)
+        return self._expand_index[key]
 
     def _split(self, hidden: torch.Tensor):
         """(b, l, H) -> z (b,d,l), x (b,d,l) expanded, B (b,g,n,l), C (b,g,n,l), dt (b,d,l) before bias."""
         batch, length, _ = hidden.shape
         z, x, B, C = self.in_proj(hidden).split([self.d_inner, self.d_xb, self.d_xb, self.d_inner], dim=-1)
-        x = x.index_select(-1, self.expand_index)  # (b, l, d)
-        B = B.index_select(-1, self.expand_index)  # (b, l, d)
+        index = self.expand_index(hidden.device)
+        x = x.index_select(-1, index)  # (b, l, d)
+        B = B.index_select(-1, index)  # (b, l, d)
         B = B.view(batch, length, self.groups, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, l)
         C = C.view(batch, length, self.groups, self.d_state).permute(0, 2, 3, 1)  # (b, g, n, l)
         dt = F.linear(self.dt_in_proj(hidden), self.dt_proj.weight)  # (b, l, d)

@@ -23,6 +23,11 @@ from pipeline.model.mixers import MambaMixer, MixerContext, build_mixer
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
+def cache_of(outputs):
+    """The cache a forward returned, whatever this transformers version calls the field."""
+    return getattr(outputs, _CACHE_FIELD)
+
+
 class HybridDecoderLayer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -47,19 +52,10 @@ class HybridPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["HybridDecoderLayer"]
     _supports_sdpa = True
     _is_stateful = True  # Mamba states cannot be rolled back (no assisted decoding / contrastive search)
-    _keys_to_ignore_on_load_unexpected = [r"\.expand_index$"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv1d)):
-            module.weight.normal_(mean=0.0, std=std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(mean=0.0, std=std)
-        elif isinstance(module, LlamaRMSNorm):
-            module.weight.fill_(1.0)
+        super()._init_weights(module)  # linears, embeddings, norms, rotary buffers
         if isinstance(module, MambaMixer):
             module.init_ssm_parameters()
 
@@ -187,7 +183,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache_of(outputs)})
 
 
-__all__ = ["HybridDecoderLayer", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]
+__all__ = ["cache_of", "HybridDecoderLayer", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]
