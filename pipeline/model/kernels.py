@@ -136,23 +136,28 @@ def selective_scan(
     delta_bias: torch.Tensor,  # (d,)
     initial_state: torch.Tensor | None = None,  # (b, d, n) fp32
     chunk: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_last_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = (C . h + D u) * silu(z) with h_t = exp(dt_t A) h_(t-1) + dt_t B_t u_t; returns (y (b,d,l), h_l (b,d,n) fp32).
 
     The CUDA kernel has no initial-state input, so a continuation from a cached state (a multi-token
-    step after a prefill) runs the reference scan.
+    step after a prefill) runs the reference scan. Its backward ignores any gradient of the last state,
+    so on that path the last state comes back detached (it only ever feeds a generation cache).
     """
     functions = _use_cuda("selective_scan", u, _mamba_ssm, required_by_mode=initial_state is None)
     if functions is not None and initial_state is None:
         _announce("selective_scan", "mamba_ssm.selective_scan_fn (CUDA)")
         selective_scan_fn = functions[0]
-        y, last_state = selective_scan_fn(
+        result = selective_scan_fn(
             u, delta, A, B, C, D.float(), z=z, delta_bias=delta_bias.float(), delta_softplus=True,
-            return_last_state=True,
+            return_last_state=return_last_state,
         )
-        return y, last_state.float()
+        if return_last_state:
+            return result[0], result[1].detach().float()
+        return result, None
     _announce("selective_scan", "PyTorch chunked reference")
-    return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk)
+    y, last_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk)
+    return y, (last_state if return_last_state else None)
 
 
 def selective_scan_reference(

@@ -183,6 +183,7 @@ class MambaMixer(nn.Module):
             y, last_state = kernels.selective_scan(
                 u, dt, A, B, C, self.D, z, self.dt_proj.bias,
                 initial_state=state.ssm if previous else None, chunk=self.scan_chunk,
+                return_last_state=state is not None,
             )
             if state is not None:
                 window = torch.cat([context_window, x.float()], dim=-1) if previous else F.pad(
