@@ -1,0 +1,401 @@
+"""MLflow tracking for a conversion run: one parent run, one child run per stage or evaluated checkpoint.
+
+    tracker = Tracker(tracking_uri, experiment="hybrid-distill", run_name="qwen-h30")
+    tracker.log_params(resolved_config)               # nested dicts become dotted keys
+    with tracker.child("convert", checkpoint="H-25") as run:
+        run.log_metrics({"loss": loss}, step=step)
+        run.log_dict(loo_table, "loo.json")
+        run.set_checkpoint_tags(ref.uri, layer_pattern=pattern, mamba_layers=25)
+    tracker.finish()
+
+The parent run is found again on restart by its ``conversion_run`` tag, so a resumed conversion keeps
+logging into the same parent. Children are new runs (a failed attempt stays visible as FAILED).
+
+Secrets never reach MLflow: params, tags and logged dicts are passed through :func:`redact`, which
+masks values whose key looks like a secret (``AWS_SECRET_ACCESS_KEY``, ``hf_token``, ``password``,
+``api_key``, ...) and passwords inside URLs (``https://user:pass@host``). Files given to
+``log_artifact`` are uploaded as they are.
+
+The default tracking URI is ``sqlite:///<working dir>/mlflow.db`` (MLflow 3 no longer accepts plain
+``file:`` stores); ``MLFLOW_TRACKING_URI`` or the ``tracking_uri`` argument points at a server. Nothing here
+talks to MLflow at import time, and mlflow is imported only when a :class:`Tracker` is created, so code
+that logs through :class:`NullTracker` runs without mlflow installed. No torch either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REDACTED = "<redacted>"
+CONVERSION_RUN_TAG = "conversion_run"  # on the parent run: the conversion run's name
+STAGE_TAG = "stage"
+CHECKPOINT_TAG = "checkpoint"
+CHECKPOINT_URI_TAG = "checkpoint.uri"
+LAYER_PATTERN_TAG = "checkpoint.layer_pattern"
+MAMBA_LAYERS_TAG = "checkpoint.mamba_layers"
+PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests children under the parent
+
+# MLflow's limits (mlflow.utils.validation); copied so that this module imports without mlflow.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+_TRUNCATION_MARK = "...[truncated]"
+
+# A key names a secret if it contains secret/password/credential/api key/access key/private key, or its
+# last word is token/key/auth. Words are split on non-alphanumerics and camelCase, so
+# `num_key_value_heads`, `tokenizer` and `max_new_tokens` are not secrets, while
+# `AWS_SECRET_ACCESS_KEY`, `aws_session_token`, `hfToken` and `db.password` are.
+_SECRET_KEY_PATTERN = re.compile(
+    r"secret|passw(or)?d|passphrase|credential|private_?key|access_?key|api_?key"
+    r"|(^|[^a-z0-9])(token|key|auth|authorization)$"
+)
+_URL_PASSWORD_PATTERN = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@")
+_BAD_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")
+
+
+def _import_mlflow() -> Any:
+    try:
+        import mlflow
+    except ImportError:
+        raise ImportError(
+            "pipeline.tracking.Tracker needs mlflow, which is not installed: pip install "
+            "'hybrid-distill[orchestration]' (or mlflow), or log through NullTracker"
+        ) from None
+    return mlflow
+
+
+def default_tracking_uri(project_dir: str | os.PathLike[str] | None = None) -> str:
+    """``sqlite:///<project_dir>/mlflow.db``; project_dir defaults to the working directory."""
+    return f"sqlite:///{(Path(project_dir) if project_dir is not None else Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Redaction, flattening, limits
+
+
+def is_secret_key(key: str) -> bool:
+    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(key)).lower()
+    return bool(_SECRET_KEY_PATTERN.search(words))
+
+
+def _redact_string(value: str) -> str:
+    return _URL_PASSWORD_PATTERN.sub(rf"\g<head>{REDACTED}@", value)
+
+
+def redact(obj: Any, key: str | None = None) -> Any:
+    """A copy of a (nested) config with secret-looking keys' values replaced by ``REDACTED`` and
+    passwords in URLs masked."""
+    if key is not None and is_secret_key(key):
+        return REDACTED
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = {field.name: getattr(obj, field.name) for field in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {name: redact(value, str(name)) for name, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact(item) for item in obj]
+    if isinstance(obj, str):
+        return _redact_string(obj)
+    return obj
+
+
+def _as_text(value: Any) -> str:
+    """Scalars as MLflow writes them (str), containers as JSON."""
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(redact(value), sort_keys=True, default=str)
+    return str(value)
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"model": {"layers": 4}}`` -> ``{"model.layers": "4"}``; lists stay whole, as JSON."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    flat: dict[str, str] = {}
+    for name, value in config.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)}
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, key))
+        else:
+            flat[key] = _as_text(value)
+    return flat
+
+
+def _truncate(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - len(_TRUNCATION_MARK)] + _TRUNCATION_MARK
+
+
+def _clean_key(key: str) -> str:
+    """A key MLflow accepts: allowed characters only, at most MAX_KEY_LENGTH long (a hash keeps
+    truncated keys distinct)."""
+    key = _BAD_KEY_CHARACTERS.sub("_", str(key))
+    if len(key) > MAX_KEY_LENGTH:
+        key = key[: MAX_KEY_LENGTH - 9] + "~" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return key
+
+
+def _safe_items(values: Mapping[str, Any], limit: int) -> dict[str, str]:
+    """Redacted, stringified, truncated values under cleaned keys (redaction uses the original key)."""
+    return {
+        _clean_key(key): _truncate(REDACTED if is_secret_key(key) else _redact_string(_as_text(value)), limit)
+        for key, value in values.items()
+    }
+
+
+def _layer_pattern_text(layer_pattern: str | Sequence[str]) -> str:
+    return layer_pattern if isinstance(layer_pattern, str) else ",".join(str(layer) for layer in layer_pattern)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging into one run
+
+
+class RunLogger:
+    """Logs into one MLflow run through an explicit client and run id (thread-safe; no global active run)."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self._client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Logs a (nested) config as flat params. MLflow params cannot change: a key already logged with
+        another value (a resumed run whose config changed) is skipped with a warning."""
+        from mlflow.entities import Param
+
+        values = _safe_items(flatten_params(params), MAX_PARAM_VALUE_LENGTH)
+        existing = self._client.get_run(self.run_id).data.params
+        changed = sorted(key for key, value in values.items() if key in existing and existing[key] != value)
+        if changed:
+            logger.warning(
+                "run %s already has different values for params %s; keeping the old ones", self.run_id, changed
+            )
+        new = [Param(key, value) for key, value in values.items() if key not in existing]
+        for start in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=new[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Logs scalar metrics (floats, numpy or one-element tensors) at ``step``."""
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        entries = [Metric(_clean_key(key), float(value), timestamp, int(step or 0)) for key, value in metrics.items()]
+        for start in range(0, len(entries), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=entries[start : start + MAX_METRICS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        entries = [RunTag(key, value) for key, value in _safe_items(tags, MAX_TAG_VALUE_LENGTH).items()]
+        for start in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(self.run_id, tags=entries[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def set_checkpoint_tags(
+        self, uri: str, *, layer_pattern: str | Sequence[str] | None = None, mamba_layers: int | None = None
+    ) -> None:
+        """Tags the checkpoint this run produced or evaluated: its URI, layer pattern and Mamba count."""
+        tags: dict[str, Any] = {CHECKPOINT_URI_TAG: uri}
+        if layer_pattern is not None:
+            tags[LAYER_PATTERN_TAG] = _layer_pattern_text(layer_pattern)
+        if mamba_layers is not None:
+            tags[MAMBA_LAYERS_TAG] = int(mamba_layers)
+        self.set_tags(tags)
+
+    def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Uploads a file, or a folder's contents, as is (no redaction: do not log files holding secrets)."""
+        local_path = Path(local_path)
+        if local_path.is_dir():
+            self._client.log_artifacts(self.run_id, str(local_path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Logs a dict (a table, the resolved config) as JSON or YAML by the file's extension, redacted."""
+        self._client.log_dict(self.run_id, redact(obj), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.run_id, _redact_string(text), artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """Logs a matplotlib (or plotly) figure as an image file."""
+        self._client.log_figure(self.run_id, figure, artifact_file)
+
+
+class ChildRun(RunLogger):
+    """The run of one stage or evaluated checkpoint; ended by :meth:`Tracker.child`."""
+
+
+class Tracker(RunLogger):
+    """The parent MLflow run of one conversion run, and the factory of its child runs."""
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = "hybrid-distill",
+        run_name: str = "default",
+        *,
+        artifact_location: str | None = None,
+    ) -> None:
+        """tracking_uri: a server (``http://host:5000``) or database URI; default ``MLFLOW_TRACKING_URI``,
+        else :func:`default_tracking_uri`. artifact_location: used only when the experiment is created.
+        """
+        mlflow = _import_mlflow()
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        self.experiment = experiment
+        self.run_name = run_name
+        client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_id = self._experiment_id(client, experiment, artifact_location)
+        super().__init__(client, self._parent_run_id(client))
+
+    @staticmethod
+    def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return client.create_experiment(name, artifact_location=artifact_location)
+            except MlflowException:  # created meanwhile by another process
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    def _parent_run_id(self, client: Any) -> str:
+        """The oldest non-deleted parent run tagged with this run name, reopened; else a new one."""
+        from mlflow.entities import ViewType
+
+        quote = "'" if "'" not in self.run_name else '"'
+        if quote in self.run_name:
+            raise ValueError(f"run_name {self.run_name!r} may not contain both kinds of quotes")
+        runs = client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.{CONVERSION_RUN_TAG} = {quote}{self.run_name}{quote}",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            order_by=["attributes.start_time ASC"],
+            max_results=50,
+        )
+        parents = [run for run in runs if PARENT_RUN_ID_TAG not in run.data.tags]
+        if parents:
+            run = parents[0]
+            if run.info.status != "RUNNING":
+                client.update_run(run.info.run_id, status="RUNNING")
+            logger.info("re-attached to MLflow run %s (%s)", run.info.run_id, self.run_name)
+            return run.info.run_id
+        run = client.create_run(self.experiment_id, run_name=self.run_name, tags={CONVERSION_RUN_TAG: self.run_name})
+        return run.info.run_id
+
+    @contextlib.contextmanager
+    def child(
+        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None
+    ) -> Iterator[ChildRun]:
+        """A child run for a stage, or for one checkpoint within a stage; FINISHED on normal exit,
+        FAILED on an exception (KILLED on Ctrl-C), which propagates."""
+        run_tags = {PARENT_RUN_ID_TAG: self.run_id, STAGE_TAG: stage}
+        if checkpoint is not None:
+            run_tags[CHECKPOINT_TAG] = checkpoint
+        run_tags.update(_safe_items(tags or {}, MAX_TAG_VALUE_LENGTH))
+        name = stage if checkpoint is None else f"{stage}/{checkpoint}"
+        run = self._client.create_run(self.experiment_id, run_name=name, tags=run_tags)
+        child = ChildRun(self._client, run.info.run_id)
+        try:
+            yield child
+        except KeyboardInterrupt:
+            self._client.set_terminated(child.run_id, status="KILLED")
+            raise
+        except BaseException:
+            self._client.set_terminated(child.run_id, status="FAILED")
+            raise
+        self._client.set_terminated(child.run_id, status="FINISHED")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Ends the parent run (a later Tracker with the same run name reopens it)."""
+        self._client.set_terminated(self.run_id, status=status)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        self.finish("FINISHED" if exc_type is None else "KILLED" if exc_type is KeyboardInterrupt else "FAILED")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The same interface, logging nothing
+
+
+class NullRun:
+    """Stands in for ChildRun where nothing is tracked."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def set_checkpoint_tags(
+        self, uri: str, *, layer_pattern: str | Sequence[str] | None = None, mamba_layers: int | None = None
+    ) -> None:
+        pass
+
+    def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        pass
+
+
+class NullTracker(NullRun):
+    """Stands in for Tracker where nothing is tracked (no mlflow needed)."""
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = "hybrid-distill",
+        run_name: str = "default",
+        *,
+        artifact_location: str | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+
+    @contextlib.contextmanager
+    def child(
+        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None
+    ) -> Iterator[NullRun]:
+        yield NullRun()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        pass
