@@ -18,7 +18,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=16)
     parser.add_argument("--lengths", default="256,512,1024,2048,4096")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -31,13 +30,13 @@ def main() -> None:
             z=torch.randn(b, d, length), delta_bias=torch.zeros(d),
         )
         x = {k: v.to(args.device) for k, v in x.items()}
-        selective_scan_reference(**x, chunk=args.chunk)  # warm-up
+        selective_scan_reference(**x)  # warm-up
         times = []
         for _ in range(3):
             if args.device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            selective_scan_reference(**x, chunk=args.chunk)
+            selective_scan_reference(**x)
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)

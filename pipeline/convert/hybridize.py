@@ -33,7 +33,6 @@ MAMBA_OPTIONS = {
     "conv_bias": "mamba_conv_bias",
     "dt_min": "mamba_dt_min",
     "dt_max": "mamba_dt_max",
-    "scan_chunk": "mamba_scan_chunk",
 }
 
 
@@ -125,7 +124,7 @@ def hybridize(
     """Convert `mamba_layers` of `teacher` to MIL-initialised Mamba mixers (and `identity_layers` to no mixer).
 
     mamba_options: d_state (16), dt_rank (16), d_conv (4), d_inner (n_heads x head_dim),
-    gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max, scan_chunk.
+    gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max.
     For a hybrid source the listed layers are converted in addition to its existing Mamba layers, and
     its Mamba options are kept.
     """

@@ -100,7 +100,6 @@ class HybridConfig(PretrainedConfig):
     mamba_dt_min: float = 0.001
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
-    mamba_scan_chunk: int = 16  # chunk length of the pure-PyTorch reference scan
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
@@ -154,8 +153,8 @@ class HybridConfig(PretrainedConfig):
                 f"head_aligned expansion needs head_dim ({self.head_dim}) divisible by mamba_d_state "
                 f"({self.mamba_d_state})"
             )
-        if self.mamba_d_conv < 1 or self.mamba_dt_rank < 1 or self.mamba_scan_chunk < 1:
-            raise HybridConfigError("mamba_d_conv, mamba_dt_rank and mamba_scan_chunk must be >= 1")
+        if self.mamba_d_conv < 1 or self.mamba_dt_rank < 1:
+            raise HybridConfigError("mamba_d_conv and mamba_dt_rank must be >= 1")
 
     # --- derived views ---
     @property

@@ -135,7 +135,6 @@ def selective_scan(
     z: torch.Tensor,  # (b, d, l) gate
     delta_bias: torch.Tensor,  # (d,)
     initial_state: torch.Tensor | None = None,  # (b, d, n) fp32
-    chunk: int = 16,
     return_last_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """y = (C . h + D u) * silu(z) with h_t = exp(dt_t A) h_(t-1) + dt_t B_t u_t; returns (y (b,d,l), h_l (b,d,n) fp32).
@@ -156,8 +155,16 @@ def selective_scan(
             return result[0], result[1].detach().float()
         return result, None
     _announce("selective_scan", "PyTorch chunked reference")
-    y, last_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk)
+    y, last_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return y, (last_state if return_last_state else None)
+
+
+# Within one chunk the scan factors exp(S_t - S_s) as exp(S_t) * exp(-S_s). With chunks of 4 tokens and a
+# floor of -20 on one token's log-decay, |S| <= 80 keeps both factors inside fp32's range
+# (e^80 ~ 5.5e34, e^-80 ~ 1.8e-35 > the smallest normal), and the floor (a decay factor of 2e-9 a token)
+# changes a state by at most 2e-9 of its previous value.
+SCAN_CHUNK = 4
+MIN_LOG_DECAY = -20.0
 
 
 def selective_scan_reference(
@@ -170,42 +177,43 @@ def selective_scan_reference(
     z: torch.Tensor,
     delta_bias: torch.Tensor,
     initial_state: torch.Tensor | None = None,
-    chunk: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked, vectorised scan in fp32: a loop over chunks of `chunk` tokens, none over tokens.
+    """Chunked, vectorised scan in fp32; work and memory O(b d n l), no Python loop over tokens.
 
-    Inside a chunk every pair (t, s <= t) gets its exact decay exp(S_t - S_s), S the cumulative log
-    decay, so nothing can overflow; the state carries between chunks. Cost O(l * chunk), memory
-    O(b d n chunk^2) per chunk.
+    Tokens are cut into chunks of SCAN_CHUNK. Inside every chunk at once, with S the cumulative log-decay
+    from the chunk's start, h_t = exp(S_t) * cumsum_s(exp(-S_s) * dt_s B_s u_s) (zero entering state);
+    then a loop over chunks (not tokens) carries the state h_entering = exp(S_end) h_prev + h_local_end
+    and adds exp(S_t) * h_entering back. To keep exp(+-S) finite, one token's log-decay dt*A is floored
+    at MIN_LOG_DECAY (see above).
     """
+    chunk = SCAN_CHUNK
     batch, channels, length = u.shape
-    groups = B.shape[1]
+    groups, n = B.shape[1], B.shape[2]
     out_dtype = u.dtype
-    u32, z32 = u.float(), z.float()
+    u32 = u.float()
     dt = F.softplus(delta.float() + delta_bias.float()[:, None])  # (b, d, l)
-    channels_per_group = channels // groups
-    B_channel = B.float().repeat_interleave(channels_per_group, dim=1)  # (b, d, n, l)
-    C_channel = C.float().repeat_interleave(channels_per_group, dim=1)  # (b, d, n, l)
-    log_decay = dt[:, :, None, :] * A.float()[None, :, :, None]  # (b, d, n, l), <= 0
+    reps = channels // groups
+    B_channel = B.float().repeat_interleave(reps, dim=1)  # (b, d, n, l)
+    C_channel = C.float().repeat_interleave(reps, dim=1)  # (b, d, n, l)
+    log_decay = (dt[:, :, None, :] * A.float()[None, :, :, None]).clamp(min=MIN_LOG_DECAY)
     drive = (dt * u32)[:, :, None, :] * B_channel  # (b, d, n, l)
-    state = (
-        initial_state.float()
-        if initial_state is not None
-        else u32.new_zeros(batch, channels, A.shape[1])
-    )  # (b, d, n)
-    outputs = []
-    for start in range(0, length, chunk):
-        stop = min(start + chunk, length)
-        cum = log_decay[..., start:stop].cumsum(-1)  # (b, d, n, c)
-        steps = stop - start
-        causal = torch.ones(steps, steps, dtype=torch.bool, device=u.device).tril()  # [t, s]
-        pair = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))  # (b, d, n, c, c)
-        # h_t = sum_{s<=t} exp(S_t - S_s) drive_s + exp(S_t) h_0
-        h = (pair.exp() @ drive[..., start:stop, None]).squeeze(-1) + cum.exp() * state[..., None]  # (b,d,n,c)
-        outputs.append((h * C_channel[..., start:stop]).sum(2))  # (b, d, c)
-        state = h[..., -1]
-    y = torch.cat(outputs, dim=-1) + D.float()[:, None] * u32
-    y = y * F.silu(z32)
+    pad = (-length) % chunk  # padding: decay 1 and drive 0, so the state passes through unchanged
+    if pad:
+        log_decay, drive, C_channel = (F.pad(t, (0, pad)) for t in (log_decay, drive, C_channel))
+    chunks = (length + pad) // chunk
+    shape = (batch, channels, n, chunks, chunk)
+    cum = log_decay.view(shape).cumsum(-1)  # (b, d, n, k, c), in [SCAN_CHUNK * MIN_LOG_DECAY, 0]
+    growth = cum.exp()
+    local = growth * (drive.view(shape) * (-cum).exp()).cumsum(-1)  # state from this chunk's inputs alone
+    chunk_decay = growth[..., -1]  # (b, d, n, k)
+    state = initial_state.float() if initial_state is not None else u32.new_zeros(batch, channels, n)
+    entering = []
+    for index in range(chunks):
+        entering.append(state)
+        state = chunk_decay[..., index] * state + local[..., index, -1]
+    h = local + growth * torch.stack(entering, dim=-1)[..., None]  # (b, d, n, k, c)
+    y = (h * C_channel.view(shape)).sum(2).reshape(batch, channels, -1)[..., :length]  # (b, d, l)
+    y = (y + D.float()[:, None] * u32) * F.silu(z.float())
     return y.to(out_dtype), state
 
 

@@ -92,7 +92,6 @@ class MambaMixer(nn.Module):
         self.d_conv = config.mamba_d_conv
         self.dt_rank = config.mamba_dt_rank
         self.groups = self.d_inner // self.d_state
-        self.scan_chunk = config.mamba_scan_chunk
         hidden = config.hidden_size
         self.in_proj = nn.Linear(hidden, 2 * self.d_inner + 2 * self.d_xb, bias=config.mamba_in_proj_bias)
         self.dt_in_proj = nn.Linear(hidden, self.dt_rank, bias=False)
@@ -182,7 +181,7 @@ class MambaMixer(nn.Module):
                 u = u * mask  # ... nor, through the conv bias, the SSM state
             y, last_state = kernels.selective_scan(
                 u, dt, A, B, C, self.D, z, self.dt_proj.bias,
-                initial_state=state.ssm if previous else None, chunk=self.scan_chunk,
+                initial_state=state.ssm if previous else None,
                 return_last_state=state is not None,
             )
             if state is not None:

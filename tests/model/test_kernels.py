@@ -35,12 +35,12 @@ def scan_inputs(batch=2, channels=32, state=16, length=37, groups=2, device="cpu
     )
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+@pytest.mark.parametrize("length", [1, 3, 4, 37])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_reference_scan_matches_per_token_recurrence(chunk, with_state):
-    x = scan_inputs()
+def test_reference_scan_matches_per_token_recurrence(length, with_state):
+    x = scan_inputs(length=length)
     initial = torch.randn(2, 32, 16) if with_state else None
-    y, last = selective_scan_reference(**x, initial_state=initial, chunk=chunk)
+    y, last = selective_scan_reference(**x, initial_state=initial)
     y_ref, last_ref = selective_scan_naive(**x, initial_state=initial)
     assert torch.allclose(y, y_ref, atol=1e-4, rtol=1e-4)
     assert torch.allclose(last, last_ref, atol=1e-4, rtol=1e-4)
@@ -48,7 +48,7 @@ def test_reference_scan_matches_per_token_recurrence(chunk, with_state):
 
 def test_reference_scan_gradients_match_per_token_recurrence():
     leaves = {k: v.clone().requires_grad_(True) for k, v in scan_inputs(length=21).items()}
-    y, last = selective_scan_reference(**leaves, chunk=8)
+    y, last = selective_scan_reference(**leaves)
     (y.square().sum() + last.sum()).backward()
     grads = {k: v.grad.clone() for k, v in leaves.items()}
     leaves_ref = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
@@ -59,10 +59,10 @@ def test_reference_scan_gradients_match_per_token_recurrence():
 
 
 def test_reference_scan_is_stable_with_strong_decay():
-    """Large dt * A over a long chunk would overflow a cumulative-product formulation; ours stays finite."""
+    """Log-decays of hundreds per token would overflow exp(-S) unfloored; the result stays finite and right."""
     x = scan_inputs(length=64)
     x["delta"] = x["delta"] + 6.0  # dt ~ 6, A down to -e^3: log-decay of hundreds per token
-    y, last = selective_scan_reference(**x, chunk=64)
+    y, last = selective_scan_reference(**x)
     y_ref, _ = selective_scan_naive(**x)
     assert torch.isfinite(y).all() and torch.isfinite(last).all()
     assert torch.allclose(y, y_ref, atol=1e-4, rtol=1e-4)
@@ -140,7 +140,7 @@ def test_cuda_scan_matches_reference_forward_and_backward(dtype):
     for mode in ("cuda", "reference"):
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
         with use_kernels(mode):
-            y, last = selective_scan(**leaves, chunk=16, return_last_state=True)
+            y, last = selective_scan(**leaves, return_last_state=True)
         y.float().square().mean().backward()  # the last state only feeds caches: no gradient through it
         results[mode] = (y.float(), last.float(), {k: v.grad.float() for k, v in leaves.items()})
     (y_c, last_c, g_c), (y_r, last_r, g_r) = results["cuda"], results["reference"]
