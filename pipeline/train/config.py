@@ -1,0 +1,153 @@
+"""Typed configuration of the training loop (imports no torch: it becomes a Hydra structured config).
+
+Field choices that are strings (`trainable`, `loss`) are plain `str` fields checked in `__post_init__`,
+because OmegaConf structured configs do not accept `typing.Literal`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAINABLE_CHOICES: tuple[str, ...] = ("mamba", "all")
+LOSS_CHOICES: tuple[str, ...] = ("reverse_kl", "forward_kl", "ce")
+DISTILL_LOSSES: tuple[str, ...] = ("reverse_kl", "forward_kl")
+
+# Fields that change the training trajectory: a resumed run must use the values it was saved with.
+TRAJECTORY_FIELDS: tuple[str, ...] = (
+    "steps",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "betas",
+    "grad_clip",
+    "grad_accum",
+    "batch_size",
+    "max_length",
+    "seed",
+    "trainable",
+    "loss",
+    "temperature",
+    "ce_weight",
+)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"TrainConfig.{message}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value: object, minimum: int) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{name} must be an int >= {minimum}, got {value!r}",
+    )
+
+
+@dataclass
+class TrainConfig:
+    """One training run: teacher pre-training, distillation, an MMR trial, or SFT.
+
+    A step is one optimiser update over `grad_accum` micro-batches of at most `batch_size` sequences of
+    at most `max_length` tokens. The learning rate warms up linearly over `warmup_steps`, then follows a
+    cosine from `lr` down to `lr * min_lr_ratio` at the last step.
+    """
+
+    steps: int = 1000  # optimiser steps in the whole run (over all resumed calls)
+    lr: float = 1e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate = lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.01  # AdamW; never applied to biases, norms or `_no_weight_decay` params
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping
+    grad_accum: int = 1  # micro-batches per optimiser step
+    batch_size: int = 8  # sequences per micro-batch (a batch may hold fewer, never more)
+    max_length: int = 1024  # tokens per sequence (a batch may be shorter, never longer)
+    seed: int = 0  # seeds torch / python / numpy at the start of a fresh run
+    trainable: str = "mamba"  # "mamba": only Mamba mixer parameters; "all": every parameter
+    loss: str = "reverse_kl"  # "reverse_kl" | "forward_kl" (need a teacher) | "ce" (no teacher)
+    temperature: float = 1.0  # softmax temperature of both KL distributions
+    ce_weight: float = 0.0  # distillation only: loss = KL + ce_weight * CE on the trained tokens
+    kl_chunk_tokens: int = 1024  # tokens per chunk when losses go through the lm_head (KL and CE)
+    save_every: int = 0  # save resumable state every this many steps; 0 = only when a call ends
+    log_every: int = 10  # report metrics to the callback every this many steps (and at the last)
+    bf16_autocast: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
+    loss_window: int = 10  # TrainResult.final_loss = mean loss of the last this many steps
+
+    def __post_init__(self) -> None:
+        _require_int("steps", self.steps, 1)
+        _require(_is_number(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}")
+        _require(
+            _is_number(self.min_lr_ratio) and 0.0 <= self.min_lr_ratio <= 1.0,
+            f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}",
+        )
+        _require(
+            _is_int(self.warmup_steps) and 0 <= self.warmup_steps <= self.steps,
+            f"warmup_steps must be an int in [0, steps={self.steps}], got {self.warmup_steps!r}",
+        )
+        _require(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay must be >= 0, got {self.weight_decay!r}",
+        )
+        # OmegaConf hands tuples back as lists: normalise so configs compare equal after a round trip.
+        _require(
+            isinstance(self.betas, (tuple, list))
+            and len(self.betas) == 2
+            and all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas),
+            f"betas must be two numbers in [0, 1), got {self.betas!r}",
+        )
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        _require(
+            self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
+            f"grad_clip must be > 0 or None, got {self.grad_clip!r}",
+        )
+        _require_int("grad_accum", self.grad_accum, 1)
+        _require_int("batch_size", self.batch_size, 1)
+        _require(
+            _is_int(self.max_length) and self.max_length >= 2,
+            f"max_length must be an int >= 2 (one input and one target token), got {self.max_length!r}",
+        )
+        _require(
+            _is_int(self.seed) and 0 <= self.seed < 2**32,
+            f"seed must be an int in [0, 2**32) (numpy's range), got {self.seed!r}",
+        )
+        _require(
+            self.trainable in TRAINABLE_CHOICES,
+            f"trainable must be one of {TRAINABLE_CHOICES}, got {self.trainable!r}",
+        )
+        _require(self.loss in LOSS_CHOICES, f"loss must be one of {LOSS_CHOICES}, got {self.loss!r}")
+        _require(
+            _is_number(self.temperature) and self.temperature > 0,
+            f"temperature must be > 0, got {self.temperature!r}",
+        )
+        _require(
+            self.loss != "ce" or self.temperature == 1.0,
+            f"temperature applies to the KL losses only; loss='ce' needs temperature=1.0, got {self.temperature!r}",
+        )
+        _require(_is_number(self.ce_weight) and self.ce_weight >= 0, f"ce_weight must be >= 0, got {self.ce_weight!r}")
+        _require(
+            self.loss != "ce" or self.ce_weight == 0.0,
+            f"ce_weight mixes CE into a KL loss; with loss='ce' it must be 0, got {self.ce_weight!r}",
+        )
+        _require_int("kl_chunk_tokens", self.kl_chunk_tokens, 1)
+        _require_int("save_every", self.save_every, 0)
+        _require_int("log_every", self.log_every, 1)
+        _require(isinstance(self.bf16_autocast, bool), f"bf16_autocast must be a bool, got {self.bf16_autocast!r}")
+        _require_int("loss_window", self.loss_window, 1)
+
+    @property
+    def is_distillation(self) -> bool:
+        """True when the objective is a KL to a teacher (a teacher must be given to `train`)."""
+        return self.loss in DISTILL_LOSSES
+
+    @property
+    def min_lr(self) -> float:
+        return self.lr * self.min_lr_ratio

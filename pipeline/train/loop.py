@@ -1,0 +1,426 @@
+"""The one training loop: teacher pre-training, distillation, MMR trials and SFT all call `train`.
+
+Notation: B = sequences per micro-batch, T = tokens per sequence, H = hidden size, V = vocabulary,
+N = trained target tokens.
+
+Objective (by `cfg.loss`): with a teacher, KL(student || teacher) or KL(teacher || student) on the trained
+tokens' next-token distributions, plus `ce_weight` * CE when set; without a teacher, CE. Losses are the
+mean over the trained tokens of the whole step (all `grad_accum` micro-batches together), so gradient
+accumulation equals one large batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.train.batches import Batch, BatchSource, PreparedBatch, as_batch_source, prepare_batch
+from pipeline.train.config import TRAJECTORY_FIELDS, TrainConfig
+from pipeline.train.losses import chunked_cross_entropy, chunked_distill_loss
+from pipeline.train.optim import TrainableFilter, build_optimizer, learning_rate_at, select_trainable
+from pipeline.train.state import (
+    capture_rng_state,
+    latest_state,
+    load_weights_and_optimizer,
+    read_trainer_state,
+    restore_rng_state,
+    save_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What the callback receives every `log_every` steps (and at the run's last step)."""
+
+    step: int  # optimiser steps done so far (1-based)
+    loss: float  # this step's objective, mean over its trained tokens
+    distill_loss: float | None  # the KL part (None without a teacher)
+    ce_loss: float | None  # the CE part (None when not computed)
+    lr: float  # learning rate this step used
+    grad_norm: float  # global norm of the trainable gradients, before clipping
+    tokens_per_second: float  # real (non-padding) input tokens per second of this step
+    step_time_s: float
+    tokens_seen: int  # real input tokens consumed over the whole run
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a `train` call left the run. Final losses average the last `cfg.loss_window` steps."""
+
+    steps_done: int  # over the whole run, earlier calls included
+    steps_this_call: int
+    completed: bool  # steps_done == cfg.steps
+    tokens_seen: int
+    wall_time_s: float  # over the whole run
+    final_loss: float  # NaN when no step has run
+    final_distill_loss: float | None  # the MMR score of a trial run
+    final_ce_loss: float | None
+    state_path: Path | None  # the newest saved state, if a state_dir was given
+
+
+MetricsCallback = Callable[[StepMetrics], None]
+
+
+@dataclass(frozen=True)
+class _Objective:
+    distill_kind: str | None  # "reverse_kl" | "forward_kl" | None (CE only)
+    temperature: float
+    ce_weight: float  # 1.0 for pure CE; 0.0 = CE not computed
+
+
+@dataclass
+class _Progress:
+    step: int
+    position: int  # micro-batches consumed
+    tokens_seen: int
+    wall_time_s: float  # before this call
+    recent: deque[tuple[float, float | None, float | None]]  # (loss, distill, ce) of the last steps
+
+
+def train(
+    student: nn.Module,
+    batches: BatchSource | Sequence[Batch] | Callable[[int], Iterable[Batch]],
+    cfg: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    callback: MetricsCallback | None = None,
+    trainable_filter: TrainableFilter | None = None,
+    max_steps_this_call: int | None = None,
+) -> TrainResult:
+    """Train `student` in place for `cfg.steps` optimiser steps (resuming from `state_dir` if it holds a state).
+
+    `batches` yields micro-batches from a position (a `BatchSource`, a function of the position, or a list
+    to cycle; see `pipeline.train.batches` for the batch convention). `teacher` (frozen,
+    eval mode, no grad, same device) is required for the KL losses and refused for `loss="ce"`.
+    `trainable_filter(name, param)` defines the Mamba parameters for `trainable="mamba"` when the student
+    has no `mamba_parameters()`. State is saved every `cfg.save_every` steps and when the call ends;
+    `max_steps_this_call` stops early (the state then lets the next call continue).
+    The student's `requires_grad` flags and train/eval modes are restored on return.
+    """
+    if max_steps_this_call is not None and max_steps_this_call < 0:
+        raise ValueError(f"max_steps_this_call must be >= 0 or None, got {max_steps_this_call}")
+    objective = _objective(cfg, teacher)
+    source = as_batch_source(batches)
+    device = _device_of(student, "student")
+    if teacher is not None and (teacher_device := _device_of(teacher, "teacher")) != device:
+        raise ValueError(f"teacher is on {teacher_device} but student is on {device}; put both on one device")
+    student_head = _head_weight(student, "student")
+    teacher_head = _head_weight(teacher, "teacher") if teacher is not None else None
+
+    trainable = select_trainable(student, cfg.trainable, trainable_filter)
+    trainable_ids = {id(param) for _, param in trainable}
+    saved_flags = [(param, param.requires_grad) for param in student.parameters()]
+    saved_modes = [(student, student.training)] + ([(teacher, teacher.training)] if teacher is not None else [])
+    try:
+        for param in student.parameters():
+            param.requires_grad_(id(param) in trainable_ids)
+        student.train()
+        if teacher is not None:
+            teacher.eval()
+        optimizer = build_optimizer(trainable, cfg)
+        progress = _start(student, optimizer, cfg, state_dir)
+        log.info(
+            "training %d/%d parameters (%s) for steps %d..%d, loss=%s",
+            sum(p.numel() for _, p in trainable),
+            sum(p.numel() for p in student.parameters()),
+            cfg.trainable,
+            progress.step + 1,
+            cfg.steps,
+            cfg.loss,
+        )
+        return _run(
+            student=student,
+            teacher=teacher,
+            student_head=student_head,
+            teacher_head=teacher_head,
+            source=source,
+            cfg=cfg,
+            objective=objective,
+            optimizer=optimizer,
+            progress=progress,
+            trainable_params=[param for _, param in trainable],
+            device=device,
+            state_dir=state_dir,
+            callback=callback,
+            max_steps_this_call=max_steps_this_call,
+        )
+    finally:
+        for param, flag in saved_flags:
+            param.requires_grad_(flag)
+        for module, mode in saved_modes:
+            module.train(mode)
+
+
+def _run(
+    *,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    student_head: Tensor,
+    teacher_head: Tensor | None,
+    source: BatchSource,
+    cfg: TrainConfig,
+    objective: _Objective,
+    optimizer: torch.optim.Optimizer,
+    progress: _Progress,
+    trainable_params: list[nn.Parameter],
+    device: torch.device,
+    state_dir: str | os.PathLike[str] | None,
+    callback: MetricsCallback | None,
+    max_steps_this_call: int | None,
+) -> TrainResult:
+    call_start = time.perf_counter()
+    steps_left = cfg.steps - progress.step
+    steps_this_call = steps_left if max_steps_this_call is None else min(steps_left, max_steps_this_call)
+    use_autocast = cfg.bf16_autocast and device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
+    max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+    iterator: Iterator[Batch] = source.iter_from(progress.position)
+    state_path = latest_state(state_dir) if state_dir is not None else None
+    saved_step = progress.step if state_path is not None else None
+
+    def save() -> Path:
+        assert state_dir is not None
+        wall_time = progress.wall_time_s + time.perf_counter() - call_start
+        trainer = _trainer_dict(progress, cfg, wall_time)
+        return save_state(state_dir, step=progress.step, model=student, optimizer=optimizer, trainer=trainer)
+
+    for _ in range(steps_this_call):
+        step_start = time.perf_counter()
+        lr = learning_rate_at(progress.step, cfg)
+        micro_batches = [_next_batch(iterator, progress.position + i, cfg, device) for i in range(cfg.grad_accum)]
+        target_tokens = sum(int(batch.target_mask.sum()) for batch in micro_batches)  # N of the whole step
+        if target_tokens == 0:
+            raise ValueError(
+                f"step {progress.step + 1} (micro-batches {progress.position}.."
+                f"{progress.position + cfg.grad_accum - 1}) has no trained target tokens: "
+                "every loss_mask is empty after the shift"
+            )
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # (objective, distill, ce) summed over tokens
+        for batch in micro_batches:
+            with autocast():
+                objective_sum, distill_sum, ce_sum = _loss_sums(
+                    student, teacher, student_head, teacher_head, batch, objective, cfg.kl_chunk_tokens
+                )
+            (objective_sum / target_tokens).backward()  # the step's mean, accumulated over micro-batches
+            sums += torch.stack(
+                [objective_sum.detach(), _or_zero(distill_sum, objective_sum), _or_zero(ce_sum, objective_sum)]
+            ).double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, max_norm=max_norm)
+        loss, distill, ce = (sums / target_tokens).tolist()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {progress.step + 1} (data position {progress.position})")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        progress.step += 1
+        progress.position += cfg.grad_accum
+        step_tokens = sum(batch.input_tokens for batch in micro_batches)
+        progress.tokens_seen += step_tokens
+        record = (
+            loss,
+            distill if objective.distill_kind is not None else None,
+            ce if objective.ce_weight > 0 else None,
+        )
+        progress.recent.append(record)
+        step_time = time.perf_counter() - step_start
+
+        if state_dir is not None and cfg.save_every and progress.step % cfg.save_every == 0:
+            state_path, saved_step = save(), progress.step
+        if callback is not None and (progress.step % cfg.log_every == 0 or progress.step == cfg.steps):
+            callback(
+                StepMetrics(
+                    step=progress.step,
+                    loss=loss,
+                    distill_loss=record[1],
+                    ce_loss=record[2],
+                    lr=lr,
+                    grad_norm=float(grad_norm),
+                    tokens_per_second=step_tokens / step_time if step_time > 0 else math.inf,
+                    step_time_s=step_time,
+                    tokens_seen=progress.tokens_seen,
+                )
+            )
+
+    if state_dir is not None and saved_step != progress.step:
+        state_path = save()
+    return TrainResult(
+        steps_done=progress.step,
+        steps_this_call=steps_this_call,
+        completed=progress.step == cfg.steps,
+        tokens_seen=progress.tokens_seen,
+        wall_time_s=progress.wall_time_s + time.perf_counter() - call_start,
+        final_loss=_mean([record[0] for record in progress.recent]),
+        final_distill_loss=_mean_or_none([record[1] for record in progress.recent]),
+        final_ce_loss=_mean_or_none([record[2] for record in progress.recent]),
+        state_path=state_path,
+    )
+
+
+def _loss_sums(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    student_head: Tensor,
+    teacher_head: Tensor | None,
+    batch: PreparedBatch,
+    objective: _Objective,
+    chunk_tokens: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(objective, KL, CE) summed over the batch's trained tokens; position t predicts token t+1."""
+    hidden = _hidden_states(student, batch)[:, :-1]  # (B, T-1, H)
+    distill_sum = ce_sum = None
+    if objective.distill_kind is not None:
+        assert teacher is not None and teacher_head is not None
+        with torch.no_grad():
+            teacher_hidden = _hidden_states(teacher, batch)[:, :-1]  # (B, T-1, H)
+        distill_sum = chunked_distill_loss(
+            hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            batch.target_mask,
+            kind=objective.distill_kind,
+            temperature=objective.temperature,
+            chunk_tokens=chunk_tokens,
+            reduction="sum",
+        )
+    if objective.ce_weight > 0:
+        targets = batch.input_ids[:, 1:]  # (B, T-1)
+        ce_sum = chunked_cross_entropy(
+            hidden, student_head, targets, batch.target_mask, chunk_tokens=chunk_tokens, reduction="sum"
+        )
+    if distill_sum is None:
+        assert ce_sum is not None
+        return ce_sum * objective.ce_weight, None, ce_sum
+    if ce_sum is None:
+        return distill_sum, distill_sum, None
+    return distill_sum + objective.ce_weight * ce_sum, distill_sum, ce_sum
+
+
+def _hidden_states(model: nn.Module, batch: PreparedBatch) -> Tensor:
+    """Final hidden states (B, T, H) of the model's backbone (`model.model`, before the lm_head)."""
+    output = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return output.last_hidden_state
+
+
+def _objective(cfg: TrainConfig, teacher: nn.Module | None) -> _Objective:
+    if cfg.is_distillation:
+        if teacher is None:
+            raise ValueError(f"loss={cfg.loss!r} distils from a teacher, but no teacher was given")
+        return _Objective(distill_kind=cfg.loss, temperature=cfg.temperature, ce_weight=cfg.ce_weight)
+    if teacher is not None:
+        raise ValueError("loss='ce' trains on the data alone, but a teacher was given; use a KL loss to distil")
+    return _Objective(distill_kind=None, temperature=1.0, ce_weight=1.0)
+
+
+def _device_of(model: nn.Module, role: str) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise ValueError(f"{role} has no parameters") from None
+
+
+def _head_weight(model: nn.Module, role: str) -> Tensor:
+    """The lm_head weight (V, H); the chunked losses need a bias-free linear head."""
+    if not isinstance(getattr(model, "model", None), nn.Module):
+        raise ValueError(f"{role} ({type(model).__name__}) has no .model backbone returning last_hidden_state")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{role} ({type(model).__name__}) needs an nn.Linear lm_head, got {type(head).__name__}")
+    if head.bias is not None:
+        raise ValueError(f"{role} lm_head has a bias; the chunked losses support bias-free heads only")
+    return head.weight
+
+
+def _next_batch(iterator: Iterator[Batch], position: int, cfg: TrainConfig, device: torch.device) -> PreparedBatch:
+    try:
+        batch = next(iterator)
+    except StopIteration:
+        raise RuntimeError(
+            f"batch source ran out at micro-batch {position}; the run needs steps * grad_accum = "
+            f"{cfg.steps * cfg.grad_accum} micro-batches"
+        ) from None
+    return prepare_batch(
+        batch, position=position, max_batch_size=cfg.batch_size, max_length=cfg.max_length, device=device
+    )
+
+
+def _start(
+    student: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, state_dir: str | os.PathLike[str] | None
+) -> _Progress:
+    """Resume from the newest state in `state_dir`, or seed the RNGs for a fresh run."""
+    path = latest_state(state_dir) if state_dir is not None else None
+    if path is None:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        return _Progress(step=0, position=0, tokens_seen=0, wall_time_s=0.0, recent=deque(maxlen=cfg.loss_window))
+    trainer = read_trainer_state(path)
+    _check_same_trajectory(trainer["config"], cfg, path)  # before touching the student's weights
+    load_weights_and_optimizer(path, model=student, optimizer=optimizer)
+    restore_rng_state(trainer["rng"])
+    log.info("resuming from %s (step %d of %d)", path, trainer["step"], cfg.steps)
+    recent = deque((tuple(record) for record in trainer["recent"]), maxlen=cfg.loss_window)
+    return _Progress(
+        step=trainer["step"],
+        position=trainer["position"],
+        tokens_seen=trainer["tokens_seen"],
+        wall_time_s=trainer["wall_time_s"],
+        recent=recent,  # type: ignore[arg-type]
+    )
+
+
+def _check_same_trajectory(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    current = asdict(cfg)
+    for name in TRAJECTORY_FIELDS:
+        before, now = saved.get(name), current[name]
+        if isinstance(before, (list, tuple)):
+            before, now = tuple(before), tuple(now)
+        if before != now:
+            raise ValueError(
+                f"state {path} was saved with {name}={saved.get(name)!r} but the config now has "
+                f"{name}={current[name]!r}; use a fresh state_dir or the original config"
+            )
+
+
+def _trainer_dict(progress: _Progress, cfg: TrainConfig, wall_time_s: float) -> dict[str, Any]:
+    return {
+        "step": progress.step,
+        "position": progress.position,
+        "tokens_seen": progress.tokens_seen,
+        "wall_time_s": wall_time_s,
+        "recent": [list(record) for record in progress.recent],
+        "schedule": {"step": progress.step},  # the lr is a pure function of (step, config)
+        "config": asdict(cfg),
+        "rng": capture_rng_state(),
+    }
+
+
+def _or_zero(value: Tensor | None, like: Tensor) -> Tensor:
+    return value.detach() if value is not None else torch.zeros_like(like)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return _mean(present) if present else None
