@@ -189,32 +189,38 @@ def selective_scan_reference(
     chunk = SCAN_CHUNK
     batch, channels, length = u.shape
     groups, n = B.shape[1], B.shape[2]
+    per_group = channels // groups  # channels sharing one B/C group: broadcast, never materialised
     out_dtype = u.dtype
     u32 = u.float()
     dt = F.softplus(delta.float() + delta_bias.float()[:, None])  # (b, d, l)
-    reps = channels // groups
-    B_channel = B.float().repeat_interleave(reps, dim=1)  # (b, d, n, l)
-    C_channel = C.float().repeat_interleave(reps, dim=1)  # (b, d, n, l)
-    log_decay = (dt[:, :, None, :] * A.float()[None, :, :, None]).clamp(min=MIN_LOG_DECAY)
-    drive = (dt * u32)[:, :, None, :] * B_channel  # (b, d, n, l)
     pad = (-length) % chunk  # padding: decay 1 and drive 0, so the state passes through unchanged
     if pad:
-        log_decay, drive, C_channel = (F.pad(t, (0, pad)) for t in (log_decay, drive, C_channel))
+        dt, u32_padded = F.pad(dt, (0, pad)), F.pad(u32, (0, pad))
+        B, C = F.pad(B.float(), (0, pad)), F.pad(C.float(), (0, pad))
+    else:
+        u32_padded = u32
     chunks = (length + pad) // chunk
-    shape = (batch, channels, n, chunks, chunk)
-    cum = log_decay.view(shape).cumsum(-1)  # (b, d, n, k, c), in [SCAN_CHUNK * MIN_LOG_DECAY, 0]
+    # (b, d, l) -> (b, g, r, 1, k, c) and (b, g, n, l) -> (b, g, 1, n, k, c); r = per_group, k*c = l
+    dt6 = dt.view(batch, groups, per_group, 1, chunks, chunk)
+    A6 = A.float().view(1, groups, per_group, n, 1, 1)
+    B6 = B.float().view(batch, groups, 1, n, chunks, chunk)
+    C6 = C.float().view(batch, groups, 1, n, chunks, chunk)
+    log_decay = (dt6 * A6).clamp(min=MIN_LOG_DECAY)  # (b, g, r, n, k, c), <= 0
+    cum = log_decay.cumsum(-1)  # in [SCAN_CHUNK * MIN_LOG_DECAY, 0]
     growth = cum.exp()
-    local = growth * (drive.view(shape) * (-cum).exp()).cumsum(-1)  # state from this chunk's inputs alone
-    chunk_decay = growth[..., -1]  # (b, d, n, k)
-    state = initial_state.float() if initial_state is not None else u32.new_zeros(batch, channels, n)
+    drive = (dt * u32_padded).view(batch, groups, per_group, 1, chunks, chunk) * B6  # (b, g, r, n, k, c)
+    local = growth * (drive * (-cum).exp()).cumsum(-1)  # state from this chunk's inputs alone
+    state = (initial_state.float().view(batch, groups, per_group, n) if initial_state is not None
+             else u32.new_zeros(batch, groups, per_group, n))
     entering = []
-    for index in range(chunks):
+    # unbind (not indexing in the loop): its backward is one stack, not a zero-filled full tensor a chunk
+    for decay, last in zip(growth[..., -1].unbind(-1), local[..., -1].unbind(-1)):  # (b, g, r, n) each
         entering.append(state)
-        state = chunk_decay[..., index] * state + local[..., index, -1]
-    h = local + growth * torch.stack(entering, dim=-1)[..., None]  # (b, d, n, k, c)
-    y = (h * C_channel.view(shape)).sum(2).reshape(batch, channels, -1)[..., :length]  # (b, d, l)
+        state = decay * state + last
+    h = local + growth * torch.stack(entering, dim=-1)[..., None]  # (b, g, r, n, k, c)
+    y = (h * C6).sum(3).reshape(batch, channels, -1)[..., :length]  # (b, d, l)
     y = (y + D.float()[:, None] * u32) * F.silu(z.float())
-    return y.to(out_dtype), state
+    return y.to(out_dtype), state.reshape(batch, channels, n)
 
 
 def selective_scan_naive(u, delta, A, B, C, D, z, delta_bias, initial_state=None):

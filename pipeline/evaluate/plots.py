@@ -1,0 +1,46 @@
+"""PNG plots: LOO importance, MMR losses, and the efficiency frontier (throughput ratio vs accuracy)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def bar_plot(values: Sequence[float], labels: Sequence[str], *, title: str, ylabel: str, path: str | Path,
+             highlight: Sequence[int] = ()) -> Path:
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.45 * len(values) + 2), 3.2))
+    colors = ["tab:orange" if i in set(highlight) else "tab:blue" for i in range(len(values))]
+    axis.bar(range(len(values)), values, color=colors)
+    axis.set_xticks(range(len(values)), labels, rotation=0 if len(values) < 20 else 90)
+    axis.set_title(title)
+    axis.set_ylabel(ylabel)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def frontier_plot(records: Sequence[dict], path: str | Path, *, quality_key: str = "answer_accuracy") -> Path:
+    """One point per checkpoint: throughput ratio to the teacher (x) against answer accuracy (y)."""
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for record in records:
+        x, y = record["throughput_ratio"], record[quality_key]
+        axis.scatter([x], [y], s=40, color="tab:red" if record["n_mamba"] == 0 else "tab:blue")
+        axis.annotate(record["checkpoint"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axis.set_xlabel("throughput / teacher throughput")
+    axis.set_ylabel(quality_key.replace("_", " "))
+    axis.set_title("efficiency frontier")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+__all__ = ["bar_plot", "frontier_plot"]

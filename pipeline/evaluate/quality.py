@@ -1,0 +1,97 @@
+"""Quality of a checkpoint: answer accuracy (greedy generation, checked answers), NLL and KL to the teacher.
+
+- answer accuracy: the chat prompt of each test problem, greedy decoding, the final answer checked by
+  `pipeline.data.is_correct`.
+- NLL: mean negative log-likelihood per target token (assistant tokens of chat rows) of the test split.
+- KL to the teacher: mean per target token of the reverse KL, KL(student || teacher) at T = 1, the
+  recipe's distillation objective; 0 for the teacher itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.train.batches import prepare_batch
+from pipeline.train.losses import chunked_cross_entropy, chunked_distill_loss
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: nn.Module,
+    tokenizer,
+    rows: Sequence[dict[str, Any]],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    max_prompt_length: int | None = None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """Greedy answers to chat problems; returns (accuracy, one record per problem)."""
+    from pipeline.data import is_correct, prompt_batch
+
+    model.eval()
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    records = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        batch = {k: v.to(device) for k, v in prompt_batch(chunk, tokenizer, max_length=max_prompt_length).items()}
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        for row, text in zip(chunk, texts):
+            records.append({"answer": str(row["answer"]), "generated": text, "correct": is_correct(text, row["answer"])})
+    accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
+    return accuracy, records
+
+
+@torch.no_grad()
+def nll_and_kl(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    teacher: nn.Module | None = None,
+    chunk_tokens: int = 1024,
+) -> dict[str, float]:
+    """Mean NLL per target token and (with a teacher) mean KL(student || teacher) per target token."""
+    model.eval()
+    device = model_device(model)
+    nll_sum, kl_sum, tokens = 0.0, 0.0, 0
+    for position, batch in enumerate(batches):
+        prepared = prepare_batch(batch, position=position, max_batch_size=batch.input_ids.shape[0],
+                                 max_length=batch.input_ids.shape[1], device=device)
+        mask = prepared.target_mask  # (b, t-1): position t predicts token t+1
+        count = int(mask.sum())
+        if count == 0:
+            continue
+        hidden = model.model(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
+                             use_cache=False).last_hidden_state[:, :-1]
+        head = model.get_output_embeddings().weight
+        targets = prepared.input_ids[:, 1:]
+        nll_sum += chunked_cross_entropy(hidden, head, targets, mask, chunk_tokens, reduction="sum").item()
+        if teacher is not None:
+            teacher_hidden = teacher.model(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
+                                           use_cache=False).last_hidden_state[:, :-1]
+            kl_sum += chunked_distill_loss(
+                hidden, head, teacher_hidden, teacher.get_output_embeddings().weight, mask,
+                kind="reverse_kl", chunk_tokens=chunk_tokens, reduction="sum",
+            ).item()
+        tokens += count
+    if tokens == 0:
+        raise ValueError("evaluation data has no target tokens")
+    result = {"nll": nll_sum / tokens, "eval_tokens": float(tokens)}
+    if teacher is not None:
+        result["kl_to_teacher"] = kl_sum / tokens
+    return result
+
+
+__all__ = ["answer_accuracy", "model_device", "nll_and_kl"]

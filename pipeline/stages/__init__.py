@@ -1,0 +1,23 @@
+"""The recipe's stages as plain functions over checkpoint folders (no Prefect, store or MLflow needed)."""
+
+from pipeline.stages.common import ConsoleReporter, Reporter, StageError
+from pipeline.stages.convert import run_convert, run_step
+from pipeline.stages.evaluate import run_evaluate, summary_table
+from pipeline.stages.loo import run_loo
+from pipeline.stages.mmr import run_mmr
+from pipeline.stages.sft import run_sft
+from pipeline.stages.teacher import run_teacher
+
+__all__ = [
+    "ConsoleReporter",
+    "Reporter",
+    "StageError",
+    "run_convert",
+    "run_evaluate",
+    "run_loo",
+    "run_mmr",
+    "run_sft",
+    "run_step",
+    "run_teacher",
+    "summary_table",
+]

@@ -1,0 +1,220 @@
+"""What every stage shares: devices, model and tokenizer loading, data, metadata files, reporting.
+
+A stage is a plain function `run_<stage>(cfg, <input folders>, out_dir, *, work_dir, reporter) -> dict`.
+It reads checkpoint folders, writes its output folder, and keeps resumable training state in `work_dir`
+(never in the output: a checkpoint holds only what a user loads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.config import RunConfig, to_plain
+
+log = logging.getLogger(__name__)
+
+STAGE_META = "stage.json"  # beside each stage's output: stage, parent, layer pattern, timings, metrics
+RUN_CONFIG = "run_config.json"  # the resolved run configuration the stage ran with
+
+
+class StageError(ValueError):
+    """Bad input to a stage (a missing teacher, unusable data, ...): one line naming what is wrong."""
+
+
+class Reporter(Protocol):
+    """Where stages send metrics and files (MLflow through the orchestration layer, or nowhere)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: str | os.PathLike) -> None: ...
+
+    def progress(self, message: str) -> None: ...
+
+
+class ConsoleReporter:
+    """Prints progress lines; drops metrics (the default when a stage runs on its own)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike) -> None:
+        pass
+
+    def progress(self, message: str) -> None:
+        print(f"{self.prefix}{message}", flush=True)
+
+
+# --- hardware ------------------------------------------------------------------------------------
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    want = cfg.hardware.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise StageError("hardware.device=cuda but no CUDA device is available")
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    if cfg.hardware.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.hardware.dtype]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+def require_folder(path: str | os.PathLike, what: str) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise StageError(f"{what} path does not exist: {folder}")
+    if not (folder / "config.json").is_file():
+        raise StageError(f"{what} at {folder} is not a transformers checkpoint (no config.json)")
+    return folder
+
+
+def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint"):
+    """A transformers causal LM (a teacher or a hybrid) on the run's device, in eval mode."""
+    import pipeline.model  # noqa: F401  (registers the hybrid with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    folder = require_folder(path, what)
+    device = resolve_device(cfg)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg, device))
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from pipeline.data import load_tokenizer as _load
+
+    return _load(path)
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
+    """config.json + model.safetensors + tokenizer files (safetensors only)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def write_meta(out_dir: Path, stage: str, cfg: RunConfig, *, parent: str | None, started: float,
+               **extra: Any) -> dict[str, Any]:
+    """stage.json + run_config.json beside the output (every checkpoint carries its config and lineage)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"stage": stage, "run_name": cfg.run_name, "parent": parent,
+            "wall_time_s": round(time.time() - started, 2), **extra}
+    (out_dir / STAGE_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (out_dir / RUN_CONFIG).write_text(json.dumps(to_plain(cfg), indent=2) + "\n")
+    return meta
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / STAGE_META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+@dataclass
+class StageData:
+    """The run's data, loaded once per stage: demo data by default, any `datasets` source by config."""
+
+    cfg: RunConfig
+    tokenizer: Any
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def _demo(self):
+        if "demo" not in self._cache:
+            from pipeline.data import generate_demo_data
+
+            self._cache["demo"] = generate_demo_data(self.cfg.data.demo)
+        return self._cache["demo"]
+
+    def rows(self, kind: str, split: str):
+        """Raw rows of `kind` (distill, sft, eval, generic) for `split` (train, validation, test)."""
+        from pipeline.data import load_rows
+
+        source = getattr(self.cfg.data, kind)
+        if source is None:
+            demo = self._demo()
+            return load_rows(demo.text[split] if kind == "generic" else demo.reasoning[split])
+        return load_rows(source, split)
+
+    def tokenized(self, kind: str, split: str = "train"):
+        key = f"tok:{kind}:{split}"
+        if key not in self._cache:
+            from pipeline.data import tokenize_rows
+
+            self._cache[key] = tokenize_rows(self.rows(kind, split), self.tokenizer, self.cfg.data.max_length)
+        return self._cache[key]
+
+    def batch_source(self, kind: str, batch_size: int, seed: int):
+        """position -> iterator of padded batches, deterministic, so training resumes mid-epoch."""
+        from pipeline.data import iter_batches
+
+        dataset = self.tokenized(kind)
+        pad_id = self.tokenizer.pad_token_id
+
+        def from_position(position: int):
+            return iter_batches(dataset, batch_size, pad_id, seed=seed, start=position)
+
+        return from_position
+
+    def eval_problems(self, count: int) -> list[dict[str, Any]]:
+        rows = self.rows("eval", "test")
+        if "answer" not in rows.column_names:
+            raise StageError("evaluation data needs an 'answer' column to check generated answers")
+        return [rows[i] for i in range(min(count, len(rows)))]
+
+    def eval_batches(self, count: int, batch_size: int = 32):
+        from pipeline.data import iter_batches, tokenize_rows
+
+        dataset = tokenize_rows(self.rows("eval", "test").select(range(min(count, len(self.rows("eval", "test"))))),
+                                self.tokenizer, self.cfg.data.max_length)
+        return list(iter_batches(dataset, batch_size, self.tokenizer.pad_token_id, shuffle=False,
+                                 stop=(len(dataset) + batch_size - 1) // batch_size))
+
+
+def distill_kind(cfg: RunConfig) -> str:
+    return "generic" if cfg.data.distill_on == "generic" else "distill"
+
+
+def metrics_callback(reporter: Reporter, prefix: str, every_line: int = 1):
+    """Training metrics -> reporter (with the step) and a short progress line."""
+    def callback(metrics) -> None:
+        values = {f"{prefix}/{k}": float(v) for k, v in vars(metrics).items()
+                  if k != "step" and isinstance(v, (int, float)) and v is not None}
+        reporter.log_metrics(values, step=metrics.step)
+        reporter.progress(
+            f"  {prefix} step {metrics.step}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} "
+            f"{metrics.tokens_per_second:,.0f} tok/s"
+        )
+    return callback
+
+
+__all__ = [
+    "ConsoleReporter",
+    "Reporter",
+    "StageData",
+    "StageError",
+    "distill_kind",
+    "load_model",
+    "load_tokenizer",
+    "metrics_callback",
+    "read_meta",
+    "require_folder",
+    "resolve_device",
+    "resolve_dtype",
+    "save_checkpoint",
+    "write_meta",
+]

@@ -1,0 +1,90 @@
+"""Evaluate the teacher and every checkpoint: answer accuracy, NLL, KL to the teacher, throughput.
+
+Writes summary.json (one record per checkpoint) and frontier.png (throughput ratio vs accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.evaluate.plots import frontier_plot
+from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
+from pipeline.evaluate.throughput import generation_throughput
+from pipeline.stages.common import ConsoleReporter, Reporter, StageData, load_model, load_tokenizer, write_meta
+
+SUMMARY_FILE = "summary.json"
+
+
+def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageData, problems, batches) -> dict:
+    accuracy, samples = answer_accuracy(model, data.tokenizer, problems, batch_size=cfg.evaluate.batch_size,
+                                        max_new_tokens=cfg.evaluate.max_new_tokens)
+    quality = nll_and_kl(model, batches, teacher=None if model is teacher else teacher)
+    speed = generation_throughput(model, batch_size=cfg.evaluate.throughput_batch,
+                                  prompt_length=cfg.evaluate.throughput_prompt,
+                                  new_tokens=cfg.evaluate.throughput_new_tokens,
+                                  repeats=cfg.evaluate.throughput_repeats)
+    config = model.config
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    return {
+        "checkpoint": name,
+        "n_mamba": layer_types.count("linear_attention"),
+        "layer_types": layer_types,
+        "answer_accuracy": accuracy,
+        "nll": quality["nll"],
+        "kl_to_teacher": quality.get("kl_to_teacher", 0.0),
+        "tokens_per_s": speed.tokens_per_s,
+        "throughput": speed.to_dict(),
+        "examples": len(problems),
+        "sample": samples[0]["generated"] if samples else "",
+    }
+
+
+@torch.no_grad()
+def run_evaluate(cfg: RunConfig, teacher_dir: str | Path, checkpoints: dict[str, str | Path], out_dir: str | Path,
+                 *, reporter: Reporter | None = None) -> list[dict]:
+    """`checkpoints`: name -> folder, in the order to report (the teacher is always evaluated first)."""
+    reporter = reporter or ConsoleReporter()
+    started, out_dir = time.time(), Path(out_dir)
+    teacher = load_model(teacher_dir, cfg, "teacher")
+    data = StageData(cfg, load_tokenizer(teacher_dir))
+    problems = data.eval_problems(cfg.evaluate.num_examples)
+    batches = data.eval_batches(cfg.evaluate.nll_examples)
+    records = [evaluate_checkpoint(cfg, "teacher", teacher, teacher, data, problems, batches)]
+    reporter.progress(f"  teacher: accuracy {records[0]['answer_accuracy']:.3f}, {records[0]['tokens_per_s']:,.0f} tok/s")
+    for name, folder in checkpoints.items():
+        model = load_model(folder, cfg, f"checkpoint {name}")
+        record = evaluate_checkpoint(cfg, name, model, teacher, data, problems, batches)
+        records.append(record)
+        del model
+        reporter.progress(
+            f"  {name}: accuracy {record['answer_accuracy']:.3f}, KL {record['kl_to_teacher']:.4f}, "
+            f"{record['tokens_per_s']:,.0f} tok/s"
+        )
+    base = records[0]["tokens_per_s"]
+    for record in records:
+        record["throughput_ratio"] = record["tokens_per_s"] / base
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(records, indent=2) + "\n")
+    frontier_plot(records, out_dir / "frontier.png")
+    for name in (SUMMARY_FILE, "frontier.png"):
+        reporter.log_artifact(out_dir / name)
+    write_meta(out_dir, "evaluate", cfg, parent=None, started=started, checkpoints=list(checkpoints))
+    return records
+
+
+def summary_table(records: list[dict]) -> str:
+    """A markdown table of the summary (README, logs, Prefect artifacts)."""
+    lines = ["| checkpoint | Mamba layers | accuracy | NLL | KL to teacher | tokens/s | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        lines.append(f"| {r['checkpoint']} | {r['n_mamba']} | {r['answer_accuracy']:.3f} | {r['nll']:.4f} | "
+                     f"{r['kl_to_teacher']:.4f} | {r['tokens_per_s']:,.0f} | {r['throughput_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+__all__ = ["SUMMARY_FILE", "evaluate_checkpoint", "run_evaluate", "summary_table"]

@@ -1,0 +1,84 @@
+"""A tiny saved teacher (random Llama + the demo char tokenizer) and a tiny run config for stage tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline.config import (
+    DataConfig,
+    EvaluateConfig,
+    LOOConfig,
+    MMRConfig,
+    RunConfig,
+    ScheduleConfig,
+    SFTConfig,
+    TeacherConfig,
+)
+from pipeline.data import DemoDataConfig, DemoTeacherConfig
+from pipeline.train import TrainConfig
+
+TINY_DATA = DemoDataConfig(n_train=256, n_validation=32, n_test=32, n_text_train=256, n_text_validation=32,
+                           n_text_test=32)
+
+
+def tiny_config(**changes) -> RunConfig:
+    cfg = RunConfig(
+        run_name="test",
+        teacher=TeacherConfig(demo=DemoTeacherConfig(steps=8, num_hidden_layers=4, warmup_steps=2,
+                                                     hidden_size=32, intermediate_size=64, batch_size=16)),
+        data=DataConfig(demo=TINY_DATA, max_length=96),
+        schedule=ScheduleConfig(counts=[2, 3]),
+        loo=LOOConfig(metric="nll", num_examples=8),
+        train=TrainConfig(steps=6, lr=3e-3, warmup_steps=1, batch_size=8, max_length=96, trainable="all",
+                          save_every=2, log_every=1),
+        mmr=MMRConfig(steps=3, score_window=2, batch_size=8),
+        sft=SFTConfig(train=TrainConfig(steps=3, lr=1e-3, warmup_steps=1, batch_size=8, max_length=96,
+                                        trainable="all", loss="ce", save_every=2, log_every=1)),
+        evaluate=EvaluateConfig(num_examples=8, batch_size=8, max_new_tokens=8, nll_examples=8, throughput_batch=2,
+                                throughput_prompt=8, throughput_new_tokens=4, throughput_repeats=1),
+    )
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+class RecordingReporter:
+    """Keeps what a stage reports (metrics with steps, artifacts, progress lines)."""
+
+    def __init__(self, fail_at_metric: int | None = None) -> None:
+        self.metrics: list[tuple[int | None, dict]] = []
+        self.artifacts: list[str] = []
+        self.lines: list[str] = []
+        self.fail_at_metric = fail_at_metric
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+        if self.fail_at_metric is not None and len(self.metrics) >= self.fail_at_metric:
+            raise KeyboardInterrupt("simulated kill")
+
+    def log_artifact(self, path):
+        self.artifacts.append(str(path))
+
+    def progress(self, message):
+        self.lines.append(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A 4-layer random Llama (GQA) saved with the demo tokenizer: a stand-in for any user teacher."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.data import build_char_tokenizer
+
+    folder = tmp_path_factory.mktemp("teacher")
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

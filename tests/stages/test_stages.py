@@ -1,0 +1,201 @@
+"""The recipe's stages on a tiny teacher: LOO, conversion, MMR, steps, SFT, resume and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import ConfigError, ScheduleConfig
+from pipeline.stages import StageError, run_convert, run_loo, run_mmr, run_sft, run_step
+from pipeline.stages.loo import LOO_FILE, rank_layers, without_layer
+from pipeline.stages.mmr import MMR_FILE, rank_candidates
+
+from tests.stages.conftest import RecordingReporter, tiny_config
+
+
+@pytest.fixture(scope="module")
+def loo_dir(tiny_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loo")
+    run_loo(tiny_config(), tiny_teacher, out, reporter=RecordingReporter())
+    return out
+
+
+def test_loo_scores_change_when_a_layer_is_removed_and_the_ranking_is_saved(loo_dir):
+    loo = json.loads((loo_dir / LOO_FILE).read_text())
+    assert loo["metric"] == "nll" and len(loo["layers"]) == 4
+    for entry in loo["layers"]:
+        assert entry["score"] != pytest.approx(loo["baseline"], abs=1e-6)
+        assert entry["importance"] == pytest.approx(entry["score"] - loo["baseline"])  # NLL: rise = importance
+    assert loo["ranking"] == rank_layers(loo)
+    importances = {e["layer"]: e["importance"] for e in loo["layers"]}
+    assert [importances[i] for i in loo["ranking"]] == sorted(importances.values())
+    assert (loo_dir / "loo.png").stat().st_size > 1000
+    meta = json.loads((loo_dir / "stage.json").read_text())
+    assert meta["stage"] == "loo" and meta["ranking"] == loo["ranking"]
+
+
+def test_without_layer_restores_the_model(tiny_teacher):
+    from pipeline.convert import hybridize
+    from pipeline.stages.common import load_model
+
+    cfg = tiny_config()
+    model = hybridize(load_model(tiny_teacher, cfg), [])
+    ids = torch.randint(10, 90, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        with without_layer(model, 1, "block"):
+            assert model.config.layer_types[1] == "mlp"
+            skipped = model(ids).logits
+        after = model(ids).logits
+    assert not torch.allclose(before, skipped)
+    assert torch.equal(before, after) and model.config.layer_types[1] == "full_attention"
+
+
+def test_first_conversion_distils_and_loss_falls(tiny_teacher, loo_dir, tmp_path):
+    cfg = tiny_config()
+    cfg.train = dataclasses.replace(cfg.train, steps=30, log_every=1, save_every=10)
+    reporter = RecordingReporter()
+    meta = run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "work", reporter=reporter)
+    loo = json.loads((loo_dir / LOO_FILE).read_text())
+    assert meta["converted_layers"] == sorted(loo["ranking"][:2])
+    assert meta["n_mamba"] == 2 and meta["layer_pattern"].count("M") == 2
+    losses = [m["H-2/distill_loss"] for _, m in reporter.metrics if "H-2/distill_loss" in m]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    assert (tmp_path / "H-2" / "model.safetensors").is_file() and (tmp_path / "H-2" / "run_config.json").is_file()
+
+
+def test_killed_conversion_resumes_to_the_same_weights(tiny_teacher, loo_dir, tmp_path):
+    cfg = tiny_config()  # 6 steps, state saved every 2
+    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "straight", work_dir=tmp_path / "work1",
+                reporter=RecordingReporter())
+    with pytest.raises(KeyboardInterrupt):
+        run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "killed", work_dir=tmp_path / "work2",
+                    reporter=RecordingReporter(fail_at_metric=5))  # dies in step 5, after the save at step 4
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    resumed_reporter = RecordingReporter()
+    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "killed", work_dir=tmp_path / "work2",
+                reporter=resumed_reporter)
+    steps = [step for step, m in resumed_reporter.metrics if step is not None]
+    assert min(steps) == 5, steps  # continued after the last save, not from zero
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_mmr_scores_every_attention_layer_and_the_step_follows_the_scores(tiny_teacher, loo_dir, tmp_path):
+    cfg = tiny_config()
+    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "w", reporter=RecordingReporter())
+    result = run_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", work_dir=tmp_path / "mw",
+                     reporter=RecordingReporter())
+    pattern = json.loads((tmp_path / "H-2" / "stage.json").read_text())["layer_pattern"]
+    attention = [i for i, kind in enumerate(pattern) if kind == "A"]
+    assert sorted(e["layer"] for e in result["ranking"]) == attention
+    losses = [e["loss"] for e in result["ranking"]]
+    assert losses == sorted(losses) and all(loss > 0 for loss in losses)
+    # The step converts the lowest-loss layer: rewrite the scores so the other layer wins, and check.
+    mmr = json.loads((tmp_path / "mmr" / MMR_FILE).read_text())
+    flipped = {e["layer"]: -e["loss"] for e in mmr["ranking"]}
+    mmr["ranking"] = rank_candidates(flipped)
+    (tmp_path / "mmr" / MMR_FILE).write_text(json.dumps(mmr))
+    meta = run_step(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", 3, tmp_path / "H-3",
+                    work_dir=tmp_path / "sw", reporter=RecordingReporter())
+    assert meta["converted_layers"] == [mmr["ranking"][0]["layer"]]
+    assert meta["n_mamba"] == 3
+
+
+def test_killed_mmr_keeps_finished_trials(tiny_teacher, loo_dir, tmp_path):
+    cfg = tiny_config()
+    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "w", reporter=RecordingReporter())
+    with pytest.raises(KeyboardInterrupt):  # mmr.steps=3 logs 3 step metrics + 1 trial metric per layer
+        run_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", work_dir=tmp_path / "mw",
+                reporter=RecordingReporter(fail_at_metric=6))
+    done = json.loads((tmp_path / "mw" / "trials.json").read_text())
+    assert len(done) == 1
+    reporter = RecordingReporter()
+    run_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", work_dir=tmp_path / "mw", reporter=reporter)
+    assert any("(recorded)" in line for line in reporter.lines)
+
+
+def test_sft_trains_on_assistant_tokens(tiny_teacher, loo_dir, tmp_path):
+    cfg = tiny_config()
+    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "w", reporter=RecordingReporter())
+    meta = run_sft(cfg, tmp_path / "H-2", tmp_path / "H-2-SFT", work_dir=tmp_path / "sw", reporter=RecordingReporter())
+    assert meta["checkpoint"] == "H-2-SFT" and meta["steps"] == 3 and meta["n_mamba"] == 2
+    before = load_file(tmp_path / "H-2" / "model.safetensors")
+    after = load_file(tmp_path / "H-2-SFT" / "model.safetensors")
+    assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])  # all trained
+
+
+@pytest.mark.parametrize("counts, message", [
+    ([3, 3], "strictly increasing"), ([4, 2], "strictly increasing"), ([], "empty"), ([0, 1], "positive"),
+])
+def test_bad_schedules(counts, message):
+    with pytest.raises(ConfigError, match=message):
+        ScheduleConfig(counts=counts)
+
+
+def test_schedule_exceeding_the_layer_count(tiny_teacher, loo_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"exceeds the teacher's 4 layers"):
+        ScheduleConfig(counts=[2, 5]).validate(4)
+    cfg = tiny_config(schedule=ScheduleConfig(counts=[5]))
+    with pytest.raises(StageError, match="exceeds the teacher's 4 layers"):
+        run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "x", work_dir=tmp_path / "w")
+
+
+def test_teacher_path_that_does_not_exist(tmp_path):
+    from pipeline.stages import run_teacher
+    from pipeline.config import TeacherConfig
+
+    cfg = tiny_config(teacher=TeacherConfig(path=str(tmp_path / "nope")))
+    with pytest.raises(StageError, match=r"teacher path does not exist: .*nope"):
+        run_teacher(cfg, tmp_path / "out", work_dir=tmp_path / "w")
+
+
+def test_unsupported_user_teacher(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.config import TeacherConfig
+    from pipeline.convert import ConversionError
+    from pipeline.stages import run_teacher
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    cfg = tiny_config(teacher=TeacherConfig(path=str(tmp_path / "gpt2")))
+    with pytest.raises(ConversionError, match="unsupported teacher architecture GPT2LMHeadModel"):
+        run_teacher(cfg, tmp_path / "out", work_dir=tmp_path / "w")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], "empty"),
+    ([{"prompt": "hi", "completion": "x"}], r"row 0 has neither 'messages' nor 'text'"),
+])
+def test_bad_datasets(tiny_teacher, tmp_path, rows, message):
+    from pipeline.config import DataConfig
+    from pipeline.stages.common import StageData, load_tokenizer
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(data=DataConfig(distill=str(path)))
+    data = StageData(cfg, load_tokenizer(tiny_teacher))
+    with pytest.raises(ValueError, match=message):
+        data.tokenized("distill")
+
+
+def test_chat_data_with_a_tokenizer_without_chat_template(tiny_teacher, tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.stages.common import StageData, load_tokenizer
+
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1?"},
+                                             {"role": "assistant", "content": "answer: 2"}]}) + "\n")
+    tokenizer = load_tokenizer(tiny_teacher)
+    tokenizer.chat_template = None
+    data = StageData(tiny_config(data=DataConfig(distill=str(path))), tokenizer)
+    with pytest.raises(ValueError, match="no chat template"):
+        data.tokenized("distill")
