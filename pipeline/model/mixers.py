@@ -156,39 +156,54 @@ class MambaMixer(nn.Module):
         dt = F.linear(self.dt_in_proj(hidden), self.dt_proj.weight)  # (b, l, d)
         return z.transpose(1, 2), x.transpose(1, 2), B.contiguous(), C.contiguous(), dt.transpose(1, 2)
 
+    def step(
+        self,
+        hidden: torch.Tensor,  # (b, H) one token per sequence
+        conv_state: torch.Tensor,  # (b, d, k) updated in place
+        ssm_state: torch.Tensor,  # (b, d, n) fp32, updated in place
+        token_mask: torch.Tensor | None = None,  # (b,) 0 where this token is padding
+    ) -> torch.Tensor:
+        """One decode token: returns the mixer output (b, H) and advances both states in place."""
+        z, x, B, C, dt = self._split(hidden[:, None, :])
+        x = x[..., 0]  # (b, d)
+        if token_mask is not None:
+            x = x * token_mask[:, None].to(x.dtype)
+        u = kernels.causal_conv_step(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)  # (b, d)
+        if token_mask is not None:
+            u = u * token_mask[:, None].to(u.dtype)
+        A = -torch.exp(self.A_log.float())  # (d, n)
+        y = kernels.selective_state_step(
+            ssm_state, u, dt[..., 0], A, B[..., 0], C[..., 0], self.D, z[..., 0], self.dt_proj.bias
+        )  # (b, d)
+        return self.out_proj(y.to(hidden.dtype))
+
     def forward(self, hidden: torch.Tensor, context: MixerContext) -> torch.Tensor:
         batch, length, _ = hidden.shape
+        state = MambaCacheView(context.cache, self.layer_idx) if context.cache is not None else None
+        if state is not None and state.has_previous and length == 1:  # decode step
+            token_mask = None if context.token_mask is None else context.token_mask[:, 0]
+            return self.step(hidden[:, 0], state.conv, state.ssm, token_mask)[:, None, :]
+
         z, x, B, C, dt = self._split(hidden)
         mask = None if context.token_mask is None else context.token_mask[:, None, :].to(x.dtype)  # (b,1,l)
         if mask is not None:
             x = x * mask  # padding must not enter the conv window ...
         A = -torch.exp(self.A_log.float())  # (d, n)
-        conv_weight = self.conv1d.weight.squeeze(1)  # (d, k)
-        state = MambaCacheView(context.cache, self.layer_idx) if context.cache is not None else None
-
-        if state is not None and state.has_previous and length == 1:  # decode step
-            u = kernels.causal_conv_step(x[..., 0], state.conv, conv_weight, self.conv1d.bias)  # (b, d)
-            if mask is not None:
-                u = u * mask[..., 0]
-            y = kernels.selective_state_step(
-                state.ssm, u, dt[..., 0], A, B[..., 0], C[..., 0], self.D, z[..., 0], self.dt_proj.bias
-            )[..., None]  # (b, d, 1)
-        else:
-            previous = state is not None and state.has_previous
-            context_window = state.conv if previous else None
-            u = kernels.causal_conv(x, conv_weight, self.conv1d.bias, context_window)  # (b, d, l)
-            if mask is not None:
-                u = u * mask  # ... nor, through the conv bias, the SSM state
-            y, last_state = kernels.selective_scan(
-                u, dt, A, B, C, self.D, z, self.dt_proj.bias,
-                initial_state=state.ssm if previous else None,
-                return_last_state=state is not None,
+        previous = state is not None and state.has_previous
+        context_window = state.conv if previous else None
+        u = kernels.causal_conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, context_window)  # (b, d, l)
+        if mask is not None:
+            u = u * mask  # ... nor, through the conv bias, the SSM state
+        y, last_state = kernels.selective_scan(
+            u, dt, A, B, C, self.D, z, self.dt_proj.bias,
+            initial_state=state.ssm if previous else None,
+            return_last_state=state is not None,
+        )
+        if state is not None:
+            window = torch.cat([context_window.to(x.dtype), x], dim=-1) if previous else F.pad(
+                x, (max(self.d_conv - length, 0), 0)
             )
-            if state is not None:
-                window = torch.cat([context_window, x.float()], dim=-1) if previous else F.pad(
-                    x.float(), (max(self.d_conv - length, 0), 0)
-                )
-                state.write(window[..., -self.d_conv:], last_state)
+            state.write(window[..., -self.d_conv:], last_state)
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
 

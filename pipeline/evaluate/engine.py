@@ -1,0 +1,277 @@
+"""A generation engine for measurement: static caches sized for the batch, fast kernels, a CUDA-graph decode.
+
+Teacher and hybrids run through the same engine (the teacher as an all-attention `HybridForCausalLM`),
+so a throughput ratio measures the architecture, not two code paths.
+
+- Caches, allocated once for (batch, max_length): K and V (b, h_kv, max_length, e) per attention layer in
+  the model dtype; per Mamba layer the conv window (b, d_inner, d_conv) in the model dtype (it holds
+  projections the model computed in that dtype, so nothing is lost) and the SSM state (b, d_inner, d_state)
+  in fp32.
+- Prefill: the model's own forward (fast kernels: SDPA / flash-attn, mamba_ssm's selective scan,
+  causal_conv1d) on micro-batches of sequences, logits of the last position only; the transformers
+  cache it fills is copied into the static buffers.
+- Decode: one token for every sequence per step; attention reads the whole static K/V buffer under a
+  mask (static shapes), with the query heads of each KV head folded into the query length so K/V are
+  never expanded for GQA; Mamba layers use `MambaMixer.step` (causal_conv1d_update +
+  selective_state_update on CUDA). On CUDA the step is captured once in a CUDA graph and replayed.
+- Left-padded prompts are supported (padding masked in attention, zeroed in Mamba states), so the
+  `evaluate` stage can use the engine for answers as well as for speed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from pipeline.model.config import ATTENTION, MAMBA
+from pipeline.model.cache import MambaCacheView
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # (b, new_tokens) generated ids
+    prefill_s: float
+    decode_s: float
+    batch_size: int
+    prompt_length: int
+    new_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second over the whole call (prefill + decode)."""
+        return self.batch_size * self.new_tokens / (self.prefill_s + self.decode_s)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.new_tokens - 1, 1)
+        return self.batch_size * steps / max(self.decode_s, 1e-9)
+
+
+class GenerationEngine:
+    def __init__(self, model, batch_size: int, max_length: int, *, cuda_graph: bool | None = None,
+                 prefill_batch: int = 1) -> None:
+        config = model.config
+        if config.sliding_window is not None and config.sliding_window < max_length:
+            raise ValueError(f"the engine has no sliding-window attention (window {config.sliding_window} < "
+                             f"max_length {max_length})")
+        self.model = model.eval()
+        self.config = config
+        self.batch_size, self.max_length, self.prefill_batch = batch_size, max_length, prefill_batch
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.use_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        b, L = batch_size, max_length
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.conv: dict[int, torch.Tensor] = {}
+        self.ssm: dict[int, torch.Tensor] = {}
+        for index, kind in enumerate(config.layer_types):
+            if kind == ATTENTION:
+                shape = (b, config.num_key_value_heads, L, config.head_dim)
+                self.keys[index] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                self.values[index] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            elif kind == MAMBA:
+                d = config.mamba_d_inner
+                self.conv[index] = torch.zeros(b, d, config.mamba_d_conv, dtype=self.dtype, device=self.device)
+                self.ssm[index] = torch.zeros(b, d, config.mamba_d_state, dtype=torch.float32, device=self.device)
+        # decode-step inputs and outputs (static addresses for the CUDA graph)
+        self.tokens = torch.zeros(b, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(b, dtype=torch.long, device=self.device)  # RoPE position of the next token
+        self.slot = torch.zeros(1, dtype=torch.long, device=self.device)  # cache column the next token fills
+        self.key_valid = torch.zeros(b, L, dtype=torch.bool, device=self.device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.output = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._warm_steps = 0
+        self._fuse_projections()
+        # created up front: a driver allocation after the caches have filled the card could fail
+        self._side_stream = torch.cuda.Stream(self.device) if self.use_graph else None
+
+    @torch.no_grad()
+    def _fuse_projections(self) -> None:
+        """One GEMM for q/k/v and one for gate/up per layer in decode (one weight read, fewer launches).
+
+        The model's own Linear weights are re-pointed at slices of the fused tensor, so nothing is stored
+        twice and the model's forward (used by prefill) still sees the same weights.
+        """
+        self.fused_qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.fused_gate_up: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.model.model.layers):
+            if self.config.layer_types[index] == ATTENTION:
+                mixer = layer.mixer
+                self.fused_qkv[index] = (
+                    _fuse([mixer.q_proj, mixer.k_proj, mixer.v_proj], "weight"),
+                    _fuse([mixer.q_proj, mixer.k_proj, mixer.v_proj], "bias"),
+                )
+            mlp = layer.mlp
+            if getattr(mlp, "gate_proj", None) is not None and mlp.gate_proj.bias is None:
+                self.fused_gate_up[index] = _fuse([mlp.gate_proj, mlp.up_proj], "weight")
+
+    # --- sizes ---------------------------------------------------------------------------------
+    def cache_bytes(self) -> int:
+        buffers = [*self.keys.values(), *self.values.values(), *self.conv.values(), *self.ssm.values()]
+        return sum(t.numel() * t.element_size() for t in buffers)
+
+    def bytes_per_decode_step(self) -> int:
+        """Bytes the decode step must read or write at least: weights once, every cache once."""
+        weights = sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()
+                      if "embed_tokens" not in name)
+        embed_rows = self.batch_size * self.config.hidden_size * self.dtype.itemsize
+        mamba_states = sum(t.numel() * t.element_size() for t in [*self.conv.values(), *self.ssm.values()])
+        kv = sum(t.numel() * t.element_size() for t in [*self.keys.values(), *self.values.values()])
+        return weights + embed_rows + kv + 2 * mamba_states  # states are read and written back
+
+    # --- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32) -> GenerationResult:
+        batch, prompt = input_ids.shape
+        if batch != self.batch_size:
+            raise ValueError(f"engine was built for batch {self.batch_size}, got {batch}")
+        if prompt + max_new_tokens > self.max_length:
+            raise ValueError(f"prompt {prompt} + {max_new_tokens} new tokens exceeds max_length {self.max_length}")
+        input_ids = input_ids.to(self.device)
+        mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).long()
+        self._reset()
+        self._sync()
+        start = time.perf_counter()
+        first = self._prefill(input_ids, mask)
+        self._sync()
+        prefill_s = time.perf_counter() - start
+        generated = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=self.device)
+        generated[:, 0] = first
+        self.tokens.copy_(first)
+        self.positions.copy_(mask.sum(-1))
+        self.slot.fill_(prompt)
+        self.key_valid[:, :prompt] = mask.bool()
+        start = time.perf_counter()
+        for step in range(1, max_new_tokens):
+            self._run_step()
+            generated[:, step] = self.output[:, 0]
+        self._sync()
+        decode_s = time.perf_counter() - start
+        return GenerationResult(generated, prefill_s, decode_s, batch, prompt, max_new_tokens)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _reset(self) -> None:
+        for buffer in [*self.keys.values(), *self.values.values(), *self.conv.values(), *self.ssm.values()]:
+            buffer.zero_()
+        self.key_valid.zero_()
+
+    @torch.no_grad()
+    def _prefill(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The model's forward over micro-batches; fills the static caches; returns the first new tokens."""
+        prompt = input_ids.shape[1]
+        firsts = []
+        for start in range(0, input_ids.shape[0], self.prefill_batch):
+            rows = slice(start, start + self.prefill_batch)
+            cache = DynamicCache(config=self.config)
+            padded = not bool(mask[rows].all())
+            out = self.model(input_ids[rows], attention_mask=mask[rows] if padded else None, cache=cache,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            firsts.append(out.logits[:, -1].argmax(-1))
+            for index in self.keys:
+                layer = cache.layers[index]
+                self.keys[index][rows, :, :prompt] = layer.keys
+                self.values[index][rows, :, :prompt] = layer.values
+            for index in self.conv:
+                view = MambaCacheView(cache, index)
+                self.conv[index][rows] = view.conv.to(self.dtype)
+                self.ssm[index][rows] = view.ssm
+            del cache, out
+        return torch.cat(firsts)
+
+    @torch.no_grad()
+    def _run_step(self) -> None:
+        if not self.use_graph:
+            self._decode_step()
+            return
+        if self.graph is None:
+            # Warm up on a side stream (Triton compiles, cuBLAS picks kernels), then capture. The warm-up
+            # steps are real steps of this generation; capturing itself runs nothing.
+            if self._warm_steps < 2:
+                stream = self._side_stream
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    self._decode_step()
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                self._warm_steps += 1
+                return
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._decode_step()
+        self.graph.replay()
+
+    @torch.no_grad()
+    def _decode_step(self) -> None:
+        """Everything one decode step does, on static buffers (capturable)."""
+        model, config = self.model.model, self.config
+        hidden = model.embed_tokens(self.tokens)[:, None, :]  # (b, 1, H)
+        cos, sin = model.rotary_emb(hidden, self.positions[:, None])
+        self.key_valid.index_fill_(1, self.slot, True)
+        attend = self.key_valid[:, None, None, :]  # (b, 1, 1, L)
+        for index, layer in enumerate(model.layers):
+            normed = layer.input_layernorm(hidden)
+            kind = config.layer_types[index]
+            if kind == ATTENTION:
+                hidden = hidden + self._attention(layer.mixer, normed, cos, sin, index, attend)
+            elif kind == MAMBA:
+                hidden = hidden + layer.mixer.step(normed[:, 0], self.conv[index], self.ssm[index])[:, None, :]
+            hidden = hidden + self._mlp(index, layer.mlp, layer.post_attention_layernorm(hidden))
+        logits = self.model.lm_head(model.norm(hidden[:, 0]))  # (b, V)
+        self.output.copy_(logits.argmax(-1, keepdim=True))
+        self.tokens.copy_(self.output[:, 0])
+        self.positions.add_(1)
+        self.slot.add_(1)
+
+    def _mlp(self, index, mlp, hidden) -> torch.Tensor:
+        if index not in self.fused_gate_up:
+            return mlp(hidden)
+        gate, up = F.linear(hidden, self.fused_gate_up[index]).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def _attention(self, mixer, hidden, cos, sin, index, attend) -> torch.Tensor:
+        b = hidden.shape[0]
+        heads, kv_heads, dim = mixer.num_heads, mixer.num_kv_heads, mixer.head_dim
+        weight, bias = self.fused_qkv[index]
+        q, k, v = F.linear(hidden, weight, bias).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q = q.view(b, 1, heads, dim).transpose(1, 2)  # (b, h, 1, e)
+        k = k.view(b, 1, kv_heads, dim).transpose(1, 2)  # (b, h_kv, 1, e)
+        v = v.view(b, 1, kv_heads, dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        self.keys[index].index_copy_(2, self.slot, k)
+        self.values[index].index_copy_(2, self.slot, v)
+        # GQA without expanding K/V: the h / h_kv query heads sharing a KV head become its query rows.
+        # Two batched GEMMs read K and V once each; every (sequence, KV head) splits over the cache
+        # length, which keeps the GPU busy even at batch 1 (a fused attention kernel with 4 query rows
+        # per KV head is latency-bound there).
+        q = q.reshape(b, kv_heads, heads // kv_heads, dim)  # (b, h_kv, r, e)
+        scores = torch.matmul(q, self.keys[index].transpose(-1, -2)).float() * mixer.scale  # (b, h_kv, r, L)
+        probs = scores.masked_fill(~attend, float("-inf")).softmax(-1).to(q.dtype)
+        out = torch.matmul(probs, self.values[index])  # (b, h_kv, r, e)
+        return mixer.o_proj(out.reshape(b, 1, heads * dim))
+
+
+def _fuse(linears, name: str) -> torch.Tensor | None:
+    """Concatenate the linears' weights (or biases) and re-point each at its slice of the result."""
+    tensors = [getattr(linear, name) for linear in linears]
+    if any(t is None for t in tensors):
+        return None
+    fused = torch.cat([t.data for t in tensors], dim=0)
+    start = 0
+    for linear, tensor in zip(linears, tensors):
+        rows = tensor.shape[0]
+        tensor.data = fused[start: start + rows]
+        start += rows
+    return fused
+
+
+__all__ = ["GenerationEngine", "GenerationResult"]
