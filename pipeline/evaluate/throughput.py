@@ -1,19 +1,19 @@
-"""Generation throughput of a checkpoint: tokens/s at a given batch, prompt and output length.
+"""Generation throughput of a checkpoint, measured by the project's engine.
 
-This measures `generate()` with the model's own caches (K/V for attention, conv + SSM state for Mamba),
-greedy, a fixed number of new tokens (no early stop), on random prompt tokens. Teacher and hybrids are
-measured by the same code on the same device, so their ratio compares the architectures; the GPU engine
-with preallocated caches and CUDA graphs is `benchmarks/` work (issue: GPU fast path).
+Teacher and hybrids go through the same `GenerationEngine` (a teacher as an all-attention hybrid), so
+their ratio compares the architectures. On CUDA the engine's decode step is a CUDA graph with the fast
+kernels; on CPU it runs eagerly (the CPU figures of the demo compare tiny models and say little about
+GPU serving). Greedy, a fixed number of new tokens, random prompt tokens.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from pipeline.evaluate.engine import GenerationEngine
 from pipeline.evaluate.quality import model_device
 
 
@@ -22,17 +22,22 @@ class Throughput:
     batch_size: int
     prompt_length: int
     new_tokens: int
-    seconds: float  # median wall time of one generate() call
-    tokens_per_s: float  # generated tokens (batch x new tokens) per second
+    prefill_s: float  # median over repeats
+    decode_s: float
+    tokens_per_s: float  # generated tokens (batch x new tokens) / (prefill + decode)
+    decode_tokens_per_s: float
     device: str
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def as_hybrid(model: nn.Module):
+    """The engine runs `HybridForCausalLM`; a transformers teacher converts with zero Mamba layers."""
+    from pipeline.convert import hybridize
+    from pipeline.model import HybridForCausalLM
+
+    return model if isinstance(model, HybridForCausalLM) else hybridize(model, [])
 
 
 @torch.no_grad()
@@ -45,29 +50,18 @@ def generation_throughput(
     repeats: int = 3,
     seed: int = 0,
 ) -> Throughput:
-    """Median over `repeats` timed generate() calls, after one untimed warm-up call."""
-    model.eval()
-    device = model_device(model)
-    vocab = model.config.vocab_size
+    """Median over `repeats` timed generations, after one untimed warm-up generation."""
+    hybrid = as_hybrid(model).eval()
+    device = model_device(hybrid)
     generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(3, vocab, (batch_size, prompt_length), generator=generator).to(device)
-    mask = torch.ones_like(prompt)
-    settings = dict(
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-        pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0,
-    )
-    model.generate(prompt, attention_mask=mask, **{**settings, "max_new_tokens": 2, "min_new_tokens": 2})
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        out = model.generate(prompt, attention_mask=mask, **settings)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        if out.shape[1] != prompt_length + new_tokens:
-            raise RuntimeError(f"generate() stopped early: {out.shape[1] - prompt_length} of {new_tokens} tokens")
-    seconds = sorted(times)[len(times) // 2]
-    return Throughput(batch_size, prompt_length, new_tokens, seconds, batch_size * new_tokens / seconds, str(device))
+    prompt = torch.randint(3, hybrid.config.vocab_size, (batch_size, prompt_length), generator=generator).to(device)
+    engine = GenerationEngine(hybrid, batch_size=batch_size, max_length=prompt_length + new_tokens)
+    engine.generate(prompt, max_new_tokens=min(new_tokens, 4))
+    runs = sorted((engine.generate(prompt, max_new_tokens=new_tokens) for _ in range(repeats)),
+                  key=lambda r: r.prefill_s + r.decode_s)
+    median = runs[len(runs) // 2]
+    return Throughput(batch_size, prompt_length, new_tokens, median.prefill_s, median.decode_s,
+                      median.tokens_per_s, median.decode_tokens_per_s, str(device))
 
 
-__all__ = ["Throughput", "generation_throughput"]
+__all__ = ["Throughput", "as_hybrid", "generation_throughput"]
