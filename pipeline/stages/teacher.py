@@ -90,7 +90,7 @@ def run_teacher(cfg: RunConfig, out_dir: str | Path, *, work_dir: str | Path,
     train_cfg = demo_train_config(cfg)
     reporter.progress(f"  demo teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{train_cfg.steps} steps")
-    result = train(model, _mixed_source(data, cfg, train_cfg, getattr(demo, "generic_every", 0)), train_cfg,
+    result = train(model, _mixed_source(data, cfg, train_cfg, demo.generic_every), train_cfg,
                    state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, "teacher"))
     problems = data.eval_problems(cfg.evaluate.num_examples)
     accuracy, _ = answer_accuracy(model, tokenizer, problems, batch_size=cfg.evaluate.batch_size,

@@ -1,0 +1,382 @@
+"""Bundled demo data: arithmetic reasoning traces (chat rows) and a generic plain-text corpus.
+
+Everything is generated from a seed, so the same config gives byte-identical files. This module imports
+no torch (configuration modules stay light); ``DemoTeacherConfig`` holds the calibrated size and schedule
+of the tiny CPU demo teacher.
+
+Reasoning row (chat form)::
+
+    {"messages": [{"role": "user", "content": "what is 3+5-2?"},
+                  {"role": "assistant", "content": "3+5=8\\n8-2=6\\nanswer: 6"}],
+     "answer": "6"}
+
+Text row (pre-training-like)::
+
+    {"text": "mia saw 4 red boxes at the market. note: the park opens at 7."}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .answers import format_answer
+
+__all__ = [
+    "SPLITS",
+    "DemoDataConfig",
+    "DemoData",
+    "DemoTeacherConfig",
+    "DemoDataError",
+    "make_problem",
+    "generate_demo_data",
+    "write_demo_data",
+]
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+
+
+class DemoDataError(ValueError):
+    """Invalid demo-data settings (or settings that cannot produce the requested rows)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoDataConfig:
+    """Settings of the demo generator; the defaults are the calibrated demo task.
+
+    A problem is a start number followed by ``min_ops..max_ops`` additions/subtractions of operands in
+    ``[min_operand, max_operand]``; every intermediate result stays in ``[0, max_value]``.
+    """
+
+    seed: int = 0
+    # reasoning traces
+    n_train: int = 20000
+    n_validation: int = 500
+    n_test: int = 500
+    min_ops: int = 2
+    max_ops: int = 4
+    min_operand: int = 1
+    max_operand: int = 9
+    max_value: int = 19
+    # generic text corpus
+    n_text_train: int = 20000
+    n_text_validation: int = 500
+    n_text_test: int = 500
+    min_sentences: int = 1
+    max_sentences: int = 3
+
+    def validate(self) -> "DemoDataConfig":
+        """Raise DemoDataError naming the first bad field; return self."""
+        for name in ("n_train", "n_validation", "n_test", "n_text_train", "n_text_validation", "n_text_test"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise DemoDataError(f"DemoDataConfig.{name} must be an int >= 0, got {value!r}")
+        if not 1 <= self.min_ops <= self.max_ops:
+            raise DemoDataError(f"DemoDataConfig needs 1 <= min_ops <= max_ops, got {self.min_ops}, {self.max_ops}")
+        if not 0 <= self.min_operand <= self.max_operand:
+            raise DemoDataError(
+                f"DemoDataConfig needs 0 <= min_operand <= max_operand, got {self.min_operand}, {self.max_operand}"
+            )
+        if self.max_value < max(1, self.min_operand):
+            raise DemoDataError(
+                f"DemoDataConfig.max_value must be >= max(1, min_operand), got {self.max_value}"
+            )
+        if not 1 <= self.min_sentences <= self.max_sentences:
+            raise DemoDataError(
+                f"DemoDataConfig needs 1 <= min_sentences <= max_sentences, got {self.min_sentences}, {self.max_sentences}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DemoTeacherConfig:
+    """Calibrated tiny Llama teacher for the bundled demo (trains in under 5 min on 2 CPU cores).
+
+    Model fields map 1:1 onto ``transformers.LlamaConfig`` (see ``llama_config_kwargs``); 1.21M
+    parameters with the 104-token char vocabulary. The optimiser is AdamW with linear warm-up, then
+    cosine decay to ``min_lr_ratio * lr``; loss on assistant tokens only; no dropout.
+
+    Calibration (torch 2.13 CPU, 2 cores shared with other jobs, default ``DemoDataConfig``):
+    1200 steps took 295 s at load ~2.2 (0.25 s/step; 0.136 s/step on idle cores, i.e. ~165 s) and
+    scored 100% greedy accuracy on 200 held-out test problems; validation accuracy was 69% at step
+    400 and 100% at step 800. Under heavy contention ``torch.set_num_threads(1)`` is the faster choice
+    (0.22-0.29 s/step vs. 0.5-2 s/step with two oversubscribed threads).
+    """
+
+    # model (vocab_size comes from the tokenizer; the char tokenizer has 104 entries)
+    hidden_size: int = 128
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 256
+    max_position_embeddings: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    # optimisation
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01  # on matrices only; norms/biases get none
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    steps: int = 1200
+    max_length: int = 96  # longest default chat row is 64 tokens
+    seed: int = 0
+    # greedy decoding budget for evaluation (longest answer of the default task is 43 tokens with eos)
+    max_new_tokens: int = 64
+    # every n-th training batch comes from the generic text corpus (0 = reasoning traces only, as calibrated)
+    generic_every: int = 0
+    # data the teacher is trained on
+    data: DemoDataConfig = field(default_factory=DemoDataConfig)
+
+    def llama_config_kwargs(self, vocab_size: int, pad_token_id: int | None = None,
+                            bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.LlamaConfig`` (no torch needed to build them)."""
+        if vocab_size <= 0:
+            raise DemoDataError(f"vocab_size must be > 0, got {vocab_size}")
+        return {
+            "vocab_size": vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "pad_token_id": pad_token_id,
+            "bos_token_id": bos_token_id,
+            "eos_token_id": eos_token_id,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# reasoning traces
+# --------------------------------------------------------------------------------------------------
+
+
+def make_problem(start: int, steps: list[tuple[str, int]]) -> dict[str, Any]:
+    """Build one chat row from a start value and (op, operand) steps; ops are '+' or '-'."""
+    if not steps:
+        raise DemoDataError("a problem needs at least one step")
+    expression = str(start)
+    lines: list[str] = []
+    value = start
+    for op, operand in steps:
+        if op == "+":
+            new = value + operand
+        elif op == "-":
+            new = value - operand
+        else:
+            raise DemoDataError(f"unknown operator {op!r} (expected '+' or '-')")
+        expression += f"{op}{operand}"
+        lines.append(f"{value}{op}{operand}={new}")
+        value = new
+    lines.append(format_answer(value))
+    return {
+        "messages": [
+            {"role": "user", "content": f"what is {expression}?"},
+            {"role": "assistant", "content": "\n".join(lines)},
+        ],
+        "answer": str(value),
+    }
+
+
+def _sample_steps(rng: random.Random, cfg: DemoDataConfig) -> tuple[int, list[tuple[str, int]]]:
+    """One random chain whose intermediate results all stay in [0, max_value]."""
+    n_ops = rng.randint(cfg.min_ops, cfg.max_ops)
+    value = rng.randint(cfg.min_operand, min(cfg.max_operand, cfg.max_value))
+    start = value
+    steps: list[tuple[str, int]] = []
+    for _ in range(n_ops):
+        choices = [
+            (op, b)
+            for op in ("+", "-")
+            for b in range(cfg.min_operand, cfg.max_operand + 1)
+            if 0 <= (value + b if op == "+" else value - b) <= cfg.max_value
+        ]
+        op, b = rng.choice(choices)  # never empty: max_value >= max(1, min_operand)
+        value = value + b if op == "+" else value - b
+        steps.append((op, b))
+    return start, steps
+
+
+def _unique_rows(sample: Callable[[random.Random], tuple[str, dict[str, Any]]], rng: random.Random,
+                 counts: dict[str, int], what: str) -> dict[str, list[dict[str, Any]]]:
+    """Draw unique rows (by key) and deal them to splits in the order test, validation, train.
+
+    Filling test first keeps the test set fixed when only ``n_train`` changes.
+    """
+    total = sum(counts.values())
+    seen: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    attempts, max_attempts = 0, 50 * total + 1000
+    while len(rows) < total:
+        attempts += 1
+        if attempts > max_attempts:
+            raise DemoDataError(
+                f"could only generate {len(rows)} unique {what} rows of the {total} requested; "
+                "lower the counts or widen the task (more ops, larger max_value)"
+            )
+        key, row = sample(rng)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(row)
+    out: dict[str, list[dict[str, Any]]] = {}
+    begin = 0
+    for split in ("test", "validation", "train"):
+        out[split] = rows[begin : begin + counts[split]]
+        begin += counts[split]
+    return {split: out[split] for split in SPLITS}
+
+
+def _reasoning_splits(cfg: DemoDataConfig) -> dict[str, list[dict[str, Any]]]:
+    rng = random.Random(f"hybrid-distill/reasoning/{cfg.seed}")
+
+    def sample(r: random.Random) -> tuple[str, dict[str, Any]]:
+        start, steps = _sample_steps(r, cfg)
+        row = make_problem(start, steps)
+        return row["messages"][0]["content"], row
+
+    counts = {"train": cfg.n_train, "validation": cfg.n_validation, "test": cfg.n_test}
+    return _unique_rows(sample, rng, counts, "reasoning")
+
+
+# --------------------------------------------------------------------------------------------------
+# generic text corpus
+# --------------------------------------------------------------------------------------------------
+
+_NAMES = ("mia", "tom", "ada", "sam", "lea", "ben", "ivy", "max", "zoe", "kai", "eva", "leo", "nina", "omar")
+_NOUNS = ("box", "cat", "book", "lamp", "cup", "tree", "bird", "coin", "key", "ship", "hat", "rock",
+          "door", "road", "map", "fish", "bell", "star", "shoe", "card", "jar", "wheel")
+_ADJS = ("red", "blue", "old", "new", "small", "big", "quiet", "warm", "cold", "green", "dark", "bright",
+         "round", "soft", "heavy", "quick")
+_PLACES = ("market", "park", "river", "school", "garden", "station", "farm", "harbor", "library", "hill")
+_VERBS = ("sees", "finds", "paints", "moves", "likes", "keeps", "draws", "counts", "carries", "opens")
+
+
+def _code(rng: random.Random) -> str:
+    """A random label like 'k4-x+7=b': letters and digits alternate around the symbols, so it is
+    never an equation between numbers."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    parts = [rng.choice(letters), str(rng.randint(0, 9))]
+    for k in range(rng.randint(1, 3)):
+        parts.append(rng.choice("+-="))
+        parts.append(rng.choice(letters) if k % 2 == 0 else str(rng.randint(0, 9)))
+    return "".join(parts)
+
+
+def _sentence(rng: random.Random) -> str:
+    name, name2 = rng.sample(_NAMES, 2)
+    noun, noun2 = rng.sample(_NOUNS, 2)
+    adj, adj2 = rng.sample(_ADJS, 2)
+    place = rng.choice(_PLACES)
+    verb = rng.choice(_VERBS)
+    n, m = rng.randint(0, 9), rng.randint(10, 99)
+    templates = (
+        f"{name} has {n} {noun}s.",
+        f"the {adj} {noun} is near the {place}.",
+        f"{name} saw {n} {adj} {noun}s at the {place}.",
+        f"is the {noun} {adj}? yes, it is {adj} and {adj2}.",
+        f"note: the {place} opens at {n}.",
+        f"{name} wrote the code {_code(rng)} on a {noun}.",
+        f"what is the {noun}? it is a {adj} {noun2}.",
+        f"the {adj} {noun} {verb} the {noun2} of {name2}.",
+        f"{name} {verb} {m} {noun}s by the {place}.",
+        f"answer: {name} {verb} the {adj} {noun}.",
+        f"room {m}-{n} is next to the {place}.",
+        f"{name} and {name2} walk to the {place} with a {noun}.",
+        f"a sign says {noun}+{noun2}={place}.",
+        f"there are {m} {noun}s on the {adj} {noun2}.",
+    )
+    return rng.choice(templates)
+
+
+def _text_splits(cfg: DemoDataConfig) -> dict[str, list[dict[str, Any]]]:
+    rng = random.Random(f"hybrid-distill/text/{cfg.seed}")
+
+    def sample(r: random.Random) -> tuple[str, dict[str, Any]]:
+        k = r.randint(cfg.min_sentences, cfg.max_sentences)
+        sentences = [_sentence(r) for _ in range(k)]
+        text = sentences[0]
+        for s in sentences[1:]:
+            text += r.choice((" ", "\n")) + s
+        return text, {"text": text}
+
+    counts = {"train": cfg.n_text_train, "validation": cfg.n_text_validation, "test": cfg.n_text_test}
+    return _unique_rows(sample, rng, counts, "text")
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoData:
+    """In-memory demo data: ``reasoning[split]`` chat rows and ``text[split]`` plain-text rows."""
+
+    config: DemoDataConfig
+    reasoning: dict[str, list[dict[str, Any]]]
+    text: dict[str, list[dict[str, Any]]]
+
+    def iter_files(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+        """(relative path, rows) for every file ``write_demo_data`` writes."""
+        for kind, splits in (("reasoning", self.reasoning), ("text", self.text)):
+            for split in SPLITS:
+                yield f"{kind}/{split}.jsonl", splits[split]
+
+
+def generate_demo_data(config: DemoDataConfig | None = None, **overrides: Any) -> DemoData:
+    """Generate the demo data in memory; keyword overrides replace config fields (e.g. ``seed=1``)."""
+    cfg = config or DemoDataConfig()
+    if overrides:
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(DemoDataConfig)})
+        if unknown:
+            raise DemoDataError(f"unknown DemoDataConfig field(s): {', '.join(unknown)}")
+        cfg = dataclasses.replace(cfg, **overrides)
+    cfg.validate()
+    return DemoData(config=cfg, reasoning=_reasoning_splits(cfg), text=_text_splits(cfg))
+
+
+def write_demo_data(folder: str | Path, config: DemoDataConfig | None = None, **overrides: Any) -> dict[str, Path]:
+    """Write ``reasoning/{train,validation,test}.jsonl``, ``text/...`` and ``demo_config.json`` under folder.
+
+    Each sub-folder loads directly with ``datasets.load_dataset(str(folder / "reasoning"))``.
+    Returns a map from relative path to written path.
+    """
+    data = generate_demo_data(config, **overrides)
+    root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise DemoDataError(f"demo data folder {str(root)!r} exists and is not a directory")
+    written: dict[str, Path] = {}
+    for rel, rows in data.iter_files():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        written[rel] = path
+    meta = root / "demo_config.json"
+    meta.write_text(json.dumps(data.config.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    written["demo_config.json"] = meta
+    return written

@@ -1,0 +1,263 @@
+"""Load a `datasets` source and tokenise it into LM rows with loss masks.
+
+Sources: a hub dataset name, a local jsonl/json/parquet file, a folder of such files, a list of files, an
+in-memory ``datasets.Dataset`` or a list of dict rows. Row kinds:
+
+* ``{"messages": [...]}``: rendered with the tokenizer's chat template; loss on assistant tokens only
+  (the template's ``{% generation %}`` spans).
+* ``{"text": "..."}``: plain LM row ``bos + text + eos``; loss on every token.
+
+The tokenised dataset has the columns ``input_ids``, ``loss_mask`` (1 = the token is a training target),
+``length`` and ``source_index`` (the row's index in the loaded split).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "DataLoadError",
+    "DATA_SUFFIXES",
+    "load_rows",
+    "tokenize_row",
+    "tokenize_rows",
+    "load_tokenized",
+]
+
+# file suffix -> `datasets` builder name
+DATA_SUFFIXES: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+Source = str | Path | Sequence[str | Path] | datasets.Dataset | Sequence[Mapping[str, Any]]
+
+
+class DataLoadError(ValueError):
+    """A data source or row that cannot be loaded or tokenised (the message names what is wrong)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _looks_like_path(text: str) -> bool:
+    """True for strings that can only mean a local path (so a missing one is an error, not a hub name)."""
+    return (
+        text.startswith(("/", "./", "../", "~", "file://"))
+        or Path(text).suffix.lower() in DATA_SUFFIXES
+        or text.count("/") > 1
+        or "\\" in text
+    )
+
+
+def _builder_for(files: list[Path]) -> str:
+    builders = {DATA_SUFFIXES.get(f.suffix.lower()) for f in files}
+    if None in builders:
+        bad = next(f for f in files if f.suffix.lower() not in DATA_SUFFIXES)
+        raise DataLoadError(f"unsupported data file {str(bad)!r}: expected one of {', '.join(DATA_SUFFIXES)}")
+    if len(builders) > 1:
+        raise DataLoadError(f"data files mix formats ({', '.join(sorted(b for b in builders if b))}); use one format")
+    return builders.pop()  # type: ignore[return-value]
+
+
+def _files_by_split(folder: Path) -> dict[str, list[Path]]:
+    """Data files of a folder grouped by split name (file stem train/validation/test; anything else -> train)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise DataLoadError(f"folder {str(folder)!r} has no {'/'.join(DATA_SUFFIXES)} files")
+    aliases = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        stem = f.stem.lower()
+        split = next((aliases[k] for k in aliases if stem == k or stem.startswith(k + "-") or stem.startswith(k + "_")),
+                     "train")
+        groups.setdefault(split, []).append(f)
+    return groups
+
+
+def _load_files(files: list[Path], what: str) -> datasets.Dataset:
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataLoadError(f"dataset {what} is empty: file {str(f)!r} has no rows")
+    builder = _builder_for(files)
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # datasets raises many types; give one line with the cause
+        raise DataLoadError(f"could not read {what}: {type(err).__name__}: {err}".splitlines()[0]) from err
+    return ds
+
+
+def load_rows(source: Source, split: str = "train") -> datasets.Dataset:
+    """Load one split of a data source as a ``datasets.Dataset``; clear errors for missing/empty sources.
+
+    A local folder's files (searched recursively) are grouped into splits by name (``train*.jsonl``,
+    ``validation*``/``val*``, ``test*``; other names count as train). A single file or list of files is
+    the split itself. For the demo data, point at ``<folder>/reasoning`` or ``<folder>/text``.
+    """
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise DataLoadError(f"split {split!r} not found; available splits: {', '.join(source)}")
+        ds = source[split]
+        what = f"split {split!r}"
+    elif isinstance(source, datasets.Dataset):
+        ds, what = source, "in-memory dataset"
+    elif isinstance(source, (str, Path)):
+        text = str(source)
+        if text.startswith("file://"):
+            text = text[len("file://"):]
+        path = Path(text).expanduser()
+        if path.exists():
+            if path.is_dir():
+                groups = _files_by_split(path)
+                if split not in groups:
+                    raise DataLoadError(
+                        f"split {split!r} not found in folder {str(path)!r}; available splits: {', '.join(sorted(groups))}"
+                    )
+                ds = _load_files(groups[split], f"{str(path)!r} split {split!r}")
+            else:
+                ds = _load_files([path], repr(str(path)))
+            what = repr(str(path))
+        elif isinstance(source, Path) or _looks_like_path(text):
+            raise DataLoadError(f"data path {text!r} does not exist")
+        else:
+            try:
+                ds = datasets.load_dataset(text, split=split)
+            except Exception as err:
+                msg = f"could not load dataset {text!r} split {split!r} (not a local path; tried the hub): {err}"
+                raise DataLoadError(msg.splitlines()[0]) from err
+            what = repr(text)
+    elif isinstance(source, Sequence) and source and all(isinstance(s, (str, Path)) for s in source):
+        files = [Path(str(s)).expanduser() for s in source]
+        for f in files:
+            if not f.is_file():
+                raise DataLoadError(f"data path {str(f)!r} does not exist")
+        ds, what = _load_files(files, f"{len(files)} file(s)"), f"{len(files)} file(s)"
+    elif isinstance(source, Sequence) and all(isinstance(r, Mapping) for r in source):
+        if not source:
+            raise DataLoadError("dataset (list of rows) is empty")
+        keys = list(dict.fromkeys(k for r in source for k in r))  # union of keys, first-seen order
+        ds = datasets.Dataset.from_dict({k: [r.get(k) for r in source] for k in keys})
+        what = "list of rows"
+    else:
+        raise DataLoadError(f"unsupported data source of type {type(source).__name__}")
+    if len(ds) == 0:
+        raise DataLoadError(f"dataset {what} is empty")
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenisation
+# --------------------------------------------------------------------------------------------------
+
+
+def _row_keys(row: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k, v in row.items() if v is not None)
+
+
+def tokenize_row(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, index: int = 0) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask) of one untruncated row; ``index`` is only used in error messages."""
+    messages = row.get("messages")
+    if messages is not None:
+        if not tokenizer.chat_template:
+            raise DataLoadError(
+                f"row {index} is a chat row ('messages') but the tokenizer has no chat template"
+            )
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
+        ):
+            raise DataLoadError(f"row {index}: 'messages' must be a non-empty list of {{role, content}} dicts")
+        try:
+            out = tokenizer.apply_chat_template(
+                [{"role": m["role"], "content": m["content"]} for m in messages],
+                tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            )
+        except Exception as err:
+            raise DataLoadError(f"row {index}: chat template failed: {err}".splitlines()[0]) from err
+        ids = list(out["input_ids"])
+        mask = [int(bool(v)) for v in out["assistant_masks"]]
+        if any(m["role"] == "assistant" and m["content"] for m in messages) and not any(mask):
+            raise DataLoadError(
+                f"row {index}: the chat template marks no assistant tokens; it needs {{% generation %}} markers"
+            )
+        return ids, mask
+    text = row.get("text")
+    if text is not None:
+        if not isinstance(text, str):
+            raise DataLoadError(f"row {index}: 'text' must be a string, got {type(text).__name__}")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id, *ids]
+        if tokenizer.eos_token_id is not None:
+            ids = [*ids, tokenizer.eos_token_id]
+        return ids, [1] * len(ids)
+    raise DataLoadError(f"row {index} has neither 'messages' nor 'text' (keys: {_row_keys(row)})")
+
+
+def tokenize_rows(
+    dataset: datasets.Dataset | Sequence[Mapping[str, Any]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    *,
+    overflow: Literal["truncate", "drop"] = "truncate",
+    keep_in_memory: bool = True,
+) -> datasets.Dataset:
+    """Tokenise every row; rows longer than ``max_length`` are truncated (or dropped).
+
+    Rows left without any loss token (e.g. a truncated-away answer) are dropped; if none remain it is an
+    error. Output columns: input_ids, loss_mask, length, source_index.
+    """
+    if not isinstance(max_length, int) or max_length < 2:
+        raise DataLoadError(f"max_length must be an int >= 2, got {max_length!r}")
+    if overflow not in ("truncate", "drop"):
+        raise DataLoadError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+    if not isinstance(dataset, datasets.Dataset):
+        dataset = load_rows(dataset)  # e.g. a list of dict rows
+    if len(dataset) == 0:
+        raise DataLoadError("dataset is empty")
+    cols = set(dataset.column_names)
+    if not cols & {"messages", "text"}:
+        raise DataLoadError(f"row 0 has neither 'messages' nor 'text' (keys: {_row_keys(dataset[0])})")
+    if "messages" in cols and not tokenizer.chat_template:
+        first = next((i for i, m in enumerate(dataset["messages"]) if m is not None), None)
+        if first is not None:
+            raise DataLoadError(f"row {first} is a chat row ('messages') but the tokenizer has no chat template")
+
+    def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
+        ids, mask = tokenize_row(row, tokenizer, index)
+        if len(ids) > max_length:
+            if overflow == "drop":
+                ids, mask = [], []
+            else:
+                ids, mask = ids[:max_length], mask[:max_length]
+        return {"input_ids": ids, "loss_mask": mask, "length": len(ids), "source_index": index}
+
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "loss_mask": datasets.Sequence(datasets.Value("int8")),
+        "length": datasets.Value("int32"),
+        "source_index": datasets.Value("int64"),
+    })
+    out = dataset.map(encode, with_indices=True, remove_columns=dataset.column_names, features=features,
+                      keep_in_memory=keep_in_memory, desc="tokenising")
+    keep = [i for i, m in enumerate(out["loss_mask"]) if any(m)]
+    if not keep:
+        raise DataLoadError(f"no rows left after tokenising with max_length={max_length} (every row lost its loss tokens)")
+    if len(keep) < len(out):
+        out = out.select(keep, keep_in_memory=keep_in_memory)
+    return out
+
+
+def load_tokenized(
+    source: Source,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    split: str = "train",
+    *,
+    overflow: Literal["truncate", "drop"] = "truncate",
+) -> datasets.Dataset:
+    """``load_rows`` then ``tokenize_rows``."""
+    return tokenize_rows(load_rows(source, split), tokenizer, max_length, overflow=overflow)
