@@ -51,8 +51,8 @@ def _mixed_source(data: StageData, cfg: RunConfig, train_cfg: TrainConfig, gener
     generic = data.batch_source("generic", train_cfg.batch_size, train_cfg.seed + 1)
 
     def from_position(position: int):
-        reasoning_it = reasoning(position - (position + 1) // generic_every)
-        generic_it = generic((position + 1) // generic_every)
+        reasoning_it = reasoning(position - position // generic_every)  # batches 0..position-1: every
+        generic_it = generic(position // generic_every)  # generic_every-th of them was generic
         index = position
         while True:
             yield next(generic_it) if (index + 1) % generic_every == 0 else next(reasoning_it)
