@@ -1,17 +1,23 @@
 # One target per stage; every target that needs the virtualenv builds it first.
 # ARGS takes Hydra overrides, e.g. make pipeline ARGS="teacher.path=/models/my-llama schedule.counts=[4,5,6]"
+# Each stage target runs the chain up to that stage: earlier stages already complete in the store are
+# skipped, and running a target again continues an interrupted stage from its last save.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch by default; on a GPU machine: make setup TORCH_SPEC="torch==2.11.0"
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+FLOW := $(PY) -m flows.convert
 
 export HF_HUB_OFFLINE ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-gpu bench-kernels clean
+.PHONY: setup test test-gpu bench-kernels clean pipeline teacher loo convert mmr steps sft eval ui serve
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +36,38 @@ test-gpu: setup
 
 bench-kernels: setup
 	$(PY) benchmarks/kernel_parity.py --out benchmarks/results/kernel-parity.json
+
+# --- the pipeline --------------------------------------------------------------------------------------
+
+pipeline: setup  ## the whole chain: teacher, LOO, conversions over the schedule, SFT, evaluation
+	$(FLOW) $(ARGS)
+
+teacher loo convert mmr steps sft: setup  ## the chain up to that stage
+	$(FLOW) --until $@ $(ARGS)
+
+eval: setup  ## the chain up to the evaluation (= pipeline)
+	$(FLOW) --until evaluate $(ARGS)
+
+# Prefect server (its database is the one local runs write to, so past runs show) and the MLflow UI
+# over ./mlflow.db, both on localhost; Ctrl-C stops both.
+ui: setup
+	@mkdir -p .cache
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (send runs to it: export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api)"
+	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)   (tracking URI sqlite:///$(CURDIR)/mlflow.db, or tracking.uri=http://127.0.0.1:$(MLFLOW_PORT))"
+	@echo "Server logs: .cache/prefect-server.log, .cache/mlflow-server.log. Ctrl-C stops both."
+	@trap 'kill $$prefect_pid $$mlflow_pid 2>/dev/null; wait' INT TERM EXIT; \
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .cache/prefect-server.log 2>&1 & \
+	prefect_pid=$$!; \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlruns --workers 1 \
+		> .cache/mlflow-server.log 2>&1 & \
+	mlflow_pid=$$!; \
+	wait
+
+# Registers the deployments with the Prefect server (`make ui` in another terminal) and runs what is
+# started from its UI or API.
+serve: setup
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} $(PY) -m flows.serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,167 @@
+"""The conversion flow: teacher -> LOO -> H-K -> (MMR -> next H-K)... -> SFT -> evaluate, resumable.
+
+    python -m flows.convert                                   # the whole chain on the defaults
+    python -m flows.convert --until loo experiment=tiny        # stop after a stage; Hydra overrides
+    python -m flows.convert teacher.path=s3://models/llama storage.uri=s3://bucket/runs tracking=server
+
+One Prefect flow run per call; each stage is a task (flows.executor) whose output is a checkpoint in
+the store `<storage.uri>/<run_name>/<name>/`, and one MLflow parent run per `run_name` holds a child run
+per stage. Running the same command again skips every stage the store already holds under the same
+cache key and continues an interrupted one from its last save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.config import ConfigCompositionError, compose
+from flows.console import progress, quiet_console
+from flows.executor import StoreExecutor
+from flows.publish import summary_records
+from flows.sources import local_teacher
+from pipeline.chain import UNTIL, run_chain
+from pipeline.config import ConfigError, RunConfig, to_plain
+from pipeline.stages import StageError, summary_table
+from pipeline.stages.evaluate import SUMMARY_FILE
+from pipeline.store import LocalStore, Store, StoreError, open_store
+from pipeline.tracking import NullTracker, Tracker
+
+DEFAULT_CACHE_ROOT = ".cache"  # <cache>/store: S3 downloads; <cache>/work: resumable stage state
+# Errors whose message says everything: the command line prints them as one line, without a traceback.
+USER_ERRORS = (ConfigCompositionError, ConfigError, StageError, StoreError, ImportError)
+
+
+def open_run_store(cfg: RunConfig, cache_root: Path) -> Store:
+    """The run's own store: `<storage.uri>/<run_name>`, so checkpoint names are the chain's names."""
+    store = open_store(f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name}", endpoint_url=cfg.storage.endpoint_url,
+                       cache_dir=cache_root / "store")
+    store.check()  # a missing bucket or an unwritable folder fails here, in one line
+    return store
+
+
+def open_tracker(cfg: RunConfig) -> Tracker | NullTracker:
+    if not cfg.tracking.enabled:
+        return NullTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name)
+    return Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name)
+
+
+def location(store: Store, name: str | None = None, filename: str | None = None) -> str:
+    """Where the store, a stored output or one of its files is: a path for local stores, else a URI."""
+    if name is None:
+        return str(store.root) if isinstance(store, LocalStore) else store.uri
+    base = str(store.root / name) if isinstance(store, LocalStore) else store.uri_for(name)
+    return f"{base}/{filename}" if filename else base
+
+
+def prefect_location() -> str:
+    """The Prefect UI of this flow run, or where its record is kept when no server is configured."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url and flow_run.ui_url:
+        return flow_run.ui_url
+    return "the local Prefect database (`make ui` to browse)"
+
+
+def run_conversion(cfg: RunConfig, until: str = "evaluate") -> dict[str, Any]:
+    """The body of the flow, for a composed config."""
+    if until not in UNTIL:
+        raise ConfigCompositionError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
+    started = time.time()
+    cache_root = Path(cfg.storage.cache_dir or DEFAULT_CACHE_ROOT).expanduser().resolve()
+    store = open_run_store(cfg, cache_root)
+    run_cfg, aliases, prepare = cfg, {}, {}
+    remote_teacher = local_teacher(cfg.teacher.path, cache_root, cfg.storage.endpoint_url)
+    if remote_teacher is not None:  # the stages read folders: they get the local copy, keys keep the URI
+        run_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=str(remote_teacher.local)))
+        aliases = {str(remote_teacher.local): remote_teacher.uri}
+        prepare = {"teacher": [remote_teacher.fetch]}
+    tracker = open_tracker(cfg)
+    executor = StoreExecutor(store, tracker, cache_root / "work" / cfg.run_name, cfg.run_name,
+                             first_count=cfg.schedule.counts[0], key_aliases=aliases, prepare=prepare)
+    progress(f"run '{cfg.run_name}' up to {until}: store {location(store)}")
+    with tracker:  # the parent MLflow run: FINISHED, or FAILED / KILLED with the exception
+        tracker.log_params(to_plain(cfg))
+        tracker.log_dict(to_plain(cfg), "run_config.json")
+        tracker.set_tags({"storage.uri": store.uri, "until": until, "prefect.flow_run_id": flow_run.id or ""})
+        run_chain(run_cfg, executor, until=until)
+    return _report(cfg, until, store, tracker, executor, time.time() - started)
+
+
+def _report(cfg: RunConfig, until: str, store: Store, tracker: Any, executor: StoreExecutor,
+            seconds: float) -> dict[str, Any]:
+    """Prints where the results are; returns the same as the flow's result."""
+    ran, skipped = executor.ran, executor.skipped
+    progress(f"done in {seconds:.0f}s: {len(ran)} stages computed, {len(skipped)} found complete in the store")
+    last = list(executor.outputs)[-1]
+    if "evaluate" in executor.outputs:
+        progress(summary_table(summary_records(store.get_checkpoint("evaluate"))))
+        results = location(store, "evaluate", SUMMARY_FILE)
+    else:
+        results = location(store, last)
+    progress(f"results: {results}")
+    if tracker.run_id is not None:
+        if tracker.tracking_uri.startswith(("http://", "https://")):
+            where = f"{tracker.tracking_uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+        else:
+            where = f"{tracker.tracking_uri}  (`make ui` to browse)"
+        progress(f"MLflow:  experiment '{cfg.tracking.experiment}', run '{cfg.run_name}' ({tracker.run_id}) at {where}")
+    progress(f"Prefect: flow run '{flow_run.name}' ({flow_run.id}) at {prefect_location()}")
+    return {
+        "run_name": cfg.run_name,
+        "store": store.uri,
+        "results": results,
+        "outputs": {name: output.uri for name, output in executor.outputs.items()},
+        "ran": ran,
+        "skipped": skipped,
+        "mlflow_run_id": tracker.run_id,
+    }
+
+
+@flow(name="convert", description="Distil a transformer teacher into attention/Mamba hybrids (Apriel-H1 recipe).")
+def convert(overrides: list[str] | None = None, until: str = "evaluate") -> dict[str, Any]:
+    """overrides: Hydra overrides, e.g. ["experiment=tiny", "schedule.counts=[2,3]"].
+    until: the last stage to run: teacher, loo, convert, mmr, steps, sft or evaluate."""
+    return run_conversion(compose(overrides or []), until)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.convert",
+        description="Run the conversion chain (stages already complete in the store are skipped).",
+        epilog="Overrides use Hydra syntax: experiment=tiny teacher.path=/models/llama schedule.counts=[4,6] "
+               "storage.uri=s3://bucket/runs tracking.uri=http://127.0.0.1:5000 run_name=my-run",
+    )
+    parser.add_argument("--until", default="evaluate", choices=UNTIL, help="last stage to run (default: evaluate)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+    args = parser.parse_args(argv)
+    quiet_console()
+    try:
+        compose(args.overrides)  # a bad override fails here, in one line, before anything starts
+    except ConfigCompositionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        convert(overrides=args.overrides, until=args.until, return_state=True).result()
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception:  # a bug: the whole traceback helps
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

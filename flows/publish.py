@@ -1,0 +1,125 @@
+"""Stage outputs shown to people: files and tags in MLflow, markdown tables as Prefect artifacts.
+
+Reads the files the stages wrote (loo.json, mmr.json, summary.json, stage.json) and formats them; it
+computes nothing. JSON files go to MLflow through `log_dict`, which redacts secret-looking values (a
+stage's run_config.json holds every config value, URLs included); images go as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.stages.common import RUN_CONFIG, STAGE_META
+from pipeline.stages.evaluate import SUMMARY_FILE, summary_table
+from pipeline.stages.loo import LOO_FILE
+from pipeline.stages.mmr import MMR_FILE
+
+SUMMARY_METRICS = ("answer_accuracy", "nll", "kl_to_teacher", "tokens_per_s", "throughput_ratio")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def log_output_files(run: Any, folder: Path, reported: Sequence[Path]) -> None:
+    """The files a stage reported, plus its stage.json and run_config.json, as MLflow artifacts."""
+    seen: set[str] = set()
+    for path in [*reported, folder / STAGE_META, folder / RUN_CONFIG]:
+        path = Path(path)
+        if path.name in seen or not path.is_file():
+            continue
+        seen.add(path.name)
+        if path.suffix == ".json":
+            run.log_dict(read_json(path), path.name)
+        else:
+            run.log_artifact(path)
+
+
+def layer_pattern(meta: Mapping[str, Any]) -> tuple[str | None, int | None]:
+    """(layer pattern, Mamba layer count) from a stage.json; a teacher is all attention."""
+    if meta.get("layer_pattern") is not None:
+        return meta["layer_pattern"], meta.get("n_mamba")
+    if meta.get("stage") == "teacher" and isinstance(meta.get("layers"), int):
+        return "A" * meta["layers"], 0
+    return None, meta.get("n_mamba")
+
+
+def mlflow_run_link(tracking_uri: str | None, experiment_id: str | None, run_id: str | None) -> str:
+    """A markdown link to a run in the MLflow UI for a server URI, else the run id."""
+    if not run_id:
+        return "-"
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")) and experiment_id:
+        return f"[{run_id[:8]}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+    return f"`{run_id[:8]}`"
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes)."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())).strip("-")
+
+
+# --- tables ----------------------------------------------------------------------------------------
+
+def loo_markdown(folder: Path, first: int | None, run_link: str) -> str:
+    loo = read_json(folder / LOO_FILE)
+    by_layer = {entry["layer"]: entry for entry in loo["layers"]}
+    lines = [
+        f"### Leave-one-out layer importance ({loo['metric']}, mode {loo['mode']})",
+        f"Baseline {loo['metric']}: {loo['baseline']:.4f}. Least important first; MLflow run {run_link}.",
+        "",
+        "| rank | layer | score without it | importance | converted first |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for rank, layer in enumerate(loo["ranking"], start=1):
+        entry = by_layer[layer]
+        chosen = "yes" if first is not None and rank <= first else ""
+        lines.append(f"| {rank} | {layer} | {entry['score']:.4f} | {entry['importance']:+.4f} | {chosen} |")
+    return "\n".join(lines)
+
+
+def mmr_markdown(folder: Path, name: str, run_link: str) -> str:
+    mmr = read_json(folder / MMR_FILE)
+    lines = [
+        f"### MMR scores from H-{mmr['n_mamba']} ({name})",
+        f"Mean distillation loss of the last {mmr['score_window']} of {mmr['steps']} steps per candidate; "
+        f"lowest first (easiest to replace). MLflow run {run_link}.",
+        "",
+        "| rank | layer | loss |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {rank} | {entry['layer']} | {entry['loss']:.4f} |"
+              for rank, entry in enumerate(mmr["ranking"], start=1)]
+    return "\n".join(lines)
+
+
+def summary_records(folder: Path) -> list[dict[str, Any]]:
+    return read_json(folder / SUMMARY_FILE)
+
+
+def summary_markdown(records: list[dict[str, Any]], links: Mapping[str, str], location: str) -> str:
+    lines = ["### Hybrid checkpoints: quality and throughput", f"`{location}`", "", summary_table(records), "",
+             "| checkpoint | MLflow run |", "| --- | --- |"]
+    lines += [f"| {record['checkpoint']} | {links.get(record['checkpoint'], '-')} |" for record in records]
+    return "\n".join(lines)
+
+
+def summary_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    return {name: float(record[name]) for name in SUMMARY_METRICS if isinstance(record.get(name), (int, float))}
+
+
+__all__ = [
+    "artifact_key",
+    "layer_pattern",
+    "log_output_files",
+    "loo_markdown",
+    "mlflow_run_link",
+    "mmr_markdown",
+    "read_json",
+    "summary_markdown",
+    "summary_metrics",
+    "summary_records",
+]

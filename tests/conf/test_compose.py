@@ -1,0 +1,128 @@
+"""Every shipped config option composes into a valid RunConfig; bad overrides fail in one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.config import CONF_DIR, GROUPS, ConfigCompositionError, compose, group_options
+from pipeline.config import RunConfig, to_plain
+
+REPO = Path(__file__).resolve().parents[2]
+TEACHER = ["teacher.path=/models/teacher"]
+DATA = ["data.distill=/data/traces.jsonl", "data.sft=/data/sft.jsonl", "data.eval=/data/test.jsonl"]
+# Options that need the user's values; composing them without these must fail (tested below).
+REQUIRED = {
+    ("teacher", "local"): TEACHER,
+    ("data", "local"): DATA,
+    ("experiment", "apriel_15b"): TEACHER + DATA,
+}
+OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+
+
+def test_every_group_ships_options():
+    assert set(GROUPS) == {path.name for path in CONF_DIR.iterdir() if path.is_dir()}
+    for group in GROUPS:
+        assert group == "experiment" or "default" in group_options(group), group
+    assert {"tiny", "apriel_15b"} <= set(group_options("experiment"))
+    assert len(OPTIONS) >= 30
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(group, option):
+    cfg = compose([f"{group}={option}", *REQUIRED.get((group, option), [])])
+    assert isinstance(cfg, RunConfig)
+
+
+@pytest.mark.parametrize(("group", "option"), list(REQUIRED), ids=[f"{g}={o}" for g, o in REQUIRED])
+def test_options_needing_user_values_say_which(group, option):
+    with pytest.raises(ConfigCompositionError, match=r"missing required value (teacher\.path|data\.distill)"):
+        compose([f"{group}={option}"])
+
+
+def test_defaults_are_the_schema_defaults():
+    """The `default` options restate nothing: the dataclasses stay the single source of the numbers.
+    (Compared as plain values: OmegaConf hands tuples back as lists.)"""
+    assert to_plain(compose([])) == to_plain(RunConfig())
+
+
+def test_group_aliases():
+    assert compose(["teacher=default"]) == compose(["teacher=demo"])
+    assert compose(["storage=default"]) == compose(["storage=local"])
+    assert compose(["tracking=default"]) == compose(["tracking=sqlite"])
+    assert compose(["hardware=default"]) == compose(["hardware=auto"])
+
+
+def test_apriel_preset_holds_the_recipe():
+    cfg = compose(["experiment=apriel_15b", *TEACHER, *DATA])
+    assert cfg.schedule.counts == [25, 27, 30, 34, 37, 40]
+    assert (cfg.train.loss, cfg.train.temperature, cfg.train.trainable) == ("reverse_kl", 1.0, "all")
+    assert (cfg.mamba.d_state, cfg.mamba.dt_rank) == (16, 16)
+    assert cfg.mmr.steps == 100
+    assert cfg.sft.checkpoint == "H-30"
+    assert (cfg.hardware.device, cfg.hardware.dtype) == ("cuda", "bfloat16")
+    assert cfg.teacher.path == "/models/teacher"
+    cfg.schedule.validate(50)
+
+
+def test_tiny_preset_is_tiny():
+    cfg = compose(["experiment=tiny"])
+    assert cfg.hardware.device == "cpu"
+    assert cfg.teacher.demo.num_hidden_layers == 4 and cfg.teacher.demo.steps <= 10
+    assert cfg.train.steps <= 10 and cfg.mmr.steps <= 5 and cfg.sft.train.steps <= 5
+    cfg.schedule.validate(cfg.teacher.demo.num_hidden_layers)
+
+
+def test_stable_override_keys():
+    cfg = compose(["teacher.path=s3://models/llama", "schedule.counts=[3,5]", "storage.uri=s3://bucket/runs",
+                   "tracking.uri=http://127.0.0.1:5000", "run_name=my-run", "teacher.demo.steps=5"])
+    assert cfg.teacher.path == "s3://models/llama"
+    assert cfg.schedule.counts == [3, 5]
+    assert cfg.storage.uri == "s3://bucket/runs"
+    assert cfg.tracking.uri == "http://127.0.0.1:5000"
+    assert cfg.run_name == "my-run"
+    assert cfg.teacher.demo.steps == 5  # a frozen dataclass's field, still overridable
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_bad_group_option_lists_the_choices(group):
+    with pytest.raises(ConfigCompositionError) as caught:
+        compose([f"{group}=no_such_option"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"{group}/no_such_option" in message
+    assert f"valid choices for {group}: {', '.join(group_options(group))}" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.lrr=0.1", "did you mean train.lr?"),
+        ("teachr.path=/x", "did you mean teacher?"),
+        ("schedule.count=[1,2]", "did you mean schedule.counts?"),
+        ("train.steps=many", "could not be converted to Integer"),
+        ("schedule.counts=[3,2]", "schedule.counts must be strictly increasing"),
+        ("hardware.device=tpu", "hardware.device must be one of"),
+        ("run_name=a/b", "run_name must be a non-empty name without '/'"),
+    ],
+)
+def test_bad_override_is_one_clear_line(override, expected):
+    with pytest.raises(ConfigCompositionError) as caught:
+        compose([override])
+    assert expected in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_prints_one_line_for_a_bad_option(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "flows.convert", "teacher=nope"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: In 'config': Could not find 'teacher/nope'; valid choices for teacher: "
+                     f"{', '.join(group_options('teacher'))}"], result.stderr
+    assert not (tmp_path / "artifacts").exists()  # nothing started
