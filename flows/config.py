@@ -40,27 +40,10 @@ def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
 
 
 def _schema_node() -> Any:
-    """RunConfig as an OmegaConf node, writable everywhere.
+    """RunConfig as an OmegaConf node (every section a structured, type-checked config)."""
+    from omegaconf import OmegaConf
 
-    OmegaConf marks the nodes of frozen dataclasses (the demo teacher and data settings) read-only,
-    which would refuse overrides such as `teacher.demo.steps=5`; the values are still type-checked, and
-    `to_object` builds the frozen dataclasses at the end.
-    """
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    node = OmegaConf.structured(RunConfig)
-
-    def writable(item: Any) -> None:
-        item._set_flag("readonly", None)
-        if isinstance(item, DictConfig):
-            for key in item.keys():
-                writable(item._get_node(key))
-        elif isinstance(item, ListConfig):
-            for index in range(len(item)):
-                writable(item._get_node(index))
-
-    writable(node)
-    return node
+    return OmegaConf.structured(RunConfig)
 
 
 def _required(*, _node_: Any) -> Any:

@@ -26,7 +26,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TeacherConfig:
-    path: str | None = None  # local folder or s3:// URI of a transformers teacher; None = train the demo teacher
+    # a transformers teacher: local folder, file:// or s3:// URI (the flow downloads it once); None = the demo teacher
+    path: str | None = None
     demo: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
 
 
@@ -142,6 +143,7 @@ class EvaluateConfig:
 class StorageConfig:
     uri: str = "./artifacts"  # a folder, file://..., or s3://bucket/prefix
     endpoint_url: str | None = None  # S3 endpoint (MinIO, ...); credentials come from the AWS environment only
+    # local cache root: store/ (S3 downloads), work/ (resumable stage state), teachers/; None = ./.cache
     cache_dir: str | None = None
 
 

@@ -143,6 +143,9 @@ class DemoTeacherConfig:
     # data the teacher is trained on
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
 
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # OmegaConf hands tuples back as lists
+
     def llama_config_kwargs(self, vocab_size: int, pad_token_id: int | None = None,
                             bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
         """Keyword arguments for ``transformers.LlamaConfig`` (no torch needed to build them)."""
