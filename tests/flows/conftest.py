@@ -26,21 +26,9 @@ def prefect_api(tmp_path_factory) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_teacher_uri(moto_server, tmp_path_factory) -> str:
     """s3://<bucket>/teachers/tiny: a random 4-layer Llama (GQA) with the demo tokenizer, as plain files."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.teachers import save_tiny_teacher
 
-    from pipeline.data import build_char_tokenizer
-
-    folder = tmp_path_factory.mktemp("teacher")
-    tokenizer = build_char_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_tiny_teacher(tmp_path_factory.mktemp("teacher"))
     bucket = moto_server.create_bucket("models")
     client = moto_server.client()
     for path in folder.rglob("*"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from pipeline.config import (
     DataConfig,
@@ -67,18 +66,6 @@ class RecordingReporter:
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A 4-layer random Llama (GQA) saved with the demo tokenizer: a stand-in for any user teacher."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.teachers import save_tiny_teacher
 
-    from pipeline.data import build_char_tokenizer
-
-    folder = tmp_path_factory.mktemp("teacher")
-    tokenizer = build_char_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    ))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher"))
