@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from pipeline.model.config import ATTENTION, HybridConfig
+from pipeline.model.config import HybridConfig
 
 
 def new_cache(config: HybridConfig) -> DynamicCache:
@@ -68,4 +68,4 @@ def advance(cache, config: HybridConfig, new_tokens: int) -> None:
         cache._hybrid_seen_tokens = getattr(cache, "_hybrid_seen_tokens", 0) + new_tokens
 
 
-__all__ = ["ATTENTION", "MambaCacheView", "advance", "cached_length", "new_cache"]
+__all__ = ["MambaCacheView", "advance", "cached_length", "new_cache"]
