@@ -176,7 +176,7 @@ class GenerationEngine:
             cache = DynamicCache(config=self.config)
             padded = not bool(mask[rows].all())
             out = self.model(input_ids[rows], attention_mask=mask[rows] if padded else None, cache=cache,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1)
             firsts.append(out.logits[:, -1].argmax(-1))
             for index in self.keys:
                 layer = cache.layers[index]

@@ -142,13 +142,16 @@ class StageData:
 
     def rows(self, kind: str, split: str):
         """Raw rows of `kind` (distill, sft, eval, generic) for `split` (train, validation, test)."""
-        from pipeline.data import load_rows
+        key = f"rows:{kind}:{split}"
+        if key not in self._cache:
+            from pipeline.data import load_rows
 
-        source = getattr(self.cfg.data, kind)
-        if source is None:
-            demo = self._demo()
-            return load_rows(demo.text[split] if kind == "generic" else demo.reasoning[split])
-        return load_rows(source, split)
+            source = getattr(self.cfg.data, kind)
+            if source is None:
+                demo = self._demo()
+                source, split = (demo.text if kind == "generic" else demo.reasoning)[split], "train"
+            self._cache[key] = load_rows(source, split)
+        return self._cache[key]
 
     def tokenized(self, kind: str, split: str = "train"):
         key = f"tok:{kind}:{split}"
@@ -179,8 +182,8 @@ class StageData:
     def eval_batches(self, count: int, batch_size: int = 32):
         from pipeline.data import iter_batches, tokenize_rows
 
-        dataset = tokenize_rows(self.rows("eval", "test").select(range(min(count, len(self.rows("eval", "test"))))),
-                                self.tokenizer, self.cfg.data.max_length)
+        rows = self.rows("eval", "test")
+        dataset = tokenize_rows(rows.select(range(min(count, len(rows)))), self.tokenizer, self.cfg.data.max_length)
         return list(iter_batches(dataset, batch_size, self.tokenizer.pad_token_id, shuffle=False,
                                  stop=(len(dataset) + batch_size - 1) // batch_size))
 
