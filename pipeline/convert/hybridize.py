@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
-from pipeline.model.config import ATTENTION, GQA_EXPANSIONS, IDENTITY, MAMBA, HybridConfig
+from pipeline.model.config import ATTENTION, IDENTITY, MAMBA, HybridConfig
 from pipeline.model.modeling import HybridForCausalLM
 
 TEACHER_CLASSES: tuple[type[PreTrainedModel], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
@@ -132,10 +132,6 @@ def hybridize(
     unknown = sorted(set(mamba_options) - set(MAMBA_OPTIONS))
     if unknown:
         raise ConversionError(f"unknown Mamba option(s) {unknown}; valid: {sorted(MAMBA_OPTIONS)}")
-    if mamba_options.get("gqa_expansion", "chunk") not in GQA_EXPANSIONS:
-        raise ConversionError(
-            f"gqa_expansion must be one of {list(GQA_EXPANSIONS)}, got {mamba_options['gqa_expansion']!r}"
-        )
     source_config = teacher.config
     num_layers = source_config.num_hidden_layers
     new_mamba = _layer_list("mamba_layers", mamba_layers, num_layers)
