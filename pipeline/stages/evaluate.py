@@ -15,6 +15,7 @@ from pipeline.config import RunConfig
 from pipeline.evaluate.plots import frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
+from pipeline.model.config import ATTENTION, MAMBA
 from pipeline.stages.common import ConsoleReporter, Reporter, StageData, load_model, load_tokenizer, write_meta
 
 SUMMARY_FILE = "summary.json"
@@ -29,10 +30,10 @@ def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageDa
                                   new_tokens=cfg.evaluate.throughput_new_tokens,
                                   repeats=cfg.evaluate.throughput_repeats)
     config = model.config
-    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    layer_types = list(getattr(config, "layer_types", None) or [ATTENTION] * config.num_hidden_layers)
     return {
         "checkpoint": name,
-        "n_mamba": layer_types.count("linear_attention"),
+        "n_mamba": layer_types.count(MAMBA),
         "layer_types": layer_types,
         "answer_accuracy": accuracy,
         "nll": quality["nll"],
