@@ -10,9 +10,13 @@ so a throughput ratio measures the architecture, not two code paths.
 - Prefill: the model's own forward (fast kernels: SDPA / flash-attn, mamba_ssm's selective scan,
   causal_conv1d) on micro-batches of sequences, logits of the last position only; the transformers
   cache it fills is copied into the static buffers.
-- Decode: one token for every sequence per step; attention reads the whole static K/V buffer under a
-  mask (static shapes), with the query heads of each KV head folded into the query length so K/V are
-  never expanded for GQA; Mamba layers use `MambaMixer.step` (causal_conv1d_update +
+- Decode: one token for every sequence per step. On CUDA with a 16-bit model ("fused" path,
+  `decode_kernels`): residual add + RMSNorm in one kernel, RoPE applied and K/V written to the cache
+  in one kernel straight from the fused QKV projection, split-K flash-decoding attention that reads
+  only the cache columns filled so far (each K/V byte once, all query heads of a KV head together),
+  silu(gate) * up in one kernel. Elsewhere (CPU, fp32) the same step in plain PyTorch: attention over
+  the whole static buffer under a mask, the query heads of each KV head folded into the query rows so
+  K/V are never expanded. Mamba layers use `MambaMixer.step` (causal_conv1d_update +
   selective_state_update on CUDA). On CUDA the step is captured once in a CUDA graph and replayed.
 - Left-padded prompts are supported (padding masked in attention, zeroed in Mamba states), so the
   `evaluate` stage can use the engine for answers as well as for speed.
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from pipeline.evaluate import decode_kernels
 from pipeline.model.config import ATTENTION, MAMBA
 from pipeline.model.cache import MambaCacheView
 
@@ -54,7 +59,7 @@ class GenerationResult:
 
 class GenerationEngine:
     def __init__(self, model, batch_size: int, max_length: int, *, cuda_graph: bool | None = None,
-                 prefill_batch: int = 1) -> None:
+                 prefill_batch: int = 1, fused: bool | None = None) -> None:
         config = model.config
         if config.sliding_window is not None and config.sliding_window < max_length:
             raise ValueError(f"the engine has no sliding-window attention (window {config.sliding_window} < "
@@ -89,6 +94,9 @@ class GenerationEngine:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._warm_steps = 0
         self._fuse_projections()
+        self.fused = self._fused_supported() if fused is None else fused
+        if self.fused:
+            self._init_fused_buffers()
         # created up front: a driver allocation after the caches have filled the card could fail
         self._side_stream = torch.cuda.Stream(self.device) if self.use_graph else None
 
@@ -112,19 +120,44 @@ class GenerationEngine:
             if getattr(mlp, "gate_proj", None) is not None and mlp.gate_proj.bias is None:
                 self.fused_gate_up[index] = _fuse([mlp.gate_proj, mlp.up_proj], "weight")
 
+    def _fused_supported(self) -> bool:
+        """The Triton decode path: CUDA (triton importable), a 16-bit model, shapes the kernels take."""
+        config = self.config
+        return (
+            decode_kernels.available(self.device)
+            and self.dtype in (torch.bfloat16, torch.float16)
+            and config.head_dim >= 16 and config.head_dim & (config.head_dim - 1) == 0
+            and config.hidden_act == "silu"
+            and getattr(self.model.model.rotary_emb, "inv_freq", torch.empty(0)).numel() * 2 == config.head_dim
+        )
+
+    def _init_fused_buffers(self) -> None:
+        config, b = self.config, self.batch_size
+        self.hidden = torch.zeros(b, config.hidden_size, dtype=self.dtype, device=self.device)  # residual stream
+        self.normed = torch.zeros_like(self.hidden)
+        self.query = torch.zeros(b, config.num_attention_heads, config.head_dim, dtype=self.dtype, device=self.device)
+        self.act = torch.zeros(b, config.intermediate_size, dtype=self.dtype, device=self.device)
+        rows = config.num_attention_heads // config.num_key_value_heads
+        self.decode_attention = decode_kernels.DecodeAttention(
+            b, config.num_key_value_heads, rows, config.head_dim, self.max_length, self.device, self.dtype
+        ) if self.keys else None
+
     # --- sizes ---------------------------------------------------------------------------------
     def cache_bytes(self) -> int:
         buffers = [*self.keys.values(), *self.values.values(), *self.conv.values(), *self.ssm.values()]
         return sum(t.numel() * t.element_size() for t in buffers)
 
-    def bytes_per_decode_step(self) -> int:
-        """Bytes the decode step must read or write at least: weights once, every cache once."""
+    def bytes_per_decode_step(self, length: float | None = None) -> int:
+        """Bytes a decode step must read or write at least: weights once, the K/V columns filled so far
+        (`length` of them, default the whole buffer) once, Mamba states read and written back."""
         weights = sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()
                       if "embed_tokens" not in name)
         embed_rows = self.batch_size * self.config.hidden_size * self.dtype.itemsize
         mamba_states = sum(t.numel() * t.element_size() for t in [*self.conv.values(), *self.ssm.values()])
         kv = sum(t.numel() * t.element_size() for t in [*self.keys.values(), *self.values.values()])
-        return weights + embed_rows + kv + 2 * mamba_states  # states are read and written back
+        if length is not None:
+            kv = kv * min(length, self.max_length) / self.max_length
+        return int(weights + embed_rows + kv + 2 * mamba_states)
 
     # --- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -213,6 +246,9 @@ class GenerationEngine:
     @torch.no_grad()
     def _decode_step(self) -> None:
         """Everything one decode step does, on static buffers (capturable)."""
+        if self.fused:
+            self._decode_step_fused()
+            return
         model, config = self.model.model, self.config
         hidden = model.embed_tokens(self.tokens)[:, None, :]  # (b, 1, H)
         cos, sin = model.rotary_emb(hidden, self.positions[:, None])
@@ -227,10 +263,57 @@ class GenerationEngine:
                 hidden = hidden + layer.mixer.step(normed[:, 0], self.conv[index], self.ssm[index])[:, None, :]
             hidden = hidden + self._mlp(index, layer.mlp, layer.post_attention_layernorm(hidden))
         logits = self.model.lm_head(model.norm(hidden[:, 0]))  # (b, V)
+        self.last_logits = logits  # in a captured step, the graph's buffer: valid after each replay
         self.output.copy_(logits.argmax(-1, keepdim=True))
         self.tokens.copy_(self.output[:, 0])
         self.positions.add_(1)
         self.slot.add_(1)
+
+    @torch.no_grad()
+    def _decode_step_fused(self) -> None:
+        """The decode step on the Triton kernels; the residual stream stays in `self.hidden` (b, H)."""
+        model, config = self.model.model, self.config
+        layers = model.layers
+        hidden, normed = self.hidden, self.normed
+        torch.index_select(model.embed_tokens.weight, 0, self.tokens, out=hidden)
+        cos, sin = model.rotary_emb(hidden[:, None, :], self.positions[:, None])  # (b, 1, e)
+        self.key_valid.index_fill_(1, self.slot, True)
+        first = layers[0].input_layernorm
+        decode_kernels.add_rms_norm(hidden, None, first.weight, first.variance_epsilon, normed)
+        for index, layer in enumerate(layers):
+            kind = config.layer_types[index]
+            update = None
+            if kind == ATTENTION:
+                update = self._attention_fused(layer.mixer, normed, cos, sin, index)
+            elif kind == MAMBA:
+                update = layer.mixer.step(normed, self.conv[index], self.ssm[index])
+            post = layer.post_attention_layernorm
+            decode_kernels.add_rms_norm(hidden, update, post.weight, post.variance_epsilon, normed)
+            update = self._mlp_fused(index, layer.mlp, normed)
+            following = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.norm
+            decode_kernels.add_rms_norm(hidden, update, following.weight, following.variance_epsilon, normed)
+        logits = self.model.lm_head(normed)  # (b, V)
+        self.last_logits = logits
+        self.output.copy_(logits.argmax(-1, keepdim=True))
+        self.tokens.copy_(self.output[:, 0])
+        self.positions.add_(1)
+        self.slot.add_(1)
+
+    def _attention_fused(self, mixer, normed, cos, sin, index) -> torch.Tensor:
+        b = normed.shape[0]
+        weight, bias = self.fused_qkv[index]
+        qkv = F.linear(normed, weight, bias)  # (b, (h + 2 h_kv) e)
+        decode_kernels.rope_kv_write(qkv, cos, sin, self.query, self.keys[index], self.values[index], self.slot,
+                                     mixer.num_heads, mixer.num_kv_heads)
+        q = self.query.view(b, mixer.num_kv_heads, mixer.num_heads // mixer.num_kv_heads, mixer.head_dim)
+        out = self.decode_attention(q, self.keys[index], self.values[index], self.key_valid, self.slot, mixer.scale)
+        return mixer.o_proj(out.view(b, -1))
+
+    def _mlp_fused(self, index, mlp, normed) -> torch.Tensor:
+        if index not in self.fused_gate_up:
+            return mlp(normed)
+        gate_up = F.linear(normed, self.fused_gate_up[index])  # (b, 2 I)
+        return mlp.down_proj(decode_kernels.silu_mul(gate_up, self.act))
 
     def _mlp(self, index, mlp, hidden) -> torch.Tensor:
         if index not in self.fused_gate_up:
