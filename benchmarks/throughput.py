@@ -31,7 +31,15 @@ APRIEL_15B = dict(
     mamba_d_state=16, mamba_dt_rank=16, mamba_d_conv=4, mamba_d_inner=4096, mamba_d_xb=1024,
 )
 NEW_TOKENS = 512
-H100_SXM_PEAK_BYTES_PER_S = 3.35e12  # HBM3 datasheet figure
+PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet HBM bandwidth (SXM parts)
+
+
+def peak_bytes_per_s() -> float:
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_BYTES_PER_S.items():
+        if key in name:
+            return value
+    raise SystemExit(f"no datasheet HBM bandwidth known for {name!r}: add it to PEAK_BYTES_PER_S")
 
 
 def spread(n_mamba: int, n_layers: int) -> list[int]:
@@ -72,9 +80,11 @@ def measured_copy_bandwidth() -> float:
     return 2 * 2**32 / sorted(times)[len(times) // 2]
 
 
-def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, profile: bool) -> dict:
+def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, profile: bool,
+            plain: bool = False) -> dict:
     prompt = total - NEW_TOKENS
-    engine = GenerationEngine(model, batch_size=batch, max_length=total, prefill_batch=1)
+    engine = GenerationEngine(model, batch_size=batch, max_length=total, prefill_batch=1,
+                              fused=False if plain else None)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
     # Prefill is compute-bound and linear in the batch: it runs for real on `prefill_sample` sequences
     # and its time is scaled to the batch; the other rows' caches keep zeros (decode speed does not
@@ -98,7 +108,7 @@ def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, pr
             for _ in range(3):
                 engine._decode_step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=80), flush=True)
         engine.positions.fill_(prompt)  # the profiled steps advanced the state: start again
         engine.slot.fill_(prompt)
         engine.key_valid[:, prompt:] = False
@@ -109,7 +119,8 @@ def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, pr
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - start
     step_s = decode_s / (NEW_TOKENS - 1)
-    step_bytes = engine.bytes_per_decode_step()
+    # The K/V columns a step must read grow from prompt + 1 to total - 1: count their mean.
+    step_bytes = engine.bytes_per_decode_step(length=prompt + NEW_TOKENS / 2)
     return {
         "model": "teacher" if n_mamba == 0 else f"H-{n_mamba}",
         "n_mamba": n_mamba,
@@ -124,7 +135,8 @@ def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, pr
         "decode_tokens_per_s": batch / step_s,
         "tokens_per_s": batch * NEW_TOKENS / (prefill_s + decode_s),
         "bytes_per_step": step_bytes,
-        "hbm_fraction": step_bytes / step_s / H100_SXM_PEAK_BYTES_PER_S,
+        "hbm_fraction": step_bytes / step_s / peak_bytes_per_s(),
+        "fused_decode": engine.fused,
         "cache_gib": engine.cache_bytes() / 2**30,
         "cuda_graph": engine.graph is not None,
     }
@@ -148,14 +160,17 @@ def run_engine(n_mamba: int, total: int, args) -> dict:
     weights = 31e9  # bf16 weights of either model, rounded up
     free = torch.cuda.mem_get_info()[0]
     batch = max(int((free - weights - args.reserve_gib * 2**30) // cache_bytes_per_sequence(n_mamba, total)), 1)
+    if args.batch:
+        batch = args.batch
     while batch >= 1:
         print(f"  {'teacher' if n_mamba == 0 else f'H-{n_mamba}'} at {total}: trying batch {batch}", flush=True)
         command = [sys.executable, __file__, "--single", f"{n_mamba},{total},{batch}",
-                   "--prefill-sample", str(args.prefill_sample)] + (["--profile"] if args.profile else [])
+                   "--prefill-sample", str(args.prefill_sample)] + (["--profile"] if args.profile else []) + (
+                   ["--plain"] if args.plain else [])
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode == 0 and lines:
-            print("\n".join(l for l in done.stdout.splitlines() if not l.startswith("{"))[-3000:], flush=True)
+            print("\n".join(l for l in done.stdout.splitlines() if not l.startswith("{")), flush=True)
             return json.loads(lines[-1])
         if done.returncode != 3:
             raise RuntimeError(f"measurement failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -163,11 +178,11 @@ def run_engine(n_mamba: int, total: int, args) -> dict:
     raise RuntimeError("not even one sequence fits")
 
 
-def single(spec: str, prefill_sample: int, profile: bool) -> None:
+def single(spec: str, prefill_sample: int, profile: bool, plain: bool) -> None:
     n_mamba, total, batch = (int(v) for v in spec.split(","))
     model = build(n_mamba)
     try:
-        record = measure(model, n_mamba, total, batch, prefill_sample, profile)
+        record = measure(model, n_mamba, total, batch, prefill_sample, profile, plain)
     except torch.OutOfMemoryError as error:
         print(f"out of memory: {str(error).splitlines()[0][:200]}", file=sys.stderr)
         sys.exit(3)
@@ -221,10 +236,12 @@ def main() -> None:
     parser.add_argument("--baseline-new-tokens", type=int, default=64)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a decode step")
+    parser.add_argument("--plain", action="store_true", help="the engine's plain-PyTorch decode step (no Triton)")
+    parser.add_argument("--batch", type=int, default=None, help="this batch for every model instead of the largest")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # n_mamba,total,batch: one attempt
     args = parser.parse_args()
     if args.single:
-        single(args.single, args.prefill_sample, args.profile)
+        single(args.single, args.prefill_sample, args.profile, args.plain)
         return
     lengths = [int(v) for v in args.lengths.split(",")]
     records, baselines = [], []
@@ -250,7 +267,7 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "measured_copy_bytes_per_s": copy_bw,
-        "peak_bytes_per_s": H100_SXM_PEAK_BYTES_PER_S,
+        "peak_bytes_per_s": peak_bytes_per_s(),
         "kernel_paths": records[0].get("kernel_paths") if records else None,
         "records": records, "transformers_baseline": baselines,
     }
