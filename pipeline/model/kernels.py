@@ -82,7 +82,7 @@ def _mamba_ssm():
         from mamba_ssm.ops.triton.selective_state_update import selective_state_update
     except Exception as error:  # ImportError, or a CUDA extension that fails to load
         return None, f"mamba_ssm unavailable ({type(error).__name__}: {error})"
-    return (selective_scan_fn, selective_state_update), ""
+    return (_opaque(selective_scan_fn), selective_state_update), ""
 
 
 @functools.cache
@@ -91,7 +91,7 @@ def _causal_conv1d():
         from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     except Exception as error:
         return None, f"causal_conv1d unavailable ({type(error).__name__}: {error})"
-    return (causal_conv1d_fn, causal_conv1d_update), ""
+    return (_opaque(causal_conv1d_fn), causal_conv1d_update), ""
 
 
 @functools.cache
@@ -100,10 +100,9 @@ def _flash_attn():
         from flash_attn import flash_attn_func
     except Exception as error:
         return None, f"flash_attn unavailable ({type(error).__name__}: {error})"
-    return flash_attn_func, ""
+    return _opaque(flash_attn_func), ""
 
 
-@functools.cache
 def _opaque(function):
     """`function` hidden from torch.compile: the extension kernels (mamba_ssm, causal_conv1d, flash-attn)
     are autograd Functions over C++ calls that dynamo cannot trace; a compiled block breaks its graph
@@ -111,6 +110,7 @@ def _opaque(function):
     return torch.compiler.disable(function, recursive=True)
 
 
+@torch.compiler.disable  # runs eagerly (imports, logging): a compiled block breaks its graph here
 def _use_cuda(op: str, tensor: torch.Tensor, loader, *, required_by_mode: bool = True):
     """The CUDA functions for `op` if this call should use them, else None (reference)."""
     mode = kernel_mode()
@@ -154,7 +154,7 @@ def selective_scan(
     functions = _use_cuda("selective_scan", u, _mamba_ssm, required_by_mode=initial_state is None)
     if functions is not None and initial_state is None:
         _announce("selective_scan", "mamba_ssm.selective_scan_fn (CUDA)")
-        result = _opaque(functions[0])(
+        result = functions[0](
             u, delta, A, B, C, D.float(), z=z, delta_bias=delta_bias.float(), delta_softplus=True,
             return_last_state=return_last_state,
         )
@@ -308,7 +308,7 @@ def causal_conv(
         functions = _use_cuda("causal_conv1d", x, _causal_conv1d)
         if functions is not None:
             _announce("causal_conv1d", "causal_conv1d_fn (CUDA)")
-            return _opaque(functions[0])(x, weight, bias, activation="silu")
+            return functions[0](x, weight, bias, activation="silu")
         padded = F.pad(x, (width - 1, 0))
     else:
         padded = torch.cat([context[..., -(width - 1):].to(x.dtype), x], dim=-1) if width > 1 else x
@@ -356,7 +356,7 @@ def attention(
         flash = _use_cuda("attention", q, _flash_attn, required_by_mode=False)
         if flash is not None:
             _announce("attention", "flash_attn_func (CUDA)")
-            out = _opaque(flash)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout,
+            out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout,
                         softmax_scale=scale, causal=True)
             return out.transpose(1, 2)
     _announce("attention", f"torch SDPA ({q.device.type})")

@@ -80,6 +80,8 @@ class TrainConfig:
     save_every: int = 0  # save resumable state every this many steps; 0 = only when a call ends
     log_every: int = 10  # report metrics to the callback every this many steps (and at the last)
     bf16_autocast: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
+    compile_blocks: bool = False  # CUDA: torch.compile each decoder block of student and teacher (fuses norms,
+    # residual adds, RoPE and activations; the first steps pay the compile time). CPU ignores it.
     loss_window: int = 10  # TrainResult.final_loss = mean loss of the last this many steps
 
     def __post_init__(self) -> None:
@@ -141,6 +143,7 @@ class TrainConfig:
         _require_int("save_every", self.save_every, 0)
         _require_int("log_every", self.log_every, 1)
         _require(isinstance(self.bf16_autocast, bool), f"bf16_autocast must be a bool, got {self.bf16_autocast!r}")
+        _require(isinstance(self.compile_blocks, bool), f"compile_blocks must be a bool, got {self.compile_blocks!r}")
         _require_int("loss_window", self.loss_window, 1)
 
     @property

@@ -127,12 +127,16 @@ def train(
     trainable_ids = {id(param) for _, param in trainable}
     saved_flags = [(param, param.requires_grad) for param in student.parameters()]
     saved_modes = [(student, student.training)] + ([(teacher, teacher.training)] if teacher is not None else [])
+    compiled: list[nn.Module] = []
     try:
         for param in student.parameters():
             param.requires_grad_(id(param) in trainable_ids)
         student.train()
         if teacher is not None:
             teacher.eval()
+        if cfg.compile_blocks and device.type == "cuda":
+            compiled = _compile_blocks(student, "student") + (
+                _compile_blocks(teacher, "teacher") if teacher is not None else [])
         optimizer = build_optimizer(trainable, cfg)
         progress = _start(student, optimizer, cfg, state_dir)
         log.info(
@@ -161,10 +165,23 @@ def train(
             max_steps_this_call=max_steps_this_call,
         )
     finally:
+        for block in compiled:
+            block._compiled_call_impl = None  # back to eager: what nn.Module.compile() set, unset
         for param, flag in saved_flags:
             param.requires_grad_(flag)
         for module, mode in saved_modes:
             module.train(mode)
+
+
+def _compile_blocks(model: nn.Module, name: str) -> list[nn.Module]:
+    """torch.compile each block of `model.model.layers` in place (parameter names do not change, so
+    checkpoints are unaffected); blocks of one kind share their compiled code."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"compile_blocks: the {name} has no model.layers list of decoder blocks to compile")
+    for block in layers:
+        block.compile()
+    return list(layers)
 
 
 def _run(

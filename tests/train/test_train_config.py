@@ -48,6 +48,7 @@ def test_defaults_are_valid_and_distil_with_reverse_kl() -> None:
         ({"save_every": -1}, "save_every must be an int >= 0"),
         ({"log_every": 0}, "log_every must be an int >= 1"),
         ({"bf16_autocast": 1}, "bf16_autocast must be a bool"),
+        ({"compile_blocks": "yes"}, "compile_blocks must be a bool"),
         ({"loss_window": 0}, "loss_window must be an int >= 1"),
     ],
 )

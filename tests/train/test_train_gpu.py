@@ -88,3 +88,34 @@ def test_train_on_cuda_with_bf16_autocast() -> None:
     print(f"loss {metrics[0].loss:.3f} -> {result.final_loss:.3f}, {metrics[-1].tokens_per_second:.0f} tokens/s")
     assert result.final_loss < 0.8 * metrics[0].loss
     assert all(p.dtype == torch.float32 for p in student.parameters())  # fp32 master weights, bf16 compute
+
+
+def test_compiled_blocks_train_like_eager_blocks() -> None:
+    """compile_blocks=True (torch.compile per decoder block) follows the eager run's losses, keeps the
+    parameter names, and leaves the models eager when train() returns."""
+    from pipeline.model import HybridConfig, HybridForCausalLM
+
+    def models():
+        torch.manual_seed(0)
+        shape = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, mamba_d_inner=64, mamba_d_xb=32,
+                     mamba_d_state=8, mamba_dt_rank=4)
+        teacher = HybridForCausalLM(HybridConfig(**shape, layer_types=["attention"] * 4)).cuda().eval()
+        student = HybridForCausalLM(HybridConfig(**shape, layer_types=["attention", "mamba"] * 2)).cuda()
+        return teacher, student
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 256, (4, 64), generator=generator)} for _ in range(3)]
+    losses = {}
+    for compiled in (False, True):
+        teacher, student = models()
+        names = [name for name, _ in student.named_parameters()]
+        metrics: list[StepMetrics] = []
+        cfg = TrainConfig(steps=6, lr=1e-3, trainable="all", batch_size=4, max_length=64, kl_chunk_tokens=128,
+                          log_every=1, compile_blocks=compiled)
+        train(student, batches, cfg, teacher=teacher, callback=metrics.append)
+        losses[compiled] = [m.loss for m in metrics]
+        assert [name for name, _ in student.named_parameters()] == names
+        assert all(block._compiled_call_impl is None for block in student.model.layers)
+    print(f"eager {losses[False]}\ncompiled {losses[True]}")
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=2e-2, atol=1e-3)
