@@ -41,14 +41,15 @@ def flops_per_token(m: HybridForCausalLM, seq: int, passes: int) -> float:
     return passes * (2 * weights + 2 * attention)
 
 
-def distill_benchmark(seq: int, micro_batch: int, accum: int, steps: int) -> dict:
+def distill_benchmark(seq: int, micro_batch: int, accum: int, steps: int, compile_blocks: bool = True) -> dict:
     torch.manual_seed(0)
     teacher = model(["attention"] * SHAPE["num_hidden_layers"]).to(torch.bfloat16).eval()
     student = model(["mamba" if i % 2 else "attention" for i in range(SHAPE["num_hidden_layers"])])
     batches = [{"input_ids": torch.randint(0, SHAPE["vocab_size"], (micro_batch, seq), device="cuda")}
                for _ in range(accum * 2)]
     cfg = TrainConfig(steps=steps + 3, lr=1e-4, warmup_steps=0, batch_size=micro_batch, max_length=seq, grad_accum=accum,
-                      trainable="all", loss="reverse_kl", kl_chunk_tokens=4096, log_every=1, bf16_autocast=True)
+                      trainable="all", loss="reverse_kl", kl_chunk_tokens=4096, log_every=1, bf16_autocast=True,
+                      compile_blocks=compile_blocks)
     times = []
 
     def callback(metrics):
@@ -65,11 +66,21 @@ def distill_benchmark(seq: int, micro_batch: int, accum: int, steps: int) -> dic
         "grad_accum": accum, "step_s": step_s, "tokens_per_s": tokens / step_s,
         "model_tflops_per_step": flops / 1e12, "mfu": flops / step_s / PEAK_FLOPS,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "compile_blocks": compile_blocks,
     }
     del teacher, student, batches
     gc.collect()
     torch.cuda.empty_cache()
     return result
+
+
+def profile_steps(seq: int, micro_batch: int, compile_blocks: bool) -> None:
+    """Top CUDA kernels (by total time) over a few distillation steps, warm-up step included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        distill_benchmark(seq, micro_batch, 1, steps=1, compile_blocks=compile_blocks)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90), flush=True)
 
 
 def kl_memory(tokens: int, hidden: int, vocab: int, chunked: bool) -> float:
@@ -104,10 +115,15 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 4 steps and exit")
+    parser.add_argument("--eager", action="store_true", help="blocks not compiled (compile_blocks=False)")
     args = parser.parse_args()
+    if args.profile:
+        profile_steps(args.seq, args.micro_batch, not args.eager)
+        return
     record = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__}
-    record["distillation"] = distill_benchmark(args.seq, args.micro_batch, args.accum, args.steps)
+    record["distillation"] = distill_benchmark(args.seq, args.micro_batch, args.accum, args.steps, not args.eager)
     print(json.dumps(record["distillation"]), flush=True)
     memory = {}
     for vocab in (32768, 131072):
