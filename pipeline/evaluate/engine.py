@@ -137,6 +137,13 @@ class GenerationEngine:
         self.normed = torch.zeros_like(self.hidden)
         self.query = torch.zeros(b, config.num_attention_heads, config.head_dim, dtype=self.dtype, device=self.device)
         self.act = torch.zeros(b, config.intermediate_size, dtype=self.dtype, device=self.device)
+        self.mamba_out = torch.zeros(b, config.mamba_d_inner, dtype=self.dtype, device=self.device) if self.conv else None
+        # in_proj and dt_in_proj read the same input: one GEMM when in_proj has no bias
+        self.fused_in: dict[int, torch.Tensor] = {}
+        for index in self.conv:
+            mixer = self.model.model.layers[index].mixer
+            fused = _fuse([mixer.in_proj, mixer.dt_in_proj], "weight") if mixer.in_proj.bias is None else None
+            self.fused_in[index] = fused if fused is not None else mixer.in_proj.weight
         rows = config.num_attention_heads // config.num_key_value_heads
         self.decode_attention = decode_kernels.DecodeAttention(
             b, config.num_key_value_heads, rows, config.head_dim, self.max_length, self.device, self.dtype
@@ -286,7 +293,7 @@ class GenerationEngine:
             if kind == ATTENTION:
                 update = self._attention_fused(layer.mixer, normed, cos, sin, index)
             elif kind == MAMBA:
-                update = layer.mixer.step(normed, self.conv[index], self.ssm[index])
+                update = self._mamba_fused(layer.mixer, normed, index)
             post = layer.post_attention_layernorm
             decode_kernels.add_rms_norm(hidden, update, post.weight, post.variance_epsilon, normed)
             update = self._mlp_fused(index, layer.mlp, normed)
@@ -308,6 +315,18 @@ class GenerationEngine:
         q = self.query.view(b, mixer.num_kv_heads, mixer.num_heads // mixer.num_kv_heads, mixer.head_dim)
         out = self.decode_attention(q, self.keys[index], self.values[index], self.key_valid, self.slot, mixer.scale)
         return mixer.o_proj(out.view(b, -1))
+
+    def _mamba_fused(self, mixer, normed, index) -> torch.Tensor:
+        weight = self.fused_in[index]
+        proj = F.linear(normed, weight, mixer.in_proj.bias if weight is mixer.in_proj.weight else None)
+        width = 2 * mixer.d_inner + 2 * mixer.d_xb
+        dt_low = proj[:, width:] if proj.shape[-1] > width else mixer.dt_in_proj(normed)  # (b, dt_rank)
+        dt = F.linear(dt_low, mixer.dt_proj.weight)  # (b, d) before bias
+        decode_kernels.mamba_step(
+            proj, dt, mixer.expand_index(self.device), self.conv[index], mixer.conv1d.weight.view(mixer.d_inner, -1),
+            mixer.conv1d.bias, self.ssm[index], mixer.A_log, mixer.D, mixer.dt_proj.bias, self.mamba_out,
+        )
+        return mixer.out_proj(self.mamba_out)
 
     def _mlp_fused(self, index, mlp, normed) -> torch.Tensor:
         if index not in self.fused_gate_up:

@@ -62,6 +62,22 @@ def test_decode_attention_matches_softmax_attention(rows, n_splits):
                                atol=2e-2, rtol=2e-2)
 
 
+def test_decode_attention_addresses_caches_beyond_2_31_elements():
+    """A large batch's cache has more elements than a 32-bit offset reaches (found at batch 600 on an H200)."""
+    if DEVICE.type != "cuda" or torch.cuda.mem_get_info()[0] < 16 * 2**30:
+        pytest.skip("needs a CUDA device with 16 GiB free")
+    b, g, e, L = 3, 1, 128, 2**23  # sequence 2 starts at element 2^31
+    keys = torch.zeros(b, g, L, e, dtype=DTYPE, device=DEVICE)
+    values = torch.zeros_like(keys)
+    q = torch.randn(b, g, 4, e, device=DEVICE).to(DTYPE)
+    values[:, :, :100] = torch.arange(b, device=DEVICE, dtype=DTYPE)[:, None, None, None] + 1  # row i holds i + 1
+    valid = torch.zeros(b, L, dtype=torch.bool, device=DEVICE)
+    valid[:, :100] = True
+    attention = decode_kernels.DecodeAttention(b, g, 4, e, L, DEVICE, DTYPE, n_splits=1)
+    out = attention(q, keys, values, valid, torch.tensor([99], device=DEVICE), e**-0.5)
+    assert torch.equal(out.float(), (torch.arange(b, device=DEVICE)[:, None, None, None] + 1).float().expand_as(out))
+
+
 def test_rope_kv_write_matches_transformers():
     generator = torch.Generator().manual_seed(0)
     b, h, g, e, L = 3, 8, 2, 64, 16
@@ -111,18 +127,51 @@ def test_silu_mul_matches_torch():
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, atol=0, rtol=1e-2)  # to the last bit
 
 
-def tiny_hybrid() -> HybridForCausalLM:
+@pytest.mark.parametrize("expansion, conv_bias", [("chunk", True), ("head_aligned", False)])
+def test_mamba_step_matches_the_mixer_step(expansion, conv_bias):
+    torch.manual_seed(0)
+    config = HybridConfig(
+        vocab_size=64, hidden_size=96, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=16, layer_types=["mamba"], mamba_d_inner=128, mamba_d_xb=32,
+        mamba_d_state=8, mamba_dt_rank=6, mamba_gqa_expansion=expansion, mamba_conv_bias=conv_bias,
+    )
+    mixer = HybridForCausalLM(config).model.layers[0].mixer
+    with torch.no_grad():
+        for parameter in mixer.parameters():
+            parameter.normal_(0.0, 0.3)
+    mixer = mixer.to(DEVICE, DTYPE)
+    b, d, n = 3, 128, 8
+    hidden = torch.randn(b, 96, device=DEVICE).to(DTYPE)
+    conv = torch.randn(b, d, 4, device=DEVICE).to(DTYPE)
+    ssm = torch.randn(b, d, n, device=DEVICE)
+    conv_fused, ssm_fused = conv.clone(), ssm.clone()
+    with torch.no_grad():
+        expected = mixer.step(hidden, conv, ssm)  # the model's own step (advances conv / ssm in place)
+        proj = mixer.in_proj(hidden)
+        dt = torch.nn.functional.linear(mixer.dt_in_proj(hidden), mixer.dt_proj.weight)
+        y = decode_kernels.mamba_step(proj, dt, mixer.expand_index(DEVICE), conv_fused, mixer.conv1d.weight.view(d, -1),
+                                      mixer.conv1d.bias, ssm_fused, mixer.A_log, mixer.D, mixer.dt_proj.bias,
+                                      torch.empty(b, d, dtype=DTYPE, device=DEVICE))
+        out = mixer.out_proj(y)
+    assert torch.equal(conv_fused, conv)
+    torch.testing.assert_close(ssm_fused, ssm, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+def tiny_hybrid(in_proj_bias: bool = False) -> HybridForCausalLM:
     torch.manual_seed(0)
     config = HybridConfig(
         vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=2, head_dim=16, layer_types=["attention", "mamba", "identity", "attention"],
         mamba_d_inner=128, mamba_d_xb=32, mamba_d_state=8, mamba_dt_rank=8, attention_bias=True,
+        mamba_in_proj_bias=in_proj_bias,
     )
     return HybridForCausalLM(config).to(DEVICE, DTYPE).eval()
 
 
-def test_fused_engine_matches_the_plain_engine_step_by_step():
-    model = tiny_hybrid()
+@pytest.mark.parametrize("in_proj_bias", [False, True])  # in_proj and dt_in_proj fused in one GEMM, or not
+def test_fused_engine_matches_the_plain_engine_step_by_step(in_proj_bias):
+    model = tiny_hybrid(in_proj_bias)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (3, 20), generator=generator).to(DEVICE)
     mask = torch.ones_like(ids)
