@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-gpu bench-kernels clean pipeline teacher loo convert mmr steps sft eval ui serve
+.PHONY: setup test test-gpu bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ui serve
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,8 +34,19 @@ test: setup
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu $(ARGS)
 
+# GPU benchmarks (CUDA torch, the `gpu` extra and triton): each writes its JSON beside the committed
+# results; compare with benchmarks/results/*-h100.{json,md}.
 bench-kernels: setup
 	$(PY) benchmarks/kernel_parity.py --out benchmarks/results/kernel-parity.json
+
+bench-throughput: setup  ## teacher vs H-25/H-30/H-40 at the Apriel-15B shape, 4k and 16k tokens
+	$(PY) benchmarks/throughput.py --out benchmarks/results/throughput.json $(ARGS)
+
+bench-attention: setup  ## the decode-attention kernel alone (configuration sweep)
+	$(PY) benchmarks/decode_attention.py --out benchmarks/results/decode-attention.json
+
+bench-train: setup  ## distillation tokens/s and MFU of a 1B student, chunked-KL memory
+	$(PY) benchmarks/train_throughput.py --out benchmarks/results/train-throughput.json $(ARGS)
 
 # --- the pipeline --------------------------------------------------------------------------------------
 
