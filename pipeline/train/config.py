@@ -76,7 +76,9 @@ class TrainConfig:
     loss: str = "reverse_kl"  # "reverse_kl" | "forward_kl" (need a teacher) | "ce" (no teacher)
     temperature: float = 1.0  # softmax temperature of both KL distributions
     ce_weight: float = 0.0  # distillation only: loss = KL + ce_weight * CE on the trained tokens
-    kl_chunk_tokens: int = 1024  # tokens per chunk when losses go through the lm_head (KL and CE)
+    kl_chunk_tokens: int = 1024  # at most this many tokens per chunk when losses go through the lm_head
+    kl_chunk_elements: int = 2**25  # and at most this many logits per chunk (a 128 MiB fp32 block): the
+    # chunk's memory is then the same for any vocabulary size
     save_every: int = 0  # save resumable state every this many steps; 0 = only when a call ends
     log_every: int = 10  # report metrics to the callback every this many steps (and at the last)
     bf16_autocast: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
@@ -140,6 +142,7 @@ class TrainConfig:
             f"ce_weight mixes CE into a KL loss; with loss='ce' it must be 0, got {self.ce_weight!r}",
         )
         _require_int("kl_chunk_tokens", self.kl_chunk_tokens, 1)
+        _require_int("kl_chunk_elements", self.kl_chunk_elements, 1)
         _require_int("save_every", self.save_every, 0)
         _require_int("log_every", self.log_every, 1)
         _require(isinstance(self.bf16_autocast, bool), f"bf16_autocast must be a bool, got {self.bf16_autocast!r}")

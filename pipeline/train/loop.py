@@ -232,7 +232,8 @@ def _run(
         for batch in micro_batches:
             with autocast():
                 objective_sum, distill_sum, ce_sum = _loss_sums(
-                    student, teacher, student_head, teacher_head, batch, objective, cfg.kl_chunk_tokens
+                    student, teacher, student_head, teacher_head, batch, objective, cfg.kl_chunk_tokens,
+                    cfg.kl_chunk_elements,
                 )
             (objective_sum / target_tokens).backward()  # the step's mean, accumulated over micro-batches
             sums += torch.stack(
@@ -299,6 +300,7 @@ def _loss_sums(
     batch: PreparedBatch,
     objective: _Objective,
     chunk_tokens: int,
+    chunk_elements: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(objective, KL, CE) summed over the batch's trained tokens; position t predicts token t+1."""
     hidden = _hidden_states(student, batch)[:, :-1]  # (B, T-1, H)
@@ -316,12 +318,14 @@ def _loss_sums(
             kind=objective.distill_kind,
             temperature=objective.temperature,
             chunk_tokens=chunk_tokens,
+            chunk_elements=chunk_elements,
             reduction="sum",
         )
     if objective.ce_weight > 0:
         targets = batch.input_ids[:, 1:]  # (B, T-1)
         ce_sum = chunked_cross_entropy(
-            hidden, student_head, targets, batch.target_mask, chunk_tokens=chunk_tokens, reduction="sum"
+            hidden, student_head, targets, batch.target_mask, chunk_tokens=chunk_tokens,
+            chunk_elements=chunk_elements, reduction="sum",
         )
     if distill_sum is None:
         assert ce_sum is not None

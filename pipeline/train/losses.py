@@ -5,11 +5,19 @@ V = vocabulary size, T = temperature.
 
 The losses take final hidden states and lm_head weights rather than logits, so that the (N, V) logits of
 the student and of the teacher never exist at once: at most about three (C, V) fp32 blocks do.
+A chunk holds C = min(chunk_tokens, chunk_elements // V) rows, so its blocks have a fixed number of
+elements whatever the vocabulary: the peak memory above the inputs and the gradients does not grow with V.
 `_ChunkedHeadLoss` walks the tokens C at a time; for each chunk it builds both (C, V) logit blocks, the
 per-token loss and, when a gradient is wanted, the gradient of the loss w.r.t. the student logits, which
 it immediately folds into the gradients w.r.t. the student hidden states (N, H) and head weight (V, H).
-Those two gradients are all the backward keeps, so backward holds no logits either: it only scales them
-by the incoming gradient (the loss is a scalar).
+Those two gradients are all the backward keeps, so backward holds no logits either: it scales them in
+place by the incoming gradient (the loss is a scalar) and hands them over, so a graph through this loss
+is backpropagated once (no `retain_graph` second pass).
+The head-weight gradient is accumulated in the weight's own dtype, chunk after chunk (as gradient
+accumulation over micro-batches does): exact fp32 sums for fp32 master weights (autocast training), one
+bf16 rounding per chunk for a bf16 head. When the compute dtype differs from the weight's, each chunk's
+product is added in vocabulary slices of at most chunk_elements elements, so no (V, H) temporary exists;
+the one (V, H)-sized extra is then the head cast to the compute dtype, a copy of an input.
 
 Conventions:
 - reverse KL = KL(student || teacher) = sum_v p_s (log p_s - log p_t), the Apriel-H1 default;
@@ -30,6 +38,7 @@ import torch
 from torch import Tensor
 
 DISTILL_KINDS: tuple[str, ...] = ("reverse_kl", "forward_kl")
+DEFAULT_CHUNK_ELEMENTS = 2**25  # logit elements per chunk: a (C, V) fp32 block of 128 MiB
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 
 
@@ -38,6 +47,7 @@ class _LossSpec:
     kind: str  # "reverse_kl" | "forward_kl" | "ce"
     temperature: float
     chunk_tokens: int
+    chunk_elements: int
     compute_dtype: torch.dtype
     need_hidden_grad: bool
     need_weight_grad: bool
@@ -122,15 +132,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             weight_c = student_weight.to(compute)  # (V, Hs), a copy only when the dtype differs
             teacher_weight_c = teacher_weight.to(compute) if teacher_weight is not None else None
             grad_hidden = torch.empty_like(student_hidden) if spec.need_hidden_grad else None  # (N, Hs)
-            grad_weight = (
-                torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device)
-                if spec.need_weight_grad
-                else None
-            )  # (V, Hs) fp32 accumulator
+            # (V, Hs) accumulator in the weight's dtype: the gradient itself, no second copy at the end
+            grad_weight = torch.zeros_like(student_weight) if spec.need_weight_grad else None
             need_grad = spec.need_hidden_grad or spec.need_weight_grad
             total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-            for start in range(0, student_hidden.shape[0], spec.chunk_tokens):
-                stop = min(start + spec.chunk_tokens, student_hidden.shape[0])
+            vocab, width = student_weight.shape
+            rows = max(1, min(spec.chunk_tokens, spec.chunk_elements // vocab))  # C: tokens per chunk
+            slice_rows = max(1, spec.chunk_elements // width)  # vocabulary rows per weight-gradient slice
+            for start in range(0, student_hidden.shape[0], rows):
+                stop = min(start + rows, student_hidden.shape[0])
                 hidden_c = student_hidden[start:stop].to(compute)  # (C, Hs)
                 # Two (C, V) log-probability blocks; _chunk_loss overwrites them in place.
                 loss, grad_logits = _chunk_loss(
@@ -149,24 +159,35 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start:stop] = grad_logits_c @ weight_c  # (C, Hs)
                 if grad_weight is not None:
-                    if compute == torch.float32:
-                        grad_weight.addmm_(grad_logits_c.T, hidden_c)  # (V, Hs)
+                    if grad_weight.dtype == compute:
+                        grad_weight.addmm_(grad_logits_c.T, hidden_c)  # (V, Hs), accumulated inside the GEMM
                     else:
-                        grad_weight += (grad_logits_c.T @ hidden_c).float()  # (V, Hs)
+                        for v0 in range(0, vocab, slice_rows):
+                            v1 = min(v0 + slice_rows, vocab)
+                            grad_weight[v0:v1] += grad_logits_c[:, v0:v1].T @ hidden_c  # (slice, Hs)
                 del grad_logits, grad_logits_c
-        saved_hidden = grad_hidden if grad_hidden is not None else torch.empty(0)
-        saved_weight = grad_weight.to(student_weight.dtype) if grad_weight is not None else torch.empty(0)
-        ctx.save_for_backward(saved_hidden, saved_weight)
-        ctx.has_grads = (grad_hidden is not None, grad_weight is not None)
+        # Kept as plain attributes (intermediates, not inputs or outputs), so that backward can hand them
+        # over without a copy: scaled in place, they become the gradients (autograd stores them as .grad).
+        ctx.grads = (grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor):  # type: ignore[override]
-        saved_hidden, saved_weight = ctx.saved_tensors
-        has_hidden, has_weight = ctx.has_grads
-        grad_hidden = saved_hidden * grad_output.to(saved_hidden.dtype) if has_hidden else None
-        grad_weight = saved_weight * grad_output.to(saved_weight.dtype) if has_weight else None
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss's gradients were already handed over: backward runs once per forward")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.mul_(grad_output.to(grad.dtype))
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _check_chunking(chunk_tokens: int, chunk_elements: int) -> None:
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens!r}")
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements!r}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -222,6 +243,7 @@ def chunked_distill_loss(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
     *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -235,8 +257,7 @@ def chunked_distill_loss(
     _check_choice("reduction", reduction, REDUCTIONS)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens!r}")
+    _check_chunking(chunk_tokens, chunk_elements)
     if tuple(teacher_hidden.shape[:-1]) != tuple(student_hidden.shape[:-1]):
         raise ValueError(
             f"teacher_hidden shape {tuple(teacher_hidden.shape)} and student_hidden shape "
@@ -255,6 +276,7 @@ def chunked_distill_loss(
         kind=kind,
         temperature=float(temperature),
         chunk_tokens=int(chunk_tokens),
+        chunk_elements=int(chunk_elements),
         compute_dtype=_resolve_compute_dtype(compute_dtype, student_rows, student_head_weight),
         need_hidden_grad=grad_enabled and student_rows.requires_grad,
         need_weight_grad=grad_enabled and student_head_weight.requires_grad,
@@ -272,6 +294,7 @@ def chunked_cross_entropy(
     mask: Tensor,
     chunk_tokens: int = 1024,
     *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     reduction: str = "mean",
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -281,8 +304,7 @@ def chunked_cross_entropy(
     Returns a fp32 scalar.
     """
     _check_choice("reduction", reduction, REDUCTIONS)
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens!r}")
+    _check_chunking(chunk_tokens, chunk_elements)
     if tuple(targets.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"targets shape {tuple(targets.shape)} does not match hidden shape {tuple(hidden.shape)} "
@@ -302,6 +324,7 @@ def chunked_cross_entropy(
         kind="ce",
         temperature=1.0,
         chunk_tokens=int(chunk_tokens),
+        chunk_elements=int(chunk_elements),
         compute_dtype=_resolve_compute_dtype(compute_dtype, rows, head_weight),
         need_hidden_grad=grad_enabled and rows.requires_grad,
         need_weight_grad=grad_enabled and head_weight.requires_grad,

@@ -45,6 +45,7 @@ def test_defaults_are_valid_and_distil_with_reverse_kl() -> None:
         ({"ce_weight": -1.0}, "ce_weight must be >= 0"),
         ({"loss": "ce", "ce_weight": 0.5}, "with loss='ce' it must be 0"),
         ({"kl_chunk_tokens": 0}, "kl_chunk_tokens must be an int >= 1"),
+        ({"kl_chunk_elements": 0}, "kl_chunk_elements must be an int >= 1"),
         ({"save_every": -1}, "save_every must be an int >= 0"),
         ({"log_every": 0}, "log_every must be an int >= 1"),
         ({"bf16_autocast": 1}, "bf16_autocast must be a bool"),

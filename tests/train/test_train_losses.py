@@ -182,12 +182,14 @@ class _LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # views and in-place results share an argument's storage: nothing new was allocated
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, Tensor):
                 continue
             storage = tensor.untyped_storage()
             key, size = id(storage), storage.nbytes()
-            if size and key not in self.live:
+            if size and key not in self.live and key not in inputs:
                 self.live[key] = size
                 self.current += size
                 self.peak = max(self.peak, self.current)
@@ -229,6 +231,65 @@ def test_forward_and_backward_never_hold_full_logits(kind: str) -> None:
     assert chunked_peak <= budget < full_logits_bytes / 2, (chunked_peak, budget)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peak_memory_does_not_grow_with_the_vocabulary(dtype: torch.dtype) -> None:
+    """Chunks sized by elements and the head gradient accumulated in its own dtype: the memory above the
+    inputs and the two gradients is the same at vocab 4096 and 16384 (fixed-token chunks grow it 4x)."""
+    tokens, hidden, budget = 2048, 16, 2**16
+
+    def extra_bytes(vocab: int, chunk_elements: int, chunk_tokens: int) -> int:
+        student_hidden, student_weight, teacher_hidden, teacher_weight, _ = _inputs(tokens, hidden, hidden, vocab)
+        student_hidden = student_hidden.detach().to(dtype).requires_grad_(True)
+        student_weight = student_weight.detach().to(dtype).requires_grad_(True)
+        teacher_hidden, teacher_weight = teacher_hidden.to(dtype), teacher_weight.to(dtype)
+        mask = torch.ones(tokens, dtype=torch.bool)
+
+        def run() -> None:
+            chunked_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                                 chunk_tokens=chunk_tokens, chunk_elements=chunk_elements).backward()
+
+        peak, _ = _peak_bytes(run)
+        assert student_weight.grad.dtype == dtype
+        return peak - (tokens + vocab) * hidden * dtype.itemsize  # minus the gradients themselves
+
+    small, large = extra_bytes(4096, budget, tokens), extra_bytes(16384, budget, tokens)
+    assert large <= 1.1 * small, (small, large)
+    # the probe does see vocabulary-sized chunks: a fixed 64-token chunk grows with the vocabulary
+    fixed_small, fixed_large = extra_bytes(4096, 2**40, 64), extra_bytes(16384, 2**40, 64)
+    assert fixed_large >= 3 * fixed_small, (fixed_small, fixed_large)
+
+
+def test_chunk_elements_sets_the_rows_per_chunk() -> None:
+    student_hidden, student_weight, teacher_hidden, teacher_weight, mask = _inputs()  # vocab 50, 30 tokens
+    expected = reference_distill_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, mask)
+    sizes: list[int] = []
+
+    class _ChunkRows(TorchDispatchMode):  # records the rows of every (rows, vocab) logits product
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default and out.shape[-1] == 50:
+                sizes.append(out.shape[0])
+            return out
+
+    with _ChunkRows():
+        got = chunked_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                                   chunk_tokens=64, chunk_elements=120)  # 120 // 50 = 2 rows a chunk
+    assert sizes and max(sizes) == 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_head_gradient_stays_close_to_the_fp32_reference() -> None:
+    student_hidden, student_weight, teacher_hidden, teacher_weight, mask = _inputs(64, 16, 16, 300)
+    reference_distill_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, mask).backward()
+    expected = student_weight.grad.clone()
+    weight = student_weight.detach().to(torch.bfloat16).requires_grad_(True)
+    chunked_distill_loss(student_hidden.detach().to(torch.bfloat16), weight, teacher_hidden.to(torch.bfloat16),
+                         teacher_weight.to(torch.bfloat16), mask, chunk_tokens=8).backward()  # 8 chunks summed
+    assert weight.grad.dtype == torch.bfloat16
+    error = (weight.grad.float() - expected).norm() / expected.norm()
+    assert error < 3e-2, error
+
+
 def test_autograd_graph_saves_no_logits() -> None:
     tokens, vocab, chunk = 256, 128, 16
     student_hidden, student_weight, teacher_hidden, teacher_weight, mask = _inputs(tokens, 8, 8, vocab)
@@ -252,6 +313,7 @@ def test_autograd_graph_saves_no_logits() -> None:
     [
         ({"kind": "js"}, "kind must be one of"),
         ({"chunk_tokens": 0}, "chunk_tokens must be >= 1"),
+        ({"chunk_elements": 0}, "chunk_elements must be >= 1"),
         ({"temperature": 0.0}, "temperature must be > 0"),
         ({"mask": torch.ones(29, dtype=torch.bool)}, "mask shape (29,) does not match student_hidden"),
         ({"teacher_weight": torch.randn(51, 12)}, "student vocab 50 != teacher vocab 51"),
@@ -271,6 +333,7 @@ def test_bad_arguments_raise_clear_errors(change: dict, fragment: str) -> None:
         "kind": "reverse_kl",
         "temperature": 1.0,
         "chunk_tokens": 4,
+        "chunk_elements": 2**20,
         "reduction": "mean",
     } | change
     with pytest.raises(ValueError) as error:
@@ -283,6 +346,7 @@ def test_bad_arguments_raise_clear_errors(change: dict, fragment: str) -> None:
             arguments["kind"],
             arguments["temperature"],
             arguments["chunk_tokens"],
+            chunk_elements=arguments["chunk_elements"],
             reduction=arguments["reduction"],
         )
     assert fragment in str(error.value)
