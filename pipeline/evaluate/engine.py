@@ -14,10 +14,11 @@ so a throughput ratio measures the architecture, not two code paths.
   `decode_kernels`): residual add + RMSNorm in one kernel, RoPE applied and K/V written to the cache
   in one kernel straight from the fused QKV projection, split-K flash-decoding attention that reads
   only the cache columns filled so far (each K/V byte once, all query heads of a KV head together),
-  silu(gate) * up in one kernel. Elsewhere (CPU, fp32) the same step in plain PyTorch: attention over
+  silu(gate) * up in one kernel, and per Mamba layer one GEMM for in_proj + dt_in_proj and one kernel
+  for the rest of the mixer's step. Elsewhere (CPU, fp32) the same step in plain PyTorch: attention over
   the whole static buffer under a mask, the query heads of each KV head folded into the query rows so
-  K/V are never expanded. Mamba layers use `MambaMixer.step` (causal_conv1d_update +
-  selective_state_update on CUDA). On CUDA the step is captured once in a CUDA graph and replayed.
+  K/V are never expanded, and `MambaMixer.step` (causal_conv1d_update + selective_state_update where
+  installed). On CUDA the step is captured once in a CUDA graph and replayed.
 - Left-padded prompts are supported (padding masked in attention, zeroed in Mamba states), so the
   `evaluate` stage can use the engine for answers as well as for speed.
 """
@@ -128,6 +129,7 @@ class GenerationEngine:
             and self.dtype in (torch.bfloat16, torch.float16)
             and config.head_dim >= 16 and config.head_dim & (config.head_dim - 1) == 0
             and config.hidden_act == "silu"
+            and (not self.conv or config.mamba_d_state & (config.mamba_d_state - 1) == 0)
             and getattr(self.model.model.rotary_emb, "inv_freq", torch.empty(0)).numel() * 2 == config.head_dim
         )
 
