@@ -163,6 +163,7 @@ def _kernels():
         if HAS_UPDATE:
             u = tl.load(UPDATE + row * width + cols, mask=ok, other=0.0)
             x = (x.to(tl.float32) + u.to(tl.float32)).to(X.dtype.element_ty)  # as torch's add rounds
+            tl.debug_barrier()  # in place: all reads of the row before any write (see mamba_step)
             tl.store(X + row * width + cols, x, mask=ok)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / width + eps)
@@ -185,7 +186,7 @@ def _kernels():
         PROJ, DT, INDEX, CONV, CONV_W, CONV_B, SSM, A_LOG, D, DT_BIAS, OUT,
         d_inner, d_xb,
         stride_proj, stride_dt, stride_conv_b, stride_conv_d, stride_ssm_b, stride_ssm_d, stride_out,
-        K: tl.constexpr, N: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+        K: tl.constexpr, K_PAD: tl.constexpr, N: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
@@ -195,17 +196,13 @@ def _kernels():
         # x: the expanded channel c reads source channel INDEX[c] of the d_xb-wide projection
         source = tl.load(INDEX + c, mask=ok, other=0)
         x = tl.load(row + d_inner + source, mask=ok, other=0.0)
-        # conv window (oldest first): shift left by one, the new input last; silu(conv + bias). One tap at a
-        # time over (BLOCK_D,) vectors, so the thread that reads a channel's tap is the one that rewrites it.
-        window = CONV + b * stride_conv_b + c * stride_conv_d
-        u = tl.zeros([BLOCK_D], tl.float32)
-        for tap in tl.static_range(K):
-            if tap < K - 1:
-                value = tl.load(window + tap + 1, mask=ok, other=0.0)
-            else:
-                value = x
-            tl.store(window + tap, value, mask=ok)
-            u += value.to(tl.float32) * tl.load(CONV_W + c * K + tap, mask=ok, other=0.0).to(tl.float32)
+        # conv window (oldest first): shift left by one, the new input last; silu(conv + bias)
+        taps = tl.arange(0, K_PAD)
+        window_ptr = CONV + b * stride_conv_b + c[:, None] * stride_conv_d + taps[None, :]
+        shifted = tl.load(window_ptr + 1, mask=ok[:, None] & (taps[None, :] + 1 < K), other=0.0)
+        window = tl.where(taps[None, :] == K - 1, x[:, None], shifted)
+        weight = tl.load(CONV_W + c[:, None] * K + taps[None, :], mask=ok[:, None] & (taps[None, :] < K), other=0.0)
+        u = tl.sum(window.to(tl.float32) * weight.to(tl.float32), 1)
         if HAS_CONV_BIAS:
             u += tl.load(CONV_B + c, mask=ok, other=0.0).to(tl.float32)
         u = (u / (1.0 + tl.exp(-u))).to(x.dtype).to(tl.float32)  # rounded as the conv kernel's output is
@@ -223,10 +220,14 @@ def _kernels():
         state_ptr = SSM + b * stride_ssm_b + c[:, None] * stride_ssm_d + states[None, :]
         state = tl.load(state_ptr, mask=ok[:, None], other=0.0)
         state = state * tl.exp(A * dt[:, None]) + B * (dt * u)[:, None]
-        tl.store(state_ptr, state, mask=ok[:, None])
         y = tl.sum(state * C, 1) + tl.load(D + c, mask=ok, other=0.0) * u
         z = tl.load(row + c, mask=ok, other=0.0).to(tl.float32)
         y = y * (z / (1.0 + tl.exp(-z)))
+        # The window and the state are rewritten in place: every thread's reads must be done before any
+        # thread writes (a layout may give one element to several threads, which then race otherwise).
+        tl.debug_barrier()
+        tl.store(window_ptr, window, mask=ok[:, None] & (taps[None, :] < K))
+        tl.store(state_ptr, state, mask=ok[:, None])
         tl.store(OUT + b * stride_out + c, y.to(OUT.dtype.element_ty), mask=ok)
 
     return dict(attention_split=attention_split, attention_merge=attention_merge, rope_kv_write=rope_kv_write,
@@ -347,7 +348,7 @@ def mamba_step(proj: torch.Tensor, dt: torch.Tensor, index: torch.Tensor, conv_s
         A_log, D, dt_bias, out, d_inner, d_xb,
         proj.stride(0), dt.stride(0), conv_state.stride(0), conv_state.stride(1), ssm_state.stride(0),
         ssm_state.stride(1), out.stride(0),
-        K=k, N=n, HAS_CONV_BIAS=conv_bias is not None, BLOCK_D=block, num_warps=4,
+        K=k, K_PAD=_next_pow2(k), N=n, HAS_CONV_BIAS=conv_bias is not None, BLOCK_D=block, num_warps=4,
     )
     return out
 
