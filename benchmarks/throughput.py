@@ -269,7 +269,10 @@ def main() -> None:
             records.append(record)
             print(json.dumps({k: v for k, v in record.items() if k != "kernel_paths"}), flush=True)
     for record in records:
-        teacher = next(r for r in records if r["n_mamba"] == 0 and r["total_len"] == record["total_len"])
+        teacher = next((r for r in records if r["n_mamba"] == 0 and r["total_len"] == record["total_len"]), None)
+        if teacher is None:  # --models without 0: no ratios
+            record["ratio_to_teacher"] = record["total_ratio_to_teacher"] = float("nan")
+            continue
         record["ratio_to_teacher"] = record["tokens_per_s"] / teacher["tokens_per_s"]
         record["total_ratio_to_teacher"] = record["total_tokens_per_s"] / teacher["total_tokens_per_s"]
     if not args.skip_baseline:
