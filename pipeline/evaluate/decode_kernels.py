@@ -1,6 +1,6 @@
 """Triton kernels for the engine's decode step (one new token per sequence): the memory-bound pieces.
 
-- `decode_attention`: split-K ("flash-decoding") GQA attention of one query token over a static K/V
+- `DecodeAttention`: split-K ("flash-decoding") GQA attention of one query token over a static K/V
   cache. Each program owns one (sequence, KV head) and a slice of the cache: it reads that slice of K and
   V once, with the softmax fused (online, in fp32, base 2), for all h / h_kv query heads that share the KV
   head; a second small kernel merges the slices by their log-sum-exp. Only columns up to the current one
