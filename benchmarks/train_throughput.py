@@ -136,7 +136,8 @@ def main() -> None:
         except torch.OutOfMemoryError:
             memory[f"unchunked_vocab_{vocab}_gib"] = "out of memory"
     memory["tokens"], memory["hidden"] = 8192, 2048
-    memory["rows_per_chunk"] = {str(v): max(1, DEFAULT_CHUNK_ELEMENTS // v) for v in (32768, 131072)}
+    # as _ChunkedHeadLoss sizes a chunk: max(1, min(chunk_tokens, chunk_elements // V)), chunk_tokens = 8192 tokens
+    memory["rows_per_chunk"] = {str(v): max(1, min(8192, DEFAULT_CHUNK_ELEMENTS // v)) for v in (32768, 131072)}
     memory["chunked_growth_32k_to_131k"] = memory["chunked_vocab_131072_gib"] / memory["chunked_vocab_32768_gib"] - 1
     record["kl_memory"] = memory
     print(json.dumps(memory), flush=True)

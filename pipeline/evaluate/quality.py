@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.train.batches import prepare_batch
-from pipeline.train.losses import chunked_cross_entropy, chunked_distill_loss
+from pipeline.train.losses import DEFAULT_CHUNK_ELEMENTS, chunked_cross_entropy, chunked_distill_loss
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -61,8 +61,13 @@ def nll_and_kl(
     *,
     teacher: nn.Module | None = None,
     chunk_tokens: int = 1024,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> dict[str, float]:
-    """Mean NLL per target token and (with a teacher) mean KL(student || teacher) per target token."""
+    """Mean NLL per target token and (with a teacher) mean KL(student || teacher) per target token.
+
+    The losses run through the lm_head in chunks of at most `chunk_tokens` tokens and `chunk_elements`
+    logits (see `pipeline.train.losses`).
+    """
     model.eval()
     device = model_device(model)
     nll_sum, kl_sum, tokens = 0.0, 0.0, 0
@@ -77,13 +82,14 @@ def nll_and_kl(
                              use_cache=False).last_hidden_state[:, :-1]
         head = model.get_output_embeddings().weight
         targets = prepared.input_ids[:, 1:]
-        nll_sum += chunked_cross_entropy(hidden, head, targets, mask, chunk_tokens, reduction="sum").item()
+        nll_sum += chunked_cross_entropy(hidden, head, targets, mask, chunk_tokens,
+                                         chunk_elements=chunk_elements, reduction="sum").item()
         if teacher is not None:
             teacher_hidden = teacher.model(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
                                            use_cache=False).last_hidden_state[:, :-1]
             kl_sum += chunked_distill_loss(
                 hidden, head, teacher_hidden, teacher.get_output_embeddings().weight, mask,
-                kind="reverse_kl", chunk_tokens=chunk_tokens, reduction="sum",
+                kind="reverse_kl", chunk_tokens=chunk_tokens, chunk_elements=chunk_elements, reduction="sum",
             ).item()
         tokens += count
     if tokens == 0:

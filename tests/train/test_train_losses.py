@@ -259,6 +259,42 @@ def test_peak_memory_does_not_grow_with_the_vocabulary(dtype: torch.dtype) -> No
     assert fixed_large >= 3 * fixed_small, (fixed_small, fixed_large)
 
 
+def test_fp32_head_under_bf16_compute_has_no_vocabulary_sized_temporary() -> None:
+    """fp32 master weights, bf16 logits (autocast training): the weight gradient is added in vocabulary
+    slices, so apart from the heads cast to bf16 (copies of inputs) the memory does not grow with V."""
+    tokens, hidden, budget = 2048, 16, 2**16
+
+    def extra_bytes(vocab: int) -> int:
+        student_hidden, student_weight, teacher_hidden, teacher_weight, _ = _inputs(tokens, hidden, hidden, vocab)
+        mask = torch.ones(tokens, dtype=torch.bool)
+
+        def run() -> None:
+            chunked_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
+                                 chunk_tokens=tokens, chunk_elements=budget, compute_dtype=torch.bfloat16).backward()
+
+        peak, _ = _peak_bytes(run)
+        assert student_weight.grad.dtype == torch.float32
+        gradients = (tokens + vocab) * hidden * 4
+        head_casts = 2 * vocab * hidden * 2  # student and teacher heads in bf16
+        return peak - gradients - head_casts
+
+    small, large = extra_bytes(4096), extra_bytes(16384)
+    assert large <= 1.1 * small, (small, large)
+
+
+def test_fp32_head_gradient_added_in_vocabulary_slices_matches_the_reference() -> None:
+    student_hidden, student_weight, teacher_hidden, teacher_weight, mask = _inputs()  # vocab 50, hidden 8
+    reference_distill_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, mask).backward()
+    expected = student_weight.grad.clone()
+    student_weight.grad = None
+    # 120 elements: 2 rows a chunk, and the (V, H) gradient added 15 vocabulary rows at a time (4 slices)
+    chunked_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, chunk_tokens=64,
+                         chunk_elements=120, compute_dtype=torch.bfloat16).backward()
+    assert student_weight.grad.dtype == torch.float32
+    error = (student_weight.grad - expected).norm() / expected.norm()
+    assert error < 3e-2, error
+
+
 def test_chunk_elements_sets_the_rows_per_chunk() -> None:
     student_hidden, student_weight, teacher_hidden, teacher_weight, mask = _inputs()  # vocab 50, 30 tokens
     expected = reference_distill_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, mask)
