@@ -271,12 +271,7 @@ class GenerationEngine:
             elif kind == MAMBA:
                 hidden = hidden + layer.mixer.step(normed[:, 0], self.conv[index], self.ssm[index])[:, None, :]
             hidden = hidden + self._mlp(index, layer.mlp, layer.post_attention_layernorm(hidden))
-        logits = self.model.lm_head(model.norm(hidden[:, 0]))  # (b, V)
-        self.last_logits = logits  # in a captured step, the graph's buffer: valid after each replay
-        self.output.copy_(logits.argmax(-1, keepdim=True))
-        self.tokens.copy_(self.output[:, 0])
-        self.positions.add_(1)
-        self.slot.add_(1)
+        self._advance(self.model.lm_head(model.norm(hidden[:, 0])))
 
     @torch.no_grad()
     def _decode_step_fused(self) -> None:
@@ -298,11 +293,14 @@ class GenerationEngine:
                 update = self._mamba_fused(layer.mixer, normed, index)
             post = layer.post_attention_layernorm
             decode_kernels.add_rms_norm(hidden, update, post.weight, post.variance_epsilon, normed)
-            update = self._mlp_fused(index, layer.mlp, normed)
+            update = self._mlp(index, layer.mlp, normed)
             following = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.norm
             decode_kernels.add_rms_norm(hidden, update, following.weight, following.variance_epsilon, normed)
-        logits = self.model.lm_head(normed)  # (b, V)
-        self.last_logits = logits
+        self._advance(self.model.lm_head(normed))
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        """The end of either step: greedy tokens from the logits (b, V) become the next step's input."""
+        self.last_logits = logits  # in a captured step, the graph's buffer: valid after each replay
         self.output.copy_(logits.argmax(-1, keepdim=True))
         self.tokens.copy_(self.output[:, 0])
         self.positions.add_(1)
@@ -330,16 +328,13 @@ class GenerationEngine:
         )
         return mixer.out_proj(self.mamba_out)
 
-    def _mlp_fused(self, index, mlp, normed) -> torch.Tensor:
-        if index not in self.fused_gate_up:
-            return mlp(normed)
-        gate_up = F.linear(normed, self.fused_gate_up[index])  # (b, 2 I)
-        return mlp.down_proj(decode_kernels.silu_mul(gate_up, self.act))
-
     def _mlp(self, index, mlp, hidden) -> torch.Tensor:
         if index not in self.fused_gate_up:
             return mlp(hidden)
-        gate, up = F.linear(hidden, self.fused_gate_up[index]).chunk(2, dim=-1)
+        gate_up = F.linear(hidden, self.fused_gate_up[index])  # (..., 2 I)
+        if self.fused:  # hidden (b, H): silu(gate) * up in one kernel
+            return mlp.down_proj(decode_kernels.silu_mul(gate_up, self.act))
+        gate, up = gate_up.chunk(2, dim=-1)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _attention(self, mixer, hidden, cos, sin, index, attend) -> torch.Tensor:
