@@ -79,17 +79,23 @@ def decode_parity(dtype, seed):
     }
 
 
-def model_parity(dtype):
+def small_hybrid(dtype):
+    """A 6-layer Mistral-shaped hybrid (hidden 512, layers 0, 2, 3, 5 Mamba) on CUDA, seeded."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from pipeline.convert import hybridize
-    from pipeline.model import cache_of
 
     torch.manual_seed(0)
     teacher = MistralForCausalLM(MistralConfig(
         vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
         num_key_value_heads=2, head_dim=64, sliding_window=None, max_position_embeddings=4096))
-    hybrid = hybridize(teacher, [0, 2, 3, 5]).to(device="cuda", dtype=dtype).eval()
+    return hybridize(teacher, [0, 2, 3, 5]).to(device="cuda", dtype=dtype).eval()
+
+
+def model_parity(dtype):
+    from pipeline.model import cache_of
+
+    hybrid = small_hybrid(dtype)
     ids = torch.randint(0, 1000, (4, 300), device="cuda")
     logits = {}
     for mode in ("cuda", "reference"):
@@ -105,9 +111,6 @@ def model_parity(dtype):
 
 def triton_decode_parity(dtype):
     """The engine's Triton decode kernels (pipeline/evaluate/decode_kernels.py) against PyTorch."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from pipeline.convert import hybridize
     from pipeline.evaluate import decode_kernels
     from pipeline.evaluate.engine import GenerationEngine
 
@@ -126,11 +129,7 @@ def triton_decode_parity(dtype):
     out = attention(q, keys, values, valid, torch.tensor([899], device="cuda"), e**-0.5)
     result = {"triton_decode_attention": rel(out.float(), expected)}
 
-    torch.manual_seed(0)
-    teacher = MistralForCausalLM(MistralConfig(
-        vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=64, sliding_window=None, max_position_embeddings=4096))
-    hybrid = hybridize(teacher, [0, 2, 3, 5]).to(device="cuda", dtype=dtype).eval()
+    hybrid = small_hybrid(dtype)
     mixer = hybrid.model.layers[0].mixer
     hidden = torch.randn(b, 512, generator=g, device="cuda").to(dtype)
     conv = torch.randn(b, mixer.d_inner, 4, generator=g, device="cuda").to(dtype)
