@@ -231,11 +231,17 @@ def test_forward_and_backward_never_hold_full_logits(kind: str) -> None:
     assert chunked_peak <= budget < full_logits_bytes / 2, (chunked_peak, budget)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_peak_memory_does_not_grow_with_the_vocabulary(dtype: torch.dtype) -> None:
-    """Chunks sized by elements and the head gradient accumulated in its own dtype: the memory above the
-    inputs and the two gradients is the same at vocab 4096 and 16384 (fixed-token chunks grow it 4x)."""
+@pytest.mark.parametrize(
+    ("dtype", "compute_dtype"),
+    [(torch.float32, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)],  # last: autocast training
+)
+def test_peak_memory_does_not_grow_with_the_vocabulary(dtype: torch.dtype, compute_dtype: torch.dtype | None) -> None:
+    """Chunks sized by elements and the head gradient accumulated in its own dtype (added in vocabulary
+    slices when the compute dtype differs): the memory above the inputs, the two gradients and the heads
+    cast to the compute dtype (copies of inputs) is the same at vocab 4096 and 16384; fixed-token chunks
+    grow it 4x."""
     tokens, hidden, budget = 2048, 16, 2**16
+    cast = compute_dtype is not None and compute_dtype != dtype
 
     def extra_bytes(vocab: int, chunk_elements: int, chunk_tokens: int) -> int:
         student_hidden, student_weight, teacher_hidden, teacher_weight, _ = _inputs(tokens, hidden, hidden, vocab)
@@ -246,40 +252,20 @@ def test_peak_memory_does_not_grow_with_the_vocabulary(dtype: torch.dtype) -> No
 
         def run() -> None:
             chunked_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
-                                 chunk_tokens=chunk_tokens, chunk_elements=chunk_elements).backward()
+                                 chunk_tokens=chunk_tokens, chunk_elements=chunk_elements,
+                                 compute_dtype=compute_dtype).backward()
 
         peak, _ = _peak_bytes(run)
         assert student_weight.grad.dtype == dtype
-        return peak - (tokens + vocab) * hidden * dtype.itemsize  # minus the gradients themselves
+        gradients = (tokens + vocab) * hidden * dtype.itemsize
+        head_casts = 2 * vocab * hidden * compute_dtype.itemsize if cast else 0  # student and teacher heads
+        return peak - gradients - head_casts
 
     small, large = extra_bytes(4096, budget, tokens), extra_bytes(16384, budget, tokens)
     assert large <= 1.1 * small, (small, large)
     # the probe does see vocabulary-sized chunks: a fixed 64-token chunk grows with the vocabulary
     fixed_small, fixed_large = extra_bytes(4096, 2**40, 64), extra_bytes(16384, 2**40, 64)
     assert fixed_large >= 3 * fixed_small, (fixed_small, fixed_large)
-
-
-def test_fp32_head_under_bf16_compute_has_no_vocabulary_sized_temporary() -> None:
-    """fp32 master weights, bf16 logits (autocast training): the weight gradient is added in vocabulary
-    slices, so apart from the heads cast to bf16 (copies of inputs) the memory does not grow with V."""
-    tokens, hidden, budget = 2048, 16, 2**16
-
-    def extra_bytes(vocab: int) -> int:
-        student_hidden, student_weight, teacher_hidden, teacher_weight, _ = _inputs(tokens, hidden, hidden, vocab)
-        mask = torch.ones(tokens, dtype=torch.bool)
-
-        def run() -> None:
-            chunked_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, mask,
-                                 chunk_tokens=tokens, chunk_elements=budget, compute_dtype=torch.bfloat16).backward()
-
-        peak, _ = _peak_bytes(run)
-        assert student_weight.grad.dtype == torch.float32
-        gradients = (tokens + vocab) * hidden * 4
-        head_casts = 2 * vocab * hidden * 2  # student and teacher heads in bf16
-        return peak - gradients - head_casts
-
-    small, large = extra_bytes(4096), extra_bytes(16384)
-    assert large <= 1.1 * small, (small, large)
 
 
 def test_fp32_head_gradient_added_in_vocabulary_slices_matches_the_reference() -> None:
