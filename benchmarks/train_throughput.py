@@ -21,7 +21,7 @@ import torch
 
 from pipeline.model import HybridConfig, HybridForCausalLM
 from pipeline.train import TrainConfig, train
-from pipeline.train.losses import DEFAULT_CHUNK_ELEMENTS, chunked_distill_loss, reference_distill_loss
+from pipeline.train.losses import chunk_rows, chunked_distill_loss, reference_distill_loss
 
 PEAK_FLOPS = 989e12
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -98,7 +98,7 @@ def kl_memory(tokens: int, hidden: int, vocab: int, chunked: bool) -> float:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     if chunked:
-        # the element budget (DEFAULT_CHUNK_ELEMENTS) sets the rows per chunk: 1024 at 32k, 256 at 131k
+        # the element budget (the default chunk_elements) sets the rows per chunk: 1024 at 32k, 256 at 131k
         loss = chunked_distill_loss(h_s, w_s, h_t, w_t, mask, chunk_tokens=tokens)
     else:
         loss = reference_distill_loss(h_s @ w_s.T, h_t @ w_t.T, mask)
@@ -136,8 +136,7 @@ def main() -> None:
         except torch.OutOfMemoryError:
             memory[f"unchunked_vocab_{vocab}_gib"] = "out of memory"
     memory["tokens"], memory["hidden"] = 8192, 2048
-    # as _ChunkedHeadLoss sizes a chunk: max(1, min(chunk_tokens, chunk_elements // V)), chunk_tokens = 8192 tokens
-    memory["rows_per_chunk"] = {str(v): max(1, min(8192, DEFAULT_CHUNK_ELEMENTS // v)) for v in (32768, 131072)}
+    memory["rows_per_chunk"] = {str(v): chunk_rows(v, chunk_tokens=8192) for v in (32768, 131072)}
     memory["chunked_growth_32k_to_131k"] = memory["chunked_vocab_131072_gib"] / memory["chunked_vocab_32768_gib"] - 1
     record["kl_memory"] = memory
     print(json.dumps(memory), flush=True)

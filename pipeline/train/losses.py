@@ -137,7 +137,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             need_grad = spec.need_hidden_grad or spec.need_weight_grad
             total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
             vocab, width = student_weight.shape
-            rows = max(1, min(spec.chunk_tokens, spec.chunk_elements // vocab))  # C: tokens per chunk
+            rows = chunk_rows(vocab, spec.chunk_tokens, spec.chunk_elements)  # C: tokens per chunk
             slice_rows = max(1, spec.chunk_elements // width)  # vocabulary rows per weight-gradient slice
             for start in range(0, student_hidden.shape[0], rows):
                 stop = min(start + rows, student_hidden.shape[0])
@@ -181,6 +181,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if grad is not None:
                 grad.mul_(grad_output.to(grad.dtype))
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunk_rows(vocab: int, chunk_tokens: int, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Tokens in one chunk: at most `chunk_tokens`, and at most `chunk_elements` logits (at least 1)."""
+    return max(1, min(chunk_tokens, chunk_elements // vocab))
 
 
 def _check_chunking(chunk_tokens: int, chunk_elements: int) -> None:
