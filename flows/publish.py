@@ -39,15 +39,6 @@ def log_output_files(run: Any, folder: Path, reported: Sequence[Path]) -> None:
             run.log_artifact(path)
 
 
-def layer_pattern(meta: Mapping[str, Any]) -> tuple[str | None, int | None]:
-    """(layer pattern, Mamba layer count) from a stage.json; a teacher is all attention."""
-    if meta.get("layer_pattern") is not None:
-        return meta["layer_pattern"], meta.get("n_mamba")
-    if meta.get("stage") == "teacher" and isinstance(meta.get("layers"), int):
-        return "A" * meta["layers"], 0
-    return None, meta.get("n_mamba")
-
-
 def mlflow_run_link(tracking_uri: str | None, experiment_id: str | None, run_id: str | None) -> str:
     """A markdown link to a run in the MLflow UI for a server URI, else the run id."""
     if not run_id:

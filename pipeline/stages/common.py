@@ -1,8 +1,10 @@
 """What every stage shares: devices, model and tokenizer loading, data, metadata files, reporting.
 
-A stage is a plain function `run_<stage>(cfg, <input folders>, out_dir, *, work_dir, reporter) -> dict`.
-It reads checkpoint folders, writes its output folder, and keeps resumable training state in `work_dir`
-(never in the output: a checkpoint holds only what a user loads).
+A stage is a plain function of the config sections it reads and its input folders, called by the one
+executor (`pipeline.executor`) as `run_<stage>(**settings, **inputs, out_dir=, work_dir=, reporter=)`.
+It receives nothing else (never the whole RunConfig), so its cache key, derived from exactly those
+arguments, covers everything it reads. It writes its output folder and keeps resumable training state in
+`work_dir` (never in the output: a checkpoint holds only what a user loads).
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.config import RunConfig, to_plain
+from pipeline.config import DataConfig, HardwareConfig, to_plain
 
 log = logging.getLogger(__name__)
 
 STAGE_META = "stage.json"  # beside each stage's output: stage, parent, layer pattern, timings, metrics
-RUN_CONFIG = "run_config.json"  # the resolved run configuration the stage ran with
+RUN_CONFIG = "run_config.json"  # the settings the stage ran with (exactly its arguments: what its key covers)
+
+
+def stage(name: str, version: int):
+    """Marks a stage function: `name` (one of pipeline.config.STAGES) and its code version, which enters
+    the cache key. Bump the version whenever a change to the stage (or to code only it calls) changes
+    what it writes: committed outputs of the old version are then computed again."""
+    def mark(function):
+        function.stage_name, function.code_version = name, version
+        return function
+    return mark
 
 
 class StageError(ValueError):
@@ -57,19 +69,19 @@ class ConsoleReporter:
 
 # --- hardware ------------------------------------------------------------------------------------
 
-def resolve_device(cfg: RunConfig) -> torch.device:
-    want = cfg.hardware.device
+def resolve_device(hardware: HardwareConfig) -> torch.device:
+    want = hardware.device
     if want == "cuda" and not torch.cuda.is_available():
         raise StageError("hardware.device=cuda but no CUDA device is available")
-    if cfg.hardware.threads:
-        torch.set_num_threads(cfg.hardware.threads)
+    if hardware.threads:
+        torch.set_num_threads(hardware.threads)
     return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    if cfg.hardware.dtype == "auto":
+def resolve_dtype(hardware: HardwareConfig, device: torch.device) -> torch.dtype:
+    if hardware.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.hardware.dtype]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[hardware.dtype]
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -83,14 +95,14 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint"):
+def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "checkpoint"):
     """A transformers causal LM (a teacher or a hybrid) on the run's device, in eval mode."""
     import pipeline.model  # noqa: F401  (registers the hybrid with the Auto classes)
     from transformers import AutoModelForCausalLM
 
     folder = require_folder(path, what)
-    device = resolve_device(cfg)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg, device))
+    device = resolve_device(hardware)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(hardware, device))
     return model.to(device).eval()
 
 
@@ -107,14 +119,16 @@ def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def write_meta(out_dir: Path, stage: str, cfg: RunConfig, *, parent: str | None, started: float,
+def write_meta(out_dir: Path, stage: str, settings: dict[str, Any], *, parent: str | None, started: float,
                **extra: Any) -> dict[str, Any]:
-    """stage.json + run_config.json beside the output (every checkpoint carries its config and lineage)."""
+    """stage.json + run_config.json beside the output (every checkpoint carries its settings and lineage).
+
+    `settings`: the stage's config arguments, by name (run_config.json holds them, as the key covers them).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"stage": stage, "run_name": cfg.run_name, "parent": parent,
-            "wall_time_s": round(time.time() - started, 2), **extra}
+    meta = {"stage": stage, "parent": parent, "wall_time_s": round(time.time() - started, 2), **extra}
     (out_dir / STAGE_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    (out_dir / RUN_CONFIG).write_text(json.dumps(to_plain(cfg), indent=2) + "\n")
+    (out_dir / RUN_CONFIG).write_text(json.dumps(to_plain(settings), indent=2) + "\n")
     return meta
 
 
@@ -125,11 +139,17 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 # --- data ----------------------------------------------------------------------------------------
 
+VALIDATION_SPLIT = "validation"
+
+
 @dataclass
 class StageData:
-    """The run's data, loaded once per stage: demo data by default, any `datasets` source by config."""
+    """The data a stage reads, loaded once per stage: demo data by default, any `datasets` source by config.
 
-    cfg: RunConfig
+    `data` is the stage's view of the data section (`DataConfig.view`): only the sources it reads.
+    """
+
+    data: DataConfig
     tokenizer: Any
     _cache: dict[str, Any] = field(default_factory=dict)
 
@@ -137,7 +157,7 @@ class StageData:
         if "demo" not in self._cache:
             from pipeline.data import generate_demo_data
 
-            self._cache["demo"] = generate_demo_data(self.cfg.data.demo)
+            self._cache["demo"] = generate_demo_data(self.data.demo)
         return self._cache["demo"]
 
     def rows(self, kind: str, split: str):
@@ -146,19 +166,44 @@ class StageData:
         if key not in self._cache:
             from pipeline.data import load_rows
 
-            source = getattr(self.cfg.data, kind)
+            source = getattr(self.data, kind)
             if source is None:
                 demo = self._demo()
                 source, split = (demo.text if kind == "generic" else demo.reasoning)[split], "train"
-            self._cache[key] = load_rows(source, split)
+            rows = load_rows(source, split)
+            if kind == "distill" and split == "train" and self.distill_holds_out():
+                rows = rows.select(range(len(rows) - held_out_count(len(rows), self.data.validation_share)))
+            self._cache[key] = rows
         return self._cache[key]
+
+    def selection(self) -> tuple[str, Any]:
+        """Where LOO's rows come from (never the test split): ("eval", "validation") when data.eval has
+        validation files (the demo does), ("distill", "validation") when data.distill has, else
+        ("held_out", n): the last n train rows of data.distill, which training then skips."""
+        if "selection" not in self._cache:
+            self._cache["selection"] = _selection(self.data)
+        return self._cache["selection"]
+
+    def distill_holds_out(self) -> bool:
+        """A user's data.distill without validation files lends its last train rows to LOO, never trained on."""
+        source = self.data.distill
+        return source is not None and not _has_split(source, VALIDATION_SPLIT)
+
+    def selection_rows(self):
+        where, detail = self.selection()
+        if where == "held_out":
+            from pipeline.data import load_rows
+
+            rows = load_rows(self.data.distill, "train")
+            return rows.select(range(len(rows) - detail, len(rows)))
+        return self.rows(where, detail)
 
     def tokenized(self, kind: str, split: str = "train"):
         key = f"tok:{kind}:{split}"
         if key not in self._cache:
             from pipeline.data import tokenize_rows
 
-            self._cache[key] = tokenize_rows(self.rows(kind, split), self.tokenizer, self.cfg.data.max_length)
+            self._cache[key] = tokenize_rows(self.rows(kind, split), self.tokenizer, self.data.max_length)
         return self._cache[key]
 
     def batch_source(self, kind: str, batch_size: int, seed: int):
@@ -173,23 +218,64 @@ class StageData:
 
         return from_position
 
-    def eval_problems(self, count: int) -> list[dict[str, Any]]:
-        rows = self.rows("eval", "test")
+    def problems(self, rows, count: int) -> list[dict[str, Any]]:
+        """The first `count` rows as problems with checkable answers."""
         if "answer" not in rows.column_names:
             raise StageError("evaluation data needs an 'answer' column to check generated answers")
         return [rows[i] for i in range(min(count, len(rows)))]
 
-    def eval_batches(self, count: int, batch_size: int = 32):
+    def batches(self, rows, count: int, batch_size: int = 32):
+        """The first `count` rows as padded batches, in order (NLL / KL)."""
         from pipeline.data import iter_batches, tokenize_rows
 
-        rows = self.rows("eval", "test")
-        dataset = tokenize_rows(rows.select(range(min(count, len(rows)))), self.tokenizer, self.cfg.data.max_length)
+        dataset = tokenize_rows(rows.select(range(min(count, len(rows)))), self.tokenizer, self.data.max_length)
         return list(iter_batches(dataset, batch_size, self.tokenizer.pad_token_id, shuffle=False,
                                  stop=(len(dataset) + batch_size - 1) // batch_size))
 
+    def eval_problems(self, count: int) -> list[dict[str, Any]]:
+        return self.problems(self.rows("eval", "test"), count)
 
-def distill_kind(cfg: RunConfig) -> str:
-    return "generic" if cfg.data.distill_on == "generic" else "distill"
+    def eval_batches(self, count: int, batch_size: int = 32):
+        return self.batches(self.rows("eval", "test"), count, batch_size)
+
+
+def held_out_count(train_rows: int, share: float) -> int:
+    return max(1, int(train_rows * share))
+
+
+def _has_split(source: Any, split: str) -> bool:
+    """Whether a user source (a folder of files, or a hub name) has `split` (a single file has only itself)."""
+    from pathlib import Path as _Path
+
+    text = str(source)
+    path = _Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+    if path.is_dir():
+        from pipeline.data.loading import _files_by_split
+
+        return split in _files_by_split(path)
+    if path.exists():
+        return False
+    try:
+        from pipeline.data import load_rows
+
+        load_rows(text, split)
+        return True
+    except Exception:
+        return False
+
+
+def _selection(data: DataConfig) -> tuple[str, Any]:
+    for kind in ("eval", "distill"):
+        source = getattr(data, kind)
+        if source is None or _has_split(source, VALIDATION_SPLIT):
+            return kind, VALIDATION_SPLIT
+    from pipeline.data import load_rows
+
+    return "held_out", held_out_count(len(load_rows(data.distill, "train")), data.validation_share)
+
+
+def distill_kind(data: DataConfig) -> str:
+    return "generic" if data.distill_on == "generic" else "distill"
 
 
 def metrics_callback(reporter: Reporter, prefix: str, every_line: int = 1):
@@ -207,6 +293,9 @@ def metrics_callback(reporter: Reporter, prefix: str, every_line: int = 1):
 
 __all__ = [
     "ConsoleReporter",
+    "VALIDATION_SPLIT",
+    "held_out_count",
+    "stage",
     "Reporter",
     "StageData",
     "StageError",

@@ -62,7 +62,7 @@ def test_apriel_preset_holds_the_recipe():
     assert cfg.schedule.counts == [25, 27, 30, 34, 37, 40]
     assert (cfg.train.loss, cfg.train.temperature, cfg.train.trainable) == ("reverse_kl", 1.0, "all")
     assert (cfg.mamba.d_state, cfg.mamba.dt_rank) == (16, 16)
-    assert cfg.mmr.steps == 100
+    assert cfg.mmr.train.steps == 100 and cfg.mmr.train.trainable == "mamba"
     assert cfg.sft.checkpoint == "H-30"
     assert (cfg.hardware.device, cfg.hardware.dtype) == ("cuda", "bfloat16")
     assert cfg.teacher.path == "/models/teacher"
@@ -72,20 +72,20 @@ def test_apriel_preset_holds_the_recipe():
 def test_tiny_preset_is_tiny():
     cfg = compose(["experiment=tiny"])
     assert cfg.hardware.device == "cpu"
-    assert cfg.teacher.demo.num_hidden_layers == 4 and cfg.teacher.demo.steps <= 10
-    assert cfg.train.steps <= 10 and cfg.mmr.steps <= 5 and cfg.sft.train.steps <= 5
+    assert cfg.teacher.demo.num_hidden_layers == 4 and cfg.teacher.demo.train.steps <= 10
+    assert cfg.train.steps <= 10 and cfg.mmr.train.steps <= 5 and cfg.sft.train.steps <= 5
     cfg.schedule.validate(cfg.teacher.demo.num_hidden_layers)
 
 
 def test_stable_override_keys():
     cfg = compose(["teacher.path=s3://models/llama", "schedule.counts=[3,5]", "storage.uri=s3://bucket/runs",
-                   "tracking.uri=http://127.0.0.1:5000", "run_name=my-run", "teacher.demo.steps=5"])
+                   "tracking.uri=http://127.0.0.1:5000", "run_name=my-run", "teacher.demo.train.steps=200"])
     assert cfg.teacher.path == "s3://models/llama"
     assert cfg.schedule.counts == [3, 5]
     assert cfg.storage.uri == "s3://bucket/runs"
     assert cfg.tracking.uri == "http://127.0.0.1:5000"
     assert cfg.run_name == "my-run"
-    assert cfg.teacher.demo.steps == 5  # a frozen dataclass's field, still overridable
+    assert cfg.teacher.demo.train.steps == 200  # the demo teacher's TrainConfig, overridable like any other
 
 
 @pytest.mark.parametrize("group", GROUPS)

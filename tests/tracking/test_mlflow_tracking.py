@@ -253,3 +253,22 @@ def test_default_tracking_uri_is_a_local_sqlite_file(tmp_path, monkeypatch):
     child = runs_by_name(client, "local")["teacher"]
     assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "loss")] == [(7, 2.5)]
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_restart_ends_the_runs_a_killed_attempt_left_running(mlflow_tracking_uri, mlflow_experiment):
+    first = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-k")
+    client = client_for(mlflow_tracking_uri)
+    # A SIGKILLed attempt never reaches child()'s exit: its run stays RUNNING (simulated by not exiting).
+    attempt = first.child("convert", checkpoint="H-4")
+    abandoned = attempt.__enter__()
+    with first.child("convert", checkpoint="H-5"):
+        pass  # finished normally: left alone
+    other = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-k-other")
+    foreign = other.child("convert", checkpoint="H-4").__enter__()  # another conversion run's: left alone
+
+    restarted = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-k")
+    assert restarted.end_abandoned("convert", "H-4") == 1
+    assert client.get_run(abandoned.run_id).info.status == "KILLED"
+    assert client.get_run(foreign.run_id).info.status == "RUNNING"
+    assert restarted.end_abandoned("convert", "H-4") == 0
+    assert NullTracker().end_abandoned("convert", "H-4") == 0
