@@ -10,7 +10,6 @@ its Output (`pipeline.executor.Executor`, which flows/ wraps in Prefect tasks an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -139,9 +138,5 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
     return {name: store.root / name for name in outputs}
 
 
-def read_summary(path: str | Path) -> list[dict]:
-    return json.loads(Path(path).read_text())
-
-
-__all__ = ["UNTIL", "StageCall", "local_teacher_source", "read_summary", "run_chain", "run_local", "sft_input",
+__all__ = ["UNTIL", "StageCall", "local_teacher_source", "run_chain", "run_local", "sft_input",
            "teacher_call"]

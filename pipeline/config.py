@@ -45,8 +45,8 @@ class DataConfig:
     generic: str | None = None  # plain-text rows, for the "generic data" comparison
     distill_on: str = "distill"  # which source the distillation stages use: "distill" or "generic"
     max_length: int = 96
-    # LOO's selection rows when no source has a validation split: this share of data.distill's train rows
-    # (its last ones), which the distillation then never trains on
+    # A user's data.distill without validation* files keeps this share of its train rows (the last ones) out
+    # of training; LOO scores on them when neither data.eval nor data.distill has a validation split
     validation_share: float = 0.02
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 

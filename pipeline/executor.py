@@ -43,14 +43,23 @@ def content_digest(manifest: Mapping[str, Any]) -> str:
                           if entry["path"] not in RECORD_FILES})
 
 
+_FOLDER_DIGESTS: dict[tuple, str] = {}  # (folder, its files' paths, sizes and mtimes) -> digest, per process
+
+
 def folder_digest(folder: Path) -> str:
-    """Content digest of a local folder of files (a user's teacher): every file's path and sha256."""
-    entries = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+    """Content digest of a local folder of files (a user's teacher): every file's path and sha256 (hidden
+    files aside). Hashed once per process while no file's size or modification time changes."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file()
+                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    stamp = (str(folder.resolve()), *((path.relative_to(folder).as_posix(), path.stat().st_size, path.stat().st_mtime_ns)
+                                      for path in files))
+    if stamp not in _FOLDER_DIGESTS:
+        entries = {}
+        for path in files:
             with open(path, "rb") as handle:
                 entries[path.relative_to(folder).as_posix()] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return config_digest(entries)
+        _FOLDER_DIGESTS[stamp] = config_digest(entries)
+    return _FOLDER_DIGESTS[stamp]
 
 
 @dataclass(frozen=True)

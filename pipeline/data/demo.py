@@ -167,9 +167,6 @@ class DemoTeacherConfig:
             "eos_token_id": eos_token_id,
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 # --------------------------------------------------------------------------------------------------
 # reasoning traces

@@ -240,7 +240,7 @@ class StageData:
 
 
 def held_out_count(train_rows: int, share: float) -> int:
-    return max(1, int(train_rows * share))
+    return int(train_rows * share)
 
 
 def _has_split(source: Any, split: str) -> bool:
@@ -271,7 +271,13 @@ def _selection(data: DataConfig) -> tuple[str, Any]:
             return kind, VALIDATION_SPLIT
     from pipeline.data import load_rows
 
-    return "held_out", held_out_count(len(load_rows(data.distill, "train")), data.validation_share)
+    rows = len(load_rows(data.distill, "train"))
+    count = held_out_count(rows, data.validation_share)
+    if count < 1:
+        raise StageError(f"LOO needs validation rows: give data.eval or data.distill validation* files "
+                         f"(data.distill's {rows} train rows are too few to hold out "
+                         f"data.validation_share={data.validation_share})")
+    return "held_out", count
 
 
 def distill_kind(data: DataConfig) -> str:

@@ -227,3 +227,29 @@ def test_teacher_mix_of_reasoning_and_generic_batches_resumes_in_place():
     for cut in (1, 2, 3, 4, 7):
         resumed = list(itertools.islice(source(0), cut)) + list(itertools.islice(source(cut), 10 - cut))
         assert resumed == straight, cut
+
+
+def test_loo_rows_come_from_validation_files_or_a_held_out_share_never_the_test_split(tiny_teacher, tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.stages.common import StageData, load_tokenizer
+
+    def chat(i):
+        return {"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": f"answer: {i + 1}"}],
+                "answer": str(i + 1)}
+
+    distill = tmp_path / "distill.jsonl"
+    distill.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(100)))
+    tests = tmp_path / "eval"
+    tests.mkdir()
+    (tests / "test.jsonl").write_text(json.dumps(chat(500)) + "\n")
+    tokenizer = load_tokenizer(tiny_teacher)
+    data = StageData(DataConfig(distill=str(distill), eval=str(tests), validation_share=0.1), tokenizer)
+    assert data.selection() == ("held_out", 10)
+    assert [row["answer"] for row in data.selection_rows()] == [str(i + 1) for i in range(90, 100)]
+    assert len(data.rows("distill", "train")) == 90  # the distillation never trains on them
+
+    (tests / "validation.jsonl").write_text(json.dumps(chat(700)) + "\n")
+    data = StageData(DataConfig(distill=str(distill), eval=str(tests)), tokenizer)
+    assert data.selection() == ("eval", "validation")
+    assert [row["answer"] for row in data.selection_rows()] == ["701"]
+    assert len(data.rows("distill", "train")) == 98  # 2% held out whenever data.distill has no validation split
