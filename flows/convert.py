@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigCompositionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    checked = check_run(cfg, args.until)  # every problem, before Prefect or MLflow starts
+    try:
+        checked = check_run(cfg, args.until)  # every problem, before Prefect or MLflow starts
+    except USER_ERRORS as error:
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
     if args.plan:
         print(checked.render())
     for problem in checked.problems:

@@ -76,7 +76,7 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
         demo = cfg.teacher.demo
         return {"num_hidden_layers": demo.num_hidden_layers, "hidden_size": demo.hidden_size,
                 "num_attention_heads": demo.num_attention_heads, "num_key_value_heads": demo.num_key_value_heads,
-                "vocab_size": 104, "intermediate_size": demo.intermediate_size}
+                "intermediate_size": demo.intermediate_size}
     if source is None:
         return None
     where = f"teacher.path={cfg.teacher.path}"
