@@ -245,10 +245,8 @@ def held_out_count(train_rows: int, share: float) -> int:
 
 def _has_split(source: Any, split: str) -> bool:
     """Whether a user source (a folder of files, or a hub name) has `split` (a single file has only itself)."""
-    from pathlib import Path as _Path
-
     text = str(source)
-    path = _Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+    path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
     if path.is_dir():
         from pipeline.data.loading import _files_by_split
 
