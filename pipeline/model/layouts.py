@@ -120,8 +120,8 @@ def _legacy_rope(rope_parameters: dict | None) -> dict:
     """rope_theta / rope_scaling as transformers 4 configs (and both projects' code) spell them."""
     rope = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
     theta = rope.pop("rope_theta", 10000.0)
-    scaling = None if rope.get("rope_type", "default") == "default" else rope
-    return {"rope_theta": theta, "rope_scaling": scaling}
+    return {"rope_theta": theta} if rope.get("rope_type", "default") == "default" else \
+        {"rope_theta": theta, "rope_scaling": rope}
 
 
 def _decoder_fields(config: dict) -> dict:
