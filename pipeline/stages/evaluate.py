@@ -12,11 +12,20 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.evaluate.lm_harness import LMEvalError, check_tasks, run_lm_eval
 from pipeline.evaluate.plots import frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
 from pipeline.model.config import ATTENTION, MAMBA
-from pipeline.stages.common import ConsoleReporter, Reporter, StageData, load_model, load_tokenizer, write_meta
+from pipeline.stages.common import (
+    ConsoleReporter,
+    Reporter,
+    StageData,
+    StageError,
+    load_model,
+    load_tokenizer,
+    write_meta,
+)
 
 SUMMARY_FILE = "summary.json"
 
@@ -31,6 +40,9 @@ def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageDa
                                   repeats=cfg.evaluate.throughput_repeats)
     config = model.config
     layer_types = list(getattr(config, "layer_types", None) or [ATTENTION] * config.num_hidden_layers)
+    extra = {}
+    if cfg.evaluate.lm_eval.tasks:  # lm-evaluation-harness tasks, same metric names on every checkpoint
+        extra["lm_eval"] = run_lm_eval(model, data.tokenizer, cfg.evaluate.lm_eval)["scores"]
     return {
         "checkpoint": name,
         "n_mamba": layer_types.count(MAMBA),
@@ -42,6 +54,7 @@ def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageDa
         "throughput": speed.to_dict(),
         "examples": len(problems),
         "sample": samples[0]["generated"] if samples else "",
+        **extra,
     }
 
 
@@ -51,6 +64,10 @@ def run_evaluate(cfg: RunConfig, teacher_dir: str | Path, checkpoints: dict[str,
     """`checkpoints`: name -> folder, in the order to report (the teacher is always evaluated first)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
+    try:
+        check_tasks(cfg.evaluate.lm_eval)  # lm-eval installed and every task known, before any model loads
+    except LMEvalError as error:
+        raise StageError(str(error)) from None
     teacher = load_model(teacher_dir, cfg, "teacher")
     data = StageData(cfg, load_tokenizer(teacher_dir))
     problems = data.eval_problems(cfg.evaluate.num_examples)
