@@ -140,13 +140,22 @@ def test_lm_eval_agrees_row_by_row(memorised):
     cfg, root = memorised
     model, tokenizer = load_pretrained(root / "teacher").eval(), load_tokenizer(root / "teacher")
     problems = StageData(cfg, tokenizer).eval_problems(cfg.evaluate.num_examples)
-    _, ours = answer_accuracy(model, tokenizer, problems, batch_size=16, max_new_tokens=cfg.evaluate.max_new_tokens)
+    accuracy, ours = answer_accuracy(model, tokenizer, problems, batch_size=16,
+                                     max_new_tokens=cfg.evaluate.max_new_tokens)
     theirs = run_lm_eval(model, tokenizer, cfg.evaluate.lm_eval, samples=True)["samples"][TASK]
     by_question = {sample["doc"]["question"]: sample for sample in theirs}
     assert len(by_question) == len(problems)
     for row, record in zip(problems, ours):
         sample = by_question[row["messages"][0]["content"]]
         assert bool(sample["exact_match"]) == record["correct"], (row, sample["resps"], record["generated"])
+
+    # The command `make lm-eval` runs, on the checkpoint folder.
+    from pipeline.evaluate.lm_harness import main
+
+    out = root / "command.json"
+    assert main([str(root / "teacher"), "--tasks", TASK, "--include-path", cfg.evaluate.lm_eval.include_path,
+                 "--apply-chat-template", "--batch-size", "16", "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())[str(root / "teacher")][TASK][METRIC] == pytest.approx(accuracy, abs=1e-9)
 
 
 def test_missing_lm_eval_or_unknown_task_fails_before_any_model_loads(memorised, tmp_path, monkeypatch):
