@@ -30,6 +30,7 @@ from flows.publish import summary_records
 from flows.sources import local_teacher
 from pipeline.chain import UNTIL, run_chain
 from pipeline.config import ConfigError, RunConfig, to_plain
+from pipeline.evaluate.lm_harness import LMEvalError, check_tasks
 from pipeline.stages import StageError, summary_table
 from pipeline.stages.evaluate import SUMMARY_FILE
 from pipeline.store import LocalStore, Store, StoreError, open_store
@@ -76,6 +77,11 @@ def run_conversion(cfg: RunConfig, until: str = "evaluate") -> dict[str, Any]:
     if until not in UNTIL:
         raise ConfigCompositionError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
     started = time.time()
+    if until == "evaluate":
+        try:  # lm-eval installed and its tasks known: checked now, not after the training stages
+            check_tasks(cfg.evaluate.lm_eval)
+        except LMEvalError as error:
+            raise ConfigError(str(error)) from None
     cache_root = Path(cfg.storage.cache_dir or DEFAULT_CACHE_ROOT).expanduser().resolve()
     store = open_run_store(cfg, cache_root)
     run_cfg, aliases, prepare = cfg, {}, {}

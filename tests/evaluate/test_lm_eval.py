@@ -170,3 +170,14 @@ def test_missing_lm_eval_or_unknown_task_fails_before_any_model_loads(memorised,
     with pytest.raises(StageError, match=r"does not know the task\(s\) \['no_such_task'\]"):
         run_evaluate(wrong, tmp_path / "no-teacher", {}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_flow_checks_lm_eval_before_any_stage_runs(tmp_path, monkeypatch):
+    from flows.convert import run_conversion
+    from pipeline.config import ConfigError, StorageConfig
+
+    cfg = tiny_config(evaluate=_evaluate_config(tmp_path), storage=StorageConfig(uri=str(tmp_path / "store")))
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"needs lm-evaluation-harness, which is not installed"):
+        run_conversion(cfg)
+    assert not (tmp_path / "store").exists()  # no stage ran, nothing written
