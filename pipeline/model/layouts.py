@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.config import ATTENTION, IDENTITY, MAMBA, HybridConfig
+from pipeline.model.config import ATTENTION, MAMBA, HybridConfig
 from pipeline.model.mixers import gqa_expansion_index
 
 NATIVE = "native"
