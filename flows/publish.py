@@ -99,7 +99,10 @@ def summary_markdown(records: list[dict[str, Any]], links: Mapping[str, str], lo
 
 
 def summary_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    return {name: float(record[name]) for name in SUMMARY_METRICS if isinstance(record.get(name), (int, float))}
+    from pipeline.evaluate.lm_harness import score_metrics
+
+    metrics = {name: float(record[name]) for name in SUMMARY_METRICS if isinstance(record.get(name), (int, float))}
+    return {**metrics, **score_metrics(record.get("lm_eval"))}  # lm_eval/<task>/<metric>, same on every checkpoint
 
 
 __all__ = [

@@ -178,6 +178,27 @@ class SFTConfig:
 
 
 @dataclass
+class LMEvalConfig:
+    """lm-evaluation-harness tasks run on the teacher and every checkpoint (needs the `lm-eval` extra)."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task (or group) names; empty = not run
+    limit: int | None = None  # at most this many documents per task (None = all)
+    num_fewshot: int | None = None  # None = each task's own default
+    apply_chat_template: bool = False  # prompts through the tokenizer's chat template
+    batch_size: int = 16
+    max_length: int | None = None  # context length given to lm-eval; None = the model's max_position_embeddings
+    include_path: str | None = None  # a folder of task YAML files of your own, beside lm-eval's
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            raise ConfigError(f"evaluate.lm_eval.tasks is a list of task names, got the string {self.tasks!r}")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise ConfigError("evaluate.lm_eval needs batch_size >= 1 and limit >= 1 (or null)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"evaluate.lm_eval.num_fewshot must be >= 0, got {self.num_fewshot}")
+
+
+@dataclass
 class EvaluateConfig:
     num_examples: int = 200  # test problems for answer accuracy
     batch_size: int = 100
@@ -188,6 +209,7 @@ class EvaluateConfig:
     throughput_prompt: int = 256
     throughput_new_tokens: int = 64
     throughput_repeats: int = 3
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
 
 @dataclass
@@ -284,6 +306,7 @@ __all__ = [
     "DataConfig",
     "EvaluateConfig",
     "HardwareConfig",
+    "LMEvalConfig",
     "LOOConfig",
     "MMRConfig",
     "MambaConfig",

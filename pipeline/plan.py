@@ -89,16 +89,20 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
     except (ValueError, OSError, StoreError) as error:
         problems.append(f"{where}: config.json is unreadable ({str(error).splitlines()[0]})")
         return None
+    from pipeline.model.config import LAYER_KINDS
+    from pipeline.model.layouts import APRIEL_MODEL_TYPE, MIL_CONFIG
+
     architectures = config.get("architectures") or [f"model_type {config.get('model_type')!r}"]
-    if not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+    released = config.get("model_type") == APRIEL_MODEL_TYPE or MIL_CONFIG in files  # imported as hybrids
+    if not released and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
         problems.append(f"{where} is a {', '.join(architectures)}: unsupported teacher architecture; "
                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         return None
     if any(config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
         problems.append(f"{where} has mixture-of-experts layers: unsupported teacher")
-    other = sorted({kind for kind in config.get("layer_types") or [] if kind != "full_attention"})
+    other = sorted({kind for kind in config.get("layer_types") or [] if kind not in LAYER_KINDS})
     if other:
-        problems.append(f"{where} has layer types {other}: only attention layers can be converted")
+        problems.append(f"{where} has layer types {other}: only attention, Mamba and identity layers are known")
     if not files & set(WEIGHT_FILES):
         problems.append(f"{where} has no weights (none of {', '.join(WEIGHT_FILES)})")
     if not files & set(TOKENIZER_FILES):
@@ -202,6 +206,16 @@ def check_data_sources(cfg: RunConfig, problems: list[str]) -> None:
         check_data("generic", data.generic, "train", (), problems)
 
 
+def check_lm_eval(cfg: RunConfig, problems: list[str]) -> None:
+    """lm-eval installed and its tasks known, when the evaluation asks for any."""
+    from pipeline.evaluate.lm_harness import LMEvalError, check_tasks
+
+    try:
+        check_tasks(cfg.evaluate.lm_eval)
+    except LMEvalError as error:
+        problems.append(str(error).splitlines()[0])
+
+
 def check_device(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
     import torch
 
@@ -291,6 +305,8 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
         sft_input(cfg)
     except ConfigError as error:
         problems.append(str(error))
+    if until == "evaluate":
+        check_lm_eval(cfg, problems)
     check_device(cfg, problems, result.notes)
     check_store(store, problems)
     if tracking is not None:

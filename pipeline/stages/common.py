@@ -96,13 +96,13 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
 
 
 def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "checkpoint"):
-    """A transformers causal LM (a teacher or a hybrid) on the run's device, in eval mode."""
-    import pipeline.model  # noqa: F401  (registers the hybrid with the Auto classes)
-    from transformers import AutoModelForCausalLM
+    """A transformers causal LM (a teacher or a hybrid; Apriel-H1 and MambaInLlama checkpoints are
+    imported as hybrids) on the run's device, in eval mode."""
+    from pipeline.model.layouts import load_pretrained
 
     folder = require_folder(path, what)
     device = resolve_device(hardware)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(hardware, device))
+    model = load_pretrained(folder, dtype=resolve_dtype(hardware, device))
     return model.to(device).eval()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DataConfig, EvaluateConfig, HardwareConfig
+from pipeline.evaluate.lm_harness import LMEvalError, check_tasks, run_lm_eval
 from pipeline.evaluate.plots import frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
@@ -20,6 +21,7 @@ from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
     StageData,
+    StageError,
     load_model,
     load_tokenizer,
     stage,
@@ -40,6 +42,9 @@ def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, dat
                                   repeats=evaluate.throughput_repeats)
     config = model.config
     layer_types = list(getattr(config, "layer_types", None) or [ATTENTION] * config.num_hidden_layers)
+    extra = {}
+    if evaluate.lm_eval.tasks:  # lm-evaluation-harness tasks, same metric names on every checkpoint
+        extra["lm_eval"] = run_lm_eval(model, data.tokenizer, evaluate.lm_eval)["scores"]
     return {
         "checkpoint": name,
         "n_mamba": layer_types.count(MAMBA),
@@ -51,6 +56,7 @@ def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, dat
         "throughput": speed.to_dict(),
         "examples": len(problems),
         "sample": samples[0]["generated"] if samples else "",
+        **extra,
     }
 
 
@@ -63,6 +69,10 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
     the test split of data.eval."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
+    try:
+        check_tasks(evaluate.lm_eval)  # lm-eval installed and every task known, before any model loads
+    except LMEvalError as error:
+        raise StageError(str(error)) from None
     teacher_model = load_model(teacher, hardware, "teacher")
     stage_data = StageData(data, load_tokenizer(teacher))
     problems = stage_data.eval_problems(evaluate.num_examples)

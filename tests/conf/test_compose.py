@@ -88,6 +88,16 @@ def test_stable_override_keys():
     assert cfg.teacher.demo.train.steps == 200  # the demo teacher's TrainConfig, overridable like any other
 
 
+def test_lm_eval_section():
+    assert compose([]).evaluate.lm_eval.tasks == []  # off by default: make pipeline needs no lm-eval
+    cfg = compose(["evaluate.lm_eval.tasks=[arc_easy,hellaswag]", "evaluate.lm_eval.limit=50",
+                   "evaluate.lm_eval.apply_chat_template=true"])
+    assert cfg.evaluate.lm_eval.tasks == ["arc_easy", "hellaswag"] and cfg.evaluate.lm_eval.limit == 50
+    assert cfg.evaluate.lm_eval.apply_chat_template is True
+    with pytest.raises(ConfigCompositionError, match="evaluate.lm_eval.num_fewshot must be >= 0"):
+        compose(["evaluate.lm_eval.num_fewshot=-1"])
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_bad_group_option_lists_the_choices(group):
     with pytest.raises(ConfigCompositionError) as caught:
