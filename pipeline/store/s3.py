@@ -150,7 +150,10 @@ def _is_connection_error(exc: BaseException) -> bool:
         boto_errors.ReadTimeoutError,
         boto_errors.ConnectionClosedError,
         boto_errors.ConnectionError,
+        boto_errors.ResponseStreamingError,  # a body cut short (connection dropped mid-answer)
+        boto_errors.IncompleteReadError,
         ConnectionError,
+        TimeoutError,
     )
     return any(isinstance(item, connection_errors) for item in _exception_chain(exc))
 
