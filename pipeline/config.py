@@ -29,6 +29,8 @@ class TeacherConfig:
     # a transformers teacher: local folder, file:// or s3:// URI (the flow downloads it once); None = the demo teacher
     path: str | None = None
     demo: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    # run Python code shipped inside the teacher folder (config.json "auto_map"); off: such a teacher is refused
+    trust_remote_code: bool = False
 
 
 @dataclass

@@ -89,9 +89,34 @@ def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint"
     from transformers import AutoModelForCausalLM
 
     folder = require_folder(path, what)
+    check_safe_to_load(folder, what, trust_remote_code=cfg.teacher.trust_remote_code)
     device = resolve_device(cfg)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg, device))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=resolve_dtype(cfg, device), use_safetensors=True,
+        trust_remote_code=cfg.teacher.trust_remote_code,
+    )
     return model.to(device).eval()
+
+
+def check_safe_to_load(folder: Path, what: str, *, trust_remote_code: bool) -> None:
+    """Weights are read only from safetensors (a pickle can run code when loaded), and code shipped in a
+    checkpoint folder runs only if the user turned teacher.trust_remote_code on."""
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(path.name for path in folder.iterdir() if path.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"only {', '.join(pickled[:3])}" if pickled else "no weight files"
+        raise StageError(
+            f"{what} at {folder} has {found}: weights are loaded only from safetensors files; convert them "
+            "(e.g. save_pretrained(..., safe_serialization=True)) and point to that folder"
+        )
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StageError(f"{what} at {folder}: config.json does not parse ({exc})") from None
+    if auto_map and not trust_remote_code:
+        raise StageError(
+            f"{what} at {folder} needs Python code from its own folder (config.json auto_map: "
+            f"{', '.join(sorted(auto_map))}); it is not run unless you set teacher.trust_remote_code=true"
+        )
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -36,6 +36,9 @@ from pipeline.store.manifest import utc_now
 logger = logging.getLogger("pipeline.store")
 
 POLL_SECONDS = 1.0
+# Tokens of S3 leases this process held but could not delete (the network was gone at release): they are
+# ours and no longer in use, so this process takes them over at once instead of waiting for their expiry.
+_ABANDONED_TOKENS: set[str] = set()
 
 
 def holder_record(ttl_seconds: float | None) -> dict[str, Any]:
@@ -201,29 +204,38 @@ class S3Lease(Lease):
 
     def _try_acquire(self) -> dict[str, Any] | None:
         record = holder_record(self.ttl_seconds)
+        try:
+            return self._try_acquire_as(record)
+        except StoreError:  # the lease object may have been written before the failure: never wait for it
+            _ABANDONED_TOKENS.add(record["token"])
+            raise
+
+    def _try_acquire_as(self, record: dict[str, Any]) -> dict[str, Any] | None:
         body = json.dumps(record).encode()
+        mine = lambda current: current is not None and current[0].get("token") == record["token"]  # noqa: E731
         if self._put(self.key, body, if_none_match=True) is None:
-            current = self._read()
-            if current is not None:
+            current = self._read()  # (ours if our put landed but its answer was lost and the retry was refused)
+            if current is None:  # released in between
+                if self._put(self.key, body, if_none_match=True) is None and not mine(current := self._read()):
+                    return current[0] if current is not None else {}
+            elif not mine(current):
                 holder, age, etag = current
                 ttl = holder.get("ttl_seconds") if isinstance(holder.get("ttl_seconds"), int | float) else 0
-                if age < ttl and not holder_is_dead(holder):
+                abandoned = holder.get("token") in _ABANDONED_TOKENS
+                if age < ttl and not holder_is_dead(holder) and not abandoned:
                     return {**holder, "_expires_in": ttl - age}
                 logger.warning(
                     "taking over the write lease of %s from %s (%s)",
                     self.where,
                     describe_holder(holder),
-                    "its process is gone" if age < ttl else f"expired {age - ttl:.0f}s ago",
+                    "it was not released" if abandoned else "its process is gone" if age < ttl
+                    else f"expired {age - ttl:.0f}s ago",
                 )
-                if self._put(self.key, body, if_match=etag) is None:  # another run took it over first
-                    current = self._read()
-                    return current[0] if current is not None else {}
-            elif self._put(self.key, body, if_none_match=True) is None:  # released and taken in between
-                current = self._read()
-                return current[0] if current is not None else {}
+                if self._put(self.key, body, if_match=etag) is None and not mine(current := self._read()):
+                    return current[0] if current is not None else {}  # another run took it over first
         # Read back: a server that ignored the precondition let the last writer win; only it continues.
         current = self._read()
-        if current is None or current[0].get("token") != record["token"]:
+        if not mine(current):
             return current[0] if current is not None else {}
         self._record, self._etag = record, current[2]
         self._renewed_at = time.monotonic()
@@ -276,7 +288,8 @@ class S3Lease(Lease):
             return
         try:
             self._delete(self.key, self._etag)
-        except StoreError as exc:  # it expires by itself
+        except StoreError as exc:  # it expires by itself; this process may take it over at once
+            _ABANDONED_TOKENS.add(record["token"])
             logger.warning("could not release the write lease of %s: %s", self.where, exc)
 
 
