@@ -58,8 +58,9 @@ def location(store: Store, name: str | None = None, filename: str | None = None)
     """Where the store, a stored output or one of its files is: a path for local stores, else a URI."""
     if name is None:
         return str(store.root) if isinstance(store, LocalStore) else store.uri
-    base = str(store.root / name) if isinstance(store, LocalStore) else store.uri_for(name)
-    return f"{base}/{filename}" if filename else base
+    if isinstance(store, LocalStore):
+        return str(store.root / name / filename) if filename else str(store.root / name)
+    return store.file_uri(name, filename) if filename else store.uri_for(name)
 
 
 def prefect_location() -> str:

@@ -91,10 +91,26 @@ def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint"
     folder = require_folder(path, what)
     check_safe_to_load(folder, what, trust_remote_code=cfg.teacher.trust_remote_code)
     device = resolve_device(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=resolve_dtype(cfg, device), use_safetensors=True,
-        trust_remote_code=cfg.teacher.trust_remote_code,
-    )
+    from safetensors import SafetensorError
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=resolve_dtype(cfg, device), use_safetensors=True,
+            trust_remote_code=cfg.teacher.trust_remote_code, ignore_mismatched_sizes=True, output_loading_info=True,
+        )
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise StageError(f"{what} at {folder} cannot be loaded ({type(exc).__name__}: {reason}); "
+                         "the files are truncated, corrupt or not a transformers checkpoint") from None
+    # A weight that is missing or has another shape would be initialised at random: refuse the checkpoint.
+    mismatched = [f"{key} {tuple(saved)} vs {tuple(expected)}" for key, saved, expected in info["mismatched_keys"]]
+    if mismatched:
+        raise StageError(f"{what} at {folder}: {len(mismatched)} weights have other shapes than its config.json "
+                         f"says (e.g. {'; '.join(mismatched[:2])}); the weights do not belong to this config")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise StageError(f"{what} at {folder}: {len(missing)} weights its config.json needs are not in its "
+                         f"safetensors files (e.g. {', '.join(missing[:3])}); the checkpoint is incomplete")
     return model.to(device).eval()
 
 

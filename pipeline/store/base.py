@@ -28,6 +28,7 @@ from pipeline.store.manifest import (
     FileEntry,
     build_manifest,
     check_name,
+    check_relative_path,
     manifest_digest,
     new_version,
     parse_manifest,
@@ -82,6 +83,17 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _prune(self, name: str, keep: str) -> None:
         """Removes every version of ``name`` but ``keep``, and leftovers of crashed writers."""
+
+    def _discard_version(self, name: str, version: str) -> None:
+        """Removes an uncommitted version after a failed put; failures only log (the next put prunes)."""
+        try:
+            self._prune_version(name, version)
+        except (StoreError, OSError) as exc:
+            logger.warning("could not remove the unfinished version %s of %s: %s", version, name, exc)
+
+    @abc.abstractmethod
+    def _prune_version(self, name: str, version: str) -> None:
+        """Removes one version folder of ``name``."""
 
     @abc.abstractmethod
     def get_checkpoint(self, name: str) -> Path:
@@ -144,11 +156,15 @@ class Store(abc.ABC):
         metadata = json.loads(json.dumps(dict(metadata or {})))  # fails early if not JSON-serialisable
         with self.lease(name) as lease:
             version = new_version()
-            entries = self._write_version(local_dir, name, version, relative_paths)
-            manifest = build_manifest(
-                name, version, entries, config_digest=config_digest, parent=parent_record, metadata=metadata
-            )
-            lease.check()  # a run that lost its lease must not commit over the new holder's work
+            try:
+                entries = self._write_version(local_dir, name, version, relative_paths)
+                manifest = build_manifest(
+                    name, version, entries, config_digest=config_digest, parent=parent_record, metadata=metadata
+                )
+                lease.check()  # a run that lost its lease must not commit over the new holder's work
+            except BaseException:
+                self._discard_version(name, version)  # nothing half-written stays behind (best effort)
+                raise
             self._commit(name, version, manifest)
             try:
                 self._prune(name, keep=version)
@@ -180,6 +196,14 @@ class Store(abc.ABC):
         except (NotFoundError, IntegrityError):
             return False
         return True
+
+    def file_uri(self, name: str, path: str) -> str:
+        """URI of one file of the committed version of checkpoint ``name``."""
+        return self.uri_for(self._file_key(name, self.manifest(name), check_relative_path(path, "file path")))
+
+    def _file_key(self, name: str, manifest: Mapping[str, Any], path: str) -> str:
+        """The key of a file of the committed version (local stores reach it through the ``<name>`` link)."""
+        return f"{name}/{path}"
 
     def manifest_digest(self, name: str) -> str:
         return manifest_digest(self.manifest(name))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.store.base import Store
-from pipeline.store.errors import AccessDeniedError, NotFoundError
+from pipeline.store.errors import AccessDeniedError, NotFoundError, StoreError
 from pipeline.store.lease import Lease, LocalLease
 from pipeline.store.manifest import (
     MANIFEST_NAME,
@@ -81,10 +81,19 @@ class LocalStore(Store):
         entries = []
         for relative_path in relative_paths:
             destination = folder / relative_path
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_dir / relative_path, destination)
+            try:
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(local_dir / relative_path, destination)
+            except OSError as exc:  # a full disk, a quota, permissions: one line, the put is abandoned
+                raise StoreError(
+                    f"could not write checkpoint {self.uri_for(name)}: {exc.strerror or exc} while writing "
+                    f"'{relative_path}' into {self.root}; free space (or fix permissions) and run again"
+                ) from exc
             entries.append(file_entry(destination, relative_path))  # hash what was stored
         return entries
+
+    def _prune_version(self, name: str, version: str) -> None:
+        shutil.rmtree(self._version_dir(name, version), ignore_errors=True)
 
     def _commit(self, name: str, version: str, manifest: Mapping[str, Any]) -> None:
         folder = self._version_dir(name, version)

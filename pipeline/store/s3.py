@@ -432,6 +432,9 @@ class S3Store(Store):
             attempts=self.transfer.transfer_attempts,
         )
 
+    def _prune_version(self, name: str, version: str) -> None:
+        self._delete_keys(item["Key"] for item in self._list_objects(f"{name}/{version}/"))
+
     def _prune(self, name: str, keep: str) -> None:
         keep_prefix = f"{name}/{keep}/"
         stray = [
@@ -443,8 +446,7 @@ class S3Store(Store):
 
     # -- reading --------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _file_key(name: str, manifest: Mapping[str, Any], path: str) -> str:
+    def _file_key(self, name: str, manifest: Mapping[str, Any], path: str) -> str:
         version = manifest.get("version")
         return f"{name}/{version}/{path}" if version else f"{name}/{path}"  # no version: the older layout
 

@@ -75,3 +75,43 @@ def test_training_state_loads_tensors_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_weights_and_optimizer(state, model=model, optimizer=optimizer)
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# teachers whose weights do not fit: refused in one line, never loaded with random weights in their place
+
+
+def edited_teacher(tiny_teacher, tmp_path, edit) -> object:
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    weights = load_file(teacher / "model.safetensors")
+    edit(weights)
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    return teacher
+
+
+def test_weights_with_wrong_shapes_are_refused(tiny_teacher, tmp_path):
+    key = "model.layers.0.self_attn.q_proj.weight"
+    teacher = edited_teacher(tiny_teacher, tmp_path, lambda w: w.update({key: w[key][:, :16].contiguous()}))
+    with pytest.raises(StageError, match=rf"1 weights have other shapes .*{key} \(32, 16\) vs \(32, 32\)") as error:
+        load_model(teacher, tiny_config(), "teacher")
+    assert "\n" not in str(error.value)
+
+
+def test_missing_weights_are_refused(tiny_teacher, tmp_path):
+    key = "model.layers.2.mlp.down_proj.weight"
+    teacher = edited_teacher(tiny_teacher, tmp_path, lambda w: w.pop(key))
+    with pytest.raises(StageError, match=rf"1 weights its config.json needs are not in .*{key}.*incomplete"):
+        load_model(teacher, tiny_config(), "teacher")
+
+
+def test_truncated_teacher_is_refused(tiny_teacher, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    data = (teacher / "model.safetensors").read_bytes()
+    (teacher / "model.safetensors").write_bytes(data[: len(data) // 2])  # a download or copy cut short
+    with pytest.raises(StageError, match=r"cannot be loaded \(SafetensorError: .*\); the files are truncated") as error:
+        load_model(teacher, tiny_config(), "teacher")
+    assert "\n" not in str(error.value)

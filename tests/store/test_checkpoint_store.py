@@ -663,3 +663,39 @@ def test_unsafe_store_uris_and_names_are_refused(tmp_path):
     for name in ("..", "../H-2", "H-2/..", "/abs", "a b", "%2e%2e"):
         with pytest.raises(ValueError, match="invalid checkpoint name"):
             store.put_checkpoint(make_checkpoint_dir(tmp_path / f"s{abs(hash(name))}"), name, config_digest="c")
+
+
+DISK_FULL_SCRIPT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pipeline.store import StoreError, open_store
+
+    root, source = sys.argv[1:3]
+    store = open_store(root + "/store", cache_dir=root + "/cache")
+    store.put_checkpoint(source, "H-2", config_digest="old")  # a committed version, written with room to spare
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # from now on no file may grow past 50 kB
+    try:
+        store.put_checkpoint(source, "H-2", config_digest="new")
+    except StoreError as error:
+        print(error)
+    """
+)
+
+
+def test_disk_full_during_a_put_keeps_the_last_checkpoint(tmp_path):
+    """The file system refuses to grow a file half-way through a put (as a full disk does): one line, the
+    committed version untouched, the unfinished one removed."""
+    source = make_checkpoint_dir(tmp_path / "source")  # weights.bin is 100 kB
+    result = subprocess.run(
+        [sys.executable, "-c", DISK_FULL_SCRIPT, str(tmp_path), str(source)],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60,
+    )
+    message = result.stdout.strip()
+    assert result.returncode == 0 and "\n" not in message, result.stderr
+    assert message.startswith("could not write checkpoint ") and "File too large while writing" in message
+    assert "free space" in message
+    store = open_store(tmp_path / "store", cache_dir=tmp_path / "cache")
+    assert store.manifest("H-2")["config_digest"] == "old"
+    assert tree_bytes(store.get_checkpoint("H-2")) == tree_bytes(source)
+    assert len(list((tmp_path / "store" / ".versions" / "H-2").iterdir())) == 1, "the unfinished version is gone"
