@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from prefect import flow
 from prefect.runtime import flow_run
 
@@ -37,7 +38,8 @@ from pipeline.tracking import NullTracker, Tracker
 
 DEFAULT_CACHE_ROOT = ".cache"  # <cache>/store: S3 downloads; <cache>/work: resumable stage state
 # Errors whose message says everything: the command line prints them as one line, without a traceback.
-USER_ERRORS = (ConfigCompositionError, ConfigError, StageError, StoreError, ImportError)
+# errors printed as one line (no traceback): bad input, or a store / tracking server that cannot be used
+USER_ERRORS = (ConfigCompositionError, ConfigError, StageError, StoreError, ImportError, MlflowException)
 
 
 def open_run_store(cfg: RunConfig, cache_root: Path) -> Store:
