@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.store.errors import NotFoundError, StoreError
+from pipeline.store.errors import IntegrityError, NotFoundError, StoreError
 from pipeline.store.lease import Lease
 from pipeline.store.manifest import (
     MANIFEST_NAME,
@@ -189,8 +189,6 @@ class Store(abc.ABC):
 
     def has_checkpoint(self, name: str) -> bool:
         """True only for a committed checkpoint: its manifest exists and parses."""
-        from pipeline.store.errors import IntegrityError
-
         try:
             self.manifest(name)
         except (NotFoundError, IntegrityError):
