@@ -22,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from prefect import flow
 from prefect.runtime import flow_run
 
@@ -41,7 +42,8 @@ from pipeline.tracking import NullTracker, Tracker, default_tracking_uri
 
 DEFAULT_CACHE_ROOT = ".cache"  # <cache>/store: S3 downloads; <cache>/work: resumable stage state
 # Errors whose message says everything: the command line prints them as one line, without a traceback.
-USER_ERRORS = (ConfigCompositionError, ConfigError, StageError, StoreError, ImportError)
+# errors printed as one line (no traceback): bad input, or a store / tracking server that cannot be used
+USER_ERRORS = (ConfigCompositionError, ConfigError, StageError, StoreError, ImportError, MlflowException)
 
 
 def open_run_store(cfg: RunConfig, cache_root: Path) -> Store:
@@ -107,8 +109,9 @@ def location(store: Store, name: str | None = None, filename: str | None = None)
     """Where the store, a stored output or one of its files is: a path for local stores, else a URI."""
     if name is None:
         return str(store.root) if isinstance(store, LocalStore) else store.uri
-    base = str(store.root / name) if isinstance(store, LocalStore) else store.uri_for(name)
-    return f"{base}/{filename}" if filename else base
+    if isinstance(store, LocalStore):
+        return str(store.root / name / filename) if filename else str(store.root / name)
+    return store.file_uri(name, filename) if filename else store.uri_for(name)
 
 
 def prefect_location() -> str:

@@ -73,10 +73,13 @@ class _Console:
 def run_stage(executor: StoreExecutor, call: StageCall, key: str) -> Any:
     """One stage: skipped if the store has it under this key, else computed and stored."""
     found = executor.find(call, key)
-    if found is not None:
-        progress(f"[{call.name}] complete in the store, skipped ({found.uri})")
-        return Completed(data=found, name="Cached", message=f"found {found.uri} (cache key {key[:12]})")
-    return executor.execute(call, key)
+    if found is None:
+        with executor.store.lease(call.name):  # another run writing this stage: wait or fail naming it
+            found = executor.find(call, key)  # it may have finished the stage while we waited
+            if found is None:
+                return executor.execute(call, key)
+    progress(f"[{call.name}] complete in the store, skipped ({found.uri})")
+    return Completed(data=found, name="Cached", message=f"found {found.uri} (cache key {key[:12]})")
 
 
 class StoreExecutor(Executor):

@@ -107,7 +107,6 @@ def summary_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 __all__ = [
     "artifact_key",
-    "layer_pattern",
     "log_output_files",
     "loo_markdown",
     "mlflow_run_link",

@@ -2,7 +2,8 @@
 
 A teacher at `s3://bucket/prefix` is either a checkpoint of one of our stores (a `manifest.json` beside
 its files: downloaded through the store, hashes verified) or a plain prefix of transformers files
-(downloaded as they are). It lands in `<cache>/teachers/<digest of the URI>/`, once.
+(sizes and MD5s checked against the listing, sha256 recorded). `<cache>/teachers/<digest of the URI>` is
+a link to the verified copy, made once.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from urllib.parse import unquote, urlparse
 
 from pipeline.chain import local_teacher_source
 from pipeline.executor import Source, content_digest
-from pipeline.store import LocalStore, S3Store, StoreError, config_digest, open_store, split_checkpoint_uri
-
-_COMPLETE = ".complete"  # written last into a downloaded folder
+from pipeline.store import (
+    MANIFEST_NAME,
+    LocalStore,
+    NotFoundError,
+    S3Store,
+    StoreError,
+    config_digest,
+    open_store,
+    split_checkpoint_uri,
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class RemoteFolder:
     endpoint_url: str | None = None
 
     def fetch(self) -> Path:
-        if urlparse(self.uri).scheme.lower() == "file" or (self.local / _COMPLETE).is_file():
+        if urlparse(self.uri).scheme.lower() == "file" or (self.local / MANIFEST_NAME).is_file():
             return self.local
         download_folder(self.uri, self.local, endpoint_url=self.endpoint_url)
         return self.local
@@ -89,45 +97,43 @@ def teacher_source(path: str, cache_root: Path, endpoint_url: str | None = None)
 
 
 def download_folder(uri: str, destination: Path, *, endpoint_url: str | None = None) -> Path:
-    """Copies every object under an s3:// prefix into `destination` (replaced only when complete)."""
+    """Makes `destination` a verified local copy of the folder at an s3:// URI, through the store.
+
+    The store downloads into its content-addressed cache (`<destination's parent>/.store/`), checking
+    every file (sha256 against a manifest of ours, else size and MD5 against the listing); then
+    `destination` becomes a link to that folder in one rename, so it is always absent, the old copy or
+    the new one, never half of either.
+    """
     uri = uri.rstrip("/")
+    cache_dir = destination.parent / ".store"
     try:  # one of our checkpoints: verified download through the store
         store_uri, name = split_checkpoint_uri(uri)
-        store = open_store(store_uri, endpoint_url=endpoint_url, cache_dir=destination.parent / ".store")
+        store = open_store(store_uri, endpoint_url=endpoint_url, cache_dir=cache_dir)
         if store.has_checkpoint(name):
-            return _install(store.get_checkpoint(name), destination)  # verified download, moved into place
+            return _point(destination, store.get_checkpoint(name))
     except ValueError:  # not <store>/<name>: a bucket root or an unusual name
         pass
-    store = open_store(uri, endpoint_url=endpoint_url)
+    store = open_store(uri, endpoint_url=endpoint_url, cache_dir=cache_dir)
     if isinstance(store, LocalStore):
         return store.root
     assert isinstance(store, S3Store)
-    prefix = f"{store.prefix}/" if store.prefix else ""
-    client = store.client
-    keys = [
-        item["Key"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix)
-        for item in page.get("Contents", [])
-        if not item["Key"].endswith("/")
-    ]
-    if not keys:
-        raise StoreError(f"nothing at {uri}: give the s3:// prefix of a saved transformers checkpoint")
-    staging = destination.parent / f".{destination.name}.{uuid.uuid4().hex}.partial"
     try:
-        for key in keys:
-            target = staging / key[len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(store.bucket, key, str(target))
-        return _install(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        folder = store.get_folder()
+    except NotFoundError:
+        raise StoreError(f"nothing at {uri}: give the s3:// prefix of a saved transformers checkpoint") from None
+    return _point(destination, folder)
 
 
-def _install(source: Path, destination: Path) -> Path:
+def _point(destination: Path, folder: Path) -> Path:
+    """Replaces `destination` by a link to `folder` in one rename."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(destination, ignore_errors=True)
-    os.rename(source, destination)
-    (destination / _COMPLETE).write_text("")
+    if destination.is_dir() and not destination.is_symlink():  # a copy made by an older version
+        retired = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.old")
+        os.rename(destination, retired)
+        shutil.rmtree(retired, ignore_errors=True)
+    link = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.link")
+    os.symlink(os.path.relpath(folder, destination.parent), link)
+    os.replace(link, destination)
     return destination
 
 

@@ -86,8 +86,9 @@ def _load_files(files: list[Path], what: str) -> datasets.Dataset:
     builder = _builder_for(files)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-    except Exception as err:  # datasets raises many types; give one line with the cause
-        raise DataLoadError(f"could not read {what}: {type(err).__name__}: {err}".splitlines()[0]) from err
+    except Exception as err:  # datasets raises many types; give one line with the cause it wraps
+        cause = err.__cause__ or err
+        raise DataLoadError(f"could not read {what}: {type(cause).__name__}: {cause}".splitlines()[0]) from err
     return ds
 
 

@@ -97,13 +97,75 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
 
 def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "checkpoint"):
     """A transformers causal LM (a teacher or a hybrid; Apriel-H1 and MambaInLlama checkpoints are
-    imported as hybrids) on the run's device, in eval mode."""
-    from pipeline.model.layouts import load_pretrained
+    imported as hybrids) on the run's device, in eval mode: from safetensors only, refusing weights that
+    are missing or shaped otherwise than its config says (they would be initialised at random)."""
+    import pipeline.model  # noqa: F401  (registers the hybrid with the Auto classes)
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.model.layouts import APRIEL_H1, MAMBAINLLAMA, LayoutError, detect_layout, import_checkpoint
 
     folder = require_folder(path, what)
+    check_safe_to_load(folder, what)
     device = resolve_device(hardware)
-    model = load_pretrained(folder, dtype=resolve_dtype(hardware, device))
+    dtype = resolve_dtype(hardware, device)
+    try:
+        if detect_layout(folder) in (APRIEL_H1, MAMBAINLLAMA):
+            return import_checkpoint(folder, dtype).to(device).eval()
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, trust_remote_code=False,
+            ignore_mismatched_sizes=True, output_loading_info=True,
+        )
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+        if isinstance(exc, LayoutError):
+            raise StageError(f"{what} at {folder}: {exc}") from None
+        reason = " ".join(str(exc).split())[:300]
+        raise StageError(f"{what} at {folder} cannot be loaded ({type(exc).__name__}: {reason}); "
+                         "the files are truncated, corrupt or not a transformers checkpoint") from None
+    # A weight that is missing or has another shape would be initialised at random: refuse the checkpoint.
+    mismatched = [f"{key} {tuple(saved)} vs {tuple(expected)}" for key, saved, expected in info["mismatched_keys"]]
+    if mismatched:
+        raise StageError(f"{what} at {folder}: {len(mismatched)} weights have other shapes than its config.json "
+                         f"says (e.g. {'; '.join(mismatched[:2])}); the weights do not belong to this config")
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise StageError(f"{what} at {folder}: {len(missing)} weights its config.json needs are not in its "
+                         f"safetensors files (e.g. {', '.join(missing[:3])}); the checkpoint is incomplete")
     return model.to(device).eval()
+
+
+def _registered_here(folder: Path) -> bool:
+    """A self-contained export of our own hybrid: its auto_map names code this package already registers,
+    so loading it runs none of the folder's files."""
+    from pipeline.model.config import HybridConfig
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == HybridConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_safe_to_load(folder: Path, what: str) -> None:
+    """Weights are read only from safetensors (a pickle can run code when loaded), and code shipped in a
+    checkpoint folder never runs: the supported teachers (Llama, Mistral, Qwen2) and our hybrids are
+    built from the classes installed here, so a folder that needs its own code is refused."""
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(path.name for path in folder.iterdir() if path.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"only {', '.join(pickled[:3])}" if pickled else "no weight files"
+        raise StageError(
+            f"{what} at {folder} has {found}: weights are loaded only from safetensors files; convert them "
+            "(e.g. save_pretrained(..., safe_serialization=True)) and point to that folder"
+        )
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StageError(f"{what} at {folder}: config.json does not parse ({exc})") from None
+    if auto_map and not _registered_here(folder):
+        raise StageError(
+            f"{what} at {folder} needs Python code from its own folder (config.json auto_map: "
+            f"{', '.join(sorted(auto_map))}); code from a checkpoint folder is never run: save the teacher "
+            "as a Llama, Mistral or Qwen2 checkpoint"
+        )
 
 
 def load_tokenizer(path: str | os.PathLike):

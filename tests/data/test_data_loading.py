@@ -187,3 +187,11 @@ def test_written_demo_folders_load_by_split(tokenizer, tmp_path):
     assert len(tok) == 10
     text = load_tokenized(tmp_path / "text", tokenizer, max_length=128)
     assert len(text) == 30 and all(all(m) for m in text["loss_mask"])
+
+
+def test_error_malformed_json_lines_names_the_parse_error(tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "x"\n')
+    with pytest.raises(DataLoadError, match=r"could not read .*broken.jsonl.*JSON parse error") as info:
+        load_rows(bad)
+    assert "\n" not in str(info.value)

@@ -4,11 +4,15 @@ checkpoint upload cut off before its manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,12 @@ from pipeline.store import EndpointUnreachableError, S3Store, manifest_digest, o
 pytestmark = pytest.mark.slow
 
 SECRET = "hunter2-not-for-mlflow"
+# credentials the flow's environment holds while it runs; none may appear in anything it records
+CANARY_ENV = {
+    "AWS_SESSION_TOKEN": "canary-session-token-6d1f",
+    "HF_TOKEN": "hf_canaryTokenQ8v2xw",
+    "MLFLOW_TRACKING_TOKEN": "canary-mlflow-token-91ab",
+}
 SECRET_URL = f"https://reader:{SECRET}@data.example.com/generic.jsonl"  # never read by the tiny run
 # output name -> stage, in the chain's order, for schedule.counts=[2, 3] (the tiny preset)
 STAGES = {"teacher": "teacher", "loo": "loo", "H-2": "convert", "mmr-H-2": "mmr", "H-3": "step",
@@ -39,9 +49,11 @@ class FlowRun:
     overrides: list[str]
     result: dict
     seconds: float
+    console: str = ""  # everything the flow printed or logged to stdout/stderr
 
-    def key(self, name: str, filename: str) -> str:
-        return f"runs/{self.run_name}/{name}/{filename}"
+    def key(self, name: str, filename: str, version: str | None = None) -> str:
+        """The object key of a manifest (no version) or of a file of one version."""
+        return f"runs/{self.run_name}/{name}/{version}/{filename}" if version else f"runs/{self.run_name}/{name}/{filename}"
 
 
 def flow_overrides(bucket: str, run_name: str, endpoint_url: str, tracking_uri: str, experiment: str,
@@ -93,15 +105,47 @@ def s3_run(prefect_api, moto_server, mlflow_tracking_uri, tiny_teacher_uri, tmp_
     overrides = flow_overrides(bucket, "e2e", moto_server.endpoint_url, mlflow_tracking_uri, experiment,
                                tmp_path_factory.mktemp("cache"), tiny_teacher_uri)
     started = time.monotonic()
-    result = convert(overrides=overrides)
-    return FlowRun(bucket, "e2e", experiment, mlflow_tracking_uri, overrides, result, time.monotonic() - started)
+    console = tmp_path_factory.mktemp("console") / "output.txt"
+    with pytest.MonkeyPatch.context() as patch, capture_output(console):
+        for name, value in CANARY_ENV.items():  # credentials in the environment, as on a real machine
+            patch.setenv(name, value)
+        result = convert(overrides=overrides)
+    return FlowRun(bucket, "e2e", experiment, mlflow_tracking_uri, overrides, result, time.monotonic() - started,
+                   console.read_text(errors="replace"))
+
+
+@contextlib.contextmanager
+def capture_output(path: Path) -> Iterator[None]:
+    """Everything the flow prints or logs goes to `path` too: sys.stdout/stderr, file descriptors 1 and 2
+    (subprocesses, C code) and every record of the root and `prefect` loggers; echoed afterwards."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "w", buffering=1, errors="replace") as sink:
+        handler = logging.StreamHandler(sink)
+        handler.setLevel(logging.DEBUG)
+        loggers = [logging.getLogger(), logging.getLogger("prefect")]
+        for logger in loggers:
+            logger.addHandler(handler)
+        os.dup2(sink.fileno(), 1), os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield
+        finally:
+            for logger in loggers:
+                logger.removeHandler(handler)
+            sink.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+    sys.stdout.write(path.read_text(errors="replace")[-5000:])
 
 
 def test_every_stage_runs_and_stores_a_committed_checkpoint(s3_run, moto_server, tiny_teacher_uri):
     assert s3_run.result["ran"] == list(STAGES)
     assert s3_run.result["skipped"] == []
-    assert s3_run.result["results"] == f"s3://{s3_run.bucket}/runs/e2e/evaluate/summary.json"
     client = moto_server.client()
+    evaluate_version = json.loads(read_object(client, s3_run.bucket, s3_run.key("evaluate", "manifest.json")))["version"]
+    assert s3_run.result["results"] == f"s3://{s3_run.bucket}/runs/e2e/evaluate/{evaluate_version}/summary.json"
     manifests = {}
     for name, stage in STAGES.items():
         manifest = json.loads(read_object(client, s3_run.bucket, s3_run.key(name, "manifest.json")))
@@ -109,7 +153,7 @@ def test_every_stage_runs_and_stores_a_committed_checkpoint(s3_run, moto_server,
         stored = object_sizes(client, s3_run.bucket, f"runs/e2e/{name}/")
         assert {entry["path"] for entry in manifest["files"]} >= {"stage.json", "run_config.json"}
         for entry in manifest["files"]:
-            assert stored[s3_run.key(name, entry["path"])] == entry["size"]
+            assert stored[s3_run.key(name, entry["path"], manifest["version"])] == entry["size"]
         assert manifest["metadata"]["stage"] == stage
         assert manifest["config_digest"] == manifest["metadata"]["cache_key"]
     for name in ("teacher", "H-2", "H-3", "H-3-SFT"):
@@ -119,7 +163,7 @@ def test_every_stage_runs_and_stores_a_committed_checkpoint(s3_run, moto_server,
     assert manifests["H-3"]["parent"] == {"name": "H-2", "uri": f"s3://{s3_run.bucket}/runs/e2e/H-2",
                                           "manifest_digest": manifest_digest(manifests["H-2"])}
     assert manifests["H-2"]["metadata"]["layer_pattern"].count("M") == 2
-    summary = json.loads(read_object(client, s3_run.bucket, s3_run.key("evaluate", "summary.json")))
+    summary = json.loads(read_object(client, s3_run.bucket, s3_run.key("evaluate", "summary.json", evaluate_version)))
     assert [record["checkpoint"] for record in summary] == EVALUATED
 
 
@@ -168,14 +212,49 @@ def test_mlflow_holds_parent_children_metrics_tags_and_artifacts(s3_run, tmp_pat
     assert [record["checkpoint"] for record in json.loads(Path(summary).read_text())] == EVALUATED
 
 
-def test_secrets_never_reach_mlflow(s3_run, tmp_path):
+def test_secrets_never_reach_mlflow_prefect_or_logs(s3_run, tmp_path):
     import mlflow
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
 
-    secrets = [SECRET, os.environ["AWS_SECRET_ACCESS_KEY"]]  # the session's dummy AWS credentials
+    # the session's dummy AWS credentials, the canaries set while the flow ran, a password in a data URL
+    secrets = [SECRET, os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"], *CANARY_ENV.values()]
+
+    def assert_clean(text: str, where: str) -> None:
+        leaked = [secret for secret in secrets if secret in text]
+        assert not leaked, f"{leaked} found in {where}"
+
     runs = experiment_runs(s3_run.tracking_uri, s3_run.experiment)
+    client = MlflowClient(s3_run.tracking_uri)
+    scanned = 0
     for run in runs:
-        for value in [*run.data.params.values(), *run.data.tags.values()]:
-            assert not any(secret in value for secret in secrets), (run.info.run_name, value)
+        for key, value in [*run.data.params.items(), *run.data.tags.items()]:
+            assert_clean(f"{key}={value}", f"MLflow run {run.info.run_name}")
+        assert_clean(" ".join(run.data.metrics), f"metric names of {run.info.run_name}")
+        pending = [info for info in client.list_artifacts(run.info.run_id)]
+        while pending:  # every artifact, in every folder
+            info = pending.pop()
+            if info.is_dir:
+                pending += client.list_artifacts(run.info.run_id, info.path)
+                continue
+            local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=info.path,
+                                                        dst_path=str(tmp_path / "all" / run.info.run_id),
+                                                        tracking_uri=s3_run.tracking_uri)
+            assert_clean(Path(local).read_bytes().decode("utf-8", errors="replace"), f"artifact {info.path}")
+            scanned += 1
+    assert scanned >= len(STAGES)
+    with get_client(sync_client=True) as prefect:  # Prefect's record: flow/task parameters and the logs
+        flow_runs = prefect.read_flow_runs()
+        assert flow_runs
+        for flow_run in flow_runs:  # (a password typed into an override is a parameter the user gave
+            # Prefect; credentials belong in the environment, e.g. data.generic=https://u:${oc.env:PW}@host/x)
+            parameters = json.dumps(flow_run.parameters, default=str).replace(SECRET_URL, "<the user's override>")
+            assert_clean(parameters, f"Prefect flow run {flow_run.name}")
+        logs = prefect.read_logs()
+        assert logs
+        assert_clean("\n".join(log.message for log in logs), "Prefect logs")
+    assert "results:" in s3_run.console  # the console output was captured
+    assert_clean(s3_run.console, "the console output and logs")
     parent = next(run for run in runs if run.data.tags.get("conversion_run") == "e2e")
     assert parent.data.params["data.generic"] == "https://reader:<redacted>@data.example.com/generic.jsonl"
     for run in runs:  # every logged config file: the run's whole config redacted, each stage's settings clean

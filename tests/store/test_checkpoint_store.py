@@ -7,9 +7,11 @@ import hashlib
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from pipeline.store import (
     CheckpointRef,
     EndpointUnreachableError,
     IntegrityError,
+    LeaseHeldError,
+    LeaseLostError,
     LocalStore,
     NotFoundError,
     S3Store,
@@ -159,7 +163,6 @@ def test_checkpoint_round_trip(store, moto, tmp_path):
     ref = store.put_checkpoint(source, "H-2", config_digest=digest, metadata={"layer_pattern": ["attention", "mamba"]})
 
     assert store.has_checkpoint("H-2") and not store.has_checkpoint("H-3")
-    assert store.list_checkpoints() == ["H-2"]
     assert ref == CheckpointRef("H-2", store.uri_for("H-2"), store.manifest_digest("H-2"), digest)
     assert CheckpointRef.from_dict(ref.to_dict()) == ref
 
@@ -171,6 +174,8 @@ def test_checkpoint_round_trip(store, moto, tmp_path):
     assert manifest["files"] == expected_files
     assert manifest["config_digest"] == digest and manifest["parent"] is None
     assert manifest["metadata"] == {"layer_pattern": ["attention", "mamba"]}
+    version = manifest["version"]
+    assert version.startswith("v-")
     assert manifest["total_size"] == sum(entry["size"] for entry in expected_files)
     assert time.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%SZ")
 
@@ -180,9 +185,13 @@ def test_checkpoint_round_trip(store, moto, tmp_path):
 
     if isinstance(store, S3Store):  # the layout in the bucket is the documented one
         assert ref.uri == f"s3://{store.bucket}/runs/r1/H-2"
-        assert raw_keys(store, moto) == sorted(f"runs/r1/H-2/{path}" for path in [*tree_bytes(source), MANIFEST_NAME])
-    else:
-        assert ref.uri == (tmp_path / "store" / "H-2").as_uri() and local == tmp_path / "store" / "H-2"
+        assert raw_keys(store, moto) == sorted(
+            [*(f"runs/r1/H-2/{version}/{path}" for path in tree_bytes(source)), f"runs/r1/H-2/{MANIFEST_NAME}"]
+        )
+    else:  # <root>/H-2 is a link to the version folder: the user's path to the checkpoint stays the same
+        assert ref.uri == (tmp_path / "store" / "H-2").as_uri()
+        assert local == (tmp_path / "store" / ".versions" / "H-2" / version)
+        assert tree_bytes(tmp_path / "store" / "H-2") == tree_bytes(source)
 
     # parents: a ref, a committed name, a URI elsewhere; an unknown name is refused
     child = store.put_checkpoint(source, "H-3", config_digest="c", parent=ref)
@@ -193,12 +202,6 @@ def test_checkpoint_round_trip(store, moto, tmp_path):
     assert store.manifest("H-5")["parent"]["uri"] == "hf://org/model"
     with pytest.raises(NotFoundError, match="no checkpoint 'H-9'"):
         store.put_checkpoint(source, "H-6", config_digest="c", parent="H-9")
-
-    store.delete_checkpoint("H-2")
-    assert not store.has_checkpoint("H-2") and store.list_checkpoints() == ["H-3", "H-4", "H-5"]
-    with pytest.raises(NotFoundError):
-        store.get_checkpoint("H-2")
-    store.delete_checkpoint("H-2", missing_ok=True)
     assert store.ref("H-3") == child
 
 
@@ -213,8 +216,10 @@ def test_put_replaces_previous_version(store, moto, tmp_path):
 
     assert store.manifest_digest("H-2") != old_digest
     assert tree_bytes(store.get_checkpoint("H-2")) == tree_bytes(second)
-    if isinstance(store, S3Store):
+    if isinstance(store, S3Store):  # the old version is pruned once the new one is committed
         assert not any(key.endswith("only-in-v1.txt") for key in raw_keys(store, moto))
+    else:
+        assert [path.name for path in (store.root / ".versions" / "H-2").iterdir()] == [store.manifest("H-2")["version"]]
 
 
 def test_invalid_names_and_reserved_manifest(store, tmp_path):
@@ -238,7 +243,7 @@ CRASH_SCRIPT = textwrap.dedent(
     def die(*args, **kwargs):  # like a killed process: no finally blocks, no cleanup
         os._exit(17)
 
-    type(store)._write_manifest = die
+    type(store)._commit = die
     store.put_checkpoint(source, "H-2", config_digest="crashed")
     """
 )
@@ -264,12 +269,11 @@ def test_crash_before_manifest_leaves_no_checkpoint(store, moto, tmp_path):
     # the files were written, the manifest was not
     if isinstance(store, S3Store):
         keys = raw_keys(store, moto)
-        assert "runs/r1/H-2/model/weights.bin" in keys and "runs/r1/H-2/manifest.json" not in keys
+        assert any(key.endswith("/model/weights.bin") for key in keys) and "runs/r1/H-2/manifest.json" not in keys
     else:
-        staged = list((store.root / ".tmp").glob("H-2.*/model/weights.bin"))
+        staged = list((store.root / ".versions").glob("H-2/v-*/model/weights.bin"))
         assert len(staged) == 1 and not (store.root / "H-2").exists()
     assert not store.has_checkpoint("H-2")
-    assert store.list_checkpoints() == []
     with pytest.raises(NotFoundError, match="no checkpoint 'H-2'"):
         store.get_checkpoint("H-2")
 
@@ -277,14 +281,20 @@ def test_crash_before_manifest_leaves_no_checkpoint(store, moto, tmp_path):
     assert store.has_checkpoint("H-2") and ref.config_digest == "ok"
     assert tree_bytes(store.get_checkpoint("H-2")) == tree_bytes(source)
 
-    # A crash while replacing a committed checkpoint never exposes new files under the old manifest:
-    # locally the old version stays whole; in S3 its manifest is retracted before any upload.
+    # A crash while replacing a committed checkpoint leaves the last good version committed and whole
+    # (its files are not touched: the new version was uploaded beside it); the next put prunes the debris.
+    committed = store.manifest("H-2")
     replacement = make_checkpoint_dir(tmp_path / "replacement", seed=5)
     crash_while_putting(store, replacement)
+    assert store.manifest("H-2") == committed
+    fresh = open_store(store.uri, endpoint_url=getattr(store, "endpoint_url", None), cache_dir=tmp_path / "fresh")
+    assert tree_bytes(fresh.get_checkpoint("H-2")) == tree_bytes(source)
+    store.put_checkpoint(replacement, "H-2", config_digest="new")
+    version = store.manifest("H-2")["version"]
     if isinstance(store, S3Store):
-        assert not store.has_checkpoint("H-2")
+        assert all(key.startswith(f"runs/r1/H-2/{version}/") for key in raw_keys(store, moto) if "/v-" in key)
     else:
-        assert tree_bytes(store.get_checkpoint("H-2")) == tree_bytes(source)
+        assert [path.name for path in (store.root / ".versions" / "H-2").iterdir()] == [version]
 
 
 def test_partial_or_garbled_checkpoint_is_not_reported(store, moto, tmp_path):
@@ -293,7 +303,6 @@ def test_partial_or_garbled_checkpoint_is_not_reported(store, moto, tmp_path):
     plant_object(store, "H-3/model/weights.bin", b"partial", moto)
     plant_object(store, f"H-3/{MANIFEST_NAME}", b'{"files": [', moto)
     assert not store.has_checkpoint("H-2") and not store.has_checkpoint("H-3")
-    assert store.list_checkpoints() == []
     with pytest.raises(IntegrityError, match="does not parse"):
         store.manifest("H-3")
 
@@ -306,6 +315,8 @@ def test_partial_or_garbled_checkpoint_is_not_reported(store, moto, tmp_path):
         assert not [key for key in raw_keys(store, moto) if key.endswith("model/weights.bin")]
     else:
         assert not list(store.root.rglob("weights.bin"))
+    if isinstance(store, LocalStore):  # a folder of the older layout (no link) is replaced by a version
+        assert (store.root / "H-2").is_symlink()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,14 +330,16 @@ def test_corrupted_s3_object_is_detected(moto_server, s3_bucket, tmp_path):
     original = (source / "model" / "weights.bin").read_bytes()
 
     flipped = bytes([original[0] ^ 0xFF]) + original[1:]  # same size, different content
-    moto_server.client().put_object(Bucket=s3_bucket, Key="p/H-2/model/weights.bin", Body=flipped)
+    key = f"p/H-2/{store.manifest('H-2')['version']}/model/weights.bin"
+    moto_server.client().put_object(Bucket=s3_bucket, Key=key, Body=flipped)
     with pytest.raises(IntegrityError) as error:
         store.get_checkpoint("H-2")
     message = str(error.value)
     assert "\n" not in message and "model/weights.bin" in message and "sha256" in message
+    assert "downloaded 2 times" in message  # fetched again before it is reported
     assert not list((tmp_path / "cache").glob("H-2-*")), "a failed download must not look cached"
 
-    moto_server.client().put_object(Bucket=s3_bucket, Key="p/H-2/model/weights.bin", Body=original[:-10])
+    moto_server.client().put_object(Bucket=s3_bucket, Key=key, Body=original[:-10])
     with pytest.raises(IntegrityError, match=r"model/weights.bin' has size 99990, manifest says 100000"):
         store.get_checkpoint("H-2")
 
@@ -351,7 +364,7 @@ def test_s3_checkpoint_is_downloaded_once(moto_server, s3_bucket, tmp_path):
     store = open_store(uri, endpoint_url=moto_server.endpoint_url, cache_dir=tmp_path / "cache")
     source = make_checkpoint_dir(tmp_path / "source")
     store.put_checkpoint(source, "H-2", config_digest="c")
-    data_keys = sorted(f"p/H-2/{path}" for path in tree_bytes(source))
+    data_keys = sorted(f"p/H-2/{store.manifest('H-2')['version']}/{path}" for path in tree_bytes(source))
     gets = count_get_objects(store)
 
     first = store.get_checkpoint("H-2")
@@ -369,6 +382,7 @@ def test_s3_checkpoint_is_downloaded_once(moto_server, s3_bucket, tmp_path):
     store.put_checkpoint(make_checkpoint_dir(tmp_path / "v2", seed=3), "H-2", config_digest="c2")
     gets.clear()
     second = store.get_checkpoint("H-2")
+    data_keys = sorted(f"p/H-2/{store.manifest('H-2')['version']}/{path}" for path in tree_bytes(tmp_path / "v2"))
     assert second != first and sorted(key for key in gets if not key.endswith(MANIFEST_NAME)) == data_keys
     assert tree_bytes(second) == tree_bytes(tmp_path / "v2")
 
@@ -391,7 +405,8 @@ def test_multipart_transfer(moto_server, s3_bucket, tmp_path):
     store.put_checkpoint(source, "H-2", config_digest="c")
 
     assert sorted(parts) == [1, 2]
-    etag = moto_server.client().head_object(Bucket=s3_bucket, Key="p/H-2/model/weights.bin")["ETag"]
+    key = f"p/H-2/{store.manifest('H-2')['version']}/model/weights.bin"
+    etag = moto_server.client().head_object(Bucket=s3_bucket, Key=key)["ETag"]
     assert etag.strip('"').endswith("-2"), f"not a 2-part multipart object: ETag {etag}"
     assert (store.get_checkpoint("H-2") / "model" / "weights.bin").read_bytes() == big
 
@@ -415,30 +430,8 @@ def test_transient_upload_failure_is_retried(moto_server, s3_bucket, tmp_path, m
     monkeypatch.setattr(store.client, "upload_file", flaky_upload)
     source = make_checkpoint_dir(tmp_path / "source")
     store.put_checkpoint(source, "H-2", config_digest="c")
-    assert calls[0] == calls[1] == "p/H-2/config.json"
+    assert calls[0] == calls[1] and calls[0].endswith("/config.json")
     assert tree_bytes(store.get_checkpoint("H-2")) == tree_bytes(source)
-
-
-# ----------------------------------------------------------------------------------------------------
-# small files
-
-
-def test_small_files(store, tmp_path):
-    assert store.put_json("loo.json", {"importance": [0.1, 0.2]}) == store.uri_for("loo.json")
-    assert store.get_json("loo.json") == {"importance": [0.1, 0.2]}
-    plot = tmp_path / "loo.png"
-    plot.write_bytes(b"\x89PNG fake")
-    store.put_file(plot, "plots/loo.png")
-    assert store.has_file("plots/loo.png") and not store.has_file("plots/other.png")
-    assert store.get_file("plots/loo.png", tmp_path / "back" / "loo.png").read_bytes() == b"\x89PNG fake"
-    assert store.list_checkpoints() == []
-    store.delete_file("plots/loo.png")
-    with pytest.raises(NotFoundError):
-        store.get_file("plots/loo.png", tmp_path / "again.png")
-    with pytest.raises(NotFoundError):
-        store.get_json("missing.json")
-    with pytest.raises(ValueError, match="invalid store key"):
-        store.put_json("../escape.json", {})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -452,8 +445,7 @@ def test_missing_bucket_is_reported(moto_server, tmp_path):
         store.check,
         lambda: store.put_checkpoint(source, "H-2", config_digest="c"),
         lambda: store.has_checkpoint("H-2"),
-        store.list_checkpoints,
-        lambda: store.get_file("loo.json", tmp_path / "loo.json"),
+        lambda: store.get_checkpoint("H-2"),
     ):
         with pytest.raises(BucketNotFoundError) as error:
             operation()
@@ -506,7 +498,7 @@ def test_unreachable_endpoint_is_reported(tmp_path):
         store.has_checkpoint("H-2")
     assert "\n" not in str(error.value)
     with pytest.raises(EndpointUnreachableError):
-        store.put_file(make_checkpoint_dir(tmp_path / "source") / "config.json", "config.json")
+        store.put_checkpoint(make_checkpoint_dir(tmp_path / "source"), "H-2", config_digest="c")
     assert time.monotonic() - started < 30
 
 
@@ -555,3 +547,155 @@ def test_store_and_tracking_import_without_boto3_mlflow_or_torch(tmp_path):
         timeout=60,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# write leases: two runs never write the same checkpoint name at once
+
+
+def second_store(store, tmp_path):
+    """Another run's view of the same store (its own client, cache and leases)."""
+    return open_store(store.uri, endpoint_url=getattr(store, "endpoint_url", None), cache_dir=tmp_path / "other")
+
+
+def test_second_writer_fails_naming_the_holder_or_waits(store, tmp_path):
+    source = make_checkpoint_dir(tmp_path / "source")
+    other = second_store(store, tmp_path)
+    with store.lease("H-2"):
+        with pytest.raises(LeaseHeldError) as error:
+            other.put_checkpoint(source, "H-2", config_digest="other")
+        message = str(error.value)
+        assert "\n" not in message and f"pid {os.getpid()}" in message and socket.gethostname() in message
+        assert "H-2" in message and not other.has_checkpoint("H-2")
+        store.put_checkpoint(source, "H-2", config_digest="mine")  # the holder writes (re-entrant)
+        other.put_checkpoint(source, "H-3", config_digest="other")  # other names are free
+
+    # a writer that waits gets the lease once the holder is done
+    released = threading.Event()
+
+    def hold_then_release():
+        with store.lease("H-2"):
+            released.wait(10)
+            time.sleep(0.5)
+
+    holder = threading.Thread(target=hold_then_release)
+    holder.start()
+    time.sleep(0.5)
+    released.set()
+    other.lease_wait_seconds = 20
+    started = time.monotonic()
+    other.put_checkpoint(source, "H-2", config_digest="after")
+    holder.join()
+    assert other.manifest("H-2")["config_digest"] == "after" and time.monotonic() - started < 15
+
+
+def plant_lease(store: S3Store, moto_server, record: dict) -> None:
+    moto_server.client().put_object(
+        Bucket=store.bucket, Key=f"{store.prefix}/.leases/H-2.json", Body=json.dumps(record).encode()
+    )
+
+
+def test_s3_lease_of_a_dead_or_expired_holder_is_taken_over(moto_server, s3_bucket, tmp_path):
+    store = open_store(f"s3://{s3_bucket}/p", endpoint_url=moto_server.endpoint_url, cache_dir=tmp_path / "c")
+    source = make_checkpoint_dir(tmp_path / "source")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    base = {"token": "t", "user": "u", "since": "2026-01-01T00:00:00Z"}
+
+    # a live holder on another machine, within its time to live: refused, with when it expires
+    plant_lease(store, moto_server, {**base, "host": "gpu-node-7", "pid": 4242, "ttl_seconds": 600})
+    with pytest.raises(LeaseHeldError, match=r"u@gpu-node-7 pid 4242 .*lease expires in \d+s"):
+        store.put_checkpoint(source, "H-2", config_digest="c")
+    # the same holder, expired: taken over
+    plant_lease(store, moto_server, {**base, "host": "gpu-node-7", "pid": 4242, "ttl_seconds": 0})
+    store.put_checkpoint(source, "H-2", config_digest="c")
+    # a killed process on this machine (its lease still fresh): taken over at once
+    plant_lease(store, moto_server, {**base, "host": socket.gethostname(), "pid": int(dead.stdout), "ttl_seconds": 600})
+    store.put_checkpoint(source, "H-2", config_digest="c2")
+    assert store.manifest("H-2")["config_digest"] == "c2"
+    assert not raw_keys_under(moto_server, s3_bucket, "p/.leases/"), "a released lease is deleted"
+
+
+def raw_keys_under(moto_server, bucket: str, prefix: str) -> list[str]:
+    response = moto_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for item in response.get("Contents", [])]
+
+
+def test_s3_writer_that_lost_its_lease_does_not_commit(moto_server, s3_bucket, tmp_path):
+    store = open_store(f"s3://{s3_bucket}/p", endpoint_url=moto_server.endpoint_url, cache_dir=tmp_path / "c")
+    source = make_checkpoint_dir(tmp_path / "source")
+    store.put_checkpoint(source, "H-2", config_digest="good")
+    good = store.manifest("H-2")
+    with store.lease("H-2"):  # ... the run stalls past its time to live and another run takes over:
+        plant_lease(store, moto_server, {"token": "x", "user": "u", "host": "gpu-node-9", "pid": 1, "ttl_seconds": 600})
+        with pytest.raises(LeaseLostError, match=r"now held by u@gpu-node-9 pid 1 .*not committing") as error:
+            store.put_checkpoint(make_checkpoint_dir(tmp_path / "late", seed=9), "H-2", config_digest="late")
+        assert "\n" not in str(error.value)
+    assert store.manifest("H-2") == good  # the late writer committed nothing
+    assert raw_keys_under(moto_server, s3_bucket, "p/.leases/"), "another run's lease is not released by us"
+
+
+# ----------------------------------------------------------------------------------------------------
+# keys: nothing escapes the run's prefix
+
+
+@pytest.mark.parametrize(
+    "bad", ["../x", "a/../../x", "/etc/passwd", "a//b", "a\\..\\b", "%2e%2e/x", "a/%2E%2e", "x\x00y", "..%2Fx", ".hidden"]
+)
+def test_unsafe_paths_in_a_manifest_are_refused(store, moto, tmp_path, bad):
+    store.put_checkpoint(make_checkpoint_dir(tmp_path / "source"), "H-2", config_digest="c")
+    manifest = store.manifest("H-2")
+    manifest["files"][0]["path"] = bad
+    raw = json.dumps(manifest).encode()
+    if isinstance(store, LocalStore):
+        (store.root / "H-2" / MANIFEST_NAME).write_bytes(raw)
+    else:
+        plant_object(store, f"H-2/{MANIFEST_NAME}", raw, moto)
+    with pytest.raises(IntegrityError, match="unsafe file path"):
+        store.get_checkpoint("H-2")
+    assert not list((tmp_path).rglob("passwd")) and not list(tmp_path.rglob("x"))
+
+
+def test_unsafe_store_uris_and_names_are_refused(tmp_path):
+    for uri in ("s3://bucket/../other", "s3://bucket/p/%2e%2e/q", "s3://bucket/p?versionId=1", "s3://bucket/p#x"):
+        with pytest.raises(UnsupportedURIError):
+            open_store(uri, endpoint_url="http://127.0.0.1:1")
+    store = open_store(tmp_path / "store", cache_dir=tmp_path / "cache")
+    for name in ("..", "../H-2", "H-2/..", "/abs", "a b", "%2e%2e"):
+        with pytest.raises(ValueError, match="invalid checkpoint name"):
+            store.put_checkpoint(make_checkpoint_dir(tmp_path / f"s{abs(hash(name))}"), name, config_digest="c")
+
+
+DISK_FULL_SCRIPT = textwrap.dedent(
+    """
+    import resource, signal, sys
+    from pipeline.store import StoreError, open_store
+
+    root, source = sys.argv[1:3]
+    store = open_store(root + "/store", cache_dir=root + "/cache")
+    store.put_checkpoint(source, "H-2", config_digest="old")  # a committed version, written with room to spare
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # from now on no file may grow past 50 kB
+    try:
+        store.put_checkpoint(source, "H-2", config_digest="new")
+    except StoreError as error:
+        print(error)
+    """
+)
+
+
+def test_disk_full_during_a_put_keeps_the_last_checkpoint(tmp_path):
+    """The file system refuses to grow a file half-way through a put (as a full disk does): one line, the
+    committed version untouched, the unfinished one removed."""
+    source = make_checkpoint_dir(tmp_path / "source")  # weights.bin is 100 kB
+    result = subprocess.run(
+        [sys.executable, "-c", DISK_FULL_SCRIPT, str(tmp_path), str(source)],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=60,
+    )
+    message = result.stdout.strip()
+    assert result.returncode == 0 and "\n" not in message, result.stderr
+    assert message.startswith("could not write checkpoint ") and "File too large while writing" in message
+    assert "free space" in message
+    store = open_store(tmp_path / "store", cache_dir=tmp_path / "cache")
+    assert store.manifest("H-2")["config_digest"] == "old"
+    assert tree_bytes(store.get_checkpoint("H-2")) == tree_bytes(source)
+    assert len(list((tmp_path / "store" / ".versions" / "H-2").iterdir())) == 1, "the unfinished version is gone"
