@@ -130,7 +130,8 @@ def check_schedule_and_mamba(cfg: RunConfig, shape: dict[str, Any], problems: li
                      intermediate_size=shape.get("intermediate_size") or 4 * shape["hidden_size"],
                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                      head_dim=head_dim, mamba_d_state=cfg.mamba.d_state, mamba_dt_rank=cfg.mamba.dt_rank,
-                     mamba_d_conv=cfg.mamba.d_conv, mamba_gqa_expansion=cfg.mamba.gqa_expansion)
+                     mamba_d_conv=cfg.mamba.d_conv, mamba_gqa_expansion=cfg.mamba.gqa_expansion,
+                     bos_token_id=None, eos_token_id=None, pad_token_id=None)  # shape only: no token ids
     except HybridConfigError as error:
         problems.append(f"mamba settings do not fit the teacher (d_inner = {heads}x{head_dim}, "
                         f"d_xb = {kv_heads}x{head_dim}): {str(error).splitlines()[0]}")
