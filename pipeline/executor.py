@@ -186,10 +186,13 @@ class Executor:
     def dispatch(self, call: StageCall, key: str) -> Output:
         """Where a call runs (here: in this process; flows: as a Prefect task)."""
         found = self.find(call, key)
-        if found is not None:
-            self.progress(f"[{call.name}] complete in the store, skipped ({found.uri})")
-            return found
-        return self.execute(call, key)
+        if found is None:
+            with self.store.lease(call.name):  # another run writing this stage: wait or fail naming it
+                found = self.find(call, key)  # it may have finished the stage while we waited
+                if found is None:
+                    return self.execute(call, key)
+        self.progress(f"[{call.name}] complete in the store, skipped ({found.uri})")
+        return found
 
     def progress(self, message: str) -> None:
         self.reporter.progress(message)
