@@ -89,6 +89,8 @@ def changed(path: str, value: Any) -> Any:
     if isinstance(value, float):
         return value / 2 if value else 0.25
     if isinstance(value, (tuple, list)):
+        if not value or isinstance(value[0], str):  # a list of names (e.g. lm-eval tasks): one more
+            return type(value)([*value, "other"])
         return type(value)(item / 2 for item in value)
     if value is None:
         return "/data/x" if path.startswith("data.") else 3 if name == "threads" else "http://x:5000"
