@@ -36,7 +36,7 @@ class StageCall:
 def stage_config(cfg: RunConfig, stage: str, **more: Any) -> dict[str, Any]:
     """The config sections a stage reads (with `more`), plain, for digests and MLflow params."""
     plain = to_plain(cfg)
-    common = {"seed": plain["seed"], "data": plain["data"], "dtype": plain["hardware"]["dtype"]}
+    common = {"seed": plain["seed"], "data": plain["data"], "precision": plain["hardware"]["precision"]}
     sections = {
         "teacher": ["teacher"],
         "loo": ["loo"],

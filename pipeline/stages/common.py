@@ -66,10 +66,20 @@ def resolve_device(cfg: RunConfig) -> torch.device:
     return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def resolve_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    if cfg.hardware.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.hardware.dtype]
+def resolve_precision(cfg: RunConfig, device: torch.device | None = None) -> str:
+    """hardware.precision resolved: "bf16-mixed" or "fp32" (auto = bf16-mixed on CUDA, fp32 on CPU)."""
+    if cfg.hardware.precision != "auto":
+        return cfg.hardware.precision
+    device = device if device is not None else resolve_device(cfg)
+    return "bf16-mixed" if device.type == "cuda" else "fp32"
+
+
+def resolve_dtype(cfg: RunConfig, device: torch.device, *, trained: bool = False) -> torch.dtype:
+    """The dtype a model is held in: trained models always fp32 (master weights); frozen ones (a
+    distillation teacher, LOO and evaluation models) in bf16 under bf16-mixed, else fp32."""
+    if trained:
+        return torch.float32
+    return torch.bfloat16 if resolve_precision(cfg, device) == "bf16-mixed" else torch.float32
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -83,14 +93,15 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint"):
-    """A transformers causal LM (a teacher or a hybrid) on the run's device, in eval mode."""
+def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint", *, trained: bool = False):
+    """A transformers causal LM (a teacher or a hybrid) on the run's device, in eval mode, in the dtype
+    `resolve_dtype` gives (`trained`: the model is about to be trained, so fp32 master weights)."""
     import pipeline.model  # noqa: F401  (registers the hybrid with the Auto classes)
     from transformers import AutoModelForCausalLM
 
     folder = require_folder(path, what)
     device = resolve_device(cfg)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg, device))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg, device, trained=trained))
     return model.to(device).eval()
 
 
@@ -100,9 +111,13 @@ def load_tokenizer(path: str | os.PathLike):
     return _load(path)
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
-    """config.json + model.safetensors + tokenizer files (safetensors only)."""
+def save_checkpoint(model, tokenizer, out_dir: Path, dtype: str | None = None) -> None:
+    """config.json + model.safetensors + tokenizer files (safetensors only). `dtype` ("float32" |
+    "bfloat16", a TrainConfig.save_dtype): the weights are cast to it first (the model itself is cast:
+    call this when training is over); Mamba's A_log and D stay fp32."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
@@ -218,6 +233,7 @@ __all__ = [
     "require_folder",
     "resolve_device",
     "resolve_dtype",
+    "resolve_precision",
     "save_checkpoint",
     "write_meta",
 ]

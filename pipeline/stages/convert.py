@@ -22,6 +22,7 @@ from pipeline.stages.common import (
     load_model,
     load_tokenizer,
     metrics_callback,
+    resolve_precision,
     save_checkpoint,
     write_meta,
 )
@@ -36,12 +37,11 @@ def mamba_options(cfg: RunConfig) -> dict:
 def convert_and_distil(cfg: RunConfig, teacher_dir: Path, parent_dir: Path, new_layers: list[int], out_dir: Path,
                        *, work_dir: Path, reporter: Reporter, stage: str, extra: dict) -> dict:
     started = time.time()
-    teacher = load_model(teacher_dir, cfg, "teacher")
-    parent = teacher if parent_dir == teacher_dir else load_model(parent_dir, cfg, "parent checkpoint")
-    is_first = parent is teacher
+    teacher = load_model(teacher_dir, cfg, "teacher")  # frozen: bf16 under bf16-mixed
+    is_first = parent_dir == teacher_dir
+    parent = load_model(parent_dir, cfg, "teacher" if is_first else "parent checkpoint", trained=True)  # fp32
     student = hybridize(parent, new_layers, seed=cfg.seed, **(mamba_options(cfg) if is_first else {}))
-    if not is_first:
-        del parent
+    del parent
     n_mamba = len(student.config.mamba_layers)
     name = checkpoint_name(n_mamba)
     reporter.progress(f"  {name}: layers {new_layers} -> Mamba, pattern {student.config.layer_pattern}")
@@ -50,8 +50,9 @@ def convert_and_distil(cfg: RunConfig, teacher_dir: Path, parent_dir: Path, new_
     result = train(
         student, data.batch_source(distill_kind(cfg), cfg.train.batch_size, cfg.train.seed), cfg.train,
         teacher=teacher, state_dir=work_dir / "train_state", callback=metrics_callback(reporter, name),
+        precision=resolve_precision(cfg),
     )
-    save_checkpoint(student, tokenizer, out_dir)
+    save_checkpoint(student, tokenizer, out_dir, cfg.train.save_dtype)
     meta = write_meta(
         out_dir, stage, cfg, parent=str(parent_dir), started=started, checkpoint=name, n_mamba=n_mamba,
         layer_types=student.config.layer_types, layer_pattern=student.config.layer_pattern,

@@ -24,6 +24,7 @@ from pipeline.stages.common import (
     load_model,
     load_tokenizer,
     metrics_callback,
+    resolve_precision,
     write_meta,
 )
 from pipeline.train import train
@@ -49,7 +50,7 @@ def run_mmr(cfg: RunConfig, teacher_dir: str | Path, parent_dir: str | Path, out
     reporter = reporter or ConsoleReporter()
     started, out_dir, work_dir = time.time(), Path(out_dir), Path(work_dir)
     teacher = load_model(teacher_dir, cfg, "teacher")
-    parent = load_model(parent_dir, cfg, "parent checkpoint")
+    parent = load_model(parent_dir, cfg, "parent checkpoint", trained=True)  # fp32: trials train its copies
     data = StageData(cfg, load_tokenizer(teacher_dir))
     candidates = parent.config.attention_layers
     done_path = work_dir / "trials.json"
@@ -65,6 +66,7 @@ def run_mmr(cfg: RunConfig, teacher_dir: str | Path, parent_dir: str | Path, out
             student, data.batch_source(distill_kind(cfg), train_cfg.batch_size, train_cfg.seed), train_cfg,
             teacher=teacher, callback=metrics_callback(reporter, f"mmr_layer_{layer}"),
             trainable_filter=lambda name, _param, prefix=prefix: name.startswith(prefix),
+            precision=resolve_precision(cfg),
         )
         trials[layer] = result.final_distill_loss
         work_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pipeline.stages.common import (
     load_tokenizer,
     metrics_callback,
     read_meta,
+    resolve_precision,
     save_checkpoint,
     write_meta,
 )
@@ -24,14 +25,15 @@ def run_sft(cfg: RunConfig, checkpoint_dir: str | Path, out_dir: str | Path, *, 
             reporter: Reporter | None = None) -> dict:
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
-    model = load_model(checkpoint_dir, cfg, "SFT input checkpoint")
+    model = load_model(checkpoint_dir, cfg, "SFT input checkpoint", trained=True)
     tokenizer = load_tokenizer(checkpoint_dir)
     data = StageData(cfg, tokenizer)
     name = f"{read_meta(checkpoint_dir).get('checkpoint', Path(checkpoint_dir).name)}-SFT"
     reporter.progress(f"  {name}: SFT of {model.config.layer_pattern}")
     result = train(model, data.batch_source("sft", cfg.sft.train.batch_size, cfg.sft.train.seed), cfg.sft.train,
-                   state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, name))
-    save_checkpoint(model, tokenizer, out_dir)
+                   state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, name),
+                   precision=resolve_precision(cfg))
+    save_checkpoint(model, tokenizer, out_dir, cfg.sft.train.save_dtype)
     config = model.config
     return write_meta(
         out_dir, "sft", cfg, parent=str(checkpoint_dir), started=started, checkpoint=name,

@@ -27,6 +27,7 @@ from pipeline.stages.common import (
     load_tokenizer,
     metrics_callback,
     resolve_device,
+    resolve_precision,
     save_checkpoint,
     write_meta,
 )
@@ -91,13 +92,14 @@ def run_teacher(cfg: RunConfig, out_dir: str | Path, *, work_dir: str | Path,
     reporter.progress(f"  demo teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{train_cfg.steps} steps")
     result = train(model, _mixed_source(data, cfg, train_cfg, demo.generic_every), train_cfg,
-                   state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, "teacher"))
+                   state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, "teacher"),
+                   precision=resolve_precision(cfg))
     problems = data.eval_problems(cfg.evaluate.num_examples)
     accuracy, _ = answer_accuracy(model, tokenizer, problems, batch_size=cfg.evaluate.batch_size,
                                   max_new_tokens=cfg.evaluate.max_new_tokens)
     reporter.log_metrics({"teacher/answer_accuracy": accuracy})
     reporter.progress(f"  demo teacher: answer accuracy {accuracy:.3f} on {len(problems)} test problems")
-    save_checkpoint(model, tokenizer, out_dir)
+    save_checkpoint(model, tokenizer, out_dir, train_cfg.save_dtype)
     return write_meta(out_dir, "teacher", cfg, parent=None, started=started, checkpoint="teacher", source="demo",
                       architecture="LlamaForCausalLM", layers=model.config.num_hidden_layers,
                       train=to_plain(train_cfg), steps=result.steps_done, final_loss=result.final_loss,

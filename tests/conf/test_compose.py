@@ -64,7 +64,7 @@ def test_apriel_preset_holds_the_recipe():
     assert (cfg.mamba.d_state, cfg.mamba.dt_rank) == (16, 16)
     assert cfg.mmr.steps == 100
     assert cfg.sft.checkpoint == "H-30"
-    assert (cfg.hardware.device, cfg.hardware.dtype) == ("cuda", "bfloat16")
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cuda", "bf16-mixed")
     assert cfg.teacher.path == "/models/teacher"
     cfg.schedule.validate(50)
 
