@@ -140,9 +140,33 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 # --- data ----------------------------------------------------------------------------------------
 
+# Generated demo data and tokenised datasets, shared by every stage of this process (a chain runs its
+# stages in one process: each would otherwise regenerate and re-tokenise the same rows). Keyed by what
+# determines them: the demo config or the source and split, the tokenizer's vocabulary and chat template,
+# max_length. Bounded: the oldest entry goes first.
+_SHARED: dict[tuple, Any] = {}
+_SHARED_MAX = 16
+
+
+def _shared(key: tuple, build):
+    if key not in _SHARED:
+        while len(_SHARED) >= _SHARED_MAX:
+            _SHARED.pop(next(iter(_SHARED)))
+        _SHARED[key] = build()
+    return _SHARED[key]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    import hashlib
+
+    text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, type(tokenizer).__name__])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass
 class StageData:
-    """The run's data, loaded once per stage: demo data by default, any `datasets` source by config."""
+    """The run's data: demo data by default, any `datasets` source by config. Generated and tokenised
+    rows are shared across the stages of one process (see `_SHARED`)."""
 
     cfg: RunConfig
     tokenizer: Any
@@ -152,8 +176,21 @@ class StageData:
         if "demo" not in self._cache:
             from pipeline.data import generate_demo_data
 
-            self._cache["demo"] = generate_demo_data(self.cfg.data.demo)
+            demo_cfg = self.cfg.data.demo
+            key = ("demo", json.dumps(to_plain(demo_cfg), sort_keys=True))
+            self._cache["demo"] = _shared(key, lambda: generate_demo_data(demo_cfg))
         return self._cache["demo"]
+
+    def _source_key(self, kind: str, split: str) -> tuple:
+        source = getattr(self.cfg.data, kind)
+        if source is None:
+            return ("demo", json.dumps(to_plain(self.cfg.data.demo), sort_keys=True), kind, split)
+        path = Path(str(source))
+        if path.exists():  # a local file or folder: its contents may change between runs of one process
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            return ("source", str(path.resolve()), split, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                                               for f in files))
+        return ("source", str(source), split)
 
     def rows(self, kind: str, split: str):
         """Raw rows of `kind` (distill, sft, eval, generic) for `split` (train, validation, test)."""
@@ -173,7 +210,10 @@ class StageData:
         if key not in self._cache:
             from pipeline.data import tokenize_rows
 
-            self._cache[key] = tokenize_rows(self.rows(kind, split), self.tokenizer, self.cfg.data.max_length)
+            shared_key = ("tokenized", *self._source_key(kind, split), tokenizer_digest(self.tokenizer),
+                          self.cfg.data.max_length)
+            self._cache[key] = _shared(shared_key, lambda: tokenize_rows(self.rows(kind, split), self.tokenizer,
+                                                                          self.cfg.data.max_length))
         return self._cache[key]
 
     def batch_source(self, kind: str, batch_size: int, seed: int):
