@@ -52,3 +52,17 @@ def test_loo_models_run_through_the_engine(problems):
             slow, slow_records = answer_accuracy(model, tokenizer, problems[:6], batch_size=6, max_new_tokens=16,
                                                  engine=False)
         assert [r["generated"] for r in fast_records] == [r["generated"] for r in slow_records]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mamba", [[], [0, 2]])
+def test_engine_answers_equal_generate_answers_on_cuda(problems, mamba):
+    """On the GPU: CUDA graph, the CUDA Mamba kernels where installed; fp32 so both paths round alike."""
+    tokenizer = build_char_tokenizer()
+    model = (hybridize(char_teacher(tokenizer), mamba) if mamba else char_teacher(tokenizer)).cuda()
+    kwargs = dict(batch_size=5, max_new_tokens=20)
+    fast, fast_records = answer_accuracy(model, tokenizer, problems, **kwargs)
+    slow, slow_records = answer_accuracy(model, tokenizer, problems, engine=False, **kwargs)
+    assert [r["generated"] for r in fast_records] == [r["generated"] for r in slow_records]
+    assert fast == slow

@@ -1,0 +1,264 @@
+"""The chain on one GPU, bare (`pipeline.chain.run_local`: no Prefect, MLflow or Hydra needed).
+
+Two measurements, each writing a JSON record:
+
+  chain      --experiment gpu_demo --out chain.json
+      The whole chain of a preset (conf/experiment/<name>.yaml, read here without Hydra), with per stage
+      `stage`, `seconds`, `tokens_per_s` (mean training tokens/s of the stage's logged steps; null for
+      stages that do not train), `peak_memory_gib` (CUDA peak of the stage), and the evaluation summary.
+
+  precision  --seeds 0 1 2 --variants bf16-mixed fp32 --out precision.json
+      The default demo chain under each precision and seed, on ONE teacher (trained once, bf16-mixed,
+      then copied into every run, so LOO/MMR differences come from the precision alone). Runs are
+      concurrent processes on the one GPU (the demo models are tiny). Variant "bf16-logits" is the
+      diagnostic: bf16-mixed, but the losses' logits formed by a bf16 head GEMM (the old behaviour).
+
+Usage on a GPU machine: PYTHONPATH=. python benchmarks/gpu_pipeline.py chain --experiment gpu_demo --out x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import RunConfig  # noqa: E402  (no torch)
+
+
+# --- presets without Hydra -----------------------------------------------------------------------
+
+def _merge(obj, changes: dict):
+    """A copy of dataclass `obj` with nested `changes` applied (each level re-validated by __post_init__)."""
+    updates = {}
+    for key, value in changes.items():
+        if not hasattr(obj, key):
+            raise KeyError(f"{type(obj).__name__} has no field {key!r}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            updates[key] = _merge(current, value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            updates[key] = tuple(value)
+        else:
+            updates[key] = value
+    return dataclasses.replace(obj, **updates)
+
+
+def preset_config(name: str) -> RunConfig:
+    """conf/experiment/<name>.yaml over the schema defaults, with its `override /group: option` lines."""
+    import yaml
+
+    preset = yaml.safe_load((ROOT / "conf" / "experiment" / f"{name}.yaml").read_text())
+    cfg = RunConfig()
+    for entry in preset.pop("defaults", []):
+        (key, option), = entry.items()
+        group = key.removeprefix("override /")
+        options = yaml.safe_load((ROOT / "conf" / group / f"{option}.yaml").read_text()) or {}
+        options.pop("defaults", None)
+        cfg = _merge(cfg, {group: options})
+    return _merge(cfg, preset)
+
+
+# --- per-stage measurement -----------------------------------------------------------------------
+
+class MeasuringReporter:
+    """Prints progress; keeps every tokens/s metric a stage logs (the training steps' throughput)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.tokens_per_s: list[float] = []
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if key.endswith("tokens_per_second") or key.endswith("tokens_per_s"):
+                self.tokens_per_s.append(float(value))
+            else:
+                self.metrics[key] = float(value)
+
+    def log_artifact(self, path) -> None:
+        pass
+
+    def progress(self, message: str) -> None:
+        print(f"{self.prefix}{message}", flush=True)
+
+
+def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, prefix: str = "") -> dict:
+    import torch
+
+    from pipeline.chain import LocalExecutor, run_chain
+
+    cuda = torch.cuda.is_available()
+    reporter = MeasuringReporter(prefix)
+    executor = LocalExecutor(cfg, root, reporter)
+    stages: list[dict] = []
+    record = {"run_name": cfg.run_name, "stages": stages}
+
+    def execute(call):
+        reporter.tokens_per_s.clear()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        out = executor(call)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        skipped = call.name in executor.skipped
+        rates = reporter.tokens_per_s
+        stages.append({
+            "stage": call.name, "kind": call.stage, "seconds": round(seconds, 2), "skipped": skipped,
+            "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+            "meta": _meta_fields(out),
+        })
+        if record_path is not None:  # partial results survive a run cut short
+            record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return out
+
+    started = time.perf_counter()
+    out = run_chain(cfg, execute)
+    record["total_seconds"] = round(time.perf_counter() - started, 1)
+    record["summary"] = json.loads((Path(out["evaluate"]) / "summary.json").read_text())
+    if record_path is not None:
+        record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def _meta_fields(folder) -> dict:
+    path = Path(folder) / "stage.json"
+    if not path.is_file():
+        return {}
+    meta = json.loads(path.read_text())
+    keep = ("checkpoint", "n_mamba", "layer_pattern", "converted_layers", "steps", "final_loss",
+            "final_distill_loss", "answer_accuracy", "baseline", "ranking", "wall_time_s")
+    return {key: meta[key] for key in keep if key in meta}
+
+
+def environment() -> dict:
+    import torch
+
+    from pipeline.model import kernels
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "torch": torch.__version__, "kernels": kernels.paths_used(),
+        "command": " ".join(sys.argv)}
+
+
+# --- the precision comparison --------------------------------------------------------------------
+
+def variant_config(variant: str, seed: int) -> RunConfig:
+    cfg = RunConfig(run_name=f"{variant}-seed{seed}")
+    precision = "fp32" if variant == "fp32" else "bf16-mixed"
+    return _merge(cfg, {"seed": seed, "hardware": {"device": "cuda", "precision": precision},
+                        "train": {"seed": seed}, "sft": {"train": {"seed": seed}}})
+
+
+def _bf16_logits() -> None:
+    """Diagnostic only: the losses form their logits with a bf16 head GEMM, as before the fix."""
+    import torch
+
+    import pipeline.train.loop as loop
+
+    for name in ("chunked_distill_loss", "chunked_cross_entropy"):
+        original = getattr(loop, name)
+
+        def patched(*args, _original=original, **kwargs):
+            kwargs["compute_dtype"] = torch.bfloat16
+            return _original(*args, **kwargs)
+
+        setattr(loop, name, patched)
+
+
+def one_run(args) -> None:
+    """A child process: one variant and seed, from the shared teacher."""
+    if args.variant == "bf16-logits":
+        _bf16_logits()
+    cfg = variant_config(args.variant, args.seed)
+    root = Path(args.root)
+    target = root / cfg.run_name / "teacher"
+    if not target.exists():
+        shutil.copytree(Path(args.teacher), target)
+    record = run_measured_chain(cfg, root, Path(args.out), prefix=f"[{cfg.run_name}] ")
+    record["variant"], record["seed"] = args.variant, args.seed
+    record["environment"] = environment()
+    Path(args.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def precision(args) -> None:
+    from pipeline.chain import run_local
+
+    root = Path(args.root)
+    teacher_cfg = _merge(RunConfig(run_name="shared"), {"hardware": {"device": "cuda", "precision": "bf16-mixed"}})
+    started = time.perf_counter()
+    teacher = run_local(teacher_cfg, root, until="teacher")["teacher"]
+    teacher_s = time.perf_counter() - started
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    children = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            out = root / f"{variant}-seed{seed}.json"
+            log = open(root / f"{variant}-seed{seed}.log", "w")
+            command = [sys.executable, __file__, "one", "--variant", variant, "--seed", str(seed), "--teacher",
+                       str(teacher), "--root", str(root), "--out", str(out)]
+            children.append((variant, seed, out, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                                   env=env), log))
+    results = []
+    for variant, seed, out, process, log in children:
+        code = process.wait()
+        log.close()
+        record = json.loads(out.read_text()) if out.exists() else {}
+        results.append({"variant": variant, "seed": seed, "exit_code": code, **record})
+        print(f"{variant} seed {seed}: exit {code}", flush=True)
+    teacher_meta = json.loads((Path(teacher) / "stage.json").read_text())
+    summary = {"teacher": {"seconds": round(teacher_s, 1), "answer_accuracy": teacher_meta.get("answer_accuracy"),
+                           "final_loss": teacher_meta.get("final_loss")},
+               "runs": results, "environment": environment(), "concurrent_processes": len(children)}
+    Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def chain(args) -> None:
+    cfg = preset_config(args.experiment)
+    out = Path(args.out)
+    record = run_measured_chain(cfg, Path(args.root), out)
+    record["experiment"], record["environment"] = args.experiment, environment()
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    for row in record["summary"]:
+        print({k: row.get(k) for k in ("checkpoint", "answer_accuracy", "nll", "kl_to_teacher", "tokens_per_s")})
+    print(f"whole chain: {record['total_seconds']} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("chain")
+    p.add_argument("--experiment", default="gpu_demo")
+    p.add_argument("--root", default="/tmp/gpu-pipeline")
+    p.add_argument("--out", default="gpu-chain.json")
+    p = sub.add_parser("precision")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=["bf16-mixed", "fp32"])
+    p.add_argument("--root", default="/tmp/gpu-precision")
+    p.add_argument("--out", default="gpu-precision.json")
+    p = sub.add_parser("one")
+    p.add_argument("--variant", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    args = parser.parse_args()
+    {"chain": chain, "precision": precision, "one": one_run}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
