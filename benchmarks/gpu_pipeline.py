@@ -157,10 +157,15 @@ def environment() -> dict:
 
 # --- the precision comparison --------------------------------------------------------------------
 
-def variant_config(variant: str, seed: int) -> RunConfig:
-    cfg = RunConfig(run_name=f"{variant}-seed{seed}")
+def base_config(preset: str | None) -> RunConfig:
+    """The default demo config (RunConfig()), or a preset's (a CPU smoke test: --preset tiny --device cpu)."""
+    return preset_config(preset) if preset else RunConfig()
+
+
+def variant_config(variant: str, seed: int, preset: str | None = None, device: str = "cuda") -> RunConfig:
+    cfg = _merge(base_config(preset), {"run_name": f"{variant}-seed{seed}"})
     precision = "fp32" if variant == "fp32" else "bf16-mixed"
-    return _merge(cfg, {"seed": seed, "hardware": {"device": "cuda", "precision": precision},
+    return _merge(cfg, {"seed": seed, "hardware": {"device": device, "precision": precision},
                         "train": {"seed": seed}, "sft": {"train": {"seed": seed}}})
 
 
@@ -184,7 +189,7 @@ def one_run(args) -> None:
     """A child process: one variant and seed, from the shared teacher."""
     if args.variant == "bf16-logits":
         _bf16_logits()
-    cfg = variant_config(args.variant, args.seed)
+    cfg = variant_config(args.variant, args.seed, args.preset, args.device)
     root = Path(args.root)
     target = root / cfg.run_name / "teacher"
     if not target.exists():
@@ -199,7 +204,8 @@ def precision(args) -> None:
     from pipeline.chain import run_local
 
     root = Path(args.root)
-    teacher_cfg = _merge(RunConfig(run_name="shared"), {"hardware": {"device": "cuda", "precision": "bf16-mixed"}})
+    teacher_cfg = _merge(base_config(args.preset), {"run_name": "shared",
+                                                    "hardware": {"device": args.device, "precision": "bf16-mixed"}})
     started = time.perf_counter()
     teacher = run_local(teacher_cfg, root, until="teacher")["teacher"]
     teacher_s = time.perf_counter() - started
@@ -210,7 +216,8 @@ def precision(args) -> None:
             out = root / f"{variant}-seed{seed}.json"
             log = open(root / f"{variant}-seed{seed}.log", "w")
             command = [sys.executable, __file__, "one", "--variant", variant, "--seed", str(seed), "--teacher",
-                       str(teacher), "--root", str(root), "--out", str(out)]
+                       str(teacher), "--root", str(root), "--out", str(out), "--device", args.device] + (
+                ["--preset", args.preset] if args.preset else [])
             children.append((variant, seed, out, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                                                    env=env), log))
     results = []
@@ -250,12 +257,16 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["bf16-mixed", "fp32"])
     p.add_argument("--root", default="/tmp/gpu-precision")
     p.add_argument("--out", default="gpu-precision.json")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--device", default="cuda")
     p = sub.add_parser("one")
     p.add_argument("--variant", required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--teacher", required=True)
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--device", default="cuda")
     args = parser.parse_args()
     {"chain": chain, "precision": precision, "one": one_run}[args.command](args)
 
