@@ -10,8 +10,11 @@ Two measurements, each writing a JSON record:
   precision  --seeds 0 1 2 --variants bf16-mixed fp32 --out precision.json
       The default demo chain under each precision and seed, on ONE teacher (trained once, bf16-mixed,
       then copied into every run, so LOO/MMR differences come from the precision alone). Runs are
-      concurrent processes on the one GPU (the demo models are tiny). Variant "bf16-logits" is the
-      diagnostic: bf16-mixed, but the losses' logits formed by a bf16 head GEMM (the old behaviour).
+      concurrent processes on the one GPU (the demo models are tiny). Diagnostic variants, bf16-mixed
+      with one part put back as it was before the fix: "bf16-logits" (the losses' logits from a bf16 head
+      GEMM); and two that separate bf16 compute from bf16-held frozen models (the distillation teacher,
+      LOO and evaluation models): "frozen-fp32" (bf16-mixed training, frozen models held in fp32) and
+      "frozen-bf16" (fp32 training, frozen models held in bf16).
 
 Usage on a GPU machine: PYTHONPATH=. python benchmarks/gpu_pipeline.py chain --experiment gpu_demo --out x.json
 """
@@ -164,7 +167,7 @@ def base_config(preset: str | None) -> RunConfig:
 
 def variant_config(variant: str, seed: int, preset: str | None = None, device: str = "cuda") -> RunConfig:
     cfg = _merge(base_config(preset), {"run_name": f"{variant}-seed{seed}"})
-    precision = "fp32" if variant == "fp32" else "bf16-mixed"
+    precision = "fp32" if variant in ("fp32", "frozen-bf16") else "bf16-mixed"
     return _merge(cfg, {"seed": seed, "hardware": {"device": device, "precision": precision},
                         "train": {"seed": seed}, "sft": {"train": {"seed": seed}}})
 
@@ -185,10 +188,22 @@ def _bf16_logits() -> None:
         setattr(loop, name, patched)
 
 
+def _frozen_dtype(dtype_name: str) -> None:
+    """Diagnostic only: frozen models (trained=False) held in `dtype_name` whatever the precision."""
+    import torch
+
+    import pipeline.stages.common as common
+
+    dtype = getattr(torch, dtype_name)
+    common.resolve_dtype = lambda cfg, device, *, trained=False: torch.float32 if trained else dtype
+
+
 def one_run(args) -> None:
     """A child process: one variant and seed, from the shared teacher."""
     if args.variant == "bf16-logits":
         _bf16_logits()
+    if args.variant in ("frozen-fp32", "frozen-bf16"):
+        _frozen_dtype("float32" if args.variant == "frozen-fp32" else "bfloat16")
     cfg = variant_config(args.variant, args.seed, args.preset, args.device)
     root = Path(args.root)
     target = root / cfg.run_name / "teacher"

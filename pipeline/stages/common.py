@@ -74,10 +74,15 @@ def resolve_precision(cfg: RunConfig, device: torch.device | None = None) -> str
     return "bf16-mixed" if device.type == "cuda" else "fp32"
 
 
-def resolve_dtype(cfg: RunConfig, device: torch.device, *, trained: bool = False) -> torch.dtype:
-    """The dtype a model is held in: trained models always fp32 (master weights); frozen ones (a
-    distillation teacher, LOO and evaluation models) in bf16 under bf16-mixed, else fp32."""
-    if trained:
+def resolve_dtype(cfg: RunConfig, device: torch.device, *, fp32: bool = False) -> torch.dtype:
+    """The dtype a model is held in: fp32 when asked (`fp32`: models about to be trained, whose weights
+    are the fp32 masters, and the models the evaluate stage scores); the other frozen ones (the
+    distillation teacher, LOO's teacher) in bf16 under bf16-mixed, else fp32.
+
+    Why evaluation holds its models in fp32: on one H200 the demo's hybrids held in bf16 answered far
+    worse (greedy decoding through Mamba layers) than the same training run's checkpoints held in fp32,
+    at the same teacher-forced NLL (benchmarks/results/gpu-pipeline-h200.md)."""
+    if fp32:
         return torch.float32
     return torch.bfloat16 if resolve_precision(cfg, device) == "bf16-mixed" else torch.float32
 
@@ -93,15 +98,15 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint", *, trained: bool = False):
+def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint", *, fp32: bool = False):
     """A transformers causal LM (a teacher or a hybrid) on the run's device, in eval mode, in the dtype
-    `resolve_dtype` gives (`trained`: the model is about to be trained, so fp32 master weights)."""
+    `resolve_dtype` gives (`fp32`: held in fp32 whatever the precision, e.g. a model about to be trained)."""
     import pipeline.model  # noqa: F401  (registers the hybrid with the Auto classes)
     from transformers import AutoModelForCausalLM
 
     folder = require_folder(path, what)
     device = resolve_device(cfg)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg, device, trained=trained))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg, device, fp32=fp32))
     return model.to(device).eval()
 
 

@@ -39,7 +39,7 @@ def convert_and_distil(cfg: RunConfig, teacher_dir: Path, parent_dir: Path, new_
     started = time.time()
     teacher = load_model(teacher_dir, cfg, "teacher")  # frozen: bf16 under bf16-mixed
     is_first = parent_dir == teacher_dir
-    parent = load_model(parent_dir, cfg, "teacher" if is_first else "parent checkpoint", trained=True)  # fp32
+    parent = load_model(parent_dir, cfg, "teacher" if is_first else "parent checkpoint", fp32=True)  # fp32
     student = hybridize(parent, new_layers, seed=cfg.seed, **(mamba_options(cfg) if is_first else {}))
     del parent
     n_mamba = len(student.config.mamba_layers)

@@ -5,6 +5,7 @@ Writes summary.json (one record per checkpoint) and frontier.png (throughput rat
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -16,7 +17,15 @@ from pipeline.evaluate.plots import frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
 from pipeline.model.config import ATTENTION, MAMBA
-from pipeline.stages.common import ConsoleReporter, Reporter, StageData, load_model, load_tokenizer, write_meta
+from pipeline.stages.common import (
+    ConsoleReporter,
+    Reporter,
+    StageData,
+    load_model,
+    load_tokenizer,
+    resolve_precision,
+    write_meta,
+)
 
 SUMMARY_FILE = "summary.json"
 
@@ -25,6 +34,8 @@ def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageDa
     accuracy, samples = answer_accuracy(model, data.tokenizer, problems, batch_size=cfg.evaluate.batch_size,
                                         max_new_tokens=cfg.evaluate.max_new_tokens)
     quality = nll_and_kl(model, batches, teacher=None if model is teacher else teacher)
+    if resolve_precision(cfg) == "bf16-mixed":  # speed as deployed: a bf16 copy (the fused decode kernels)
+        model = copy.deepcopy(model).to(torch.bfloat16)
     speed = generation_throughput(model, batch_size=cfg.evaluate.throughput_batch,
                                   prompt_length=cfg.evaluate.throughput_prompt,
                                   new_tokens=cfg.evaluate.throughput_new_tokens,
@@ -51,14 +62,14 @@ def run_evaluate(cfg: RunConfig, teacher_dir: str | Path, checkpoints: dict[str,
     """`checkpoints`: name -> folder, in the order to report (the teacher is always evaluated first)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
-    teacher = load_model(teacher_dir, cfg, "teacher")
+    teacher = load_model(teacher_dir, cfg, "teacher", fp32=True)  # quality in fp32: see resolve_dtype
     data = StageData(cfg, load_tokenizer(teacher_dir))
     problems = data.eval_problems(cfg.evaluate.num_examples)
     batches = data.eval_batches(cfg.evaluate.nll_examples)
     records = [evaluate_checkpoint(cfg, "teacher", teacher, teacher, data, problems, batches)]
     reporter.progress(f"  teacher: accuracy {records[0]['answer_accuracy']:.3f}, {records[0]['tokens_per_s']:,.0f} tok/s")
     for name, folder in checkpoints.items():
-        model = load_model(folder, cfg, f"checkpoint {name}")
+        model = load_model(folder, cfg, f"checkpoint {name}", fp32=True)
         record = evaluate_checkpoint(cfg, name, model, teacher, data, problems, batches)
         records.append(record)
         del model

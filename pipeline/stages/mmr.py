@@ -50,7 +50,7 @@ def run_mmr(cfg: RunConfig, teacher_dir: str | Path, parent_dir: str | Path, out
     reporter = reporter or ConsoleReporter()
     started, out_dir, work_dir = time.time(), Path(out_dir), Path(work_dir)
     teacher = load_model(teacher_dir, cfg, "teacher")
-    parent = load_model(parent_dir, cfg, "parent checkpoint", trained=True)  # fp32: trials train its copies
+    parent = load_model(parent_dir, cfg, "parent checkpoint", fp32=True)  # fp32: trials train its copies
     data = StageData(cfg, load_tokenizer(teacher_dir))
     candidates = parent.config.attention_layers
     done_path = work_dir / "trials.json"

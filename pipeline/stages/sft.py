@@ -25,7 +25,7 @@ def run_sft(cfg: RunConfig, checkpoint_dir: str | Path, out_dir: str | Path, *, 
             reporter: Reporter | None = None) -> dict:
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
-    model = load_model(checkpoint_dir, cfg, "SFT input checkpoint", trained=True)
+    model = load_model(checkpoint_dir, cfg, "SFT input checkpoint", fp32=True)
     tokenizer = load_tokenizer(checkpoint_dir)
     data = StageData(cfg, tokenizer)
     name = f"{read_meta(checkpoint_dir).get('checkpoint', Path(checkpoint_dir).name)}-SFT"

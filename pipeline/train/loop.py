@@ -12,9 +12,11 @@ Precision (`precision`, the run's resolved `hardware.precision`): trainable para
 master weights (AdamW's state follows them); a student whose trainable parameters are in another dtype
 is refused, because bf16 parameters lose most updates at the recipe's learning rates (an update below
 half a bf16 ulp of the weight, 2^-9 of it, rounds away). "bf16-mixed" runs forward and backward under
-bf16 autocast (on CUDA or CPU); the losses always form their logits in fp32 from the final hidden states
-(`pipeline.train.losses`, compute_dtype=float32), so the softmax, the KL and the gradient of the logits
-never see bf16 rounding of the logits. The frozen teacher may be held in any dtype (bf16 saves memory).
+bf16 autocast (on CUDA or CPU); the chunked losses form each chunk's logits with the autocast's bf16 head
+GEMM and upcast them to fp32 before the softmax, the KL / CE and the gradient of the logits
+(`pipeline.train.losses`). A head GEMM in fp32 was measured on an H200 and changed no quality figure of
+the demo chain (benchmarks/results/gpu-pipeline-h200.md) while costing the 1B benchmark about a quarter of
+its throughput, so it is not used. The frozen teacher may be held in any dtype (bf16 saves memory).
 """
 
 from __future__ import annotations
@@ -339,13 +341,12 @@ def _loss_sums(
             chunk_tokens=chunk_tokens,
             chunk_elements=chunk_elements,
             reduction="sum",
-            compute_dtype=torch.float32,
         )
     if objective.ce_weight > 0:
         targets = batch.input_ids[:, 1:]  # (B, T-1)
         ce_sum = chunked_cross_entropy(
             hidden, student_head, targets, batch.target_mask, chunk_tokens=chunk_tokens,
-            chunk_elements=chunk_elements, reduction="sum", compute_dtype=torch.float32,
+            chunk_elements=chunk_elements, reduction="sum",
         )
     if distill_sum is None:
         assert ce_sum is not None
