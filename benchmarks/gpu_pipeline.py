@@ -189,13 +189,15 @@ def _bf16_logits() -> None:
 
 
 def _frozen_dtype(dtype_name: str) -> None:
-    """Diagnostic only: frozen models (trained=False) held in `dtype_name` whatever the precision."""
+    """Diagnostic only: models not asked in fp32 held in `dtype_name` whatever the precision. (When this
+    ran on the H200 the evaluate stage did not yet ask fp32; it now does, so "frozen-bf16" today keeps the
+    evaluated models in fp32 and changes only the distillation and LOO teachers.)"""
     import torch
 
     import pipeline.stages.common as common
 
     dtype = getattr(torch, dtype_name)
-    common.resolve_dtype = lambda cfg, device, *, trained=False: torch.float32 if trained else dtype
+    common.resolve_dtype = lambda cfg, device, *, fp32=False: torch.float32 if fp32 else dtype
 
 
 def one_run(args) -> None:
