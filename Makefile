@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-gpu bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ui serve
+.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ui serve
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,7 +28,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: setup
+# The optional lm-eval extra: the test suite's lm-eval test and `make lm-eval` use it, `make pipeline` does not.
+$(VENV)/.lm-eval: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[lm-eval]"
+	touch $@
+
+test: setup $(VENV)/.lm-eval
 	$(PY) -m pytest -q $(ARGS)
 
 test-gpu: setup
@@ -47,6 +52,11 @@ bench-attention: setup  ## the decode-attention kernel alone (configuration swee
 
 bench-train: setup  ## distillation tokens/s and MFU of a 1B student, chunked-KL memory
 	$(PY) benchmarks/train_throughput.py --out benchmarks/results/train-throughput.json $(ARGS)
+
+# lm-evaluation-harness on existing checkpoint folders (ours, Apriel-H1, MambaInLlama, or a teacher), e.g.
+# make lm-eval ARGS="artifacts/demo/teacher artifacts/demo/H-6 --tasks arc_easy --limit 100 --out lm-eval.json"
+lm-eval: $(VENV)/.lm-eval
+	$(PY) -m pipeline.evaluate.lm_harness $(ARGS)
 
 # --- the pipeline --------------------------------------------------------------------------------------
 

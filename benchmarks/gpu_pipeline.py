@@ -1,4 +1,5 @@
-"""The chain on one GPU, bare (`pipeline.chain.run_local`: no Prefect, MLflow or Hydra needed).
+"""The chain on one GPU, bare (`pipeline.chain.run_chain` and the executor, as `run_local`: no Prefect,
+MLflow or Hydra needed).
 
 Two measurements, each writing a JSON record:
 
@@ -26,7 +27,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -95,14 +95,29 @@ class MeasuringReporter:
         print(f"{self.prefix}{message}", flush=True)
 
 
-def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, prefix: str = "") -> dict:
+def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, prefix: str = "",
+                       teacher_folder: Path | None = None) -> dict:
+    """The chain through the one executor over a folder store `<root>/<run_name>` (as `run_local`), each
+    stage timed. `teacher_folder`: a committed teacher adopted as this run's teacher output (not trained)."""
     import torch
 
-    from pipeline.chain import LocalExecutor, run_chain
+    from pipeline.chain import run_chain
+    from pipeline.executor import Executor
+    from pipeline.store import open_store
 
     cuda = torch.cuda.is_available()
     reporter = MeasuringReporter(prefix)
-    executor = LocalExecutor(cfg, root, reporter)
+    store = open_store(str(root / cfg.run_name), cache_dir=root / ".cache" / "store")
+
+    class MeasuredExecutor(Executor):
+        def dispatch(self, call, key):
+            if call.name == "teacher" and teacher_folder is not None and self.find(call, key, quiet=True) is None:
+                self.store.put_checkpoint(teacher_folder, "teacher", config_digest=key, metadata={
+                    "stage": call.stage, "code_version": call.run.code_version, "cache_key": key,
+                    "shared_from": str(teacher_folder)})
+            return super().dispatch(call, key)
+
+    executor = MeasuredExecutor(store, root / ".cache" / "work" / cfg.run_name, reporter)
     stages: list[dict] = []
     record = {"run_name": cfg.run_name, "stages": stages}
 
@@ -116,22 +131,21 @@ def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, pre
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        skipped = call.name in executor.skipped
         rates = reporter.tokens_per_s
         stages.append({
-            "stage": call.name, "kind": call.stage, "seconds": round(seconds, 2), "skipped": skipped,
+            "stage": call.name, "kind": call.stage, "seconds": round(seconds, 2), "skipped": not out.ran,
             "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-            "meta": _meta_fields(out),
+            "meta": _meta_fields(store.root / call.name),
         })
         if record_path is not None:  # partial results survive a run cut short
             record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
         return out
 
     started = time.perf_counter()
-    out = run_chain(cfg, execute)
+    run_chain(cfg, execute)
     record["total_seconds"] = round(time.perf_counter() - started, 1)
-    record["summary"] = json.loads((Path(out["evaluate"]) / "summary.json").read_text())
+    record["summary"] = json.loads((store.root / "evaluate" / "summary.json").read_text())
     if record_path is not None:
         record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
@@ -197,7 +211,7 @@ def _frozen_dtype(dtype_name: str) -> None:
     import pipeline.stages.common as common
 
     dtype = getattr(torch, dtype_name)
-    common.resolve_dtype = lambda cfg, device, *, fp32=False: torch.float32 if fp32 else dtype
+    common.resolve_dtype = lambda hardware, device, *, fp32=False: torch.float32 if fp32 else dtype
 
 
 def one_run(args) -> None:
@@ -207,11 +221,8 @@ def one_run(args) -> None:
     if args.variant in ("frozen-fp32", "frozen-bf16"):
         _frozen_dtype("float32" if args.variant == "frozen-fp32" else "bfloat16")
     cfg = variant_config(args.variant, args.seed, args.preset, args.device)
-    root = Path(args.root)
-    target = root / cfg.run_name / "teacher"
-    if not target.exists():
-        shutil.copytree(Path(args.teacher), target)
-    record = run_measured_chain(cfg, root, Path(args.out), prefix=f"[{cfg.run_name}] ")
+    record = run_measured_chain(cfg, Path(args.root), Path(args.out), prefix=f"[{cfg.run_name}] ",
+                                teacher_folder=Path(args.teacher))
     record["variant"], record["seed"] = args.variant, args.seed
     record["environment"] = environment()
     Path(args.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -224,7 +235,7 @@ def precision(args) -> None:
     teacher_cfg = _merge(base_config(args.preset), {"run_name": "shared",
                                                     "hardware": {"device": args.device, "precision": "bf16-mixed"}})
     started = time.perf_counter()
-    teacher = run_local(teacher_cfg, root, until="teacher")["teacher"]
+    teacher = run_local(teacher_cfg, root, until="teacher", work_root=root / ".cache" / "work" / "shared")["teacher"]
     teacher_s = time.perf_counter() - started
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     children = []
@@ -245,8 +256,7 @@ def precision(args) -> None:
         results.append({"variant": variant, "seed": seed, "exit_code": code, **record})
         print(f"{variant} seed {seed}: exit {code}", flush=True)
     teacher_meta = json.loads((Path(teacher) / "stage.json").read_text())
-    summary = {"teacher": {"seconds": round(teacher_s, 1), "answer_accuracy": teacher_meta.get("answer_accuracy"),
-                           "final_loss": teacher_meta.get("final_loss")},
+    summary = {"teacher": {"seconds": round(teacher_s, 1), "final_loss": teacher_meta.get("final_loss")},
                "runs": results, "environment": environment(), "concurrent_processes": len(children)}
     Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 

@@ -3,17 +3,19 @@
     python -m flows.convert                                   # the whole chain on the defaults
     python -m flows.convert --until loo experiment=tiny        # stop after a stage; Hydra overrides
     python -m flows.convert teacher.path=s3://models/llama storage.uri=s3://bucket/runs tracking=server
+    python -m flows.convert --plan experiment=tiny            # check everything, print the plan, run nothing
 
 One Prefect flow run per call; each stage is a task (flows.executor) whose output is a checkpoint in
 the store `<storage.uri>/<run_name>/<name>/`, and one MLflow parent run per `run_name` holds a child run
 per stage. Running the same command again skips every stage the store already holds under the same
-cache key and continues an interrupted one from its last save.
+cache key and continues an interrupted one from its last save. Before anything runs, the whole run is
+checked (`pipeline.plan`): every problem is printed as one line and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
 import time
 import traceback
@@ -27,13 +29,15 @@ from flows.config import ConfigCompositionError, compose
 from flows.console import progress, quiet_console
 from flows.executor import StoreExecutor
 from flows.publish import summary_records
-from flows.sources import local_teacher
+from flows.sources import teacher_source
 from pipeline.chain import UNTIL, run_chain
 from pipeline.config import ConfigError, RunConfig, to_plain
+from pipeline.executor import Source
+from pipeline.plan import Plan, plan
 from pipeline.stages import StageError, summary_table
 from pipeline.stages.evaluate import SUMMARY_FILE
 from pipeline.store import LocalStore, Store, StoreError, open_store
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.tracking import NullTracker, Tracker, default_tracking_uri
 
 DEFAULT_CACHE_ROOT = ".cache"  # <cache>/store: S3 downloads; <cache>/work: resumable stage state
 # Errors whose message says everything: the command line prints them as one line, without a traceback.
@@ -41,11 +45,56 @@ USER_ERRORS = (ConfigCompositionError, ConfigError, StageError, StoreError, Impo
 
 
 def open_run_store(cfg: RunConfig, cache_root: Path) -> Store:
-    """The run's own store: `<storage.uri>/<run_name>`, so checkpoint names are the chain's names."""
-    store = open_store(f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name}", endpoint_url=cfg.storage.endpoint_url,
-                       cache_dir=cache_root / "store")
-    store.check()  # a missing bucket or an unwritable folder fails here, in one line
-    return store
+    """The run's own store: `<storage.uri>/<run_name>`, so checkpoint names are the chain's names
+    (opening touches nothing; the plan checks it can be written)."""
+    return open_store(f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name}", endpoint_url=cfg.storage.endpoint_url,
+                      cache_dir=cache_root / "store")
+
+
+def cache_root_of(cfg: RunConfig) -> Path:
+    return Path(cfg.storage.cache_dir or DEFAULT_CACHE_ROOT).expanduser().resolve()
+
+
+def check_tracking(cfg: RunConfig) -> None:
+    """The MLflow tracking URI can be reached (a server answers /health; a database's folder exists)."""
+    if not cfg.tracking.enabled:
+        return
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                if response.status != 200:
+                    raise ConnectionError(f"MLflow server {uri} answered /health with HTTP {response.status}")
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ConnectionError(f"MLflow server {uri} cannot be reached ({reason})") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConnectionError(f"{uri}: the folder {folder} does not exist or is not writable")
+
+
+class TeacherResolver:
+    """The user's teacher as a Source, resolved once (listing and digest; the weights come later)."""
+
+    def __init__(self, cfg: RunConfig, cache_root: Path) -> None:
+        self.cfg, self.cache_root, self.source = cfg, cache_root, None
+
+    def __call__(self) -> Source | None:
+        if self.source is None and self.cfg.teacher.path:
+            self.source = teacher_source(self.cfg.teacher.path, self.cache_root, self.cfg.storage.endpoint_url)
+        return self.source
+
+
+def check_run(cfg: RunConfig, until: str = "evaluate", teacher: TeacherResolver | None = None) -> Plan:
+    """The plan of this run (`pipeline.plan.plan`): every problem, and what each stage will do."""
+    cache_root = cache_root_of(cfg)
+    return plan(cfg, store=open_run_store(cfg, cache_root), work_root=cache_root / "work" / cfg.run_name,
+                teacher=teacher or TeacherResolver(cfg, cache_root), tracking=lambda: check_tracking(cfg),
+                until=until)
 
 
 def open_tracker(cfg: RunConfig) -> Tracker | NullTracker:
@@ -76,23 +125,22 @@ def run_conversion(cfg: RunConfig, until: str = "evaluate") -> dict[str, Any]:
     if until not in UNTIL:
         raise ConfigCompositionError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
     started = time.time()
-    cache_root = Path(cfg.storage.cache_dir or DEFAULT_CACHE_ROOT).expanduser().resolve()
+    cache_root = cache_root_of(cfg)
+    teacher = TeacherResolver(cfg, cache_root)
+    checked = check_run(cfg, until, teacher)
+    checked.raise_problems()  # every problem, one line each, before anything is written
     store = open_run_store(cfg, cache_root)
-    run_cfg, aliases, prepare = cfg, {}, {}
-    remote_teacher = local_teacher(cfg.teacher.path, cache_root, cfg.storage.endpoint_url)
-    if remote_teacher is not None:  # the stages read folders: they get the local copy, keys keep the URI
-        run_cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, path=str(remote_teacher.local)))
-        aliases = {str(remote_teacher.local): remote_teacher.uri}
-        prepare = {"teacher": [remote_teacher.fetch]}
+    store.check()
     tracker = open_tracker(cfg)
     executor = StoreExecutor(store, tracker, cache_root / "work" / cfg.run_name, cfg.run_name,
-                             first_count=cfg.schedule.counts[0], key_aliases=aliases, prepare=prepare)
+                             first_count=cfg.schedule.counts[0])
     progress(f"run '{cfg.run_name}' up to {until}: store {location(store)}")
+    progress(checked.render())
     with tracker:  # the parent MLflow run: FINISHED, or FAILED / KILLED with the exception
         tracker.log_params(to_plain(cfg))
         tracker.log_dict(to_plain(cfg), "run_config.json")
         tracker.set_tags({"storage.uri": store.uri, "until": until, "prefect.flow_run_id": flow_run.id or ""})
-        run_chain(run_cfg, executor, until=until)
+        run_chain(cfg, executor, teacher(), until=until)
     return _report(cfg, until, store, tracker, executor, time.time() - started)
 
 
@@ -141,21 +189,35 @@ def main(argv: list[str] | None = None) -> int:
                "storage.uri=s3://bucket/runs tracking.uri=http://127.0.0.1:5000 run_name=my-run",
     )
     parser.add_argument("--until", default="evaluate", choices=UNTIL, help="last stage to run (default: evaluate)")
+    parser.add_argument("--plan", action="store_true",
+                        help="check the whole run and print what each stage would do; run and write nothing")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
     args = parser.parse_args(argv)
     quiet_console()
     try:
-        compose(args.overrides)  # a bad override fails here, in one line, before anything starts
+        cfg = compose(args.overrides)  # a bad override fails here, in one line, before anything starts
     except ConfigCompositionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        checked = check_run(cfg, args.until)  # every problem, before Prefect or MLflow starts
+    except USER_ERRORS as error:
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if args.plan:
+        print(checked.render())
+    for problem in checked.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if args.plan or checked.problems:
+        return 1 if checked.problems else 0
     try:
         convert(overrides=args.overrides, until=args.until, return_state=True).result()
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        for line in str(error).splitlines() or [type(error).__name__]:
+            print(f"error: {line}", file=sys.stderr)
         return 1
     except Exception:  # a bug: the whole traceback helps
         traceback.print_exc()

@@ -1,16 +1,11 @@
-"""Runs each StageCall of `pipeline.chain.run_chain` as a Prefect task over the checkpoint store.
+"""The pipeline's one executor (`pipeline.executor.Executor`), run as Prefect tasks with MLflow runs.
 
-For one call:
-1. cache key = sha256 of (stage, output name, digest of the config the stage reads, manifest digests of
-   its inputs). Equal keys mean the same computation on the same inputs.
-2. If the store holds a committed output of that name (its manifest.json exists: a cut-off upload has
-   none) recorded with that key, the task ends as `Cached` without loading anything. This is what
-   resumes a run, also on another machine sharing the bucket.
-3. Otherwise the inputs are fetched (`store.get_checkpoint`, verified), the stage runs into a fresh
-   output folder with a persistent work folder `<cache>/work/<run_name>/<name>` (its training state
-   survives a kill, so re-running continues from the last save), and the output is put into the store
-   with the key as its config digest, in an MLflow child run holding the stage's params, metrics,
-   files and checkpoint tags.
+Keys, skipping, resuming and committing are the pipeline's; this subclass adds, per call:
+- a Prefect task (named after the output; `Cached` when the store already holds it under its key),
+- an MLflow child run around each computation with the stage's settings as params, its metrics, files
+  and checkpoint tags (and, before it starts, the runs of earlier attempts that were killed and left
+  RUNNING are ended as KILLED),
+- Prefect markdown artifacts with the LOO ranking, MMR scores and final summary.
 
 Prefect's own result cache is not used: the store is the record of what is complete, shared by every
 machine that points at it.
@@ -18,10 +13,8 @@ machine that points at it.
 
 from __future__ import annotations
 
-import shutil
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,40 +26,19 @@ from prefect.states import Completed
 from flows.console import progress
 from flows.publish import (
     artifact_key,
-    layer_pattern,
     log_output_files,
     loo_markdown,
     mlflow_run_link,
     mmr_markdown,
-    read_json,
     summary_markdown,
     summary_metrics,
     summary_records,
 )
-from pipeline.chain import StageCall
-from pipeline.stages.common import STAGE_META
-from pipeline.store import CheckpointRef, IntegrityError, NotFoundError, Store, config_digest, manifest_digest
+from pipeline.config import to_plain
+from pipeline.executor import Executor, Output, StageCall
+from pipeline.store import Store
 
 CACHE_KEY_TAG = "stage.cache_digest"  # ("…_key" would be redacted as a secret-looking name)
-PARENT_ROLES = ("parent", "checkpoint", "teacher")  # which input a stage's output derives from, in order
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    """A committed stage output in the store: what the tasks pass to each other."""
-
-    name: str
-    stage: str
-    uri: str
-    manifest_digest: str
-    cache_key: str
-    mlflow_run_id: str | None = None
-    layer_pattern: str | None = None
-    n_mamba: int | None = None
-    ran: bool = False  # computed by this flow run (False: found complete in the store)
-
-    def ref(self) -> CheckpointRef:
-        return CheckpointRef(self.name, self.uri, self.manifest_digest, self.cache_key)
 
 
 class StageReporter:
@@ -86,14 +58,15 @@ class StageReporter:
         progress(message)
 
 
-def _replace_strings(value: Any, aliases: Mapping[str, str]) -> Any:
-    if isinstance(value, str):
-        return aliases.get(value, value)
-    if isinstance(value, Mapping):
-        return {key: _replace_strings(item, aliases) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_replace_strings(item, aliases) for item in value]
-    return value
+class _Console:
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_artifact(self, path) -> None:
+        pass
+
+    def progress(self, message: str) -> None:
+        progress(message)
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -106,131 +79,45 @@ def run_stage(executor: StoreExecutor, call: StageCall, key: str) -> Any:
     return executor.execute(call, key)
 
 
-class StoreExecutor:
-    """The `execute` of `pipeline.chain.run_chain` for a flow: one task per call, outputs in `store`.
+class StoreExecutor(Executor):
+    """`pipeline.executor.Executor` with a Prefect task per call and an MLflow child run per computation.
 
-    work_root: `<cache>/work/<run_name>`, the stages' persistent work folders.
+    tracker: pipeline.tracking.Tracker or NullTracker (the parent run).
     first_count: Mamba layers of the first conversion (marked in the LOO table).
-    key_aliases: strings of the stage configs that stand for others in cache keys (a teacher downloaded
-        from s3:// runs from a local folder, but its key names the URI, the same on every machine).
-    prepare: call name -> functions run before that stage computes (downloading that teacher).
-    (A plain class, not a dataclass: Prefect walks dataclass task arguments.)
     """
 
-    def __init__(self, store: Store, tracker: Any, work_root: Path, run_name: str, *, first_count: int | None = None,
-                 key_aliases: Mapping[str, str] | None = None,
-                 prepare: Mapping[str, list[Callable[[], Any]]] | None = None) -> None:
-        self.store = store
-        self.tracker = tracker  # pipeline.tracking.Tracker or NullTracker
-        self.work_root = work_root
+    def __init__(self, store: Store, tracker: Any, work_root: Path, run_name: str, *,
+                 first_count: int | None = None) -> None:
+        super().__init__(store, work_root, _Console())
+        self.tracker = tracker
         self.run_name = run_name
         self.first_count = first_count
-        self.key_aliases = dict(key_aliases or {})
-        self.prepare = dict(prepare or {})
-        self.outputs: dict[str, StageOutput] = {}
         self.evaluation_runs: dict[str, str | None] = {}
 
-    # --- the chain's interface ----------------------------------------------------------------------
-
-    def __call__(self, call: StageCall) -> StageOutput:
-        key = self.cache_key(call)
+    def dispatch(self, call: StageCall, key: str) -> Output:
         stage_task = run_stage.with_options(name=call.name, task_run_name=call.name, tags=[call.stage])
-        output: StageOutput = stage_task(self, call, key, return_state=True).result()
-        self.outputs[call.name] = output
+        output: Output = stage_task(self, call, key, return_state=True).result()
         self.publish(call, output)
         return output
 
-    @property
-    def ran(self) -> list[str]:
-        return [name for name, output in self.outputs.items() if output.ran]
-
-    @property
-    def skipped(self) -> list[str]:
-        return [name for name, output in self.outputs.items() if not output.ran]
-
-    def cache_key(self, call: StageCall) -> str:
-        return config_digest({
-            "stage": call.stage,
-            "name": call.name,
-            "config": config_digest(_replace_strings(call.config, self.key_aliases)),
-            "inputs": {role: output.manifest_digest for role, output in sorted(call.inputs.items())},
-        })
-
-    # --- inside the task ------------------------------------------------------------------------------
-
-    def find(self, call: StageCall, key: str) -> StageOutput | None:
-        """The committed output of this call under this key, or None (absent, other key, unreadable)."""
-        try:
-            manifest = self.store.manifest(call.name)
-        except NotFoundError:
-            return None
-        except IntegrityError as error:
-            progress(f"[{call.name}] stored manifest unreadable ({error}); computing again")
-            return None
-        if manifest["config_digest"] != key:
-            progress(f"[{call.name}] stored with other settings or inputs; computing again")
-            return None
-        meta = manifest.get("metadata") or {}
-        return StageOutput(call.name, call.stage, self.store.uri_for(call.name), manifest_digest(manifest), key,
-                           meta.get("mlflow_run_id"), meta.get("layer_pattern"), meta.get("n_mamba"))
-
-    def execute(self, call: StageCall, key: str) -> StageOutput:
-        started = time.time()
-        progress(f"[{call.name}] {call.stage} ...")
-        for prepare in self.prepare.get(call.name, []):
-            prepare()
-        input_dirs = {role: self.store.get_checkpoint(output.name) for role, output in call.inputs.items()}
-        work_dir = self._work_dir(call.name, key)
-        out_dir = self.work_root / f"{call.name}.output"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.mkdir(parents=True)
+    @contextlib.contextmanager
+    def attempt(self, call: StageCall, key: str) -> Iterator[tuple[StageReporter, str | None]]:
+        ended = self.tracker.end_abandoned(call.stage, call.name)
+        if ended:
+            progress(f"  ended {ended} MLflow run(s) of {call.name} left RUNNING by a killed attempt (KILLED)")
         with self.tracker.child(call.stage, checkpoint=call.name, tags={CACHE_KEY_TAG: key}) as run:
-            run.log_params(call.config)
-            reporter = StageReporter(run)
-            call.run(input_dirs, out_dir, work_dir, reporter)
-            meta = read_json(out_dir / STAGE_META) if (out_dir / STAGE_META).is_file() else {}
-            pattern, n_mamba = layer_pattern(meta)
-            ref = self.store.put_checkpoint(
-                out_dir, call.name, config_digest=key, parent=self._parent(call),
-                metadata={"stage": call.stage, "cache_key": key, "mlflow_run_id": run.run_id,
-                          "layer_pattern": pattern, "n_mamba": n_mamba,
-                          "inputs": {role: output.name for role, output in call.inputs.items()}},
-            )
-            if call.is_checkpoint:
-                run.set_checkpoint_tags(ref.uri, layer_pattern=pattern, mamba_layers=n_mamba)
-            else:
-                run.set_tags({"output.uri": ref.uri})
-            log_output_files(run, out_dir, reporter.artifacts)
-            output = StageOutput(call.name, call.stage, ref.uri, ref.manifest_digest, key, run.run_id, pattern,
-                                 n_mamba, ran=True)
-            if call.stage == "evaluate":
-                self._evaluation_runs(out_dir)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        (self.work_root / f"{call.name}.key").unlink(missing_ok=True)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        progress(f"[{call.name}] done in {time.time() - started:.0f}s: {ref.uri}")
-        return output
+            run.log_params(to_plain(call.settings))
+            yield StageReporter(run), run.run_id
 
-    def _work_dir(self, name: str, key: str) -> Path:
-        """The stage's persistent work folder; state saved under another key is discarded, not resumed."""
-        work_dir, key_file = self.work_root / name, self.work_root / f"{name}.key"
-        if work_dir.exists() and (not key_file.is_file() or key_file.read_text() != key):
-            progress(f"  discarding the saved state of {name}: it belongs to other settings or inputs")
-            shutil.rmtree(work_dir)
-        if work_dir.exists() and any(work_dir.iterdir()):
-            progress(f"  resuming {name} from the state saved in {work_dir}")
-        work_dir.mkdir(parents=True, exist_ok=True)
-        key_file.write_text(key)
-        return work_dir
-
-    def _parent(self, call: StageCall) -> CheckpointRef | str | None:
-        for role in PARENT_ROLES:
-            if role in call.inputs:
-                return call.inputs[role].ref()
-        source = _replace_strings(call.config, self.key_aliases).get("teacher", {}).get("path")
-        if source:  # the user's teacher, recorded by URI
-            return source if "://" in source else Path(source).resolve().as_uri()
-        return None
+    def committed(self, call: StageCall, output: Output, out_dir: Path, reporter: StageReporter) -> None:
+        run = reporter.run
+        if call.is_checkpoint:
+            run.set_checkpoint_tags(output.uri, layer_pattern=output.layer_pattern, mamba_layers=output.n_mamba)
+        else:
+            run.set_tags({"output.uri": output.uri})
+        log_output_files(run, out_dir, reporter.artifacts)
+        if call.stage == "evaluate":
+            self._evaluation_runs(out_dir)
 
     def _evaluation_runs(self, out_dir: Path) -> None:
         """One MLflow child run per evaluated checkpoint: its metrics and checkpoint tags, side by side."""
@@ -250,7 +137,7 @@ class StoreExecutor:
         return mlflow_run_link(getattr(self.tracker, "tracking_uri", None),
                                getattr(self.tracker, "experiment_id", None), run_id)
 
-    def publish(self, call: StageCall, output: StageOutput) -> None:
+    def publish(self, call: StageCall, output: Output) -> None:
         """Markdown tables of the LOO ranking, the MMR scores and the final summary."""
         if call.stage not in ("loo", "mmr", "evaluate"):
             return
@@ -272,4 +159,4 @@ class StoreExecutor:
                                  description=description)
 
 
-__all__ = ["StageOutput", "StageReporter", "StoreExecutor", "run_stage"]
+__all__ = ["CACHE_KEY_TAG", "StageReporter", "StoreExecutor", "run_stage"]

@@ -39,15 +39,6 @@ def log_output_files(run: Any, folder: Path, reported: Sequence[Path]) -> None:
             run.log_artifact(path)
 
 
-def layer_pattern(meta: Mapping[str, Any]) -> tuple[str | None, int | None]:
-    """(layer pattern, Mamba layer count) from a stage.json; a teacher is all attention."""
-    if meta.get("layer_pattern") is not None:
-        return meta["layer_pattern"], meta.get("n_mamba")
-    if meta.get("stage") == "teacher" and isinstance(meta.get("layers"), int):
-        return "A" * meta["layers"], 0
-    return None, meta.get("n_mamba")
-
-
 def mlflow_run_link(tracking_uri: str | None, experiment_id: str | None, run_id: str | None) -> str:
     """A markdown link to a run in the MLflow UI for a server URI, else the run id."""
     if not run_id:
@@ -108,7 +99,10 @@ def summary_markdown(records: list[dict[str, Any]], links: Mapping[str, str], lo
 
 
 def summary_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    return {name: float(record[name]) for name in SUMMARY_METRICS if isinstance(record.get(name), (int, float))}
+    from pipeline.evaluate.lm_harness import score_metrics
+
+    metrics = {name: float(record[name]) for name in SUMMARY_METRICS if isinstance(record.get(name), (int, float))}
+    return {**metrics, **score_metrics(record.get("lm_eval"))}  # lm_eval/<task>/<metric>, same on every checkpoint
 
 
 __all__ = [

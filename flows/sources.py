@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipeline.store import LocalStore, S3Store, StoreError, open_store, split_checkpoint_uri
+from pipeline.chain import local_teacher_source
+from pipeline.executor import Source, content_digest
+from pipeline.store import LocalStore, S3Store, StoreError, config_digest, open_store, split_checkpoint_uri
 
 _COMPLETE = ".complete"  # written last into a downloaded folder
 
@@ -47,6 +49,43 @@ def local_teacher(path: str | None, cache_root: Path, endpoint_url: str | None =
         digest = hashlib.sha256(path.rstrip("/").encode()).hexdigest()[:16]
         return RemoteFolder(path, cache_root / "teachers" / digest, endpoint_url)
     return None
+
+
+def teacher_source(path: str, cache_root: Path, endpoint_url: str | None = None) -> Source:
+    """The user's teacher as the executor's Source: a local folder (digested by its files' sha256) or an
+    s3:// prefix (digested by its objects' ETags and sizes, or by its manifest when it is one of our
+    checkpoints), listed and readable file by file without downloading the weights."""
+    remote = local_teacher(path, cache_root, endpoint_url)
+    if remote is None or urlparse(path).scheme.lower() == "file":
+        return local_teacher_source(path)
+    store = open_store(path.rstrip("/"), endpoint_url=endpoint_url)
+    assert isinstance(store, S3Store)
+    prefix = f"{store.prefix}/" if store.prefix else ""
+    client = store.client
+    objects = {}
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):
+                    objects[item["Key"][len(prefix):]] = f"{item.get('ETag', '')}:{item['Size']}"
+    except Exception as error:
+        raise StoreError(f"cannot list {path}: {str(error).splitlines()[0]}") from error
+    if not objects:
+        raise StoreError(f"nothing at {path}: give the s3:// prefix of a saved transformers checkpoint")
+
+    def read(name: str) -> bytes:
+        return client.get_object(Bucket=store.bucket, Key=prefix + name)["Body"].read()
+
+    digest = config_digest(objects)
+    if "manifest.json" in objects:  # one of our checkpoints: its content digest, whatever the upload
+        import json
+
+        try:
+            digest = content_digest(json.loads(read("manifest.json")))
+        except (ValueError, KeyError):
+            pass
+    files = tuple(sorted(name for name in objects if name != "manifest.json"))
+    return Source(path, digest, remote.fetch, files, read)
 
 
 def download_folder(uri: str, destination: Path, *, endpoint_url: str | None = None) -> Path:
@@ -92,4 +131,4 @@ def _install(source: Path, destination: Path) -> Path:
     return destination
 
 
-__all__ = ["RemoteFolder", "download_folder", "local_teacher"]
+__all__ = ["RemoteFolder", "download_folder", "local_teacher", "teacher_source"]

@@ -1,174 +1,142 @@
 """The recipe's order of stages, once, for every way of running it.
 
-`run_chain(cfg, execute)` walks the recipe: teacher -> LOO ->
-first conversion -> (MMR -> step) for each later count -> SFT -> evaluate. Each stage is described by a
-`StageCall` (name, stage, inputs, the config sections it reads, and the function that runs it on local
-folders); `execute(call, inputs)` runs it and returns a handle to its output. `LocalExecutor` runs calls
-in folders with skip-if-complete; the Prefect flow (flows/) supplies an executor that adds the store,
-MLflow and caching. The sequencing lives here only.
+`stage_calls(cfg, teacher, outputs)` / `run_chain(cfg, execute, teacher)` walk the recipe: teacher ->
+LOO -> first conversion -> (MMR -> step) for each later count -> SFT -> evaluate. Each stage is a
+`StageCall`: the stage function, the config sections it reads (taken here from the RunConfig, the only
+place that knows which section feeds which argument) and its inputs. `execute(call)` runs it and returns
+its Output (`pipeline.executor.Executor`, which flows/ wraps in Prefect tasks and MLflow runs).
+`run_local` runs the chain over a folder store without Prefect or MLflow.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig, checkpoint_name, to_plain
-from pipeline.stages.common import STAGE_META, ConsoleReporter, Reporter
-
-
-@dataclass
-class StageCall:
-    name: str  # output name: "teacher", "loo", "H-4", "mmr-H-4", "H-5-SFT", "evaluate"
-    stage: str  # one of pipeline.config.STAGES
-    inputs: dict[str, Any]  # role -> handle returned by execute() for an earlier call
-    config: dict[str, Any]  # the part of the resolved config this stage reads (cache key)
-    run: Callable[..., dict]  # run(input_dirs: dict[str, Path], out_dir: Path, work_dir: Path, reporter)
-    is_checkpoint: bool = True  # a model folder (vs. a table of results)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def stage_config(cfg: RunConfig, stage: str, **more: Any) -> dict[str, Any]:
-    """The config sections a stage reads (with `more`), plain, for digests and MLflow params."""
-    plain = to_plain(cfg)
-    common = {"seed": plain["seed"], "data": plain["data"], "precision": plain["hardware"]["precision"]}
-    sections = {
-        "teacher": ["teacher"],
-        "loo": ["loo"],
-        "convert": ["mamba", "train"],
-        "mmr": ["mmr", "train"],
-        "step": ["mamba", "train"],
-        "sft": ["sft"],
-        "evaluate": ["evaluate"],
-    }[stage]
-    return {**common, **{key: plain[key] for key in sections}, **more}
-
+from pipeline.config import ConfigError, RunConfig, checkpoint_name
+from pipeline.executor import Executor, Output, Source, StageCall, local_source
+from pipeline.stages.common import Reporter
 
 UNTIL = ("teacher", "loo", "convert", "mmr", "steps", "sft", "evaluate")
 
 
-def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Any], until: str = "evaluate") -> dict[str, Any]:
+def distill_view(cfg: RunConfig):
+    """The data a distillation (conversion, step, MMR trial) reads: the source data.distill_on names."""
+    return cfg.data.view(cfg.data.distill_on)
+
+
+def teacher_call(cfg: RunConfig, source: Source | None) -> StageCall:
+    from pipeline.stages import import_teacher, run_teacher
+
+    if cfg.teacher.path:
+        if source is None:
+            raise ConfigError("teacher.path is set but no teacher source was resolved")
+        return StageCall("teacher", import_teacher, {"hardware": cfg.hardware}, {"source": source})
+    kinds = ("distill", "generic") if cfg.teacher.demo.generic_every else ("distill",)
+    return StageCall("teacher", run_teacher,
+                     {"demo": cfg.teacher.demo, "data": cfg.data.view(*kinds), "hardware": cfg.hardware}, {})
+
+
+def sft_input(cfg: RunConfig) -> str:
+    """The checkpoint SFT starts from (sft.checkpoint, checked against the schedule)."""
+    names = [checkpoint_name(count) for count in cfg.schedule.counts]
+    chosen = names[-1] if cfg.sft.checkpoint == "last" else cfg.sft.checkpoint
+    if chosen not in names:
+        raise ConfigError(f"sft.checkpoint={cfg.sft.checkpoint!r} is not a checkpoint of schedule.counts "
+                          f"{list(cfg.schedule.counts)}: choose one of {', '.join(['last', *names])}")
+    return chosen
+
+
+def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None = None,
+              until: str = "evaluate") -> dict[str, Output]:
     """Walk the recipe up to and including `until` (`mmr` = the first MMR scoring, `steps` = every
-    progressive step); returns every output's handle by name."""
-    from pipeline.stages import run_convert, run_evaluate, run_loo, run_mmr, run_sft, run_step, run_teacher
+    progressive step); returns every output by name. `teacher`: the user's teacher (cfg.teacher.path)."""
+    from pipeline.stages import run_convert, run_evaluate, run_loo, run_mmr, run_sft, run_step
 
     if until not in UNTIL:
-        raise ValueError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
-    out: dict[str, Any] = {}
-    out["teacher"] = execute(StageCall(
-        "teacher", "teacher", {}, stage_config(cfg, "teacher"),
-        lambda dirs, out_dir, work_dir, rep: run_teacher(cfg, out_dir, work_dir=work_dir, reporter=rep),
-    ))
+        raise ConfigError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
+    sft_from = sft_input(cfg)
+    out: dict[str, Output] = {}
+
+    def call(name: str, run: Callable, settings: dict[str, Any], inputs: dict[str, Any], is_checkpoint: bool = True):
+        stage_call = StageCall(name, run, settings, inputs, is_checkpoint)
+        stage_call.check_signature()
+        out[name] = execute(stage_call)
+        return out[name]
+
+    hardware, seed, counts = cfg.hardware, cfg.seed, cfg.schedule.counts
+    first_call = teacher_call(cfg, teacher)
+    first_call.check_signature()
+    out["teacher"] = execute(first_call)
     if until == "teacher":
         return out
-    out["loo"] = execute(StageCall(
-        "loo", "loo", {"teacher": out["teacher"]}, stage_config(cfg, "loo", first=cfg.schedule.counts[0]),
-        lambda dirs, out_dir, work_dir, rep: run_loo(cfg, dirs["teacher"], out_dir, reporter=rep),
-        is_checkpoint=False,
-    ))
+    call("loo", run_loo, {"loo": cfg.loo, "data": cfg.data.view("eval", "distill"), "hardware": hardware,
+                          "first_count": counts[0]}, {"teacher": out["teacher"]}, is_checkpoint=False)
     if until == "loo":
         return out
-    first = checkpoint_name(cfg.schedule.counts[0])
-    out[first] = execute(StageCall(
-        first, "convert", {"teacher": out["teacher"], "loo": out["loo"]},
-        stage_config(cfg, "convert", count=cfg.schedule.counts[0]),
-        lambda dirs, out_dir, work_dir, rep: run_convert(cfg, dirs["teacher"], dirs["loo"], out_dir,
-                                                         work_dir=work_dir, reporter=rep),
-    ))
+    previous = checkpoint_name(counts[0])
+    call(previous, run_convert, {"train": cfg.train, "mamba": cfg.mamba, "data": distill_view(cfg),
+                                 "hardware": hardware, "seed": seed, "count": counts[0]},
+         {"teacher": out["teacher"], "loo": out["loo"]})
     if until == "convert":
         return out
-    checkpoints, previous = [first], first
-    for count in cfg.schedule.counts[1:]:
+    checkpoints = [previous]
+    for count in counts[1:]:
         mmr_name = f"mmr-{previous}"
-        out[mmr_name] = execute(StageCall(
-            mmr_name, "mmr", {"teacher": out["teacher"], "parent": out[previous]}, stage_config(cfg, "mmr"),
-            lambda dirs, out_dir, work_dir, rep: run_mmr(cfg, dirs["teacher"], dirs["parent"], out_dir,
-                                                         work_dir=work_dir, reporter=rep),
-            is_checkpoint=False,
-        ))
+        call(mmr_name, run_mmr, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed},
+             {"teacher": out["teacher"], "parent": out[previous]}, is_checkpoint=False)
         if until == "mmr":
             return out
         name = checkpoint_name(count)
-        out[name] = execute(StageCall(
-            name, "step", {"teacher": out["teacher"], "parent": out[previous], "mmr": out[mmr_name]},
-            stage_config(cfg, "step", count=count),
-            lambda dirs, out_dir, work_dir, rep, count=count: run_step(
-                cfg, dirs["teacher"], dirs["parent"], dirs["mmr"], count, out_dir, work_dir=work_dir, reporter=rep),
-        ))
+        call(name, run_step, {"train": cfg.train, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
+                              "count": count},
+             {"teacher": out["teacher"], "parent": out[previous], "mmr": out[mmr_name]})
         checkpoints.append(name)
         previous = name
     if until in ("mmr", "steps"):  # "mmr" with a one-count schedule: there is nothing to score
         return out
-    chosen = previous if cfg.sft.checkpoint == "last" else cfg.sft.checkpoint
-    if chosen not in checkpoints:
-        raise ValueError(f"sft.checkpoint={cfg.sft.checkpoint!r} is not a checkpoint of this schedule: {checkpoints}")
-    sft_name = f"{chosen}-SFT"
-    out[sft_name] = execute(StageCall(
-        sft_name, "sft", {"checkpoint": out[chosen]}, stage_config(cfg, "sft"),
-        lambda dirs, out_dir, work_dir, rep: run_sft(cfg, dirs["checkpoint"], out_dir, work_dir=work_dir,
-                                                     reporter=rep),
-    ))
+    sft_name = f"{sft_from}-SFT"
+    call(sft_name, run_sft, {"train": cfg.sft.train, "data": cfg.data.view("sft"), "hardware": hardware},
+         {"checkpoint": out[sft_from]})
     checkpoints.append(sft_name)
     if until == "sft":
         return out
-    out["evaluate"] = execute(StageCall(
-        "evaluate", "evaluate", {"teacher": out["teacher"], **{name: out[name] for name in checkpoints}},
-        stage_config(cfg, "evaluate", checkpoints=checkpoints),
-        lambda dirs, out_dir, work_dir, rep: run_evaluate(
-            cfg, dirs["teacher"], {name: dirs[name] for name in checkpoints}, out_dir, reporter=rep),
-        is_checkpoint=False,
-    ))
+    call("evaluate", run_evaluate, {"evaluate": cfg.evaluate, "data": cfg.data.view("eval"), "hardware": hardware},
+         {"teacher": out["teacher"], "checkpoints": {name: out[name] for name in checkpoints}}, is_checkpoint=False)
     return out
 
 
-class LocalExecutor:
-    """Runs each call into `<root>/<run_name>/<name>`; a folder with its stage.json is complete and skipped.
+def local_teacher_source(path: str) -> Source:
+    """A teacher folder on this machine (a path or file:// URI), digested by content."""
+    from urllib.parse import unquote, urlparse
 
-    Outputs are written into a temporary folder and renamed into place when the stage returns, so an
-    interrupted stage never looks complete; its resumable state stays in `<root>/<run_name>/.work/<name>`.
-    """
-
-    def __init__(self, cfg: RunConfig, root: str | Path, reporter: Reporter | None = None) -> None:
-        self.root = Path(root) / cfg.run_name
-        self.reporter = reporter or ConsoleReporter()
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-
-    def __call__(self, call: StageCall) -> Path:
-        out_dir = self.root / call.name
-        if (out_dir / STAGE_META).is_file():
-            self.reporter.progress(f"[{call.name}] complete, skipped")
-            self.skipped.append(call.name)
-            return out_dir
-        work_dir = self.root / ".work" / call.name
-        staging = self.root / ".work" / f"{call.name}.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        self.reporter.progress(f"[{call.name}] {call.stage} ...")
-        started = time.time()
-        call.run({role: Path(handle) for role, handle in call.inputs.items()}, staging, work_dir, self.reporter)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
-        shutil.rmtree(work_dir, ignore_errors=True)
-        self.reporter.progress(f"[{call.name}] done in {time.time() - started:.0f}s")
-        self.ran.append(call.name)
-        return out_dir
+    parsed = urlparse(path)
+    if parsed.scheme.lower() not in ("", "file"):
+        raise ConfigError(f"teacher.path={path!r}: run_local reads local folders; use `python -m flows.convert` "
+                          "for s3:// teachers")
+    folder = Path(unquote(parsed.netloc + parsed.path) if parsed.scheme else path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"teacher.path={path!r} does not exist (a folder with config.json, weights and tokenizer)")
+    return local_source(path, folder)
 
 
 def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter | None = None,
-              until: str = "evaluate") -> dict[str, Path]:
-    """The chain in local folders (no Prefect, store or MLflow); returns each output's folder by name."""
-    executor = LocalExecutor(cfg, root if root is not None else cfg.storage.uri, reporter)
-    return run_chain(cfg, executor, until=until)
+              until: str = "evaluate", work_root: str | Path | None = None) -> dict[str, Path]:
+    """The chain over a folder store `<root>/<run_name>` (default root: storage.uri), without Prefect or
+    MLflow; returns each output's folder by name. Same executor, keys and skipping as the flow."""
+    from pipeline.store import LocalStore, open_store
+
+    root = Path(root if root is not None else cfg.storage.uri)
+    cache = Path(cfg.storage.cache_dir or ".cache")
+    store = open_store(str(root / cfg.run_name), cache_dir=cache / "store")
+    if not isinstance(store, LocalStore):
+        raise ConfigError(f"run_local writes to a folder, not {store.uri}: use `python -m flows.convert` for S3")
+    work = Path(work_root) if work_root is not None else cache / "work" / cfg.run_name
+    teacher = local_teacher_source(cfg.teacher.path) if cfg.teacher.path else None
+    outputs = run_chain(cfg, Executor(store, work, reporter), teacher, until=until)
+    return {name: store.root / name for name in outputs}
 
 
-def read_summary(path: str | Path) -> list[dict]:
-    return json.loads(Path(path).read_text())
-
-
-__all__ = ["LocalExecutor", "StageCall", "read_summary", "run_chain", "run_local", "stage_config"]
+__all__ = ["UNTIL", "StageCall", "local_teacher_source", "run_chain", "run_local", "sft_input",
+           "teacher_call"]

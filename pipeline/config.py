@@ -7,6 +7,7 @@ fails with one line naming the field, before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,10 @@ LOO_MODES = ("mixer", "block")
 LOO_METRICS = ("accuracy", "nll")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
+
+
+# Field metadata of settings that change how fast a stage runs, never what it computes: left out of cache keys.
+KEY_NEUTRAL = "key_neutral"
 
 
 class ConfigError(ValueError):
@@ -40,11 +45,48 @@ class DataConfig:
     generic: str | None = None  # plain-text rows, for the "generic data" comparison
     distill_on: str = "distill"  # which source the distillation stages use: "distill" or "generic"
     max_length: int = 96
+    # A user's data.distill without validation* files keeps this share of its train rows (the last ones) out
+    # of training; LOO scores on them when neither data.eval nor data.distill has a validation split
+    validation_share: float = 0.02
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
     def __post_init__(self) -> None:
         if self.distill_on not in ("distill", "generic"):
             raise ConfigError(f"data.distill_on must be 'distill' or 'generic', got {self.distill_on!r}")
+        if not 0.0 < self.validation_share < 1.0:
+            raise ConfigError(f"data.validation_share must be in (0, 1), got {self.validation_share!r}")
+
+    def view(self, *kinds: str) -> DataConfig:
+        """The part of this section a stage reads when it loads only `kinds` (distill, sft, eval, generic):
+        other sources blanked, and of the demo settings only those that generate what it reads from the
+        demo. A stage given a view has exactly what it reads in its cache key. A view of one kind, the
+        source data.distill_on names, is what the distillations read (`distill_on` says which)."""
+        sources = ("distill", "sft", "eval", "generic")
+        unknown = set(kinds) - set(sources)
+        if unknown:
+            raise ValueError(f"unknown data kinds {sorted(unknown)}")
+        kept = {name: getattr(self, name) if name in kinds else None for name in sources}
+        from_demo = {name for name in kinds if getattr(self, name) is None}
+        defaults = DemoDataConfig()
+        demo = dataclasses.replace(
+            self.demo,
+            **{name: getattr(defaults, name) for name in DEMO_TEXT_FIELDS if "generic" not in from_demo},
+            **{name: getattr(defaults, name) for name in DEMO_REASONING_FIELDS if not from_demo - {"generic"}},
+        )
+        if not from_demo:
+            demo = defaults
+        return dataclasses.replace(
+            self, **kept, distill_on="generic" if kinds == ("generic",) else "distill",
+            validation_share=self.validation_share if "distill" in kinds and self.distill is not None
+            else DataConfig.validation_share,
+            demo=demo,
+        )
+
+
+# DemoDataConfig fields by what they generate (the seed feeds both).
+DEMO_REASONING_FIELDS = ("n_train", "n_validation", "n_test", "min_ops", "max_ops", "min_operand", "max_operand",
+                         "max_value")
+DEMO_TEXT_FIELDS = ("n_text_train", "n_text_validation", "n_text_test", "min_sentences", "max_sentences")
 
 
 @dataclass
@@ -88,8 +130,9 @@ class ScheduleConfig:
 class LOOConfig:
     mode: str = "mixer"  # "mixer": the layer's attention becomes identity; "block": the whole block does
     metric: str = "accuracy"  # "accuracy" (answers checked) or "nll" (assistant-token NLL)
-    num_examples: int = 64  # eval problems scored per layer
+    num_examples: int = 64  # validation problems scored per layer (never the test split)
     batch_size: int = 64
+    max_new_tokens: int = 48  # greedy decoding budget of the accuracy metric
 
     def __post_init__(self) -> None:
         if self.mode not in LOO_MODES:
@@ -103,16 +146,24 @@ def _distill_defaults() -> TrainConfig:
                        loss="reverse_kl", save_every=25, log_every=10, kl_chunk_tokens=1024)
 
 
+def _mmr_defaults() -> TrainConfig:
+    return TrainConfig(steps=100, lr=2e-3, warmup_steps=10, batch_size=16, max_length=96, trainable="mamba",
+                       loss="reverse_kl", save_every=0, log_every=25, kl_chunk_tokens=1024, loss_window=10)
+
+
 @dataclass
 class MMRConfig:
-    steps: int = 100  # training steps per candidate layer (the recipe's 100)
-    lr: float = 2e-3
-    batch_size: int = 16
-    score_window: int = 10  # MMR score = mean distillation loss of the last this many steps
+    # One trial per candidate layer: `train.steps` steps (the recipe's 100) training only that layer's new
+    # mixer; its score is the mean distillation loss of the last `train.loss_window` steps.
+    train: TrainConfig = field(default_factory=_mmr_defaults)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.score_window < 1 or self.score_window > self.steps:
-            raise ConfigError(f"mmr needs steps >= 1 and 1 <= score_window <= steps, got {self.steps}, {self.score_window}")
+        if self.train.trainable != "mamba":
+            raise ConfigError(f"mmr.train.trainable must be 'mamba' (a trial trains only its new mixer), got {self.train.trainable!r}")
+        if not self.train.is_distillation:
+            raise ConfigError(f"mmr.train.loss must be reverse_kl or forward_kl (the score is a distillation loss), got {self.train.loss!r}")
+        if self.train.loss_window > self.train.steps:
+            raise ConfigError(f"mmr.train.loss_window={self.train.loss_window} exceeds mmr.train.steps={self.train.steps}")
 
 
 def _sft_defaults() -> TrainConfig:
@@ -127,6 +178,27 @@ class SFTConfig:
 
 
 @dataclass
+class LMEvalConfig:
+    """lm-evaluation-harness tasks run on the teacher and every checkpoint (needs the `lm-eval` extra)."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task (or group) names; empty = not run
+    limit: int | None = None  # at most this many documents per task (None = all)
+    num_fewshot: int | None = None  # None = each task's own default
+    apply_chat_template: bool = False  # prompts through the tokenizer's chat template
+    batch_size: int = 16
+    max_length: int | None = None  # context length given to lm-eval; None = the model's max_position_embeddings
+    include_path: str | None = None  # a folder of task YAML files of your own, beside lm-eval's
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            raise ConfigError(f"evaluate.lm_eval.tasks is a list of task names, got the string {self.tasks!r}")
+        if self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise ConfigError("evaluate.lm_eval needs batch_size >= 1 and limit >= 1 (or null)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"evaluate.lm_eval.num_fewshot must be >= 0, got {self.num_fewshot}")
+
+
+@dataclass
 class EvaluateConfig:
     num_examples: int = 200  # test problems for answer accuracy
     batch_size: int = 100
@@ -137,6 +209,7 @@ class EvaluateConfig:
     throughput_prompt: int = 256
     throughput_new_tokens: int = 64
     throughput_repeats: int = 3
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
 
 @dataclass
@@ -162,7 +235,8 @@ class HardwareConfig:
     # (the distillation teacher, LOO, evaluation) held in bf16, losses from fp32 logits. auto = bf16-mixed
     # on CUDA, fp32 on CPU.
     precision: str = "auto"
-    threads: int | None = None  # torch CPU threads; None = torch's default
+    # torch CPU threads; None = torch's default. Speed only: no cache key holds it (KEY_NEUTRAL)
+    threads: int | None = field(default=None, metadata={KEY_NEUTRAL: True})
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -193,6 +267,8 @@ class RunConfig:
             raise ConfigError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
         if self.train.loss not in ("reverse_kl", "forward_kl"):
             raise ConfigError(f"train.loss is the distillation loss: reverse_kl or forward_kl, got {self.train.loss!r}")
+        if self.sft.train.loss != "ce":
+            raise ConfigError(f"sft.train.loss must be 'ce' (SFT learns from the data, no teacher), got {self.sft.train.loss!r}")
 
 
 def checkpoint_name(n_mamba: int, sft: bool = False) -> str:
@@ -200,10 +276,19 @@ def checkpoint_name(n_mamba: int, sft: bool = False) -> str:
     return f"H-{n_mamba}" + ("-SFT" if sft else "")
 
 
+def key_plain(obj: Any) -> Any:
+    """Like `to_plain`, without the fields marked KEY_NEUTRAL: what a cache key digests of a setting."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: key_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get(KEY_NEUTRAL)}
+    if isinstance(obj, dict):
+        return {str(k): key_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [key_plain(v) for v in obj]
+    return to_plain(obj)
+
+
 def to_plain(obj: Any) -> Any:
     """Dataclass / OmegaConf config -> plain dicts and lists (for JSON, digests and MLflow params)."""
-    import dataclasses
-
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -225,6 +310,7 @@ __all__ = [
     "DataConfig",
     "EvaluateConfig",
     "HardwareConfig",
+    "LMEvalConfig",
     "LOOConfig",
     "MMRConfig",
     "MambaConfig",
@@ -235,6 +321,8 @@ __all__ = [
     "StorageConfig",
     "TeacherConfig",
     "TrackingConfig",
+    "KEY_NEUTRAL",
     "checkpoint_name",
+    "key_plain",
     "to_plain",
 ]

@@ -323,6 +323,22 @@ class Tracker(RunLogger):
             raise
         self._client.set_terminated(child.run_id, status="FINISHED")
 
+    def end_abandoned(self, stage: str, checkpoint: str, status: str = "KILLED") -> int:
+        """Ends the child runs of this stage and checkpoint still RUNNING: left by an attempt that was
+        killed before it could end them (a restarted run calls this before its own attempt). Returns
+        how many were ended."""
+        quote = "'" if "'" not in checkpoint else '"'
+        runs = self._client.search_runs(
+            [self.experiment_id],
+            filter_string=(f"tags.{STAGE_TAG} = '{stage}' and tags.{CHECKPOINT_TAG} = {quote}{checkpoint}{quote} "
+                           "and attributes.status = 'RUNNING'"),
+            max_results=100,
+        )
+        stale = [run for run in runs if run.data.tags.get(PARENT_RUN_ID_TAG) == self.run_id]
+        for run in stale:
+            self._client.set_terminated(run.info.run_id, status=status)
+        return len(stale)
+
     def finish(self, status: str = "FINISHED") -> None:
         """Ends the parent run (a later Tracker with the same run name reopens it)."""
         self._client.set_terminated(self.run_id, status=status)
@@ -390,6 +406,9 @@ class NullTracker(NullRun):
         self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None
     ) -> Iterator[NullRun]:
         yield NullRun()
+
+    def end_abandoned(self, stage: str, checkpoint: str, status: str = "KILLED") -> int:
+        return 0
 
     def finish(self, status: str = "FINISHED") -> None:
         pass

@@ -1,8 +1,8 @@
 """Bundled demo data: arithmetic reasoning traces (chat rows) and a generic plain-text corpus.
 
 Everything is generated from a seed, so the same config gives byte-identical files. This module imports
-no torch (configuration modules stay light); ``DemoTeacherConfig`` holds the calibrated size and schedule
-of the tiny CPU demo teacher.
+no torch (configuration modules stay light); ``DemoTeacherConfig`` holds the calibrated size and training
+settings of the tiny CPU demo teacher.
 
 Reasoning row (chat form)::
 
@@ -23,6 +23,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from pipeline.train.config import TrainConfig
 
 from .answers import format_answer
 
@@ -100,13 +102,21 @@ class DemoDataConfig:
         return dataclasses.asdict(self)
 
 
+def _demo_teacher_train() -> TrainConfig:
+    """The calibrated schedule of the demo teacher (next-token CE on the reasoning traces)."""
+    return TrainConfig(steps=1200, lr=3e-3, min_lr_ratio=0.1, warmup_steps=100, weight_decay=0.01,
+                       betas=(0.9, 0.95), grad_clip=1.0, batch_size=32, max_length=96, seed=0, trainable="all",
+                       loss="ce", save_every=120, log_every=80)
+
+
 @dataclass
 class DemoTeacherConfig:
     """Calibrated tiny Llama teacher for the bundled demo (trains in under 5 min on 2 CPU cores).
 
     Model fields map 1:1 onto ``transformers.LlamaConfig`` (see ``llama_config_kwargs``); 1.21M
-    parameters with the 104-token char vocabulary. The optimiser is AdamW with linear warm-up, then
-    cosine decay to ``min_lr_ratio * lr``; loss on assistant tokens only; no dropout.
+    parameters with the 104-token char vocabulary. ``train`` is the one training-settings shape every
+    stage uses: AdamW with linear warm-up, then cosine decay to ``min_lr_ratio * lr``; loss on assistant
+    tokens only; no dropout.
 
     Calibration (torch 2.13 CPU, 2 cores shared with other jobs, default ``DemoDataConfig``):
     1200 steps took 295 s at load ~2.2 (0.25 s/step; 0.136 s/step on idle cores, i.e. ~165 s) and
@@ -125,26 +135,16 @@ class DemoTeacherConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    # optimisation
-    learning_rate: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.01  # on matrices only; norms/biases get none
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    batch_size: int = 32
-    steps: int = 1200
-    max_length: int = 96  # longest default chat row is 64 tokens
-    seed: int = 0
-    # greedy decoding budget for evaluation (longest answer of the default task is 43 tokens with eos)
-    max_new_tokens: int = 64
     # every n-th training batch comes from the generic text corpus (0 = reasoning traces only, as calibrated)
     generic_every: int = 0
-    # data the teacher is trained on
-    data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    # the training run (the data it reads is the run's `data` section: data.distill, data.generic)
+    train: TrainConfig = field(default_factory=_demo_teacher_train)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # OmegaConf hands tuples back as lists
+        if self.train.loss != "ce":
+            raise DemoDataError(f"teacher.demo.train.loss must be 'ce' (the teacher learns from data), got {self.train.loss!r}")
+        if not isinstance(self.generic_every, int) or self.generic_every < 0:
+            raise DemoDataError(f"teacher.demo.generic_every must be an int >= 0, got {self.generic_every!r}")
 
     def llama_config_kwargs(self, vocab_size: int, pad_token_id: int | None = None,
                             bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:
@@ -166,9 +166,6 @@ class DemoTeacherConfig:
             "bos_token_id": bos_token_id,
             "eos_token_id": eos_token_id,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------

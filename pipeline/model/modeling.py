@@ -149,6 +149,16 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, self_contained: bool = False, **kwargs):
+        """transformers' save_pretrained; `self_contained=True` also writes the modeling code and an `auto_map`
+        (loads with `trust_remote_code=True` where this package is not installed; see `pipeline.model.portable`)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self_contained:
+            from pipeline.model.portable import write_modeling_code
+
+            write_modeling_code(save_directory)
+        return result
+
     def mamba_parameters(self):
         """(name, parameter) of every Mamba mixer: the trainable set of `trainable: mamba`."""
         for name, module in self.named_modules():

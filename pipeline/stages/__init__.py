@@ -6,12 +6,13 @@ from pipeline.stages.evaluate import run_evaluate, summary_table
 from pipeline.stages.loo import run_loo
 from pipeline.stages.mmr import run_mmr
 from pipeline.stages.sft import run_sft
-from pipeline.stages.teacher import run_teacher
+from pipeline.stages.teacher import import_teacher, run_teacher
 
 __all__ = [
     "ConsoleReporter",
     "Reporter",
     "StageError",
+    "import_teacher",
     "run_convert",
     "run_evaluate",
     "run_loo",

@@ -1,8 +1,10 @@
 """What every stage shares: devices, model and tokenizer loading, data, metadata files, reporting.
 
-A stage is a plain function `run_<stage>(cfg, <input folders>, out_dir, *, work_dir, reporter) -> dict`.
-It reads checkpoint folders, writes its output folder, and keeps resumable training state in `work_dir`
-(never in the output: a checkpoint holds only what a user loads).
+A stage is a plain function of the config sections it reads and its input folders, called by the one
+executor (`pipeline.executor`) as `run_<stage>(**settings, **inputs, out_dir=, work_dir=, reporter=)`.
+It receives nothing else (never the whole RunConfig), so its cache key, derived from exactly those
+arguments, covers everything it reads. It writes its output folder and keeps resumable training state in
+`work_dir` (never in the output: a checkpoint holds only what a user loads).
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.config import RunConfig, to_plain
+from pipeline.config import DataConfig, HardwareConfig, to_plain
 
 log = logging.getLogger(__name__)
 
 STAGE_META = "stage.json"  # beside each stage's output: stage, parent, layer pattern, timings, metrics
-RUN_CONFIG = "run_config.json"  # the resolved run configuration the stage ran with
+RUN_CONFIG = "run_config.json"  # the settings the stage ran with (exactly its arguments: what its key covers)
+
+
+def stage(name: str, version: int):
+    """Marks a stage function: `name` (one of pipeline.config.STAGES) and its code version, which enters
+    the cache key. Bump the version whenever a change to the stage (or to code only it calls) changes
+    what it writes: committed outputs of the old version are then computed again."""
+    def mark(function):
+        function.stage_name, function.code_version = name, version
+        return function
+    return mark
 
 
 class StageError(ValueError):
@@ -57,24 +69,24 @@ class ConsoleReporter:
 
 # --- hardware ------------------------------------------------------------------------------------
 
-def resolve_device(cfg: RunConfig) -> torch.device:
-    want = cfg.hardware.device
+def resolve_device(hardware: HardwareConfig) -> torch.device:
+    want = hardware.device
     if want == "cuda" and not torch.cuda.is_available():
         raise StageError("hardware.device=cuda but no CUDA device is available")
-    if cfg.hardware.threads:
-        torch.set_num_threads(cfg.hardware.threads)
+    if hardware.threads:
+        torch.set_num_threads(hardware.threads)
     return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def resolve_precision(cfg: RunConfig, device: torch.device | None = None) -> str:
+def resolve_precision(hardware: HardwareConfig, device: torch.device | None = None) -> str:
     """hardware.precision resolved: "bf16-mixed" or "fp32" (auto = bf16-mixed on CUDA, fp32 on CPU)."""
-    if cfg.hardware.precision != "auto":
-        return cfg.hardware.precision
-    device = device if device is not None else resolve_device(cfg)
+    if hardware.precision != "auto":
+        return hardware.precision
+    device = device if device is not None else resolve_device(hardware)
     return "bf16-mixed" if device.type == "cuda" else "fp32"
 
 
-def resolve_dtype(cfg: RunConfig, device: torch.device, *, fp32: bool = False) -> torch.dtype:
+def resolve_dtype(hardware: HardwareConfig, device: torch.device, *, fp32: bool = False) -> torch.dtype:
     """The dtype a model is held in: fp32 when asked (`fp32`: models about to be trained, whose weights
     are the fp32 masters, and the models the evaluate stage scores); the other frozen ones (the
     distillation teacher, LOO's teacher) in bf16 under bf16-mixed, else fp32.
@@ -84,7 +96,7 @@ def resolve_dtype(cfg: RunConfig, device: torch.device, *, fp32: bool = False) -
     at the same teacher-forced NLL (benchmarks/results/gpu-pipeline-h200.md)."""
     if fp32:
         return torch.float32
-    return torch.bfloat16 if resolve_precision(cfg, device) == "bf16-mixed" else torch.float32
+    return torch.bfloat16 if resolve_precision(hardware, device) == "bf16-mixed" else torch.float32
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -98,15 +110,15 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def load_model(path: str | os.PathLike, cfg: RunConfig, what: str = "checkpoint", *, fp32: bool = False):
-    """A transformers causal LM (a teacher or a hybrid) on the run's device, in eval mode, in the dtype
-    `resolve_dtype` gives (`fp32`: held in fp32 whatever the precision, e.g. a model about to be trained)."""
-    import pipeline.model  # noqa: F401  (registers the hybrid with the Auto classes)
-    from transformers import AutoModelForCausalLM
+def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "checkpoint", *, fp32: bool = False):
+    """A transformers causal LM (a teacher or a hybrid; Apriel-H1 and MambaInLlama checkpoints are
+    imported as hybrids) on the run's device, in eval mode, in the dtype `resolve_dtype` gives (`fp32`:
+    held in fp32 whatever the precision, e.g. a model about to be trained)."""
+    from pipeline.model.layouts import load_pretrained
 
     folder = require_folder(path, what)
-    device = resolve_device(cfg)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg, device, fp32=fp32))
+    device = resolve_device(hardware)
+    model = load_pretrained(folder, dtype=resolve_dtype(hardware, device, fp32=fp32))
     return model.to(device).eval()
 
 
@@ -127,14 +139,16 @@ def save_checkpoint(model, tokenizer, out_dir: Path, dtype: str | None = None) -
     tokenizer.save_pretrained(out_dir)
 
 
-def write_meta(out_dir: Path, stage: str, cfg: RunConfig, *, parent: str | None, started: float,
+def write_meta(out_dir: Path, stage: str, settings: dict[str, Any], *, parent: str | None, started: float,
                **extra: Any) -> dict[str, Any]:
-    """stage.json + run_config.json beside the output (every checkpoint carries its config and lineage)."""
+    """stage.json + run_config.json beside the output (every checkpoint carries its settings and lineage).
+
+    `settings`: the stage's config arguments, by name (run_config.json holds them, as the key covers them).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"stage": stage, "run_name": cfg.run_name, "parent": parent,
-            "wall_time_s": round(time.time() - started, 2), **extra}
+    meta = {"stage": stage, "parent": parent, "wall_time_s": round(time.time() - started, 2), **extra}
     (out_dir / STAGE_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    (out_dir / RUN_CONFIG).write_text(json.dumps(to_plain(cfg), indent=2) + "\n")
+    (out_dir / RUN_CONFIG).write_text(json.dumps(to_plain(settings), indent=2) + "\n")
     return meta
 
 
@@ -145,10 +159,13 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 # --- data ----------------------------------------------------------------------------------------
 
+VALIDATION_SPLIT = "validation"
+
 # Generated demo data and tokenised datasets, shared by every stage of this process (a chain runs its
 # stages in one process: each would otherwise regenerate and re-tokenise the same rows). Keyed by what
-# determines them: the demo config or the source and split, the tokenizer's vocabulary and chat template,
-# max_length. Bounded: the oldest entry goes first.
+# determines them: the one-kind view of the stage's DataConfig (`DataConfig.view(kind)`: the source, the
+# demo settings that generate it, validation_share, max_length) with the split and, for local files, their
+# sizes and times; and the tokenizer's vocabulary and chat template. Bounded: the oldest entry goes first.
 _SHARED: dict[tuple, Any] = {}
 _SHARED_MAX = 16
 
@@ -170,10 +187,13 @@ def tokenizer_digest(tokenizer) -> str:
 
 @dataclass
 class StageData:
-    """The run's data: demo data by default, any `datasets` source by config. Generated and tokenised
-    rows are shared across the stages of one process (see `_SHARED`)."""
+    """The data a stage reads, loaded once per stage: demo data by default, any `datasets` source by config.
+    Generated and tokenised rows are shared across the stages of one process (see `_SHARED`).
 
-    cfg: RunConfig
+    `data` is the stage's view of the data section (`DataConfig.view`): only the sources it reads.
+    """
+
+    data: DataConfig
     tokenizer: Any
     _cache: dict[str, Any] = field(default_factory=dict)
 
@@ -181,21 +201,21 @@ class StageData:
         if "demo" not in self._cache:
             from pipeline.data import generate_demo_data
 
-            demo_cfg = self.cfg.data.demo
+            demo_cfg = self.data.demo
             key = ("demo", json.dumps(to_plain(demo_cfg), sort_keys=True))
             self._cache["demo"] = _shared(key, lambda: generate_demo_data(demo_cfg))
         return self._cache["demo"]
 
     def _source_key(self, kind: str, split: str) -> tuple:
-        source = getattr(self.cfg.data, kind)
-        if source is None:
-            return ("demo", json.dumps(to_plain(self.cfg.data.demo), sort_keys=True), kind, split)
-        path = Path(str(source))
-        if path.exists():  # a local file or folder: its contents may change between runs of one process
+        """What determines rows(kind, split): the one-kind view of `data`, the split, local files' states."""
+        view = json.dumps(to_plain(self.data.view(kind)), sort_keys=True)
+        source = getattr(self.data, kind)
+        path = Path(str(source)) if source is not None else None
+        if path is not None and path.exists():  # a local file or folder: it may change within one process
             files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-            return ("source", str(path.resolve()), split, tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                                               for f in files))
-        return ("source", str(source), split)
+            return (view, kind, split, str(path.resolve()),
+                    tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+        return (view, kind, split)
 
     def rows(self, kind: str, split: str):
         """Raw rows of `kind` (distill, sft, eval, generic) for `split` (train, validation, test)."""
@@ -203,22 +223,46 @@ class StageData:
         if key not in self._cache:
             from pipeline.data import load_rows
 
-            source = getattr(self.cfg.data, kind)
+            source = getattr(self.data, kind)
             if source is None:
                 demo = self._demo()
                 source, split = (demo.text if kind == "generic" else demo.reasoning)[split], "train"
-            self._cache[key] = load_rows(source, split)
+            rows = load_rows(source, split)
+            if kind == "distill" and split == "train" and self.distill_holds_out():
+                rows = rows.select(range(len(rows) - held_out_count(len(rows), self.data.validation_share)))
+            self._cache[key] = rows
         return self._cache[key]
+
+    def selection(self) -> tuple[str, Any]:
+        """Where LOO's rows come from (never the test split): ("eval", "validation") when data.eval has
+        validation files (the demo does), ("distill", "validation") when data.distill has, else
+        ("held_out", n): the last n train rows of data.distill, which training then skips."""
+        if "selection" not in self._cache:
+            self._cache["selection"] = _selection(self.data)
+        return self._cache["selection"]
+
+    def distill_holds_out(self) -> bool:
+        """A user's data.distill without validation files lends its last train rows to LOO, never trained on."""
+        source = self.data.distill
+        return source is not None and not _has_split(source, VALIDATION_SPLIT)
+
+    def selection_rows(self):
+        where, detail = self.selection()
+        if where == "held_out":
+            from pipeline.data import load_rows
+
+            rows = load_rows(self.data.distill, "train")
+            return rows.select(range(len(rows) - detail, len(rows)))
+        return self.rows(where, detail)
 
     def tokenized(self, kind: str, split: str = "train"):
         key = f"tok:{kind}:{split}"
         if key not in self._cache:
             from pipeline.data import tokenize_rows
 
-            shared_key = ("tokenized", *self._source_key(kind, split), tokenizer_digest(self.tokenizer),
-                          self.cfg.data.max_length)
+            shared_key = ("tokenized", *self._source_key(kind, split), tokenizer_digest(self.tokenizer))
             self._cache[key] = _shared(shared_key, lambda: tokenize_rows(self.rows(kind, split), self.tokenizer,
-                                                                          self.cfg.data.max_length))
+                                                                          self.data.max_length))
         return self._cache[key]
 
     def batch_source(self, kind: str, batch_size: int, seed: int):
@@ -233,23 +277,68 @@ class StageData:
 
         return from_position
 
-    def eval_problems(self, count: int) -> list[dict[str, Any]]:
-        rows = self.rows("eval", "test")
+    def problems(self, rows, count: int) -> list[dict[str, Any]]:
+        """The first `count` rows as problems with checkable answers."""
         if "answer" not in rows.column_names:
             raise StageError("evaluation data needs an 'answer' column to check generated answers")
         return [rows[i] for i in range(min(count, len(rows)))]
 
-    def eval_batches(self, count: int, batch_size: int = 32):
+    def batches(self, rows, count: int, batch_size: int = 32):
+        """The first `count` rows as padded batches, in order (NLL / KL)."""
         from pipeline.data import iter_batches, tokenize_rows
 
-        rows = self.rows("eval", "test")
-        dataset = tokenize_rows(rows.select(range(min(count, len(rows)))), self.tokenizer, self.cfg.data.max_length)
+        dataset = tokenize_rows(rows.select(range(min(count, len(rows)))), self.tokenizer, self.data.max_length)
         return list(iter_batches(dataset, batch_size, self.tokenizer.pad_token_id, shuffle=False,
                                  stop=(len(dataset) + batch_size - 1) // batch_size))
 
+    def eval_problems(self, count: int) -> list[dict[str, Any]]:
+        return self.problems(self.rows("eval", "test"), count)
 
-def distill_kind(cfg: RunConfig) -> str:
-    return "generic" if cfg.data.distill_on == "generic" else "distill"
+    def eval_batches(self, count: int, batch_size: int = 32):
+        return self.batches(self.rows("eval", "test"), count, batch_size)
+
+
+def held_out_count(train_rows: int, share: float) -> int:
+    return int(train_rows * share)
+
+
+def _has_split(source: Any, split: str) -> bool:
+    """Whether a user source (a folder of files, or a hub name) has `split` (a single file has only itself)."""
+    text = str(source)
+    path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+    if path.is_dir():
+        from pipeline.data.loading import _files_by_split
+
+        return split in _files_by_split(path)
+    if path.exists():
+        return False
+    try:
+        from pipeline.data import load_rows
+
+        load_rows(text, split)
+        return True
+    except Exception:
+        return False
+
+
+def _selection(data: DataConfig) -> tuple[str, Any]:
+    for kind in ("eval", "distill"):
+        source = getattr(data, kind)
+        if source is None or _has_split(source, VALIDATION_SPLIT):
+            return kind, VALIDATION_SPLIT
+    from pipeline.data import load_rows
+
+    rows = len(load_rows(data.distill, "train"))
+    count = held_out_count(rows, data.validation_share)
+    if count < 1:
+        raise StageError(f"LOO needs validation rows: give data.eval or data.distill validation* files "
+                         f"(data.distill's {rows} train rows are too few to hold out "
+                         f"data.validation_share={data.validation_share})")
+    return "held_out", count
+
+
+def distill_kind(data: DataConfig) -> str:
+    return "generic" if data.distill_on == "generic" else "distill"
 
 
 def metrics_callback(reporter: Reporter, prefix: str, every_line: int = 1):
@@ -267,6 +356,9 @@ def metrics_callback(reporter: Reporter, prefix: str, every_line: int = 1):
 
 __all__ = [
     "ConsoleReporter",
+    "VALIDATION_SPLIT",
+    "held_out_count",
+    "stage",
     "Reporter",
     "StageData",
     "StageError",

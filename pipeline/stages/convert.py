@@ -1,7 +1,7 @@
 """Conversions: the first (K least LOO-important layers -> Mamba) and each progressive step (next MMR group).
 
 Both MIL-initialise the chosen layers in the parent (the teacher, or the previous hybrid) and distil the
-result end to end from the teacher (cfg.train: reverse KL at T=1 by default). Training state lives in
+result end to end from the teacher (`train`: reverse KL at T=1 by default). Training state lives in
 `work_dir` and is saved every `train.save_every` steps, so a killed conversion resumes where it stopped.
 """
 
@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.config import RunConfig, checkpoint_name, to_plain
+from pipeline.config import DataConfig, HardwareConfig, MambaConfig, checkpoint_name, to_plain
 from pipeline.convert import hybridize
 from pipeline.stages.common import (
     ConsoleReporter,
@@ -24,77 +24,88 @@ from pipeline.stages.common import (
     metrics_callback,
     resolve_precision,
     save_checkpoint,
+    stage,
     write_meta,
 )
-from pipeline.train import train
+from pipeline.train import TrainConfig, train
 
 
-def mamba_options(cfg: RunConfig) -> dict:
-    return {"d_state": cfg.mamba.d_state, "dt_rank": cfg.mamba.dt_rank, "d_conv": cfg.mamba.d_conv,
-            "gqa_expansion": cfg.mamba.gqa_expansion}
+def mamba_options(mamba: MambaConfig) -> dict:
+    return {"d_state": mamba.d_state, "dt_rank": mamba.dt_rank, "d_conv": mamba.d_conv,
+            "gqa_expansion": mamba.gqa_expansion}
 
 
-def convert_and_distil(cfg: RunConfig, teacher_dir: Path, parent_dir: Path, new_layers: list[int], out_dir: Path,
-                       *, work_dir: Path, reporter: Reporter, stage: str, extra: dict) -> dict:
+def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
+                       mamba: MambaConfig | None, teacher_dir: Path, parent_dir: Path | None, new_layers: list[int],
+                       out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, settings: dict,
+                       extra: dict) -> dict:
+    """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings); else a hybrid, whose
+    new mixers take the settings of its existing ones."""
     started = time.time()
-    teacher = load_model(teacher_dir, cfg, "teacher")  # frozen: bf16 under bf16-mixed
-    is_first = parent_dir == teacher_dir
-    parent = load_model(parent_dir, cfg, "teacher" if is_first else "parent checkpoint", fp32=True)  # fp32
-    student = hybridize(parent, new_layers, seed=cfg.seed, **(mamba_options(cfg) if is_first else {}))
+    teacher = load_model(teacher_dir, hardware, "teacher")  # frozen: bf16 under bf16-mixed
+    parent = load_model(teacher_dir if parent_dir is None else parent_dir, hardware,
+                        "teacher" if parent_dir is None else "parent checkpoint", fp32=True)  # fp32 masters
+    student = hybridize(parent, new_layers, seed=seed, **(mamba_options(mamba) if parent_dir is None else {}))
     del parent
     n_mamba = len(student.config.mamba_layers)
     name = checkpoint_name(n_mamba)
     reporter.progress(f"  {name}: layers {new_layers} -> Mamba, pattern {student.config.layer_pattern}")
     tokenizer = load_tokenizer(teacher_dir)
-    data = StageData(cfg, tokenizer)
+    stage_data = StageData(data, tokenizer)
     result = train(
-        student, data.batch_source(distill_kind(cfg), cfg.train.batch_size, cfg.train.seed), cfg.train,
+        student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
         teacher=teacher, state_dir=work_dir / "train_state", callback=metrics_callback(reporter, name),
-        precision=resolve_precision(cfg),
+        precision=resolve_precision(hardware),
     )
-    save_checkpoint(student, tokenizer, out_dir, cfg.train.save_dtype)
+    save_checkpoint(student, tokenizer, out_dir, train_cfg.save_dtype)
     meta = write_meta(
-        out_dir, stage, cfg, parent=str(parent_dir), started=started, checkpoint=name, n_mamba=n_mamba,
+        out_dir, stage_name, settings, parent="teacher" if parent_dir is None else checkpoint_name(n_mamba - len(new_layers)),
+        started=started, checkpoint=name, n_mamba=n_mamba,
         layer_types=student.config.layer_types, layer_pattern=student.config.layer_pattern,
-        converted_layers=new_layers, train={**to_plain(cfg.train)}, steps=result.steps_done,
+        converted_layers=new_layers, train=to_plain(train_cfg), steps=result.steps_done,
         tokens_seen=result.tokens_seen, final_distill_loss=result.final_distill_loss, **extra,
     )
     reporter.log_metrics({"final_distill_loss": result.final_distill_loss, "n_mamba": n_mamba})
     return meta
 
 
-def run_convert(cfg: RunConfig, teacher_dir: str | Path, loo_dir: str | Path, out_dir: str | Path, *,
-                work_dir: str | Path, reporter: Reporter | None = None) -> dict:
-    """H-first: the counts[0] least important layers by LOO become Mamba, then distillation."""
+@stage("convert", version=3)
+def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
+                count: int, *, teacher: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
+                reporter: Reporter | None = None) -> dict:
+    """H-first: the `count` least important layers by LOO become Mamba, then distillation."""
     from pipeline.stages.loo import LOO_FILE, rank_layers
 
-    loo = json.loads((Path(loo_dir) / LOO_FILE).read_text())
-    count = cfg.schedule.counts[0]
-    if count > len(loo["ranking"]):
-        raise StageError(f"schedule.counts[0]={count} exceeds the teacher's {len(loo['ranking'])} layers")
-    layers = sorted(rank_layers(loo)[:count])
-    return convert_and_distil(cfg, Path(teacher_dir), Path(teacher_dir), layers, Path(out_dir),
-                              work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage="convert",
-                              extra={"selected_by": "loo"})
+    table = json.loads((Path(loo) / LOO_FILE).read_text())
+    if count > len(table["ranking"]):
+        raise StageError(f"schedule.counts[0]={count} exceeds the teacher's {len(table['ranking'])} layers")
+    layers = sorted(rank_layers(table)[:count])
+    settings = {"train": train, "mamba": mamba, "data": data, "hardware": hardware, "seed": seed, "count": count}
+    return convert_and_distil(train, data, hardware, seed, mamba, Path(teacher), None, layers, Path(out_dir),
+                              work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="convert",
+                              settings=settings, extra={"selected_by": "loo"})
 
 
-def run_step(cfg: RunConfig, teacher_dir: str | Path, parent_dir: str | Path, mmr_dir: str | Path, count: int,
-             out_dir: str | Path, *, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+@stage("step", version=3)
+def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int, *,
+             teacher: str | Path, parent: str | Path, mmr: str | Path, out_dir: str | Path, work_dir: str | Path,
+             reporter: Reporter | None = None) -> dict:
     """H-K -> H-count: the lowest-MMR attention layers of the parent become Mamba, then distillation."""
     from pipeline.stages.mmr import MMR_FILE
 
-    mmr = json.loads((Path(mmr_dir) / MMR_FILE).read_text())
-    current = mmr["n_mamba"]
+    table = json.loads((Path(mmr) / MMR_FILE).read_text())
+    current = table["n_mamba"]
     if count <= current:
         raise StageError(f"step to {count} Mamba layers from a checkpoint that already has {current}")
     needed = count - current
-    ranked = [entry["layer"] for entry in mmr["ranking"]]
+    ranked = [entry["layer"] for entry in table["ranking"]]
     if needed > len(ranked):
         raise StageError(f"step to {count} Mamba layers needs {needed} more but only {len(ranked)} attention layers remain")
     layers = sorted(ranked[:needed])
-    return convert_and_distil(cfg, Path(teacher_dir), Path(parent_dir), layers, Path(out_dir),
-                              work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage="step",
-                              extra={"selected_by": "mmr"})
+    settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
+    return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),
+                              work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="step",
+                              settings=settings, extra={"selected_by": "mmr"})
 
 
 __all__ = ["convert_and_distil", "mamba_options", "run_convert", "run_step"]

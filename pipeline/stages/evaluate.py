@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig, EvaluateConfig, HardwareConfig
+from pipeline.evaluate.lm_harness import LMEvalError, check_tasks, run_lm_eval
 from pipeline.evaluate.plots import frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
@@ -21,27 +22,35 @@ from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
     StageData,
+    StageError,
     load_model,
     load_tokenizer,
     resolve_precision,
+    stage,
     write_meta,
 )
 
 SUMMARY_FILE = "summary.json"
 
 
-def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageData, problems, batches) -> dict:
-    accuracy, samples = answer_accuracy(model, data.tokenizer, problems, batch_size=cfg.evaluate.batch_size,
-                                        max_new_tokens=cfg.evaluate.max_new_tokens)
+def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, data: StageData, problems,
+                        batches, precision: str = "fp32") -> dict:
+    """`precision` (resolved hardware.precision): "bf16-mixed" measures speed on a bf16 copy of `model`."""
+    accuracy, samples = answer_accuracy(model, data.tokenizer, problems, batch_size=evaluate.batch_size,
+                                        max_new_tokens=evaluate.max_new_tokens)
     quality = nll_and_kl(model, batches, teacher=None if model is teacher else teacher)
-    if resolve_precision(cfg) == "bf16-mixed":  # speed as deployed: a bf16 copy (the fused decode kernels)
-        model = copy.deepcopy(model).to(torch.bfloat16)
-    speed = generation_throughput(model, batch_size=cfg.evaluate.throughput_batch,
-                                  prompt_length=cfg.evaluate.throughput_prompt,
-                                  new_tokens=cfg.evaluate.throughput_new_tokens,
-                                  repeats=cfg.evaluate.throughput_repeats)
+    # speed as deployed: under bf16-mixed a bf16 copy (the fused decode kernels); quality above in fp32
+    fast = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16-mixed" else model
+    speed = generation_throughput(fast, batch_size=evaluate.throughput_batch,
+                                  prompt_length=evaluate.throughput_prompt,
+                                  new_tokens=evaluate.throughput_new_tokens,
+                                  repeats=evaluate.throughput_repeats)
+    del fast
     config = model.config
     layer_types = list(getattr(config, "layer_types", None) or [ATTENTION] * config.num_hidden_layers)
+    extra = {}
+    if evaluate.lm_eval.tasks:  # lm-evaluation-harness tasks, same metric names on every checkpoint
+        extra["lm_eval"] = run_lm_eval(model, data.tokenizer, evaluate.lm_eval)["scores"]
     return {
         "checkpoint": name,
         "n_mamba": layer_types.count(MAMBA),
@@ -53,24 +62,34 @@ def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageDa
         "throughput": speed.to_dict(),
         "examples": len(problems),
         "sample": samples[0]["generated"] if samples else "",
+        **extra,
     }
 
 
+@stage("evaluate", version=3)
 @torch.no_grad()
-def run_evaluate(cfg: RunConfig, teacher_dir: str | Path, checkpoints: dict[str, str | Path], out_dir: str | Path,
-                 *, reporter: Reporter | None = None) -> list[dict]:
-    """`checkpoints`: name -> folder, in the order to report (the teacher is always evaluated first)."""
+def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareConfig, *, teacher: str | Path,
+                 checkpoints: dict[str, str | Path], out_dir: str | Path, work_dir: str | Path,
+                 reporter: Reporter | None = None) -> list[dict]:
+    """`checkpoints`: name -> folder, in the order to report (the teacher is always evaluated first), on
+    the test split of data.eval."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
-    teacher = load_model(teacher_dir, cfg, "teacher", fp32=True)  # quality in fp32: see resolve_dtype
-    data = StageData(cfg, load_tokenizer(teacher_dir))
-    problems = data.eval_problems(cfg.evaluate.num_examples)
-    batches = data.eval_batches(cfg.evaluate.nll_examples)
-    records = [evaluate_checkpoint(cfg, "teacher", teacher, teacher, data, problems, batches)]
+    try:
+        check_tasks(evaluate.lm_eval)  # lm-eval installed and every task known, before any model loads
+    except LMEvalError as error:
+        raise StageError(str(error)) from None
+    precision = resolve_precision(hardware)
+    teacher_model = load_model(teacher, hardware, "teacher", fp32=True)  # quality in fp32: see resolve_dtype
+    stage_data = StageData(data, load_tokenizer(teacher))
+    problems = stage_data.eval_problems(evaluate.num_examples)
+    batches = stage_data.eval_batches(evaluate.nll_examples)
+    records = [evaluate_checkpoint(evaluate, "teacher", teacher_model, teacher_model, stage_data, problems, batches,
+                                   precision)]
     reporter.progress(f"  teacher: accuracy {records[0]['answer_accuracy']:.3f}, {records[0]['tokens_per_s']:,.0f} tok/s")
     for name, folder in checkpoints.items():
-        model = load_model(folder, cfg, f"checkpoint {name}", fp32=True)
-        record = evaluate_checkpoint(cfg, name, model, teacher, data, problems, batches)
+        model = load_model(folder, hardware, f"checkpoint {name}", fp32=True)
+        record = evaluate_checkpoint(evaluate, name, model, teacher_model, stage_data, problems, batches, precision)
         records.append(record)
         del model
         reporter.progress(
@@ -85,7 +104,8 @@ def run_evaluate(cfg: RunConfig, teacher_dir: str | Path, checkpoints: dict[str,
     frontier_plot(records, out_dir / "frontier.png")
     for name in (SUMMARY_FILE, "frontier.png"):
         reporter.log_artifact(out_dir / name)
-    write_meta(out_dir, "evaluate", cfg, parent=None, started=started, checkpoints=list(checkpoints))
+    write_meta(out_dir, "evaluate", {"evaluate": evaluate, "data": data, "hardware": hardware}, parent=None,
+               started=started, checkpoints=list(checkpoints))
     return records
 
 

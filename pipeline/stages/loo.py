@@ -14,13 +14,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig, HardwareConfig, LOOConfig
 from pipeline.convert import hybridize
 from pipeline.evaluate.plots import bar_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.model.config import IDENTITY
 from pipeline.model.mixers import IdentityMixer
-from pipeline.stages.common import ConsoleReporter, Reporter, StageData, load_model, load_tokenizer, write_meta
+from pipeline.stages.common import (
+    ConsoleReporter,
+    Reporter,
+    StageData,
+    load_model,
+    load_tokenizer,
+    stage,
+    write_meta,
+)
 
 LOO_FILE = "loo.json"
 
@@ -51,10 +59,10 @@ def without_layer(model, index: int, mode: str):
         model.config.layer_types = saved_types
 
 
-def score(model, data: StageData, cfg: RunConfig, problems, batches) -> float:
-    if cfg.loo.metric == "accuracy":
-        accuracy, _ = answer_accuracy(model, data.tokenizer, problems, batch_size=cfg.loo.batch_size,
-                                      max_new_tokens=cfg.evaluate.max_new_tokens)
+def score(model, data: StageData, loo: LOOConfig, problems, batches) -> float:
+    if loo.metric == "accuracy":
+        accuracy, _ = answer_accuracy(model, data.tokenizer, problems, batch_size=loo.batch_size,
+                                      max_new_tokens=loo.max_new_tokens)
         return accuracy
     return nll_and_kl(model, batches)["nll"]
 
@@ -64,40 +72,55 @@ def rank_layers(loo: dict) -> list[int]:
     return [entry["layer"] for entry in sorted(loo["layers"], key=lambda e: (e["importance"], e["layer"]))]
 
 
+def describe_selection(where: str, detail) -> str:
+    if where == "held_out":
+        return f"the last {detail} train rows of data.distill (held out of distillation)"
+    return f"the {detail} split of data.{where}"
+
+
+@stage("loo", version=3)
 @torch.no_grad()
-def run_loo(cfg: RunConfig, teacher_dir: str | Path, out_dir: str | Path, *,
-            reporter: Reporter | None = None) -> dict:
+def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_count: int, *, teacher: str | Path,
+            out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+    """Scores the teacher without each layer in turn on validation rows (never the test split).
+
+    data: the eval and distill sources (LOO's rows: `StageData.selection`). first_count: how many layers
+    the first conversion takes (marked in the plot)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
-    teacher = load_model(teacher_dir, cfg, "teacher")
-    model = hybridize(teacher, [])  # the teacher as an all-attention hybrid: layers can be switched off
-    del teacher
-    data = StageData(cfg, load_tokenizer(teacher_dir))
-    problems = data.eval_problems(cfg.loo.num_examples) if cfg.loo.metric == "accuracy" else None
-    batches = data.eval_batches(cfg.loo.num_examples) if cfg.loo.metric == "nll" else None
-    baseline = score(model, data, cfg, problems, batches)
-    reporter.progress(f"  loo baseline {cfg.loo.metric}: {baseline:.4f}")
-    sign = 1.0 if cfg.loo.metric == "accuracy" else -1.0  # importance = how much quality drops
+    model = hybridize(load_model(teacher, hardware, "teacher"), [])  # all-attention: layers can be switched off
+    stage_data = StageData(data, load_tokenizer(teacher))
+    where, detail = stage_data.selection()
+    rows = stage_data.selection_rows()
+    problems = stage_data.problems(rows, loo.num_examples) if loo.metric == "accuracy" else None
+    batches = stage_data.batches(rows, loo.num_examples) if loo.metric == "nll" else None
+    scored_on = {"source": where, "split": "train (held out)" if where == "held_out" else detail,
+                 "rows": min(loo.num_examples, len(rows))}
+    reporter.progress(f"  loo scores {scored_on['rows']} rows of {describe_selection(where, detail)}")
+    baseline = score(model, stage_data, loo, problems, batches)
+    reporter.progress(f"  loo baseline {loo.metric}: {baseline:.4f}")
+    sign = 1.0 if loo.metric == "accuracy" else -1.0  # importance = how much quality drops
     entries = []
     for index in range(model.config.num_hidden_layers):
-        with without_layer(model, index, cfg.loo.mode):
-            value = score(model, data, cfg, problems, batches)
+        with without_layer(model, index, loo.mode):
+            value = score(model, stage_data, loo, problems, batches)
         importance = sign * (baseline - value)
         entries.append({"layer": index, "score": value, "importance": importance})
         reporter.log_metrics({"loo/score": value, "loo/importance": importance}, step=index)
-        reporter.progress(f"  loo layer {index}: {cfg.loo.metric} {value:.4f} (importance {importance:+.4f})")
-    result = {"metric": cfg.loo.metric, "mode": cfg.loo.mode, "baseline": baseline, "layers": entries}
+        reporter.progress(f"  loo layer {index}: {loo.metric} {value:.4f} (importance {importance:+.4f})")
+    result = {"metric": loo.metric, "mode": loo.mode, "scored_on": scored_on, "baseline": baseline,
+              "layers": entries}
     result["ranking"] = rank_layers(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / LOO_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    first = set(result["ranking"][: cfg.schedule.counts[0]])
+    first = set(result["ranking"][:first_count])
     bar_plot([e["importance"] for e in entries], [str(e["layer"]) for e in entries],
-             title=f"leave-one-out importance ({cfg.loo.metric}, {cfg.loo.mode}); orange = converted first",
+             title=f"leave-one-out importance ({loo.metric}, {loo.mode}); orange = converted first",
              ylabel="quality drop", path=out_dir / "loo.png", highlight=sorted(first))
     for name in (LOO_FILE, "loo.png"):
         reporter.log_artifact(out_dir / name)
-    write_meta(out_dir, "loo", cfg, parent=str(teacher_dir), started=started, baseline=baseline,
-               ranking=result["ranking"])
+    write_meta(out_dir, "loo", {"loo": loo, "data": data, "hardware": hardware, "first_count": first_count},
+               parent="teacher", started=started, baseline=baseline, ranking=result["ranking"], scored_on=scored_on)
     return result
 
 

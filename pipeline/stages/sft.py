@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import RunConfig, to_plain
+from pipeline.config import DataConfig, HardwareConfig, to_plain
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
@@ -16,29 +16,34 @@ from pipeline.stages.common import (
     read_meta,
     resolve_precision,
     save_checkpoint,
+    stage,
     write_meta,
 )
-from pipeline.train import train
+from pipeline.train import TrainConfig
+from pipeline.train import train as _train
 
 
-def run_sft(cfg: RunConfig, checkpoint_dir: str | Path, out_dir: str | Path, *, work_dir: str | Path,
-            reporter: Reporter | None = None) -> dict:
+@stage("sft", version=3)
+def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, checkpoint: str | Path,
+            out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+    """`train` (sft.train) on data.sft, starting from `checkpoint` (the one sft.checkpoint names)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
-    model = load_model(checkpoint_dir, cfg, "SFT input checkpoint", fp32=True)
-    tokenizer = load_tokenizer(checkpoint_dir)
-    data = StageData(cfg, tokenizer)
-    name = f"{read_meta(checkpoint_dir).get('checkpoint', Path(checkpoint_dir).name)}-SFT"
+    model = load_model(checkpoint, hardware, "SFT input checkpoint", fp32=True)  # fp32 master weights
+    tokenizer = load_tokenizer(checkpoint)
+    stage_data = StageData(data, tokenizer)
+    source = read_meta(checkpoint).get("checkpoint", Path(checkpoint).name)
+    name = f"{source}-SFT"
     reporter.progress(f"  {name}: SFT of {model.config.layer_pattern}")
-    result = train(model, data.batch_source("sft", cfg.sft.train.batch_size, cfg.sft.train.seed), cfg.sft.train,
-                   state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, name),
-                   precision=resolve_precision(cfg))
-    save_checkpoint(model, tokenizer, out_dir, cfg.sft.train.save_dtype)
+    result = _train(model, stage_data.batch_source("sft", train.batch_size, train.seed), train,
+                    state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, name),
+                    precision=resolve_precision(hardware))
+    save_checkpoint(model, tokenizer, out_dir, train.save_dtype)
     config = model.config
     return write_meta(
-        out_dir, "sft", cfg, parent=str(checkpoint_dir), started=started, checkpoint=name,
-        n_mamba=len(getattr(config, "mamba_layers", [])), layer_types=list(config.layer_types),
-        layer_pattern=getattr(config, "layer_pattern", None), train=to_plain(cfg.sft.train),
+        out_dir, "sft", {"train": train, "data": data, "hardware": hardware}, parent=source, started=started,
+        checkpoint=name, n_mamba=len(getattr(config, "mamba_layers", [])), layer_types=list(config.layer_types),
+        layer_pattern=getattr(config, "layer_pattern", None), train=to_plain(train),
         steps=result.steps_done, tokens_seen=result.tokens_seen, final_loss=result.final_loss,
     )
 

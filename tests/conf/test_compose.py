@@ -62,30 +62,52 @@ def test_apriel_preset_holds_the_recipe():
     assert cfg.schedule.counts == [25, 27, 30, 34, 37, 40]
     assert (cfg.train.loss, cfg.train.temperature, cfg.train.trainable) == ("reverse_kl", 1.0, "all")
     assert (cfg.mamba.d_state, cfg.mamba.dt_rank) == (16, 16)
-    assert cfg.mmr.steps == 100
+    assert cfg.mmr.train.steps == 100 and cfg.mmr.train.trainable == "mamba"
     assert cfg.sft.checkpoint == "H-30"
     assert (cfg.hardware.device, cfg.hardware.precision) == ("cuda", "bf16-mixed")
+    assert cfg.train.save_dtype == cfg.sft.train.save_dtype == "bfloat16"  # fp32 masters, bf16 checkpoints
     assert cfg.teacher.path == "/models/teacher"
     cfg.schedule.validate(50)
 
 
+def test_gpu_demo_preset_trains_its_teacher_with_teacher_demo_train_in_bf16_mixed():
+    cfg = compose(["experiment=gpu_demo"])
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cuda", "bf16-mixed")
+    demo = cfg.teacher.demo
+    assert (demo.hidden_size, demo.num_hidden_layers) == (512, 8)
+    assert (demo.train.steps, demo.train.lr, demo.train.batch_size, demo.train.max_length) == (2000, 7e-4, 128, 128)
+    assert (cfg.mmr.train.steps, cfg.mmr.train.batch_size, cfg.mmr.train.max_length) == (100, 32, 128)
+    assert cfg.sft.train.steps == 200 and cfg.data.max_length == 128
+    cfg.schedule.validate(demo.num_hidden_layers)
+
+
 def test_tiny_preset_is_tiny():
     cfg = compose(["experiment=tiny"])
-    assert cfg.hardware.device == "cpu"
-    assert cfg.teacher.demo.num_hidden_layers == 4 and cfg.teacher.demo.steps <= 10
-    assert cfg.train.steps <= 10 and cfg.mmr.steps <= 5 and cfg.sft.train.steps <= 5
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cpu", "fp32")
+    assert cfg.teacher.demo.num_hidden_layers == 4 and cfg.teacher.demo.train.steps <= 10
+    assert cfg.train.steps <= 10 and cfg.mmr.train.steps <= 5 and cfg.sft.train.steps <= 5
     cfg.schedule.validate(cfg.teacher.demo.num_hidden_layers)
 
 
 def test_stable_override_keys():
     cfg = compose(["teacher.path=s3://models/llama", "schedule.counts=[3,5]", "storage.uri=s3://bucket/runs",
-                   "tracking.uri=http://127.0.0.1:5000", "run_name=my-run", "teacher.demo.steps=5"])
+                   "tracking.uri=http://127.0.0.1:5000", "run_name=my-run", "teacher.demo.train.steps=200"])
     assert cfg.teacher.path == "s3://models/llama"
     assert cfg.schedule.counts == [3, 5]
     assert cfg.storage.uri == "s3://bucket/runs"
     assert cfg.tracking.uri == "http://127.0.0.1:5000"
     assert cfg.run_name == "my-run"
-    assert cfg.teacher.demo.steps == 5  # a frozen dataclass's field, still overridable
+    assert cfg.teacher.demo.train.steps == 200  # the demo teacher's TrainConfig, overridable like any other
+
+
+def test_lm_eval_section():
+    assert compose([]).evaluate.lm_eval.tasks == []  # off by default: make pipeline needs no lm-eval
+    cfg = compose(["evaluate.lm_eval.tasks=[arc_easy,hellaswag]", "evaluate.lm_eval.limit=50",
+                   "evaluate.lm_eval.apply_chat_template=true"])
+    assert cfg.evaluate.lm_eval.tasks == ["arc_easy", "hellaswag"] and cfg.evaluate.lm_eval.limit == 50
+    assert cfg.evaluate.lm_eval.apply_chat_template is True
+    with pytest.raises(ConfigCompositionError, match="evaluate.lm_eval.num_fewshot must be >= 0"):
+        compose(["evaluate.lm_eval.num_fewshot=-1"])
 
 
 @pytest.mark.parametrize("group", GROUPS)

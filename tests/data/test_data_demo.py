@@ -139,8 +139,9 @@ def test_demo_teacher_config_builds_a_llama_config(tokenizer):
     kwargs = cfg.llama_config_kwargs(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     llama = LlamaConfig(**kwargs)
     assert llama.num_hidden_layers == cfg.num_hidden_layers and llama.vocab_size == len(tokenizer)
-    assert isinstance(cfg.data, DemoDataConfig)
-    assert dataclasses.asdict(cfg)["data"] == cfg.data.to_dict()
+    train = cfg.train  # the calibrated schedule, in the TrainConfig every stage takes
+    assert (train.steps, train.lr, train.warmup_steps, train.batch_size, train.loss) == (1200, 3e-3, 100, 32, "ce")
+    assert dataclasses.asdict(cfg)["train"]["min_lr_ratio"] == 0.1
 
 
 def test_config_modules_import_no_torch():

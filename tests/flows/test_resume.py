@@ -3,6 +3,7 @@ again, and the interrupted conversion continues from its last saved training sta
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -63,6 +64,7 @@ def test_killed_conversion_resumes_from_its_last_save(prefect_api, mlflow_tracki
 
     # 2. Restarted: teacher and LOO must not run again; H-2 continues after step `saved`.
     for name in ("run_teacher", "run_loo"):
+        @functools.wraps(getattr(pipeline.stages, name))
         def forbidden(*args, _name=name, **kwargs):
             raise AssertionError(f"{_name} ran again although its output was complete")
         monkeypatch.setattr(pipeline.stages, name, forbidden)
@@ -77,8 +79,8 @@ def test_killed_conversion_resumes_from_its_last_save(prefect_api, mlflow_tracki
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
                               filter_string="tags.checkpoint = 'H-2' and tags.stage = 'convert'")
     by_status = {run.info.status: run for run in runs}
-    assert set(by_status) == {"RUNNING", "FINISHED"}  # the killed attempt never ended; the resumed one did
-    killed_steps = [m.step for m in client.get_metric_history(by_status["RUNNING"].info.run_id, "H-2/loss")]
+    assert set(by_status) == {"KILLED", "FINISHED"}  # the killed attempt's run, ended by the restart
+    killed_steps = [m.step for m in client.get_metric_history(by_status["KILLED"].info.run_id, "H-2/loss")]
     resumed_steps = [m.step for m in client.get_metric_history(by_status["FINISHED"].info.run_id, "H-2/loss")]
     assert min(killed_steps) == 1
     assert min(resumed_steps) == saved + 1 > 1  # the resumed training started from the last save

@@ -26,14 +26,17 @@ TINY_DATA = DemoDataConfig(n_train=256, n_validation=32, n_test=32, n_text_train
 def tiny_config(**changes) -> RunConfig:
     cfg = RunConfig(
         run_name="test",
-        teacher=TeacherConfig(demo=DemoTeacherConfig(steps=8, num_hidden_layers=4, warmup_steps=2,
-                                                     hidden_size=32, intermediate_size=64, batch_size=16)),
+        teacher=TeacherConfig(demo=DemoTeacherConfig(
+            num_hidden_layers=4, hidden_size=32, intermediate_size=64,
+            train=TrainConfig(steps=8, lr=3e-3, warmup_steps=2, batch_size=16, max_length=96, trainable="all",
+                              loss="ce", save_every=4, log_every=1))),
         data=DataConfig(demo=TINY_DATA, max_length=96),
         schedule=ScheduleConfig(counts=[2, 3]),
         loo=LOOConfig(metric="nll", num_examples=8),
         train=TrainConfig(steps=6, lr=3e-3, warmup_steps=1, batch_size=8, max_length=96, trainable="all",
                           save_every=2, log_every=1),
-        mmr=MMRConfig(steps=3, score_window=2, batch_size=8),
+        mmr=MMRConfig(train=TrainConfig(steps=3, lr=2e-3, batch_size=8, max_length=96, trainable="mamba",
+                                        loss_window=2, log_every=1)),
         sft=SFTConfig(train=TrainConfig(steps=3, lr=1e-3, warmup_steps=1, batch_size=8, max_length=96,
                                         trainable="all", loss="ce", save_every=2, log_every=1)),
         evaluate=EvaluateConfig(num_examples=8, batch_size=8, max_new_tokens=8, nll_examples=8, throughput_batch=2,

@@ -11,14 +11,16 @@ from tests.stages.conftest import tiny_config
 def test_tokenised_rows_are_shared_across_stage_data_objects(tmp_path):
     cfg = tiny_config()
     tokenizer = build_char_tokenizer()
-    first = StageData(cfg, tokenizer).tokenized("distill")
-    assert StageData(cfg, build_char_tokenizer()).tokenized("distill") is first  # a later stage: no re-tokenising
-    shorter = tiny_config()
-    shorter.data.max_length = 48
-    assert StageData(shorter, tokenizer).tokenized("distill") is not first
-    other = tiny_config()
-    other.data.demo = dataclasses.replace(other.data.demo, seed=7)  # (a copy: the conftest's object is shared)
-    assert StageData(other, tokenizer).tokenized("distill") is not first
+    first = StageData(cfg.data.view("distill"), tokenizer).tokenized("distill")
+    # a later stage with another view of the data section (e.g. LOO's, which also reads data.eval): no re-tokenising
+    assert StageData(cfg.data.view("eval", "distill"), build_char_tokenizer()).tokenized("distill") is first
+    assert StageData(cfg.data, tokenizer).tokenized("distill") is first
+    shorter = dataclasses.replace(cfg.data, max_length=48)
+    assert StageData(shorter.view("distill"), tokenizer).tokenized("distill") is not first
+    other = dataclasses.replace(cfg.data, demo=dataclasses.replace(cfg.data.demo, seed=7))
+    assert StageData(other.view("distill"), tokenizer).tokenized("distill") is not first
+    fewer = dataclasses.replace(cfg.data, demo=dataclasses.replace(cfg.data.demo, n_train=cfg.data.demo.n_train - 1))
+    assert len(StageData(fewer, tokenizer).tokenized("distill")) == len(first) - 1
 
 
 def test_a_changed_local_file_is_tokenised_again(tmp_path):
@@ -27,10 +29,12 @@ def test_a_changed_local_file_is_tokenised_again(tmp_path):
     path = tmp_path / "rows.jsonl"
     row = {"messages": [{"role": "user", "content": "what is 1+1?"}, {"role": "assistant", "content": "answer: 2"}]}
     path.write_text(json.dumps(row) + "\n")
-    cfg = tiny_config()
-    cfg.data.distill = str(path)
+    data = dataclasses.replace(tiny_config().data, distill=str(path))
     tokenizer = build_char_tokenizer()
-    first = StageData(cfg, tokenizer).tokenized("distill")
-    path.write_text((json.dumps(row) + "\n") * 3)
-    second = StageData(cfg, tokenizer).tokenized("distill")
-    assert len(first) == 1 and len(second) == 3
+    first = StageData(data, tokenizer).tokenized("distill")
+    path.write_text((json.dumps(row) + "\n") * 50)
+    second = StageData(data, tokenizer).tokenized("distill")
+    assert len(second) == 49  # a file without a validation split lends its last 2% to LOO (here 1 row)
+    assert len(first) == 1
+    larger_share = dataclasses.replace(data, validation_share=0.05)  # 2 rows held out: another key
+    assert len(StageData(larger_share, tokenizer).tokenized("distill")) == 48

@@ -17,16 +17,31 @@ from pipeline.stages.mmr import MMR_FILE, rank_candidates
 from tests.stages.conftest import RecordingReporter, tiny_config
 
 
+def convert(cfg, teacher, loo, out_dir, work_dir, reporter=None):
+    """The first conversion to cfg.schedule.counts[0] layers, as the chain calls it."""
+    return run_convert(cfg.train, cfg.mamba, cfg.data.view(cfg.data.distill_on), cfg.hardware, cfg.seed,
+                       cfg.schedule.counts[0], teacher=teacher, loo=loo, out_dir=out_dir, work_dir=work_dir,
+                       reporter=reporter or RecordingReporter())
+
+
+def score_mmr(cfg, teacher, parent, out_dir, work_dir, reporter=None):
+    return run_mmr(cfg.mmr, cfg.data.view(cfg.data.distill_on), cfg.hardware, cfg.seed, teacher=teacher,
+                   parent=parent, out_dir=out_dir, work_dir=work_dir, reporter=reporter or RecordingReporter())
+
+
 @pytest.fixture(scope="module")
 def loo_dir(tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("loo")
-    run_loo(tiny_config(), tiny_teacher, out, reporter=RecordingReporter())
+    cfg = tiny_config()
+    run_loo(cfg.loo, cfg.data.view("eval", "distill"), cfg.hardware, 2, teacher=tiny_teacher, out_dir=out,
+            work_dir=out / "work", reporter=RecordingReporter())
     return out
 
 
 def test_loo_scores_change_when_a_layer_is_removed_and_the_ranking_is_saved(loo_dir):
     loo = json.loads((loo_dir / LOO_FILE).read_text())
     assert loo["metric"] == "nll" and len(loo["layers"]) == 4
+    assert loo["scored_on"] == {"source": "eval", "split": "validation", "rows": 8}  # never the test split
     for entry in loo["layers"]:
         assert entry["score"] != pytest.approx(loo["baseline"], abs=1e-6)
         assert entry["importance"] == pytest.approx(entry["score"] - loo["baseline"])  # NLL: rise = importance
@@ -43,7 +58,7 @@ def test_without_layer_restores_the_model(tiny_teacher):
     from pipeline.stages.common import load_model
 
     cfg = tiny_config()
-    model = hybridize(load_model(tiny_teacher, cfg), [])
+    model = hybridize(load_model(tiny_teacher, cfg.hardware), [])
     ids = torch.randint(10, 90, (2, 12))
     with torch.no_grad():
         before = model(ids).logits
@@ -59,7 +74,7 @@ def test_first_conversion_distils_and_loss_falls(tiny_teacher, loo_dir, tmp_path
     cfg = tiny_config()
     cfg.train = dataclasses.replace(cfg.train, steps=30, log_every=1, save_every=10)
     reporter = RecordingReporter()
-    meta = run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "work", reporter=reporter)
+    meta = convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "work", reporter)
     loo = json.loads((loo_dir / LOO_FILE).read_text())
     assert meta["converted_layers"] == sorted(loo["ranking"][:2])
     assert meta["n_mamba"] == 2 and meta["layer_pattern"].count("M") == 2
@@ -71,15 +86,12 @@ def test_first_conversion_distils_and_loss_falls(tiny_teacher, loo_dir, tmp_path
 
 def test_killed_conversion_resumes_to_the_same_weights(tiny_teacher, loo_dir, tmp_path):
     cfg = tiny_config()  # 6 steps, state saved every 2
-    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "straight", work_dir=tmp_path / "work1",
-                reporter=RecordingReporter())
-    with pytest.raises(KeyboardInterrupt):
-        run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "killed", work_dir=tmp_path / "work2",
-                    reporter=RecordingReporter(fail_at_metric=5))  # dies in step 5, after the save at step 4
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "straight", tmp_path / "work1")
+    with pytest.raises(KeyboardInterrupt):  # dies in step 5, after the save at step 4
+        convert(cfg, tiny_teacher, loo_dir, tmp_path / "killed", tmp_path / "work2", RecordingReporter(fail_at_metric=5))
     assert not (tmp_path / "killed" / "model.safetensors").exists()
     resumed_reporter = RecordingReporter()
-    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "killed", work_dir=tmp_path / "work2",
-                reporter=resumed_reporter)
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "killed", tmp_path / "work2", resumed_reporter)
     steps = [step for step, m in resumed_reporter.metrics if step is not None]
     assert min(steps) == 5, steps  # continued after the last save, not from zero
     straight = load_file(tmp_path / "straight" / "model.safetensors")
@@ -91,9 +103,8 @@ def test_killed_conversion_resumes_to_the_same_weights(tiny_teacher, loo_dir, tm
 
 def test_mmr_scores_every_attention_layer_and_the_step_follows_the_scores(tiny_teacher, loo_dir, tmp_path):
     cfg = tiny_config()
-    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "w", reporter=RecordingReporter())
-    result = run_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", work_dir=tmp_path / "mw",
-                     reporter=RecordingReporter())
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
+    result = score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw")
     pattern = json.loads((tmp_path / "H-2" / "stage.json").read_text())["layer_pattern"]
     attention = [i for i, kind in enumerate(pattern) if kind == "A"]
     assert sorted(e["layer"] for e in result["ranking"]) == attention
@@ -104,29 +115,30 @@ def test_mmr_scores_every_attention_layer_and_the_step_follows_the_scores(tiny_t
     flipped = {e["layer"]: -e["loss"] for e in mmr["ranking"]}
     mmr["ranking"] = rank_candidates(flipped)
     (tmp_path / "mmr" / MMR_FILE).write_text(json.dumps(mmr))
-    meta = run_step(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", 3, tmp_path / "H-3",
-                    work_dir=tmp_path / "sw", reporter=RecordingReporter())
+    meta = run_step(cfg.train, cfg.data.view("distill"), cfg.hardware, cfg.seed, 3, teacher=tiny_teacher,
+                    parent=tmp_path / "H-2", mmr=tmp_path / "mmr", out_dir=tmp_path / "H-3", work_dir=tmp_path / "sw",
+                    reporter=RecordingReporter())
     assert meta["converted_layers"] == [mmr["ranking"][0]["layer"]]
     assert meta["n_mamba"] == 3
 
 
 def test_killed_mmr_keeps_finished_trials(tiny_teacher, loo_dir, tmp_path):
     cfg = tiny_config()
-    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "w", reporter=RecordingReporter())
-    with pytest.raises(KeyboardInterrupt):  # mmr.steps=3 logs 3 step metrics + 1 trial metric per layer
-        run_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", work_dir=tmp_path / "mw",
-                reporter=RecordingReporter(fail_at_metric=6))
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
+    with pytest.raises(KeyboardInterrupt):  # mmr.train.steps=3 logs 3 step metrics + 1 trial metric per layer
+        score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", RecordingReporter(fail_at_metric=6))
     done = json.loads((tmp_path / "mw" / "trials.json").read_text())
     assert len(done) == 1
     reporter = RecordingReporter()
-    run_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", work_dir=tmp_path / "mw", reporter=reporter)
+    score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", reporter)
     assert any("(recorded)" in line for line in reporter.lines)
 
 
 def test_sft_trains_on_assistant_tokens(tiny_teacher, loo_dir, tmp_path):
     cfg = tiny_config()
-    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "w", reporter=RecordingReporter())
-    meta = run_sft(cfg, tmp_path / "H-2", tmp_path / "H-2-SFT", work_dir=tmp_path / "sw", reporter=RecordingReporter())
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
+    meta = run_sft(cfg.sft.train, cfg.data.view("sft"), cfg.hardware, checkpoint=tmp_path / "H-2",
+                   out_dir=tmp_path / "H-2-SFT", work_dir=tmp_path / "sw", reporter=RecordingReporter())
     assert meta["checkpoint"] == "H-2-SFT" and meta["steps"] == 3 and meta["n_mamba"] == 2
     before = load_file(tmp_path / "H-2" / "model.safetensors")
     after = load_file(tmp_path / "H-2-SFT" / "model.safetensors")
@@ -144,31 +156,30 @@ def test_bad_schedules(counts, message):
 def test_schedule_exceeding_the_layer_count(tiny_teacher, loo_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"exceeds the teacher's 4 layers"):
         ScheduleConfig(counts=[2, 5]).validate(4)
-    cfg = tiny_config(schedule=ScheduleConfig(counts=[5]))
+    cfg = tiny_config()
     with pytest.raises(StageError, match="exceeds the teacher's 4 layers"):
-        run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "x", work_dir=tmp_path / "w")
+        run_convert(cfg.train, cfg.mamba, cfg.data.view("distill"), cfg.hardware, cfg.seed, 5, teacher=tiny_teacher,
+                    loo=loo_dir, out_dir=tmp_path / "x", work_dir=tmp_path / "w")
 
 
 def test_teacher_path_that_does_not_exist(tmp_path):
-    from pipeline.stages import run_teacher
-    from pipeline.config import TeacherConfig
+    from pipeline.stages import import_teacher
 
-    cfg = tiny_config(teacher=TeacherConfig(path=str(tmp_path / "nope")))
     with pytest.raises(StageError, match=r"teacher path does not exist: .*nope"):
-        run_teacher(cfg, tmp_path / "out", work_dir=tmp_path / "w")
+        import_teacher(tiny_config().hardware, source=tmp_path / "nope", out_dir=tmp_path / "out",
+                       work_dir=tmp_path / "w")
 
 
 def test_unsupported_user_teacher(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.config import TeacherConfig
     from pipeline.convert import ConversionError
-    from pipeline.stages import run_teacher
+    from pipeline.stages import import_teacher
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    cfg = tiny_config(teacher=TeacherConfig(path=str(tmp_path / "gpt2")))
     with pytest.raises(ConversionError, match="unsupported teacher architecture GPT2LMHeadModel"):
-        run_teacher(cfg, tmp_path / "out", work_dir=tmp_path / "w")
+        import_teacher(tiny_config().hardware, source=tmp_path / "gpt2", out_dir=tmp_path / "out",
+                       work_dir=tmp_path / "w")
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -181,8 +192,7 @@ def test_bad_datasets(tiny_teacher, tmp_path, rows, message):
 
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = tiny_config(data=DataConfig(distill=str(path)))
-    data = StageData(cfg, load_tokenizer(tiny_teacher))
+    data = StageData(DataConfig(distill=str(path)), load_tokenizer(tiny_teacher))
     with pytest.raises(ValueError, match=message):
         data.tokenized("distill")
 
@@ -196,7 +206,7 @@ def test_chat_data_with_a_tokenizer_without_chat_template(tiny_teacher, tmp_path
                                              {"role": "assistant", "content": "answer: 2"}]}) + "\n")
     tokenizer = load_tokenizer(tiny_teacher)
     tokenizer.chat_template = None
-    data = StageData(tiny_config(data=DataConfig(distill=str(path))), tokenizer)
+    data = StageData(DataConfig(distill=str(path)), tokenizer)
     with pytest.raises(ValueError, match="no chat template"):
         data.tokenized("distill")
 
@@ -210,7 +220,7 @@ def test_teacher_mix_of_reasoning_and_generic_batches_resumes_in_place():
         def batch_source(self, kind, batch_size, seed):
             return lambda position: ((kind, i) for i in itertools.count(position))
 
-    source = _mixed_source(Stub(), None, tiny_config().train, generic_every=3)
+    source = _mixed_source(Stub(), tiny_config().train, generic_every=3)
     straight = list(itertools.islice(source(0), 10))
     assert [kind for kind, _ in straight].count("generic") == 3
     assert straight[2] == ("generic", 0) and straight[5] == ("generic", 1) and straight[3] == ("distill", 2)
@@ -228,14 +238,43 @@ def test_bf16_mixed_stages_keep_fp32_masters_save_dtype_and_evaluate(tiny_teache
     cfg = tiny_config()
     cfg.hardware = dataclasses.replace(cfg.hardware, device="cpu", precision="bf16-mixed")
     cfg.train = dataclasses.replace(cfg.train, save_dtype="bfloat16")
-    assert load_model(tiny_teacher, cfg).dtype == torch.bfloat16  # frozen: bf16
-    run_convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", work_dir=tmp_path / "w", reporter=RecordingReporter())
+    assert load_model(tiny_teacher, cfg.hardware).dtype == torch.bfloat16  # frozen: bf16
+    assert load_model(tiny_teacher, cfg.hardware, fp32=True).dtype == torch.float32  # to be trained: fp32
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
     saved = load_file(tmp_path / "H-2" / "model.safetensors")
     assert saved["model.embed_tokens.weight"].dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for name, t in saved.items() if name.endswith(("A_log", ".D")))
-    run_sft(cfg, tmp_path / "H-2", tmp_path / "H-2-SFT", work_dir=tmp_path / "sw", reporter=RecordingReporter())
+    run_sft(cfg.sft.train, cfg.data.view("sft"), cfg.hardware, checkpoint=tmp_path / "H-2",
+            out_dir=tmp_path / "H-2-SFT", work_dir=tmp_path / "sw", reporter=RecordingReporter())
     assert load_file(tmp_path / "H-2-SFT" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.float32
-    records = run_evaluate(cfg, tiny_teacher, {"H-2-SFT": tmp_path / "H-2-SFT"}, tmp_path / "eval",
-                           reporter=RecordingReporter())
+    records = run_evaluate(cfg.evaluate, cfg.data.view("eval"), cfg.hardware, teacher=tiny_teacher,
+                           checkpoints={"H-2-SFT": tmp_path / "H-2-SFT"}, out_dir=tmp_path / "eval",
+                           work_dir=tmp_path / "ew", reporter=RecordingReporter())
     assert [r["checkpoint"] for r in records] == ["teacher", "H-2-SFT"]
     assert all(r["tokens_per_s"] > 0 for r in records)
+
+
+def test_loo_rows_come_from_validation_files_or_a_held_out_share_never_the_test_split(tiny_teacher, tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.stages.common import StageData, load_tokenizer
+
+    def chat(i):
+        return {"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": f"answer: {i + 1}"}],
+                "answer": str(i + 1)}
+
+    distill = tmp_path / "distill.jsonl"
+    distill.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(100)))
+    tests = tmp_path / "eval"
+    tests.mkdir()
+    (tests / "test.jsonl").write_text(json.dumps(chat(500)) + "\n")
+    tokenizer = load_tokenizer(tiny_teacher)
+    data = StageData(DataConfig(distill=str(distill), eval=str(tests), validation_share=0.1), tokenizer)
+    assert data.selection() == ("held_out", 10)
+    assert [row["answer"] for row in data.selection_rows()] == [str(i + 1) for i in range(90, 100)]
+    assert len(data.rows("distill", "train")) == 90  # the distillation never trains on them
+
+    (tests / "validation.jsonl").write_text(json.dumps(chat(700)) + "\n")
+    data = StageData(DataConfig(distill=str(distill), eval=str(tests)), tokenizer)
+    assert data.selection() == ("eval", "validation")
+    assert [row["answer"] for row in data.selection_rows()] == ["701"]
+    assert len(data.rows("distill", "train")) == 98  # 2% held out whenever data.distill has no validation split

@@ -253,3 +253,27 @@ def test_default_tracking_uri_is_a_local_sqlite_file(tmp_path, monkeypatch):
     child = runs_by_name(client, "local")["teacher"]
     assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "loss")] == [(7, 2.5)]
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_restart_ends_the_runs_a_killed_attempt_left_running(mlflow_tracking_uri, mlflow_experiment):
+    first = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-k")
+    client = client_for(mlflow_tracking_uri)
+
+    def killed_attempt(tracker, checkpoint):
+        """A child run as a SIGKILLed attempt leaves it: created by child(), never ended."""
+        return client.create_run(tracker.experiment_id, run_name=f"convert/{checkpoint}", tags={
+            "mlflow.parentRunId": tracker.run_id, "stage": "convert", "checkpoint": checkpoint}).info.run_id
+
+    abandoned = killed_attempt(first, "H-4")
+    with first.child("convert", checkpoint="H-5") as finished:
+        pass
+    other = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-k-other")
+    foreign = killed_attempt(other, "H-4")  # another conversion run's: left alone
+
+    restarted = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-k")
+    assert restarted.end_abandoned("convert", "H-4") == 1
+    assert client.get_run(abandoned).info.status == "KILLED"
+    assert client.get_run(finished.run_id).info.status == "FINISHED"
+    assert client.get_run(foreign).info.status == "RUNNING"
+    assert restarted.end_abandoned("convert", "H-4") == 0
+    assert NullTracker().end_abandoned("convert", "H-4") == 0

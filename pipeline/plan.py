@@ -1,0 +1,345 @@
+"""The whole run checked before any stage starts, and printed as a plan.
+
+`plan(cfg, ...)` reads only small things -- the teacher's config.json and file list (no weights), the
+first row of each data file, the store's manifests, the device -- and returns a `Plan`: every problem
+found, one line each (all of them at once), and for each stage its output name, cache key, what will
+happen (skip / resume / run) and its inputs. It writes nothing. `python -m flows.convert --plan` prints
+it; every run checks it first and stops on the first line of trouble, before anything is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.executor import Executor, Output, Source, StageCall, cache_key, input_digest
+from pipeline.store import LocalStore, Store, StoreError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "HybridForCausalLM")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class PlanError(ConfigError):
+    """The run cannot work: one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass
+class PlanRow:
+    name: str
+    stage: str
+    key: str | None  # None: it depends on an output not computed yet
+    status: str  # skip | resume | run
+    inputs: list[str]
+
+
+@dataclass
+class Plan:
+    rows: list[PlanRow] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise PlanError(self.problems)
+
+    def render(self) -> str:
+        lines = [f"{'stage':<9} {'output':<12} {'key':<12} {'action':<7} inputs"]
+        for row in self.rows:
+            lines.append(f"{row.stage:<9} {row.name:<12} {(row.key or '(pending)')[:12]:<12} {row.status:<7} "
+                         f"{', '.join(row.inputs) or '-'}")
+        lines += [f"note: {note}" for note in self.notes]
+        lines += [f"problem: {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+# --- checks ----------------------------------------------------------------------------------------
+
+def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) -> dict[str, Any] | None:
+    """The teacher's config.json (or the demo teacher's shape), checked; None if unusable."""
+    if not cfg.teacher.path:
+        demo = cfg.teacher.demo
+        return {"num_hidden_layers": demo.num_hidden_layers, "hidden_size": demo.hidden_size,
+                "num_attention_heads": demo.num_attention_heads, "num_key_value_heads": demo.num_key_value_heads,
+                "intermediate_size": demo.intermediate_size}
+    if source is None:
+        return None
+    where = f"teacher.path={cfg.teacher.path}"
+    files = set(source.files)
+    if "config.json" not in files:
+        problems.append(f"{where} has no config.json: it must be a saved transformers checkpoint")
+        return None
+    try:
+        config = json.loads(source.read("config.json"))
+    except (ValueError, OSError, StoreError) as error:
+        problems.append(f"{where}: config.json is unreadable ({str(error).splitlines()[0]})")
+        return None
+    from pipeline.model.config import LAYER_KINDS
+    from pipeline.model.layouts import APRIEL_MODEL_TYPE, MIL_CONFIG
+
+    architectures = config.get("architectures") or [f"model_type {config.get('model_type')!r}"]
+    released = config.get("model_type") == APRIEL_MODEL_TYPE or MIL_CONFIG in files  # imported as hybrids
+    if not released and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+        problems.append(f"{where} is a {', '.join(architectures)}: unsupported teacher architecture; "
+                        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        return None
+    if any(config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        problems.append(f"{where} has mixture-of-experts layers: unsupported teacher")
+    other = sorted({kind for kind in config.get("layer_types") or [] if kind not in LAYER_KINDS})
+    if other:
+        problems.append(f"{where} has layer types {other}: only attention, Mamba and identity layers are known")
+    if not files & set(WEIGHT_FILES):
+        problems.append(f"{where} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    if not files & set(TOKENIZER_FILES):
+        problems.append(f"{where} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads"):
+        if not isinstance(config.get(key), int):
+            problems.append(f"{where}: config.json has no integer {key}")
+            return None
+    config.setdefault("num_key_value_heads", config["num_attention_heads"])
+    return config
+
+
+def check_schedule_and_mamba(cfg: RunConfig, shape: dict[str, Any], problems: list[str]) -> None:
+    layers = shape["num_hidden_layers"]
+    try:
+        cfg.schedule.validate(layers)
+    except ConfigError as error:
+        problems.append(str(error))
+    heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // heads
+    try:
+        from pipeline.model.config import HybridConfig, HybridConfigError
+
+        HybridConfig(vocab_size=shape.get("vocab_size") or 1, hidden_size=shape["hidden_size"],
+                     intermediate_size=shape.get("intermediate_size") or 4 * shape["hidden_size"],
+                     num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                     head_dim=head_dim, mamba_d_state=cfg.mamba.d_state, mamba_dt_rank=cfg.mamba.dt_rank,
+                     mamba_d_conv=cfg.mamba.d_conv, mamba_gqa_expansion=cfg.mamba.gqa_expansion)
+    except HybridConfigError as error:
+        problems.append(f"mamba settings do not fit the teacher (d_inner = {heads}x{head_dim}, "
+                        f"d_xb = {kv_heads}x{head_dim}): {str(error).splitlines()[0]}")
+    except (TypeError, ValueError) as error:
+        problems.append(f"mamba settings do not fit the teacher: {str(error).splitlines()[0]}")
+
+
+def _first_row(path: Path) -> dict[str, Any] | None:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return {name: None for name in pq.read_schema(path).names}
+    with open(path, encoding="utf-8") as handle:
+        if path.suffix == ".json":
+            head = handle.read(1)
+            handle.seek(0)
+            if head == "[":
+                rows = json.load(handle)
+                return rows[0] if rows else None
+        for line in handle:
+            if line.strip():
+                return json.loads(line)
+    return None
+
+
+def check_data(name: str, source: str | None, split: str, columns: tuple[str, ...], problems: list[str]) -> None:
+    """A local data source: it exists, has `split` (folders group files by name) and `columns` in its rows.
+    Hub names are left to the stage (no network here)."""
+    if source is None:
+        return
+    text = source[len("file://"):] if source.startswith("file://") else source
+    path = Path(text).expanduser()
+    looks_local = text.startswith(("/", "./", "../", "~")) or path.suffix in DATA_SUFFIXES
+    if not path.exists():
+        if looks_local:
+            problems.append(f"data.{name}={source}: no such file or folder")
+        return
+    if path.is_dir():
+        from pipeline.data.loading import _files_by_split
+
+        groups = _files_by_split(path)
+        if not groups:
+            problems.append(f"data.{name}={source}: no data files (jsonl / json / parquet) in the folder")
+            return
+        if split not in groups:
+            problems.append(f"data.{name}={source}: no {split}* files (found splits: {', '.join(sorted(groups))})")
+            return
+        files = groups[split]
+    else:
+        files = [path]
+    try:
+        row = _first_row(files[0])
+    except (ValueError, OSError) as error:
+        problems.append(f"data.{name}: {files[0]} is unreadable ({str(error).splitlines()[0]})")
+        return
+    if row is None:
+        problems.append(f"data.{name}: {files[0]} has no rows")
+        return
+    if "messages" not in row and "text" not in row:
+        problems.append(f"data.{name}: rows of {files[0]} need a 'messages' (chat) or 'text' column, "
+                        f"found {sorted(row)}")
+    missing = [column for column in columns if column not in row]
+    if missing:
+        problems.append(f"data.{name}: rows of {files[0]} lack {missing} (found {sorted(row)})")
+
+
+def check_data_sources(cfg: RunConfig, problems: list[str]) -> None:
+    data = cfg.data
+    check_data(data.distill_on, getattr(data, data.distill_on), "train", (), problems)
+    check_data("sft", data.sft, "train", ("messages",), problems)
+    check_data("eval", data.eval, "test", ("messages", "answer"), problems)
+    if cfg.teacher.path is None and cfg.teacher.demo.generic_every and data.distill_on != "generic":
+        check_data("generic", data.generic, "train", (), problems)
+
+
+def check_lm_eval(cfg: RunConfig, problems: list[str]) -> None:
+    """lm-eval installed and its tasks known, when the evaluation asks for any."""
+    from pipeline.evaluate.lm_harness import LMEvalError, check_tasks
+
+    try:
+        check_tasks(cfg.evaluate.lm_eval)
+    except LMEvalError as error:
+        problems.append(str(error).splitlines()[0])
+
+
+def check_device(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.hardware.device == "cuda" and not cuda:
+        problems.append("hardware.device=cuda but no CUDA device is available (hardware=cpu runs on the CPU)")
+        return
+    if cfg.hardware.device == "cpu" or not cuda:
+        notes.append("device: cpu (pure-PyTorch reference kernels)")
+        return
+    from pipeline.model import kernels
+
+    mode = kernels.kernel_mode()
+    missing = [reason for functions, reason in (kernels._mamba_ssm(), kernels._causal_conv1d()) if functions is None]
+    if missing and mode != "reference":
+        problems.append(f"CUDA device without the Mamba kernels ({'; '.join(missing)}): install "
+                        "'hybrid-distill[gpu]', or set HYBRID_KERNELS=reference to run the slow reference")
+    else:
+        notes.append(f"device: cuda ({torch.cuda.get_device_name()}), kernels: "
+                     f"{'reference' if mode == 'reference' else 'mamba_ssm + causal_conv1d'}")
+
+
+def check_precision(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
+    """hardware.precision as the stages will resolve it. bf16-mixed runs on the CPU too (CPU autocast: the
+    same fp32 master weights, slower than fp32 on most CPUs); on CUDA it needs a device with bf16."""
+    import torch
+
+    cuda = torch.cuda.is_available() and cfg.hardware.device != "cpu"
+    precision = cfg.hardware.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if cuda else "fp32"
+    if precision == "bf16-mixed" and cuda and not torch.cuda.is_bf16_supported():
+        problems.append(f"hardware.precision={cfg.hardware.precision} needs bf16, which this CUDA device "
+                        f"({torch.cuda.get_device_name()}) lacks: set hardware.precision=fp32")
+        return
+    notes.append("precision: " + ("bf16-mixed (fp32 master weights, bf16 compute, frozen models in bf16)"
+                                  if precision == "bf16-mixed" else "fp32"))
+
+
+def check_store(store: Store, problems: list[str]) -> None:
+    """The store can be written (a folder: its nearest existing parent is writable; S3: the bucket answers)."""
+    try:
+        if isinstance(store, LocalStore):
+            folder = store.root
+            while not folder.exists():
+                folder = folder.parent
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                problems.append(f"storage.uri: {store.root} cannot be written ({folder} is not a writable folder)")
+        else:
+            store.check()
+    except StoreError as error:
+        problems.append(f"storage.uri: {str(error).splitlines()[0]}")
+
+
+# --- the walk ------------------------------------------------------------------------------------------
+
+class _Planner(Executor):
+    """Walks the chain without running anything: the key and action of each call."""
+
+    def __init__(self, store: Store, work_root: Path, rows: list[PlanRow]) -> None:
+        super().__init__(store, work_root)
+        self.rows = rows
+
+    def __call__(self, call: StageCall) -> Output:
+        inputs = [value.name if isinstance(value, Output) else value.uri if isinstance(value, Source)
+                  else "+".join(value) for value in call.inputs.values()]
+        if any(_pending(value) for value in call.inputs.values()):
+            self.rows.append(PlanRow(call.name, call.stage, None, "run", inputs))
+            return Output(call.name, call.stage, self.store.uri_for(call.name), "", "", "")
+        key = cache_key(call)
+        status = self.status(call, key)
+        self.rows.append(PlanRow(call.name, call.stage, key, status, inputs))
+        found = self.find(call, key, quiet=True) if status == "skip" else None
+        return found or Output(call.name, call.stage, self.store.uri_for(call.name), "", "", key)
+
+
+def _pending(value: Any) -> bool:
+    digest = input_digest(value)
+    return (not digest) if isinstance(digest, str) else any(not item for item in digest.values())
+
+
+def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[], Source | None] | None = None,
+         tracking: Callable[[], None] | None = None, until: str = "evaluate") -> Plan:
+    """Checks the whole run and lists what each stage will do; writes nothing.
+
+    teacher: resolves the user's teacher (cfg.teacher.path) into a Source (a listing and digest, no
+    weights downloaded). tracking: raises if the tracking server cannot be reached.
+    """
+    from pipeline.chain import run_chain, sft_input
+
+    result = Plan()
+    problems = result.problems
+    source = None
+    if cfg.teacher.path and teacher is not None:
+        try:
+            source = teacher()
+        except (ConfigError, StoreError, OSError) as error:
+            problems.append(f"teacher.path={cfg.teacher.path}: {str(error).splitlines()[0]}")
+    shape = teacher_shape(cfg, source, problems)
+    if shape is not None:
+        check_schedule_and_mamba(cfg, shape, problems)
+    check_data_sources(cfg, problems)
+    try:
+        sft_input(cfg)
+    except ConfigError as error:
+        problems.append(str(error))
+    if until == "evaluate":
+        check_lm_eval(cfg, problems)
+    check_device(cfg, problems, result.notes)
+    check_precision(cfg, problems, result.notes)
+    check_store(store, problems)
+    if tracking is not None:
+        try:
+            tracking()
+        except Exception as error:  # any failure to reach it is the user's to fix, in one line
+            problems.append(f"tracking.uri: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+    if not problems or (cfg.teacher.path is None or source is not None):
+        try:
+            run_chain(cfg, _Planner(store, work_root, result.rows), source, until=until)
+        except (ConfigError, StoreError) as error:
+            message = str(error).splitlines()[0]
+            if message not in problems:
+                problems.append(message)
+    return result
+
+
+__all__ = ["Plan", "PlanError", "PlanRow", "SUPPORTED_ARCHITECTURES", "plan"]

@@ -1,0 +1,160 @@
+"""Cache keys come from exactly what each stage reads: every config field is changed in turn and the
+keys that change are the stages that read it, and only those (inputs held fixed, so this is each
+stage's own key; a changed output then changes later keys through its content digest)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import pytest
+
+from pipeline.chain import run_chain
+from pipeline.config import RunConfig, to_plain
+from pipeline.executor import Output, Source, StageCall, cache_key
+
+CHECKPOINTS = ["H-4", "H-5", "H-6"]
+DISTILLATIONS = {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"}
+ALL = {"teacher", "loo", *DISTILLATIONS, "H-6-SFT", "evaluate"}
+USER_TEACHER = Source("/models/teacher", "teacher-content", lambda: None, ("config.json",), None)
+
+# Which outputs read a field (longest matching prefix wins), for the demo teacher and for a user's teacher.
+READERS = {
+    "run_name": set(),  # where outputs go, not what they are
+    "storage": set(),
+    "tracking": set(),
+    "hardware.threads": set(),  # speed only
+    "hardware": ALL,
+    "seed": {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # MIL initialisation of the fresh Mamba parameters
+    "teacher.demo": {"teacher"},
+    "data.max_length": ALL,
+    "data.demo": ALL,
+    "data.demo.n_text": set(),  # the generic corpus: read by nothing unless the teacher mixes it in
+    "data.demo.min_sentences": set(),
+    "data.demo.max_sentences": set(),
+    "data.distill": {"teacher", "loo", *DISTILLATIONS},  # LOO: its validation split, or a held-out share
+    "data.validation_share": set(),  # only for a user's data.distill without validation files
+    "data.sft": {"H-6-SFT"},
+    "data.eval": {"loo", "evaluate"},
+    "data.generic": set(),
+    "data.distill_on": DISTILLATIONS,
+    "mamba": {"H-4"},  # later steps take their parent's mixer settings
+    "loo": {"loo"},
+    "train": {"H-4", "H-5", "H-6"},
+    "mmr": {"mmr-H-4", "mmr-H-5"},
+    "sft.train": {"H-6-SFT"},
+    "evaluate": {"evaluate"},
+}
+USER_READERS = {**READERS, "teacher.demo": set(), "hardware": ALL}  # import_teacher reads only hardware
+for prefix in ("data.max_length", "data.demo", "data.distill"):
+    USER_READERS[prefix] = READERS[prefix] - {"teacher"}
+
+CHOICES = {"loss": ["reverse_kl", "forward_kl"], "trainable": ["all", "mamba"], "mode": ["mixer", "block"],
+           "metric": ["accuracy", "nll"], "gqa_expansion": ["chunk", "head_aligned"], "device": ["auto", "cpu"],
+           "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic"]}
+
+
+class KeyRecorder:
+    """An executor that runs nothing: records each call's key; every output has a fixed content digest."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}
+
+    def __call__(self, call: StageCall) -> Output:
+        self.keys[call.name] = cache_key(call)
+        return Output(call.name, call.stage, f"mem://{call.name}", f"content-of-{call.name}", "", "")
+
+
+def keys(cfg: RunConfig, teacher: Source | None = None) -> dict[str, str]:
+    recorder = KeyRecorder()
+    run_chain(cfg, recorder, teacher)
+    return recorder.keys
+
+
+def leaves(value: Any, prefix: str = "") -> list[str]:
+    if isinstance(value, dict):
+        return [path for key, item in value.items() for path in leaves(item, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
+
+
+def changed(path: str, value: Any) -> Any:
+    name = path.rsplit(".", 1)[-1]
+    if name in CHOICES:
+        return next(choice for choice in CHOICES[name] if choice != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1 if name not in ("warmup_steps",) else max(value - 1, 0)
+    if isinstance(value, float):
+        return value / 2 if value else 0.25
+    if isinstance(value, (tuple, list)):
+        return type(value)(item / 2 for item in value)
+    if value is None:
+        return "/data/x" if path.startswith("data.") else 3 if name == "threads" else "http://x:5000"
+    return value + "-other"
+
+
+def set_field(cfg: RunConfig, path: str, value: Any) -> RunConfig:
+    cfg = copy.deepcopy(cfg)
+    *parents, name = path.split(".")
+    node = cfg
+    for part in parents:
+        node = getattr(node, part)
+    object.__setattr__(node, name, value)
+    return cfg
+
+
+def readers(table: dict[str, set[str]], path: str) -> set[str]:
+    matches = [prefix for prefix in table if path == prefix or path.startswith(prefix + ".")
+               or (path.startswith(prefix) and prefix.endswith(("n_text", "sentences")))]
+    return table[max(matches, key=len)] if matches else None
+
+
+BASE = RunConfig()
+FIELDS = [path for path in leaves(to_plain(BASE))
+          if path not in ("schedule.counts", "sft.checkpoint", "teacher.path")]
+
+
+@pytest.mark.parametrize("user_teacher", [False, True], ids=["demo-teacher", "user-teacher"])
+def test_each_field_changes_the_keys_of_the_stages_that_read_it_and_only_those(user_teacher):
+    base_cfg = set_field(BASE, "teacher.path", "/models/teacher") if user_teacher else BASE
+    teacher = USER_TEACHER if user_teacher else None
+    table = USER_READERS if user_teacher else READERS
+    base = keys(base_cfg, teacher)
+    assert set(base) == ALL
+    wrong = []
+    for path in FIELDS:
+        expected = readers(table, path)
+        assert expected is not None, f"no entry in READERS for {path}: say which stages read it"
+        value = changed(path, eval(f"base_cfg.{path}"))  # noqa: S307 (a dotted path of our own config)
+        new = keys(set_field(base_cfg, path, value), teacher)
+        differ = {name for name in ALL if new.get(name) != base[name]}
+        if differ != expected:
+            wrong.append(f"{path}: changed {sorted(differ)}, expected {sorted(expected)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_schedule_sft_choice_and_teacher_content():
+    base = keys(BASE)
+    longer = keys(set_field(BASE, "schedule.counts", [4, 5, 7]))
+    assert {name for name in longer if longer[name] != base.get(name)} == {"H-7", "H-7-SFT", "evaluate"}
+    assert {name for name in longer if longer[name] == base.get(name)} == {"teacher", "loo", "H-4", "mmr-H-4", "H-5",
+                                                                           "mmr-H-5"}
+    first = keys(set_field(BASE, "schedule.counts", [3, 5, 6]))
+    assert first["loo"] != base["loo"]  # LOO marks the first conversion's layers in its plot
+    assert first["teacher"] == base["teacher"]
+    earlier = keys(set_field(BASE, "sft.checkpoint", "H-5"))
+    assert "H-5-SFT" in earlier and earlier["evaluate"] != base["evaluate"]
+    cfg = set_field(BASE, "teacher.path", "/models/teacher")
+    same_uri_new_content = dataclasses.replace(USER_TEACHER, digest="updated-weights")
+    assert keys(cfg, same_uri_new_content)["teacher"] != keys(cfg, USER_TEACHER)["teacher"]
+
+
+def test_code_version_enters_the_key(monkeypatch):
+    from pipeline.stages import run_loo
+
+    base = keys(BASE)
+    monkeypatch.setattr(run_loo, "code_version", run_loo.code_version + 1)
+    bumped = keys(BASE)
+    assert {name for name in base if bumped[name] != base[name]} == {"loo"}
