@@ -3,8 +3,12 @@ peak memory of the chunked KL against an unchunked one at vocabulary 131072.
 
 Student: TinyLlama-1.1B shape (hidden 2048, 22 layers, 32 heads of 64, 4 KV heads, MLP 5632, vocab
 32000) with every other layer Mamba; teacher: the same shape, all attention. One optimiser step =
-teacher forward + student forward and backward through `pipeline.train.train` (bf16 autocast, AdamW).
-MFU = model FLOPs / (time x 989e12), the H100 SXM dense bf16 peak.
+teacher forward + student forward and backward through `pipeline.train.train` exactly as the pipeline
+runs it on a GPU: precision="bf16-mixed" (fp32 master weights and AdamW state, bf16 autocast compute),
+the frozen teacher held in bf16 and run inside the step, the losses from fp32 logits.
+MFU = model FLOPs / (time x 989e12), the H100 / H200 SXM dense bf16 peak; reported for the whole step
+and split into the student's part (forward + backward, 3 passes) and the teacher's (forward, 1 pass),
+each over the same step time.
 
 Usage: python benchmarks/train_throughput.py --out results.json
 """
@@ -43,28 +47,34 @@ def flops_per_token(m: HybridForCausalLM, seq: int, passes: int) -> float:
 
 def distill_benchmark(seq: int, micro_batch: int, accum: int, steps: int, compile_blocks: bool = True) -> dict:
     torch.manual_seed(0)
-    teacher = model(["attention"] * SHAPE["num_hidden_layers"]).to(torch.bfloat16).eval()
-    student = model(["mamba" if i % 2 else "attention" for i in range(SHAPE["num_hidden_layers"])])
+    teacher = model(["attention"] * SHAPE["num_hidden_layers"]).to(torch.bfloat16).eval()  # frozen, bf16
+    student = model(["mamba" if i % 2 else "attention" for i in range(SHAPE["num_hidden_layers"])])  # fp32 masters
     batches = [{"input_ids": torch.randint(0, SHAPE["vocab_size"], (micro_batch, seq), device="cuda")}
                for _ in range(accum * 2)]
     cfg = TrainConfig(steps=steps + 3, lr=1e-4, warmup_steps=0, batch_size=micro_batch, max_length=seq, grad_accum=accum,
-                      trainable="all", loss="reverse_kl", kl_chunk_tokens=4096, log_every=1, bf16_autocast=True,
+                      trainable="all", loss="reverse_kl", kl_chunk_tokens=4096, log_every=1,
                       compile_blocks=compile_blocks)
     times = []
 
     def callback(metrics):
         times.append(metrics.step_time_s)
 
-    train(student, batches, cfg, teacher=teacher, callback=callback)
+    train(student, batches, cfg, teacher=teacher, callback=callback, precision="bf16-mixed")
     step_s = sorted(times[3:])[len(times[3:]) // 2]  # median after 3 warm-up steps
     tokens = micro_batch * accum * seq
-    flops = tokens * (flops_per_token(teacher, seq, 1) + flops_per_token(student, seq, 3))
+    student_flops = tokens * flops_per_token(student, seq, 3)
+    teacher_flops = tokens * flops_per_token(teacher, seq, 1)
+    flops = student_flops + teacher_flops
     result = {
         "student_params": sum(p.numel() for p in student.parameters()),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "student_pattern": student.config.layer_pattern, "seq_len": seq, "micro_batch": micro_batch,
         "grad_accum": accum, "step_s": step_s, "tokens_per_s": tokens / step_s,
+        "precision": "bf16-mixed", "student_dtype": str(next(student.parameters()).dtype),
+        "teacher_dtype": str(next(teacher.parameters()).dtype),
         "model_tflops_per_step": flops / 1e12, "mfu": flops / step_s / PEAK_FLOPS,
+        "student_tflops_per_step": student_flops / 1e12, "student_mfu": student_flops / step_s / PEAK_FLOPS,
+        "teacher_tflops_per_step": teacher_flops / 1e12, "teacher_mfu": teacher_flops / step_s / PEAK_FLOPS,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "compile_blocks": compile_blocks,
     }

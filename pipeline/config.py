@@ -18,7 +18,7 @@ STAGES = ("teacher", "loo", "convert", "mmr", "step", "sft", "evaluate")
 LOO_MODES = ("mixer", "block")
 LOO_METRICS = ("accuracy", "nll")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16")
+PRECISIONS = ("auto", "fp32", "bf16-mixed")
 
 
 # Field metadata of settings that change how fast a stage runs, never what it computes: left out of cache keys.
@@ -230,15 +230,19 @@ class TrackingConfig:
 @dataclass
 class HardwareConfig:
     device: str = "auto"  # auto = cuda if available
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    # The one precision setting, read by every stage. "fp32": fp32 everywhere. "bf16-mixed": trained
+    # parameters and optimiser state in fp32 (master weights), compute under bf16 autocast, frozen models
+    # (the distillation teacher, LOO, evaluation) held in bf16, losses from fp32 logits. auto = bf16-mixed
+    # on CUDA, fp32 on CPU.
+    precision: str = "auto"
     # torch CPU threads; None = torch's default. Speed only: no cache key holds it (KEY_NEUTRAL)
     threads: int | None = field(default=None, metadata={KEY_NEUTRAL: True})
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ConfigError(f"hardware.device must be one of {DEVICES}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"hardware.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"hardware.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass

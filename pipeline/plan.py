@@ -239,6 +239,23 @@ def check_device(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
                      f"{'reference' if mode == 'reference' else 'mamba_ssm + causal_conv1d'}")
 
 
+def check_precision(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
+    """hardware.precision as the stages will resolve it. bf16-mixed runs on the CPU too (CPU autocast: the
+    same fp32 master weights, slower than fp32 on most CPUs); on CUDA it needs a device with bf16."""
+    import torch
+
+    cuda = torch.cuda.is_available() and cfg.hardware.device != "cpu"
+    precision = cfg.hardware.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if cuda else "fp32"
+    if precision == "bf16-mixed" and cuda and not torch.cuda.is_bf16_supported():
+        problems.append(f"hardware.precision={cfg.hardware.precision} needs bf16, which this CUDA device "
+                        f"({torch.cuda.get_device_name()}) lacks: set hardware.precision=fp32")
+        return
+    notes.append("precision: " + ("bf16-mixed (fp32 master weights, bf16 compute, frozen models in bf16)"
+                                  if precision == "bf16-mixed" else "fp32"))
+
+
 def check_store(store: Store, problems: list[str]) -> None:
     """The store can be written (a folder: its nearest existing parent is writable; S3: the bucket answers)."""
     try:
@@ -309,6 +326,7 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
     if until == "evaluate":
         check_lm_eval(cfg, problems)
     check_device(cfg, problems, result.notes)
+    check_precision(cfg, problems, result.notes)
     check_store(store, problems)
     if tracking is not None:
         try:

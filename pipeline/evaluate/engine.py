@@ -20,7 +20,10 @@ so a throughput ratio measures the architecture, not two code paths.
   K/V are never expanded, and `MambaMixer.step` (causal_conv1d_update + selective_state_update where
   installed). On CUDA the step is captured once in a CUDA graph and replayed.
 - Left-padded prompts are supported (padding masked in attention, zeroed in Mamba states), so the
-  `evaluate` stage can use the engine for answers as well as for speed.
+  `evaluate` stage uses the engine for answers as well as for speed (`generate(..., eos_token_id=)` stops
+  once every sequence has written its end-of-sequence token).
+- The engine copies what it fuses (q/k/v, gate/up, in_proj/dt_in_proj weights) into its own buffers and
+  leaves the model as it found it: same parameters, same storage, same train/eval mode.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class GenerationEngine:
         if config.sliding_window is not None and config.sliding_window < max_length:
             raise ValueError(f"the engine has no sliding-window attention (window {config.sliding_window} < "
                              f"max_length {max_length})")
-        self.model = model.eval()
+        self.model = model
         self.config = config
         self.batch_size, self.max_length, self.prefill_batch = batch_size, max_length, prefill_batch
         parameter = next(model.parameters())
@@ -105,8 +108,9 @@ class GenerationEngine:
     def _fuse_projections(self) -> None:
         """One GEMM for q/k/v and one for gate/up per layer in decode (one weight read, fewer launches).
 
-        The model's own Linear weights are re-pointed at slices of the fused tensor, so nothing is stored
-        twice and the model's forward (used by prefill) still sees the same weights.
+        The fused tensors are copies: the model's own weights (which prefill uses) are not touched, so a
+        model still being trained or evaluated elsewhere is safe; the price is one extra copy of these
+        projections while the engine lives.
         """
         self.fused_qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.fused_gate_up: dict[int, torch.Tensor] = {}
@@ -171,7 +175,20 @@ class GenerationEngine:
     # --- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 32) -> GenerationResult:
+                 max_new_tokens: int = 32, eos_token_id: int | None = None,
+                 check_every: int = 8) -> GenerationResult:
+        """Greedy tokens (b, new) for a left-padded batch. With `eos_token_id`, decoding stops (checked
+        every `check_every` steps, one host sync each) once every sequence has produced it; positions after
+        a sequence's end-of-sequence token hold `eos_token_id` (the caller cuts there), and
+        `new_tokens` is the number of steps actually run."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self._generate(input_ids, attention_mask, max_new_tokens, eos_token_id, check_every)
+        finally:
+            self.model.train(training)
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, check_every) -> GenerationResult:
         batch, prompt = input_ids.shape
         if batch != self.batch_size:
             raise ValueError(f"engine was built for batch {self.batch_size}, got {batch}")
@@ -191,13 +208,25 @@ class GenerationEngine:
         self.positions.copy_(mask.sum(-1))
         self.slot.fill_(prompt)
         self.key_valid[:, :prompt] = mask.bool()
+        finished = first == eos_token_id if eos_token_id is not None else None
+        produced = max_new_tokens
         start = time.perf_counter()
         for step in range(1, max_new_tokens):
+            if finished is not None and step % check_every == 0 and bool(finished.all()):
+                produced = step
+                break
             self._run_step()
             generated[:, step] = self.output[:, 0]
+            if finished is not None:
+                finished |= self.output[:, 0] == eos_token_id
         self._sync()
         decode_s = time.perf_counter() - start
-        return GenerationResult(generated, prefill_s, decode_s, batch, prompt, max_new_tokens)
+        generated = generated[:, :produced]
+        if eos_token_id is not None:  # after a sequence's end, only end tokens (as generate() pads)
+            ended = (generated == eos_token_id).long().cumsum(-1) > 0
+            ended = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=-1)
+            generated = generated.masked_fill(ended, eos_token_id)
+        return GenerationResult(generated, prefill_s, decode_s, batch, prompt, produced)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -360,17 +389,11 @@ class GenerationEngine:
 
 
 def _fuse(linears, name: str) -> torch.Tensor | None:
-    """Concatenate the linears' weights (or biases) and re-point each at its slice of the result."""
+    """The linears' weights (or biases) concatenated into a new tensor (a copy; the linears are untouched)."""
     tensors = [getattr(linear, name) for linear in linears]
     if any(t is None for t in tensors):
         return None
-    fused = torch.cat([t.data for t in tensors], dim=0)
-    start = 0
-    for linear, tensor in zip(linears, tensors):
-        rows = tensor.shape[0]
-        tensor.data = fused[start: start + rows]
-        start += rows
-    return fused
+    return torch.cat([t.detach() for t in tensors], dim=0)
 
 
 __all__ = ["GenerationEngine", "GenerationResult"]

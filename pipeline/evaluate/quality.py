@@ -1,7 +1,10 @@
 """Quality of a checkpoint: answer accuracy (greedy generation, checked answers), NLL and KL to the teacher.
 
 - answer accuracy: the chat prompt of each test problem, greedy decoding, the final answer checked by
-  `pipeline.data.is_correct`.
+  `pipeline.data.is_correct`. Decoding runs on the project's `GenerationEngine` (static caches, batched
+  greedy decode, a CUDA graph and fused kernels on the GPU, stop at end-of-sequence); a teacher that is not
+  a hybrid is converted to an all-attention hybrid for it (a copy). `generate()` is the fallback for a
+  model the engine cannot run (a LOO model with a whole block removed) and the reference it is tested on.
 - NLL: mean negative log-likelihood per target token (assistant tokens of chat rows) of the test split.
 - KL to the teacher: mean per target token of the reverse KL, KL(student || teacher) at T = 1, the
   recipe's distillation objective; 0 for the teacher itself.
@@ -32,26 +35,77 @@ def answer_accuracy(
     batch_size: int = 32,
     max_new_tokens: int = 64,
     max_prompt_length: int | None = None,
+    engine: bool = True,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Greedy answers to chat problems; returns (accuracy, one record per problem)."""
+    """Greedy answers to chat problems; returns (accuracy, one record per problem).
+
+    `engine=False` (or a model the engine cannot run) decodes with `model.generate()` instead.
+    """
     from pipeline.data import is_correct, prompt_batch
 
+    if not rows:
+        return 0.0, []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = [(rows[start: start + batch_size], prompt_batch(rows[start: start + batch_size], tokenizer,
+                                                               max_length=max_prompt_length))
+               for start in range(0, len(rows), batch_size)]
+    runner = _engine_for(model, min(batch_size, len(rows)), max(b["input_ids"].shape[1] for _, b in batches)
+                         + max_new_tokens) if engine else None
+    training = model.training
     model.eval()
     device = model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     records = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start: start + batch_size]
-        batch = {k: v.to(device) for k, v in prompt_batch(chunk, tokenizer, max_length=max_prompt_length).items()}
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        for row, text in zip(chunk, texts):
-            records.append({"answer": str(row["answer"]), "generated": text, "correct": is_correct(text, row["answer"])})
+    try:
+        for chunk, batch in batches:
+            if runner is not None:
+                new_tokens = _engine_answers(runner, batch, max_new_tokens, tokenizer.eos_token_id)[: len(chunk)]
+            else:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                new_tokens = out[:, batch["input_ids"].shape[1]:]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for row, text in zip(chunk, texts):
+                records.append({"answer": str(row["answer"]), "generated": text,
+                                "correct": is_correct(text, row["answer"])})
+    finally:
+        model.train(training)
     accuracy = sum(r["correct"] for r in records) / max(len(records), 1)
     return accuracy, records
+
+
+def _engine_for(model: nn.Module, batch_size: int, max_length: int):
+    """A GenerationEngine for `model` (a non-hybrid teacher as an all-attention hybrid copy), or None when
+    the engine cannot run it (a block replaced by a skip, a sliding window shorter than the run)."""
+    from pipeline.convert import hybridize
+    from pipeline.evaluate.engine import GenerationEngine
+    from pipeline.model import HybridForCausalLM
+    from pipeline.model.modeling import HybridDecoderLayer
+
+    if not isinstance(model, HybridForCausalLM):
+        try:
+            model = hybridize(model, [])
+        except Exception:  # an architecture the conversion does not take: generate() it is
+            return None
+    if not all(isinstance(layer, HybridDecoderLayer) for layer in model.model.layers):
+        return None
+    window = model.config.sliding_window
+    if window is not None and window < max_length:
+        return None
+    return GenerationEngine(model, batch_size, max_length, prefill_batch=batch_size)
+
+
+def _engine_answers(engine, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int | None):
+    """New tokens (b, <= max_new_tokens) for a left-padded batch; a short batch is filled up to the
+    engine's batch size with copies of its last row (their answers are dropped by the caller)."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    missing = engine.batch_size - input_ids.shape[0]
+    if missing:
+        input_ids = torch.cat([input_ids, input_ids[-1:].expand(missing, -1)])
+        mask = torch.cat([mask, mask[-1:].expand(missing, -1)])
+    return engine.generate(input_ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).tokens.cpu()
 
 
 @torch.no_grad()

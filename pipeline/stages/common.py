@@ -78,10 +78,25 @@ def resolve_device(hardware: HardwareConfig) -> torch.device:
     return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def resolve_dtype(hardware: HardwareConfig, device: torch.device) -> torch.dtype:
-    if hardware.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[hardware.dtype]
+def resolve_precision(hardware: HardwareConfig, device: torch.device | None = None) -> str:
+    """hardware.precision resolved: "bf16-mixed" or "fp32" (auto = bf16-mixed on CUDA, fp32 on CPU)."""
+    if hardware.precision != "auto":
+        return hardware.precision
+    device = device if device is not None else resolve_device(hardware)
+    return "bf16-mixed" if device.type == "cuda" else "fp32"
+
+
+def resolve_dtype(hardware: HardwareConfig, device: torch.device, *, fp32: bool = False) -> torch.dtype:
+    """The dtype a model is held in: fp32 when asked (`fp32`: models about to be trained, whose weights
+    are the fp32 masters, and the models the evaluate stage scores); the other frozen ones (the
+    distillation teacher, LOO's teacher) in bf16 under bf16-mixed, else fp32.
+
+    Why evaluation holds its models in fp32: on one H200 the demo's hybrids held in bf16 answered far
+    worse (greedy decoding through Mamba layers) than the same training run's checkpoints held in fp32,
+    at the same teacher-forced NLL (benchmarks/results/gpu-pipeline-h200.md)."""
+    if fp32:
+        return torch.float32
+    return torch.bfloat16 if resolve_precision(hardware, device) == "bf16-mixed" else torch.float32
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -95,10 +110,12 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "checkpoint"):
+def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "checkpoint", *, fp32: bool = False):
     """A transformers causal LM (a teacher or a hybrid; Apriel-H1 and MambaInLlama checkpoints are
-    imported as hybrids) on the run's device, in eval mode: from safetensors only, refusing weights that
-    are missing or shaped otherwise than its config says (they would be initialised at random)."""
+    imported as hybrids) on the run's device, in eval mode, in the dtype `resolve_dtype` gives (`fp32`:
+    held in fp32 whatever the precision, e.g. a model about to be trained); from safetensors only,
+    refusing weights that are missing or shaped otherwise than its config says (they would be initialised
+    at random)."""
     import pipeline.model  # noqa: F401  (registers the hybrid with the Auto classes)
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
@@ -108,7 +125,7 @@ def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "c
     folder = require_folder(path, what)
     check_safe_to_load(folder, what)
     device = resolve_device(hardware)
-    dtype = resolve_dtype(hardware, device)
+    dtype = resolve_dtype(hardware, device, fp32=fp32)
     try:
         if detect_layout(folder) in (APRIEL_H1, MAMBAINLLAMA):
             return import_checkpoint(folder, dtype).to(device).eval()
@@ -174,9 +191,13 @@ def load_tokenizer(path: str | os.PathLike):
     return _load(path)
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path) -> None:
-    """config.json + model.safetensors + tokenizer files (safetensors only)."""
+def save_checkpoint(model, tokenizer, out_dir: Path, dtype: str | None = None) -> None:
+    """config.json + model.safetensors + tokenizer files (safetensors only). `dtype` ("float32" |
+    "bfloat16", a TrainConfig.save_dtype): the weights are cast to it first (the model itself is cast:
+    call this when training is over); Mamba's A_log and D stay fp32."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
@@ -203,10 +224,34 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 VALIDATION_SPLIT = "validation"
 
+# Generated demo data and tokenised datasets, shared by every stage of this process (a chain runs its
+# stages in one process: each would otherwise regenerate and re-tokenise the same rows). Keyed by what
+# determines them: the one-kind view of the stage's DataConfig (`DataConfig.view(kind)`: the source, the
+# demo settings that generate it, validation_share, max_length) with the split and, for local files, their
+# sizes and times; and the tokenizer's vocabulary and chat template. Bounded: the oldest entry goes first.
+_SHARED: dict[tuple, Any] = {}
+_SHARED_MAX = 16
+
+
+def _shared(key: tuple, build):
+    if key not in _SHARED:
+        while len(_SHARED) >= _SHARED_MAX:
+            _SHARED.pop(next(iter(_SHARED)))
+        _SHARED[key] = build()
+    return _SHARED[key]
+
+
+def tokenizer_digest(tokenizer) -> str:
+    import hashlib
+
+    text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, type(tokenizer).__name__])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
 
 @dataclass
 class StageData:
     """The data a stage reads, loaded once per stage: demo data by default, any `datasets` source by config.
+    Generated and tokenised rows are shared across the stages of one process (see `_SHARED`).
 
     `data` is the stage's view of the data section (`DataConfig.view`): only the sources it reads.
     """
@@ -219,8 +264,21 @@ class StageData:
         if "demo" not in self._cache:
             from pipeline.data import generate_demo_data
 
-            self._cache["demo"] = generate_demo_data(self.data.demo)
+            demo_cfg = self.data.demo
+            key = ("demo", json.dumps(to_plain(demo_cfg), sort_keys=True))
+            self._cache["demo"] = _shared(key, lambda: generate_demo_data(demo_cfg))
         return self._cache["demo"]
+
+    def _source_key(self, kind: str, split: str) -> tuple:
+        """What determines rows(kind, split): the one-kind view of `data`, the split, local files' states."""
+        view = json.dumps(to_plain(self.data.view(kind)), sort_keys=True)
+        source = getattr(self.data, kind)
+        path = Path(str(source)) if source is not None else None
+        if path is not None and path.exists():  # a local file or folder: it may change within one process
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+            return (view, kind, split, str(path.resolve()),
+                    tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+        return (view, kind, split)
 
     def rows(self, kind: str, split: str):
         """Raw rows of `kind` (distill, sft, eval, generic) for `split` (train, validation, test)."""
@@ -265,7 +323,9 @@ class StageData:
         if key not in self._cache:
             from pipeline.data import tokenize_rows
 
-            self._cache[key] = tokenize_rows(self.rows(kind, split), self.tokenizer, self.data.max_length)
+            shared_key = ("tokenized", *self._source_key(kind, split), tokenizer_digest(self.tokenizer))
+            self._cache[key] = _shared(shared_key, lambda: tokenize_rows(self.rows(kind, split), self.tokenizer,
+                                                                          self.data.max_length))
         return self._cache[key]
 
     def batch_source(self, kind: str, batch_size: int, seed: int):
@@ -373,6 +433,7 @@ __all__ = [
     "require_folder",
     "resolve_device",
     "resolve_dtype",
+    "resolve_precision",
     "save_checkpoint",
     "write_meta",
 ]

@@ -22,6 +22,7 @@ from pipeline.stages.common import (
     load_model,
     load_tokenizer,
     metrics_callback,
+    resolve_precision,
     save_checkpoint,
     stage,
     write_meta,
@@ -41,11 +42,11 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings); else a hybrid, whose
     new mixers take the settings of its existing ones."""
     started = time.time()
-    teacher = load_model(teacher_dir, hardware, "teacher")
-    parent = teacher if parent_dir is None else load_model(parent_dir, hardware, "parent checkpoint")
+    teacher = load_model(teacher_dir, hardware, "teacher")  # frozen: bf16 under bf16-mixed
+    parent = load_model(teacher_dir if parent_dir is None else parent_dir, hardware,
+                        "teacher" if parent_dir is None else "parent checkpoint", fp32=True)  # fp32 masters
     student = hybridize(parent, new_layers, seed=seed, **(mamba_options(mamba) if parent_dir is None else {}))
-    if parent_dir is not None:
-        del parent
+    del parent
     n_mamba = len(student.config.mamba_layers)
     name = checkpoint_name(n_mamba)
     reporter.progress(f"  {name}: layers {new_layers} -> Mamba, pattern {student.config.layer_pattern}")
@@ -54,8 +55,9 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     result = train(
         student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
         teacher=teacher, state_dir=work_dir / "train_state", callback=metrics_callback(reporter, name),
+        precision=resolve_precision(hardware),
     )
-    save_checkpoint(student, tokenizer, out_dir)
+    save_checkpoint(student, tokenizer, out_dir, train_cfg.save_dtype)
     meta = write_meta(
         out_dir, stage_name, settings, parent="teacher" if parent_dir is None else checkpoint_name(n_mamba - len(new_layers)),
         started=started, checkpoint=name, n_mamba=n_mamba,
@@ -67,7 +69,7 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     return meta
 
 
-@stage("convert", version=2)
+@stage("convert", version=3)
 def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                 count: int, *, teacher: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
                 reporter: Reporter | None = None) -> dict:
@@ -84,7 +86,7 @@ def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardwa
                               settings=settings, extra={"selected_by": "loo"})
 
 
-@stage("step", version=2)
+@stage("step", version=3)
 def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int, *,
              teacher: str | Path, parent: str | Path, mmr: str | Path, out_dir: str | Path, work_dir: str | Path,
              reporter: Reporter | None = None) -> dict:

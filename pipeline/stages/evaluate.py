@@ -5,6 +5,7 @@ Writes summary.json (one record per checkpoint) and frontier.png (throughput rat
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipeline.stages.common import (
     StageError,
     load_model,
     load_tokenizer,
+    resolve_precision,
     stage,
     write_meta,
 )
@@ -32,14 +34,18 @@ SUMMARY_FILE = "summary.json"
 
 
 def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, data: StageData, problems,
-                        batches) -> dict:
+                        batches, precision: str = "fp32") -> dict:
+    """`precision` (resolved hardware.precision): "bf16-mixed" measures speed on a bf16 copy of `model`."""
     accuracy, samples = answer_accuracy(model, data.tokenizer, problems, batch_size=evaluate.batch_size,
                                         max_new_tokens=evaluate.max_new_tokens)
     quality = nll_and_kl(model, batches, teacher=None if model is teacher else teacher)
-    speed = generation_throughput(model, batch_size=evaluate.throughput_batch,
+    # speed as deployed: under bf16-mixed a bf16 copy (the fused decode kernels); quality above in fp32
+    fast = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16-mixed" else model
+    speed = generation_throughput(fast, batch_size=evaluate.throughput_batch,
                                   prompt_length=evaluate.throughput_prompt,
                                   new_tokens=evaluate.throughput_new_tokens,
                                   repeats=evaluate.throughput_repeats)
+    del fast
     config = model.config
     layer_types = list(getattr(config, "layer_types", None) or [ATTENTION] * config.num_hidden_layers)
     extra = {}
@@ -60,7 +66,7 @@ def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, dat
     }
 
 
-@stage("evaluate", version=2)
+@stage("evaluate", version=3)
 @torch.no_grad()
 def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareConfig, *, teacher: str | Path,
                  checkpoints: dict[str, str | Path], out_dir: str | Path, work_dir: str | Path,
@@ -73,15 +79,17 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
         check_tasks(evaluate.lm_eval)  # lm-eval installed and every task known, before any model loads
     except LMEvalError as error:
         raise StageError(str(error)) from None
-    teacher_model = load_model(teacher, hardware, "teacher")
+    precision = resolve_precision(hardware)
+    teacher_model = load_model(teacher, hardware, "teacher", fp32=True)  # quality in fp32: see resolve_dtype
     stage_data = StageData(data, load_tokenizer(teacher))
     problems = stage_data.eval_problems(evaluate.num_examples)
     batches = stage_data.eval_batches(evaluate.nll_examples)
-    records = [evaluate_checkpoint(evaluate, "teacher", teacher_model, teacher_model, stage_data, problems, batches)]
+    records = [evaluate_checkpoint(evaluate, "teacher", teacher_model, teacher_model, stage_data, problems, batches,
+                                   precision)]
     reporter.progress(f"  teacher: accuracy {records[0]['answer_accuracy']:.3f}, {records[0]['tokens_per_s']:,.0f} tok/s")
     for name, folder in checkpoints.items():
-        model = load_model(folder, hardware, f"checkpoint {name}")
-        record = evaluate_checkpoint(evaluate, name, model, teacher_model, stage_data, problems, batches)
+        model = load_model(folder, hardware, f"checkpoint {name}", fp32=True)
+        record = evaluate_checkpoint(evaluate, name, model, teacher_model, stage_data, problems, batches, precision)
         records.append(record)
         del model
         reporter.progress(

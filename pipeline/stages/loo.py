@@ -78,7 +78,7 @@ def describe_selection(where: str, detail) -> str:
     return f"the {detail} split of data.{where}"
 
 
-@stage("loo", version=2)
+@stage("loo", version=3)
 @torch.no_grad()
 def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_count: int, *, teacher: str | Path,
             out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:

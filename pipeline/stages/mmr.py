@@ -23,6 +23,7 @@ from pipeline.stages.common import (
     load_model,
     load_tokenizer,
     metrics_callback,
+    resolve_precision,
     stage,
     write_meta,
 )
@@ -36,13 +37,13 @@ def rank_candidates(trials: dict[int, float]) -> list[dict]:
     return [{"layer": layer, "loss": loss} for layer, loss in sorted(trials.items(), key=lambda kv: (kv[1], kv[0]))]
 
 
-@stage("mmr", version=2)
+@stage("mmr", version=3)
 def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher: str | Path,
             parent: str | Path, out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
     reporter = reporter or ConsoleReporter()
     started, out_dir, work_dir = time.time(), Path(out_dir), Path(work_dir)
-    teacher_model = load_model(teacher, hardware, "teacher")
-    parent_model = load_model(parent, hardware, "parent checkpoint")
+    teacher_model = load_model(teacher, hardware, "teacher")  # frozen: bf16 under bf16-mixed
+    parent_model = load_model(parent, hardware, "parent checkpoint", fp32=True)  # fp32: trials train its copies
     stage_data = StageData(data, load_tokenizer(teacher))
     candidates = parent_model.config.attention_layers
     done_path = work_dir / "trials.json"
@@ -58,6 +59,7 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
             student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
             teacher=teacher_model, callback=metrics_callback(reporter, f"mmr_layer_{layer}"),
             trainable_filter=lambda name, _param, prefix=prefix: name.startswith(prefix),
+            precision=resolve_precision(hardware),
         )
         trials[layer] = result.final_distill_loss
         work_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pipeline.stages.common import (
     load_tokenizer,
     metrics_callback,
     read_meta,
+    resolve_precision,
     save_checkpoint,
     stage,
     write_meta,
@@ -22,21 +23,22 @@ from pipeline.train import TrainConfig
 from pipeline.train import train as _train
 
 
-@stage("sft", version=2)
+@stage("sft", version=3)
 def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, checkpoint: str | Path,
             out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
     """`train` (sft.train) on data.sft, starting from `checkpoint` (the one sft.checkpoint names)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
-    model = load_model(checkpoint, hardware, "SFT input checkpoint")
+    model = load_model(checkpoint, hardware, "SFT input checkpoint", fp32=True)  # fp32 master weights
     tokenizer = load_tokenizer(checkpoint)
     stage_data = StageData(data, tokenizer)
     source = read_meta(checkpoint).get("checkpoint", Path(checkpoint).name)
     name = f"{source}-SFT"
     reporter.progress(f"  {name}: SFT of {model.config.layer_pattern}")
     result = _train(model, stage_data.batch_source("sft", train.batch_size, train.seed), train,
-                    state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, name))
-    save_checkpoint(model, tokenizer, out_dir)
+                    state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, name),
+                    precision=resolve_precision(hardware))
+    save_checkpoint(model, tokenizer, out_dir, train.save_dtype)
     config = model.config
     return write_meta(
         out_dir, "sft", {"train": train, "data": data, "hardware": hardware}, parent=source, started=started,

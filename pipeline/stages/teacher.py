@@ -25,6 +25,7 @@ from pipeline.stages.common import (
     load_tokenizer,
     metrics_callback,
     resolve_device,
+    resolve_precision,
     save_checkpoint,
     stage,
     write_meta,
@@ -65,7 +66,7 @@ def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str
                       layers=model.config.num_hidden_layers)
 
 
-@stage("teacher", version=1)
+@stage("teacher", version=2)
 def run_teacher(demo: DemoTeacherConfig, data: DataConfig, hardware: HardwareConfig, *, out_dir: str | Path,
                 work_dir: str | Path, reporter: Reporter | None = None) -> dict:
     """The demo teacher, trained from scratch with `demo.train` on `data` (distill, and generic if mixed)."""
@@ -87,8 +88,9 @@ def run_teacher(demo: DemoTeacherConfig, data: DataConfig, hardware: HardwareCon
     reporter.progress(f"  demo teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{train_cfg.steps} steps")
     result = train(model, _mixed_source(stage_data, train_cfg, demo.generic_every), train_cfg,
-                   state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, "teacher"))
-    save_checkpoint(model, tokenizer, out_dir)
+                   state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, "teacher"),
+                   precision=resolve_precision(hardware))
+    save_checkpoint(model, tokenizer, out_dir, train_cfg.save_dtype)
     return write_meta(out_dir, "teacher", {"demo": demo, "data": data, "hardware": hardware}, parent=None,
                       started=started, checkpoint="teacher", source="demo", architecture="LlamaForCausalLM",
                       layers=model.config.num_hidden_layers, steps=result.steps_done, final_loss=result.final_loss)

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 TRAINABLE_CHOICES: tuple[str, ...] = ("mamba", "all")
 LOSS_CHOICES: tuple[str, ...] = ("reverse_kl", "forward_kl", "ce")
 DISTILL_LOSSES: tuple[str, ...] = ("reverse_kl", "forward_kl")
+SAVE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+# How a training step computes (`hardware.precision`, resolved): "fp32", or "bf16-mixed" = fp32 master
+# weights and AdamW state, forward and backward under bf16 autocast, losses from fp32 logits.
+TRAIN_PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed")
 
 # Fields that change the training trajectory: a resumed run must use the values it was saved with.
 TRAJECTORY_FIELDS: tuple[str, ...] = (
@@ -81,7 +85,9 @@ class TrainConfig:
     # chunk's memory is then the same for any vocabulary size
     save_every: int = 0  # save resumable state every this many steps; 0 = only when a call ends
     log_every: int = 10  # report metrics to the callback every this many steps (and at the last)
-    bf16_autocast: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
+    # dtype of the saved checkpoint's floating-point weights ("float32" | "bfloat16"); training always keeps
+    # fp32 master weights, whatever the run's precision (`hardware.precision`, passed to `train`)
+    save_dtype: str = "float32"
     compile_blocks: bool = False  # CUDA: torch.compile each decoder block of student and teacher (fuses norms,
     # residual adds, RoPE and activations; the first steps pay the compile time). CPU ignores it.
     loss_window: int = 10  # TrainResult.final_loss = mean loss of the last this many steps
@@ -145,7 +151,7 @@ class TrainConfig:
         _require_int("kl_chunk_elements", self.kl_chunk_elements, 1)
         _require_int("save_every", self.save_every, 0)
         _require_int("log_every", self.log_every, 1)
-        _require(isinstance(self.bf16_autocast, bool), f"bf16_autocast must be a bool, got {self.bf16_autocast!r}")
+        _require(self.save_dtype in SAVE_DTYPES, f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
         _require(isinstance(self.compile_blocks, bool), f"compile_blocks must be a bool, got {self.compile_blocks!r}")
         _require_int("loss_window", self.loss_window, 1)
 

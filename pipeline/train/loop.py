@@ -7,6 +7,16 @@ Objective (by `cfg.loss`): with a teacher, KL(student || teacher) or KL(teacher 
 tokens' next-token distributions, plus `ce_weight` * CE when set; without a teacher, CE. Losses are the
 mean over the trained tokens of the whole step (all `grad_accum` micro-batches together), so gradient
 accumulation equals one large batch.
+
+Precision (`precision`, the run's resolved `hardware.precision`): trainable parameters are always fp32
+master weights (AdamW's state follows them); a student whose trainable parameters are in another dtype
+is refused, because bf16 parameters lose most updates at the recipe's learning rates (an update below
+half a bf16 ulp of the weight, 2^-9 of it, rounds away). "bf16-mixed" runs forward and backward under
+bf16 autocast (on CUDA or CPU); the chunked losses form each chunk's logits with the autocast's bf16 head
+GEMM and upcast them to fp32 before the softmax, the KL / CE and the gradient of the logits
+(`pipeline.train.losses`). A head GEMM in fp32 was measured on an H200 and changed no quality figure of
+the demo chain (benchmarks/results/gpu-pipeline-h200.md) while costing the 1B benchmark about a quarter of
+its throughput, so it is not used. The frozen teacher may be held in any dtype (bf16 saves memory).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.train.batches import Batch, BatchSource, PreparedBatch, as_batch_source, prepare_batch
-from pipeline.train.config import TRAJECTORY_FIELDS, TrainConfig
+from pipeline.train.config import TRAIN_PRECISIONS, TRAJECTORY_FIELDS, TrainConfig
 from pipeline.train.losses import chunked_cross_entropy, chunked_distill_loss
 from pipeline.train.optim import TrainableFilter, build_optimizer, learning_rate_at, select_trainable
 from pipeline.train.state import (
@@ -102,6 +112,7 @@ def train(
     callback: MetricsCallback | None = None,
     trainable_filter: TrainableFilter | None = None,
     max_steps_this_call: int | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train `student` in place for `cfg.steps` optimiser steps (resuming from `state_dir` if it holds a state).
 
@@ -112,7 +123,10 @@ def train(
     has no `mamba_parameters()`. State is saved every `cfg.save_every` steps and when the call ends;
     `max_steps_this_call` stops early (the state then lets the next call continue).
     The student's `requires_grad` flags and train/eval modes are restored on return.
+    `precision`: "fp32" or "bf16-mixed" (see the module docstring).
     """
+    if precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"precision must be one of {TRAIN_PRECISIONS}, got {precision!r}")
     if max_steps_this_call is not None and max_steps_this_call < 0:
         raise ValueError(f"max_steps_this_call must be >= 0 or None, got {max_steps_this_call}")
     objective = _objective(cfg, teacher)
@@ -124,6 +138,12 @@ def train(
     teacher_head = _head_weight(teacher, "teacher") if teacher is not None else None
 
     trainable = select_trainable(student, cfg.trainable, trainable_filter)
+    not_fp32 = sorted({str(param.dtype) for _, param in trainable if param.dtype != torch.float32})
+    if not_fp32:
+        raise ValueError(
+            f"trainable parameters must be float32 master weights, got {', '.join(not_fp32)}; load the student "
+            "in float32 (precision='bf16-mixed' computes in bf16 under autocast while the weights stay fp32)"
+        )
     trainable_ids = {id(param) for _, param in trainable}
     saved_flags = [(param, param.requires_grad) for param in student.parameters()]
     saved_modes = [(student, student.training)] + ([(teacher, teacher.training)] if teacher is not None else [])
@@ -163,6 +183,7 @@ def train(
             state_dir=state_dir,
             callback=callback,
             max_steps_this_call=max_steps_this_call,
+            precision=precision,
         )
     finally:
         for block in compiled:
@@ -200,12 +221,12 @@ def _run(
     state_dir: str | os.PathLike[str] | None,
     callback: MetricsCallback | None,
     max_steps_this_call: int | None,
+    precision: str,
 ) -> TrainResult:
     call_start = time.perf_counter()
     steps_left = cfg.steps - progress.step
     steps_this_call = steps_left if max_steps_this_call is None else min(steps_left, max_steps_this_call)
-    use_autocast = cfg.bf16_autocast and device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_autocast else nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16-mixed" else nullcontext
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     iterator: Iterator[Batch] = source.iter_from(progress.position)
     state_path = latest_state(state_dir) if state_dir is not None else None

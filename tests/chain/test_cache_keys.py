@@ -52,7 +52,7 @@ for prefix in ("data.max_length", "data.demo", "data.distill"):
 
 CHOICES = {"loss": ["reverse_kl", "forward_kl"], "trainable": ["all", "mamba"], "mode": ["mixer", "block"],
            "metric": ["accuracy", "nll"], "gqa_expansion": ["chunk", "head_aligned"], "device": ["auto", "cpu"],
-           "dtype": ["auto", "float32"], "distill_on": ["distill", "generic"]}
+           "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic"]}
 
 
 class KeyRecorder:

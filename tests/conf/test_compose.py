@@ -64,14 +64,26 @@ def test_apriel_preset_holds_the_recipe():
     assert (cfg.mamba.d_state, cfg.mamba.dt_rank) == (16, 16)
     assert cfg.mmr.train.steps == 100 and cfg.mmr.train.trainable == "mamba"
     assert cfg.sft.checkpoint == "H-30"
-    assert (cfg.hardware.device, cfg.hardware.dtype) == ("cuda", "bfloat16")
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cuda", "bf16-mixed")
+    assert cfg.train.save_dtype == cfg.sft.train.save_dtype == "bfloat16"  # fp32 masters, bf16 checkpoints
     assert cfg.teacher.path == "/models/teacher"
     cfg.schedule.validate(50)
 
 
+def test_gpu_demo_preset_trains_its_teacher_with_teacher_demo_train_in_bf16_mixed():
+    cfg = compose(["experiment=gpu_demo"])
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cuda", "bf16-mixed")
+    demo = cfg.teacher.demo
+    assert (demo.hidden_size, demo.num_hidden_layers) == (512, 8)
+    assert (demo.train.steps, demo.train.lr, demo.train.batch_size, demo.train.max_length) == (2000, 7e-4, 128, 128)
+    assert (cfg.mmr.train.steps, cfg.mmr.train.batch_size, cfg.mmr.train.max_length) == (100, 32, 128)
+    assert cfg.sft.train.steps == 200 and cfg.data.max_length == 128
+    cfg.schedule.validate(demo.num_hidden_layers)
+
+
 def test_tiny_preset_is_tiny():
     cfg = compose(["experiment=tiny"])
-    assert cfg.hardware.device == "cpu"
+    assert (cfg.hardware.device, cfg.hardware.precision) == ("cpu", "fp32")
     assert cfg.teacher.demo.num_hidden_layers == 4 and cfg.teacher.demo.train.steps <= 10
     assert cfg.train.steps <= 10 and cfg.mmr.train.steps <= 5 and cfg.sft.train.steps <= 5
     cfg.schedule.validate(cfg.teacher.demo.num_hidden_layers)

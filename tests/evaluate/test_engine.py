@@ -68,3 +68,39 @@ def test_engine_refuses_a_wrong_batch():
     engine = GenerationEngine(hybrid, batch_size=2, max_length=16)
     with pytest.raises(ValueError, match="built for batch 2"):
         engine.generate(torch.ones(3, 4, dtype=torch.long), max_new_tokens=2)
+
+
+def test_engine_leaves_the_model_untouched():
+    hybrid = build([1, 3])
+    hybrid.train()
+    before = {name: (param.data_ptr(), param.detach().clone()) for name, param in hybrid.named_parameters()}
+    engine = GenerationEngine(hybrid, batch_size=2, max_length=16)
+    engine.generate(torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2)), max_new_tokens=4)
+    assert hybrid.training  # generate ran in eval mode and gave the mode back
+    for name, param in hybrid.named_parameters():
+        pointer, value = before[name]
+        assert param.data_ptr() == pointer, f"{name} was re-pointed"
+        assert torch.equal(param.detach(), value), f"{name} changed"
+    with torch.no_grad():  # the engine holds copies: changing the model afterwards does not reach them
+        hybrid.model.layers[0].mixer.q_proj.weight.zero_()
+    assert engine.fused_qkv[0][0].abs().sum() > 0
+
+
+def test_engine_stops_at_eos_and_pads_after_it():
+    hybrid = build([0, 2])
+    ids = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(3))
+    engine = GenerationEngine(hybrid, batch_size=3, max_length=6 + 24)
+    free = engine.generate(ids, max_new_tokens=24).tokens
+    eos = int(free[0, 2])  # a token the first sequence writes at its third step: its end, by decree
+    stopped = engine.generate(ids, max_new_tokens=24, eos_token_id=eos, check_every=1)
+    for row in range(3):
+        hits = (free[row] == eos).nonzero()
+        end = int(hits[0]) if len(hits) else None
+        got = stopped.tokens[row]
+        if end is None:  # never ended: identical to the free run over the steps run
+            assert torch.equal(got, free[row, : got.shape[0]])
+        else:
+            assert torch.equal(got[: end + 1], free[row, : end + 1])
+            assert bool((got[end:] == eos).all())
+    if all(bool((free[row, :24] == eos).any()) for row in range(3)):
+        assert stopped.new_tokens < 24

@@ -148,3 +148,30 @@ def test_cli_plan_prints_the_stages_and_runs_nothing(tmp_path):
     assert [line.split()[1] for line in out[1:8]] == ["teacher", "loo", "H-2", "mmr-H-2", "H-3", "H-3-SFT",
                                                      "evaluate"]
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_precision_is_resolved_and_bf16_mixed_needs_a_bf16_cuda_device(monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from pipeline.config import HardwareConfig, RunConfig
+    from pipeline.plan import check_precision
+
+    def checked(**hardware):
+        found, notes = [], []
+        check_precision(dataclasses.replace(RunConfig(), hardware=HardwareConfig(**hardware)), found, notes)
+        return found, notes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert checked() == ([], ["precision: fp32"])  # auto on the CPU
+    found, notes = checked(device="cpu", precision="bf16-mixed")  # allowed: CPU autocast, fp32 masters
+    assert found == [] and notes[0].startswith("precision: bf16-mixed")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "old GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    found, _ = checked()  # auto on CUDA = bf16-mixed
+    assert found == ["hardware.precision=auto needs bf16, which this CUDA device (old GPU) lacks: "
+                     "set hardware.precision=fp32"]
+    assert checked(precision="fp32") == ([], ["precision: fp32"])
+    assert checked(device="cpu") == ([], ["precision: fp32"])

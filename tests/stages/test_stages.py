@@ -229,6 +229,31 @@ def test_teacher_mix_of_reasoning_and_generic_batches_resumes_in_place():
         assert resumed == straight, cut
 
 
+def test_bf16_mixed_stages_keep_fp32_masters_save_dtype_and_evaluate(tiny_teacher, loo_dir, tmp_path):
+    """hardware.precision=bf16-mixed on CPU (autocast): the distillation teacher is held in bf16, the student
+    trains as fp32 masters, save_dtype picks the checkpoint's dtype, evaluation scores in fp32."""
+    from pipeline.stages import run_evaluate
+    from pipeline.stages.common import load_model
+
+    cfg = tiny_config()
+    cfg.hardware = dataclasses.replace(cfg.hardware, device="cpu", precision="bf16-mixed")
+    cfg.train = dataclasses.replace(cfg.train, save_dtype="bfloat16")
+    assert load_model(tiny_teacher, cfg.hardware).dtype == torch.bfloat16  # frozen: bf16
+    assert load_model(tiny_teacher, cfg.hardware, fp32=True).dtype == torch.float32  # to be trained: fp32
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
+    saved = load_file(tmp_path / "H-2" / "model.safetensors")
+    assert saved["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for name, t in saved.items() if name.endswith(("A_log", ".D")))
+    run_sft(cfg.sft.train, cfg.data.view("sft"), cfg.hardware, checkpoint=tmp_path / "H-2",
+            out_dir=tmp_path / "H-2-SFT", work_dir=tmp_path / "sw", reporter=RecordingReporter())
+    assert load_file(tmp_path / "H-2-SFT" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.float32
+    records = run_evaluate(cfg.evaluate, cfg.data.view("eval"), cfg.hardware, teacher=tiny_teacher,
+                           checkpoints={"H-2-SFT": tmp_path / "H-2-SFT"}, out_dir=tmp_path / "eval",
+                           work_dir=tmp_path / "ew", reporter=RecordingReporter())
+    assert [r["checkpoint"] for r in records] == ["teacher", "H-2-SFT"]
+    assert all(r["tokens_per_s"] > 0 for r in records)
+
+
 def test_loo_rows_come_from_validation_files_or_a_held_out_share_never_the_test_split(tiny_teacher, tmp_path):
     from pipeline.config import DataConfig
     from pipeline.stages.common import StageData, load_tokenizer

@@ -48,7 +48,7 @@ def test_defaults_are_valid_and_distil_with_reverse_kl() -> None:
         ({"kl_chunk_elements": 0}, "kl_chunk_elements must be an int >= 1"),
         ({"save_every": -1}, "save_every must be an int >= 0"),
         ({"log_every": 0}, "log_every must be an int >= 1"),
-        ({"bf16_autocast": 1}, "bf16_autocast must be a bool"),
+        ({"save_dtype": "float16"}, "save_dtype must be one of ('float32', 'bfloat16')"),
         ({"compile_blocks": "yes"}, "compile_blocks must be a bool"),
         ({"loss_window": 0}, "loss_window must be an int >= 1"),
     ],

@@ -71,7 +71,7 @@ def test_peak_cuda_memory_stays_far_below_one_full_logits_block() -> None:
     assert chunked_peak < budget < full_logits_bytes
 
 
-def test_train_on_cuda_with_bf16_autocast() -> None:
+def test_train_on_cuda_bf16_mixed_with_a_bf16_teacher() -> None:
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
     torch.manual_seed(0)
@@ -83,8 +83,9 @@ def test_train_on_cuda_with_bf16_autocast() -> None:
     batches = [{"input_ids": torch.randint(0, 256, (8, 64), generator=generator)} for _ in range(4)]
     metrics: list[StepMetrics] = []
     cfg = TrainConfig(steps=40, lr=3e-3, warmup_steps=4, trainable="all", batch_size=8, max_length=64,
-                      kl_chunk_tokens=128, log_every=1, bf16_autocast=True)
-    result = train(student, batches, cfg, teacher=teacher, callback=metrics.append)
+                      kl_chunk_tokens=128, log_every=1)
+    result = train(student, batches, cfg, teacher=teacher.to(torch.bfloat16), callback=metrics.append,
+                   precision="bf16-mixed")
     print(f"loss {metrics[0].loss:.3f} -> {result.final_loss:.3f}, {metrics[-1].tokens_per_second:.0f} tokens/s")
     assert result.final_loss < 0.8 * metrics[0].loss
     assert all(p.dtype == torch.float32 for p in student.parameters())  # fp32 master weights, bf16 compute

@@ -1,0 +1,302 @@
+"""The chain on one GPU, bare (`pipeline.chain.run_chain` and the executor, as `run_local`: no Prefect,
+MLflow or Hydra needed).
+
+Two measurements, each writing a JSON record:
+
+  chain      --experiment gpu_demo --out chain.json
+      The whole chain of a preset (conf/experiment/<name>.yaml, read here without Hydra), with per stage
+      `stage`, `seconds`, `tokens_per_s` (mean training tokens/s of the stage's logged steps; null for
+      stages that do not train), `peak_memory_gib` (CUDA peak of the stage), and the evaluation summary.
+
+  precision  --seeds 0 1 2 --variants bf16-mixed fp32 --out precision.json
+      The default demo chain under each precision and seed, on ONE teacher (trained once, bf16-mixed,
+      then copied into every run, so LOO/MMR differences come from the precision alone). Runs are
+      concurrent processes on the one GPU (the demo models are tiny). Diagnostic variants, bf16-mixed
+      with one part put back as it was before the fix: "bf16-logits" (the losses' logits from a bf16 head
+      GEMM); and two that separate bf16 compute from bf16-held frozen models (the distillation teacher,
+      LOO and evaluation models): "frozen-fp32" (bf16-mixed training, frozen models held in fp32) and
+      "frozen-bf16" (fp32 training, frozen models held in bf16).
+
+Usage on a GPU machine: PYTHONPATH=. python benchmarks/gpu_pipeline.py chain --experiment gpu_demo --out x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import RunConfig  # noqa: E402  (no torch)
+
+
+# --- presets without Hydra -----------------------------------------------------------------------
+
+def _merge(obj, changes: dict):
+    """A copy of dataclass `obj` with nested `changes` applied (each level re-validated by __post_init__)."""
+    updates = {}
+    for key, value in changes.items():
+        if not hasattr(obj, key):
+            raise KeyError(f"{type(obj).__name__} has no field {key!r}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            updates[key] = _merge(current, value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            updates[key] = tuple(value)
+        else:
+            updates[key] = value
+    return dataclasses.replace(obj, **updates)
+
+
+def preset_config(name: str) -> RunConfig:
+    """conf/experiment/<name>.yaml over the schema defaults, with its `override /group: option` lines."""
+    import yaml
+
+    preset = yaml.safe_load((ROOT / "conf" / "experiment" / f"{name}.yaml").read_text())
+    cfg = RunConfig()
+    for entry in preset.pop("defaults", []):
+        (key, option), = entry.items()
+        group = key.removeprefix("override /")
+        options = yaml.safe_load((ROOT / "conf" / group / f"{option}.yaml").read_text()) or {}
+        options.pop("defaults", None)
+        cfg = _merge(cfg, {group: options})
+    return _merge(cfg, preset)
+
+
+# --- per-stage measurement -----------------------------------------------------------------------
+
+class MeasuringReporter:
+    """Prints progress; keeps every tokens/s metric a stage logs (the training steps' throughput)."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.tokens_per_s: list[float] = []
+        self.metrics: dict[str, float] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            if key.endswith("tokens_per_second") or key.endswith("tokens_per_s"):
+                self.tokens_per_s.append(float(value))
+            else:
+                self.metrics[key] = float(value)
+
+    def log_artifact(self, path) -> None:
+        pass
+
+    def progress(self, message: str) -> None:
+        print(f"{self.prefix}{message}", flush=True)
+
+
+def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, prefix: str = "",
+                       teacher_folder: Path | None = None) -> dict:
+    """The chain through the one executor over a folder store `<root>/<run_name>` (as `run_local`), each
+    stage timed. `teacher_folder`: a committed teacher adopted as this run's teacher output (not trained)."""
+    import torch
+
+    from pipeline.chain import run_chain
+    from pipeline.executor import Executor
+    from pipeline.store import open_store
+
+    cuda = torch.cuda.is_available()
+    reporter = MeasuringReporter(prefix)
+    store = open_store(str(root / cfg.run_name), cache_dir=root / ".cache" / "store")
+
+    class MeasuredExecutor(Executor):
+        def dispatch(self, call, key):
+            if call.name == "teacher" and teacher_folder is not None and self.find(call, key, quiet=True) is None:
+                self.store.put_checkpoint(teacher_folder, "teacher", config_digest=key, metadata={
+                    "stage": call.stage, "code_version": call.run.code_version, "cache_key": key,
+                    "shared_from": str(teacher_folder)})
+            return super().dispatch(call, key)
+
+    executor = MeasuredExecutor(store, root / ".cache" / "work" / cfg.run_name, reporter)
+    stages: list[dict] = []
+    record = {"run_name": cfg.run_name, "stages": stages}
+
+    def execute(call):
+        reporter.tokens_per_s.clear()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        out = executor(call)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        rates = reporter.tokens_per_s
+        stages.append({
+            "stage": call.name, "kind": call.stage, "seconds": round(seconds, 2), "skipped": not out.ran,
+            "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+            "meta": _meta_fields(store.root / call.name),
+        })
+        if record_path is not None:  # partial results survive a run cut short
+            record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        return out
+
+    started = time.perf_counter()
+    run_chain(cfg, execute)
+    record["total_seconds"] = round(time.perf_counter() - started, 1)
+    record["summary"] = json.loads((store.root / "evaluate" / "summary.json").read_text())
+    if record_path is not None:
+        record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def _meta_fields(folder) -> dict:
+    path = Path(folder) / "stage.json"
+    if not path.is_file():
+        return {}
+    meta = json.loads(path.read_text())
+    keep = ("checkpoint", "n_mamba", "layer_pattern", "converted_layers", "steps", "final_loss",
+            "final_distill_loss", "answer_accuracy", "baseline", "ranking", "wall_time_s")
+    return {key: meta[key] for key in keep if key in meta}
+
+
+def environment() -> dict:
+    import torch
+
+    from pipeline.model import kernels
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "torch": torch.__version__, "kernels": kernels.paths_used(),
+        "command": " ".join(sys.argv)}
+
+
+# --- the precision comparison --------------------------------------------------------------------
+
+def base_config(preset: str | None) -> RunConfig:
+    """The default demo config (RunConfig()), or a preset's (a CPU smoke test: --preset tiny --device cpu)."""
+    return preset_config(preset) if preset else RunConfig()
+
+
+def variant_config(variant: str, seed: int, preset: str | None = None, device: str = "cuda") -> RunConfig:
+    cfg = _merge(base_config(preset), {"run_name": f"{variant}-seed{seed}"})
+    precision = "fp32" if variant in ("fp32", "frozen-bf16") else "bf16-mixed"
+    return _merge(cfg, {"seed": seed, "hardware": {"device": device, "precision": precision},
+                        "train": {"seed": seed}, "sft": {"train": {"seed": seed}}})
+
+
+def _bf16_logits() -> None:
+    """Diagnostic only: the losses form their logits with a bf16 head GEMM, as before the fix."""
+    import torch
+
+    import pipeline.train.loop as loop
+
+    for name in ("chunked_distill_loss", "chunked_cross_entropy"):
+        original = getattr(loop, name)
+
+        def patched(*args, _original=original, **kwargs):
+            kwargs["compute_dtype"] = torch.bfloat16
+            return _original(*args, **kwargs)
+
+        setattr(loop, name, patched)
+
+
+def _frozen_dtype(dtype_name: str) -> None:
+    """Diagnostic only: models not asked in fp32 held in `dtype_name` whatever the precision. (When this
+    ran on the H200 the evaluate stage did not yet ask fp32; it now does, so "frozen-bf16" today keeps the
+    evaluated models in fp32 and changes only the distillation and LOO teachers.)"""
+    import torch
+
+    import pipeline.stages.common as common
+
+    dtype = getattr(torch, dtype_name)
+    common.resolve_dtype = lambda hardware, device, *, fp32=False: torch.float32 if fp32 else dtype
+
+
+def one_run(args) -> None:
+    """A child process: one variant and seed, from the shared teacher."""
+    if args.variant == "bf16-logits":
+        _bf16_logits()
+    if args.variant in ("frozen-fp32", "frozen-bf16"):
+        _frozen_dtype("float32" if args.variant == "frozen-fp32" else "bfloat16")
+    cfg = variant_config(args.variant, args.seed, args.preset, args.device)
+    record = run_measured_chain(cfg, Path(args.root), Path(args.out), prefix=f"[{cfg.run_name}] ",
+                                teacher_folder=Path(args.teacher))
+    record["variant"], record["seed"] = args.variant, args.seed
+    record["environment"] = environment()
+    Path(args.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def precision(args) -> None:
+    from pipeline.chain import run_local
+
+    root = Path(args.root)
+    teacher_cfg = _merge(base_config(args.preset), {"run_name": "shared",
+                                                    "hardware": {"device": args.device, "precision": "bf16-mixed"}})
+    started = time.perf_counter()
+    teacher = run_local(teacher_cfg, root, until="teacher", work_root=root / ".cache" / "work" / "shared")["teacher"]
+    teacher_s = time.perf_counter() - started
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    children = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            out = root / f"{variant}-seed{seed}.json"
+            log = open(root / f"{variant}-seed{seed}.log", "w")
+            command = [sys.executable, __file__, "one", "--variant", variant, "--seed", str(seed), "--teacher",
+                       str(teacher), "--root", str(root), "--out", str(out), "--device", args.device] + (
+                ["--preset", args.preset] if args.preset else [])
+            children.append((variant, seed, out, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                                   env=env), log))
+    results = []
+    for variant, seed, out, process, log in children:
+        code = process.wait()
+        log.close()
+        record = json.loads(out.read_text()) if out.exists() else {}
+        results.append({"variant": variant, "seed": seed, "exit_code": code, **record})
+        print(f"{variant} seed {seed}: exit {code}", flush=True)
+    teacher_meta = json.loads((Path(teacher) / "stage.json").read_text())
+    summary = {"teacher": {"seconds": round(teacher_s, 1), "final_loss": teacher_meta.get("final_loss")},
+               "runs": results, "environment": environment(), "concurrent_processes": len(children)}
+    Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def chain(args) -> None:
+    cfg = preset_config(args.experiment)
+    out = Path(args.out)
+    record = run_measured_chain(cfg, Path(args.root), out)
+    record["experiment"], record["environment"] = args.experiment, environment()
+    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    for row in record["summary"]:
+        print({k: row.get(k) for k in ("checkpoint", "answer_accuracy", "nll", "kl_to_teacher", "tokens_per_s")})
+    print(f"whole chain: {record['total_seconds']} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("chain")
+    p.add_argument("--experiment", default="gpu_demo")
+    p.add_argument("--root", default="/tmp/gpu-pipeline")
+    p.add_argument("--out", default="gpu-chain.json")
+    p = sub.add_parser("precision")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=["bf16-mixed", "fp32"])
+    p.add_argument("--root", default="/tmp/gpu-precision")
+    p.add_argument("--out", default="gpu-precision.json")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--device", default="cuda")
+    p = sub.add_parser("one")
+    p.add_argument("--variant", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    {"chain": chain, "precision": precision, "one": one_run}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
