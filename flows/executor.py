@@ -18,9 +18,10 @@ machine that points at it.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from prefect.states import Completed
 from flows.console import progress
 from flows.publish import (
     artifact_key,
+    evaluation_params,
     layer_pattern,
     log_output_files,
     loo_markdown,
@@ -45,6 +47,7 @@ from flows.publish import (
 )
 from pipeline.chain import StageCall
 from pipeline.stages.common import STAGE_META
+from pipeline.stages.evaluate import TOKENS_FRONTIER_FILE
 from pipeline.store import CheckpointRef, IntegrityError, NotFoundError, Store, config_digest, manifest_digest
 
 CACHE_KEY_TAG = "stage.cache_digest"  # ("…_key" would be redacted as a secret-looking name)
@@ -70,11 +73,18 @@ class StageOutput:
 
 
 class StageReporter:
-    """The stages' Reporter: metrics into the stage's MLflow run, progress to the console and Prefect."""
+    """The stages' Reporter: metrics into the stage's MLflow run, progress to the console and Prefect;
+    a trial (an MMR trial) gets a run nested under the stage's, named `<stage>/<name>/<trial>`."""
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, tracker: Any = None, stage: str = "", name: str = "") -> None:
         self.run = run
+        self.tracker, self.stage, self.name = tracker, stage, name
         self.artifacts: list[Path] = []
+
+    @contextlib.contextmanager
+    def trial(self, name: str) -> Iterator[StageReporter]:
+        with self.tracker.child(self.stage, checkpoint=f"{self.name}/{name}", parent_run_id=self.run.run_id) as run:
+            yield StageReporter(run, self.tracker, self.stage, f"{self.name}/{name}")
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.run.log_metrics(metrics, step=step)
@@ -186,9 +196,13 @@ class StoreExecutor:
         out_dir.mkdir(parents=True)
         with self.tracker.child(call.stage, checkpoint=call.name, tags={CACHE_KEY_TAG: key}) as run:
             run.log_params(call.config)
-            reporter = StageReporter(run)
+            reporter = StageReporter(run, self.tracker, call.stage, call.name)
             call.run(input_dirs, out_dir, work_dir, reporter)
             meta = read_json(out_dir / STAGE_META) if (out_dir / STAGE_META).is_file() else {}
+            if isinstance(meta.get("data"), dict):  # what it trained on: an MLflow dataset input
+                data = meta["data"]
+                run.log_dataset(data["name"], data["digest"], data["source"], rows=data.get("rows"),
+                                columns=data.get("columns", ()))
             pattern, n_mamba = layer_pattern(meta)
             ref = self.store.put_checkpoint(
                 out_dir, call.name, config_digest=key, parent=self._parent(call),
@@ -233,16 +247,22 @@ class StoreExecutor:
         return None
 
     def _evaluation_runs(self, out_dir: Path) -> None:
-        """One MLflow child run per evaluated checkpoint: its metrics and checkpoint tags, side by side."""
+        """One MLflow child run per evaluated checkpoint: the same params (its lineage) and metric names
+        for every checkpoint, and its checkpoint tags, so MLflow's compare view sets them side by side;
+        the frontier plots go on the parent run."""
         for record in summary_records(out_dir):
             name = record["checkpoint"]
             source = self.outputs.get(name)
             with self.tracker.child("evaluate", checkpoint=name) as run:
+                run.log_params(evaluation_params(record))
                 run.log_metrics(summary_metrics(record))
                 if source is not None:
                     run.set_checkpoint_tags(source.uri, layer_pattern=source.layer_pattern,
                                             mamba_layers=record.get("n_mamba"))
             self.evaluation_runs[name] = run.run_id
+        for plot in (out_dir / "frontier.png", out_dir / TOKENS_FRONTIER_FILE):
+            if plot.is_file():
+                self.tracker.log_artifact(plot)
 
     # --- after the task: Prefect artifacts ----------------------------------------------------------------
 

@@ -3,7 +3,7 @@
     tracker = Tracker(tracking_uri, experiment="hybrid-distill", run_name="qwen-h30")
     tracker.log_params(resolved_config)               # nested dicts become dotted keys
     with tracker.child("convert", checkpoint="H-25") as run:
-        run.log_metrics({"loss": loss}, step=step)
+        run.log_metrics({"train/loss": loss}, step=step)
         run.log_dict(loo_table, "loo.json")
         run.set_checkpoint_tags(ref.uri, layer_pattern=pattern, mamba_layers=25)
     tracker.finish()
@@ -226,6 +226,20 @@ class RunLogger:
         """Logs a dict (a table, the resolved config) as JSON or YAML by the file's extension, redacted."""
         self._client.log_dict(self.run_id, redact(obj), artifact_file)
 
+    def log_dataset(self, name: str, digest: str, source: str, *, context: str = "training",
+                    rows: int | None = None, columns: Sequence[str] = ()) -> None:
+        """Records a dataset the run read as an MLflow dataset input (the run page's "Datasets used",
+        searchable across runs): name, content digest and source, with the row count and columns."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source = _redact_string(str(source))
+        dataset = Dataset(
+            name=name, digest=str(digest)[:36], source_type="local" if "://" not in source else source.split(":", 1)[0],
+            source=json.dumps({"uri": source}), schema=json.dumps({"columns": list(columns)}) if columns else None,
+            profile=json.dumps({"num_rows": rows}) if rows is not None else None,
+        )
+        self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, _redact_string(text), artifact_file)
 
@@ -302,11 +316,13 @@ class Tracker(RunLogger):
 
     @contextlib.contextmanager
     def child(
-        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None
+        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
     ) -> Iterator[ChildRun]:
         """A child run for a stage, or for one checkpoint within a stage; FINISHED on normal exit,
-        FAILED on an exception (KILLED on Ctrl-C), which propagates."""
-        run_tags = {PARENT_RUN_ID_TAG: self.run_id, STAGE_TAG: stage}
+        FAILED on an exception (KILLED on Ctrl-C), which propagates. parent_run_id: nest it under
+        another child (an MMR trial under its stage's run) instead of the conversion's parent run."""
+        run_tags = {PARENT_RUN_ID_TAG: parent_run_id or self.run_id, STAGE_TAG: stage}
         if checkpoint is not None:
             run_tags[CHECKPOINT_TAG] = checkpoint
         run_tags.update(_safe_items(tags or {}, MAX_TAG_VALUE_LENGTH))
@@ -366,6 +382,10 @@ class NullRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
+    def log_dataset(self, name: str, digest: str, source: str, *, context: str = "training",
+                    rows: int | None = None, columns: Sequence[str] = ()) -> None:
+        pass
+
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         pass
 
@@ -387,7 +407,8 @@ class NullTracker(NullRun):
 
     @contextlib.contextmanager
     def child(
-        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None
+        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
     ) -> Iterator[NullRun]:
         yield NullRun()
 

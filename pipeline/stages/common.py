@@ -7,10 +7,12 @@ It reads checkpoint folders, writes its output folder, and keeps resumable train
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +40,11 @@ class Reporter(Protocol):
 
     def progress(self, message: str) -> None: ...
 
+    def trial(self, name: str) -> contextlib.AbstractContextManager[Reporter]:
+        """A reporter for one of several trainings inside a stage (an MMR trial), so that each one's
+        curves sit under the same `train/...` keys in a run of its own (MLflow: a nested run)."""
+        ...
+
 
 class ConsoleReporter:
     """Prints progress lines; drops metrics (the default when a stage runs on its own)."""
@@ -53,6 +60,10 @@ class ConsoleReporter:
 
     def progress(self, message: str) -> None:
         print(f"{self.prefix}{message}", flush=True)
+
+    @contextlib.contextmanager
+    def trial(self, name: str) -> Iterator[ConsoleReporter]:
+        yield self
 
 
 # --- hardware ------------------------------------------------------------------------------------
@@ -153,6 +164,15 @@ class StageData:
             self._cache[key] = load_rows(source, split)
         return self._cache[key]
 
+    def describe(self, kind: str, split: str = "train") -> dict[str, Any]:
+        """What a stage trained on, for its stage.json (and MLflow's dataset inputs): `datasets`'
+        fingerprint of the rows as the digest, the configured source (or the demo generator and its seed)."""
+        rows = self.rows(kind, split)
+        source = getattr(self.cfg.data, kind)
+        return {"name": f"{kind}-{split}", "source": source or f"demo:{'generic' if kind == 'generic' else 'reasoning'}"
+                f"?seed={self.cfg.data.demo.seed}", "digest": rows._fingerprint, "rows": len(rows),
+                "columns": list(rows.column_names)}
+
     def tokenized(self, kind: str, split: str = "train"):
         key = f"tok:{kind}:{split}"
         if key not in self._cache:
@@ -188,18 +208,48 @@ class StageData:
                                  stop=(len(dataset) + batch_size - 1) // batch_size))
 
 
+def cumulative_train_tokens(parent_dir: str | os.PathLike, tokens_seen: int) -> int:
+    """Tokens trained on since the teacher along a checkpoint's lineage (the recipe's frontier axis):
+    the parent's count (0 for the teacher, whose own pre-training is not counted) plus this stage's."""
+    return int(read_meta(parent_dir).get("cumulative_train_tokens", 0)) + int(tokens_seen)
+
+
+def parent_checkpoint(parent_dir: str | os.PathLike) -> str:
+    """The name of the checkpoint a stage started from ("teacher", "H-4", ...), as its stage.json says."""
+    return str(read_meta(parent_dir).get("checkpoint") or Path(parent_dir).name)
+
+
 def distill_kind(cfg: RunConfig) -> str:
     return "generic" if cfg.data.distill_on == "generic" else "distill"
 
 
-def metrics_callback(reporter: Reporter, prefix: str, every_line: int = 1):
-    """Training metrics -> reporter (with the step) and a short progress line."""
+# Training curves go under the same keys in every stage's run (teacher, conversions, MMR trials, SFT), so
+# MLflow's chart view overlays the runs: train/loss, train/kl, train/ce, train/lr, train/grad_norm, ...
+TRAIN_METRIC_KEYS = {
+    "loss": "train/loss",
+    "distill_loss": "train/kl",
+    "ce_loss": "train/ce",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_second": "train/tokens_per_s",
+    "step_time_s": "train/step_time_s",
+    "tokens_seen": "train/tokens_seen",
+}
+
+
+def train_metrics(metrics) -> dict[str, float]:
+    """A StepMetrics as `train/...` metrics (a field without a name above keeps its own: `train/<field>`)."""
+    return {TRAIN_METRIC_KEYS.get(key, f"train/{key}"): float(value) for key, value in vars(metrics).items()
+            if key != "step" and isinstance(value, (int, float)) and value is not None}
+
+
+def metrics_callback(reporter: Reporter, label: str):
+    """Training metrics -> reporter under the `train/...` keys (with the step), and a short progress line
+    naming what trains (`label`: the checkpoint, an MMR trial)."""
     def callback(metrics) -> None:
-        values = {f"{prefix}/{k}": float(v) for k, v in vars(metrics).items()
-                  if k != "step" and isinstance(v, (int, float)) and v is not None}
-        reporter.log_metrics(values, step=metrics.step)
+        reporter.log_metrics(train_metrics(metrics), step=metrics.step)
         reporter.progress(
-            f"  {prefix} step {metrics.step}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} "
+            f"  {label} step {metrics.step}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} "
             f"{metrics.tokens_per_second:,.0f} tok/s"
         )
     return callback
@@ -207,17 +257,21 @@ def metrics_callback(reporter: Reporter, prefix: str, every_line: int = 1):
 
 __all__ = [
     "ConsoleReporter",
+    "cumulative_train_tokens",
     "Reporter",
     "StageData",
     "StageError",
+    "TRAIN_METRIC_KEYS",
     "distill_kind",
     "load_model",
     "load_tokenizer",
     "metrics_callback",
+    "parent_checkpoint",
     "read_meta",
     "require_folder",
     "resolve_device",
     "resolve_dtype",
     "save_checkpoint",
+    "train_metrics",
     "write_meta",
 ]

@@ -18,10 +18,12 @@ from pipeline.stages.common import (
     Reporter,
     StageData,
     StageError,
+    cumulative_train_tokens,
     distill_kind,
     load_model,
     load_tokenizer,
     metrics_callback,
+    parent_checkpoint,
     save_checkpoint,
     write_meta,
 )
@@ -56,7 +58,9 @@ def convert_and_distil(cfg: RunConfig, teacher_dir: Path, parent_dir: Path, new_
         out_dir, stage, cfg, parent=str(parent_dir), started=started, checkpoint=name, n_mamba=n_mamba,
         layer_types=student.config.layer_types, layer_pattern=student.config.layer_pattern,
         converted_layers=new_layers, train={**to_plain(cfg.train)}, steps=result.steps_done,
-        tokens_seen=result.tokens_seen, final_distill_loss=result.final_distill_loss, **extra,
+        tokens_seen=result.tokens_seen, cumulative_train_tokens=cumulative_train_tokens(parent_dir, result.tokens_seen),
+        parent_checkpoint=parent_checkpoint(parent_dir),
+        data=data.describe(distill_kind(cfg)), final_distill_loss=result.final_distill_loss, **extra,
     )
     reporter.log_metrics({"final_distill_loss": result.final_distill_loss, "n_mamba": n_mamba})
     return meta

@@ -1,6 +1,7 @@
 """Evaluate the teacher and every checkpoint: answer accuracy, NLL, KL to the teacher, throughput.
 
-Writes summary.json (one record per checkpoint) and frontier.png (throughput ratio vs accuracy).
+Writes summary.json (one record per checkpoint, with its lineage), frontier.png (throughput ratio vs accuracy)
+and frontier_tokens.png (accuracy and throughput against cumulative training tokens).
 """
 
 from __future__ import annotations
@@ -12,13 +13,22 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.evaluate.plots import frontier_plot
+from pipeline.evaluate.plots import frontier_plot, tokens_frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
 from pipeline.model.config import ATTENTION, MAMBA
-from pipeline.stages.common import ConsoleReporter, Reporter, StageData, load_model, load_tokenizer, write_meta
+from pipeline.stages.common import (
+    ConsoleReporter,
+    Reporter,
+    StageData,
+    load_model,
+    load_tokenizer,
+    read_meta,
+    write_meta,
+)
 
 SUMMARY_FILE = "summary.json"
+TOKENS_FRONTIER_FILE = "frontier_tokens.png"  # accuracy and throughput against cumulative training tokens
 
 
 def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageData, problems, batches) -> dict:
@@ -35,6 +45,7 @@ def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageDa
         "checkpoint": name,
         "n_mamba": layer_types.count(MAMBA),
         "layer_types": layer_types,
+        "layer_pattern": "".join({ATTENTION: "A", MAMBA: "M"}.get(kind, "I") for kind in layer_types),
         "answer_accuracy": accuracy,
         "nll": quality["nll"],
         "kl_to_teacher": quality.get("kl_to_teacher", 0.0),
@@ -43,6 +54,15 @@ def evaluate_checkpoint(cfg: RunConfig, name: str, model, teacher, data: StageDa
         "examples": len(problems),
         "sample": samples[0]["generated"] if samples else "",
     }
+
+
+def lineage(folder: str | Path | None) -> dict:
+    """Where a checkpoint comes from, from its stage.json, for comparing checkpoints side by side: the
+    checkpoint it was trained from, the layers its stage converted and the tokens
+    trained on since the teacher (the teacher itself: no parent, nothing converted, 0 tokens)."""
+    meta = read_meta(folder) if folder is not None else {}
+    return {"parent": meta.get("parent_checkpoint"), "converted_layers": list(meta.get("converted_layers", [])),
+            "cumulative_train_tokens": int(meta.get("cumulative_train_tokens", 0))}
 
 
 @torch.no_grad()
@@ -56,10 +76,12 @@ def run_evaluate(cfg: RunConfig, teacher_dir: str | Path, checkpoints: dict[str,
     problems = data.eval_problems(cfg.evaluate.num_examples)
     batches = data.eval_batches(cfg.evaluate.nll_examples)
     records = [evaluate_checkpoint(cfg, "teacher", teacher, teacher, data, problems, batches)]
+    records[0].update(lineage(None))
     reporter.progress(f"  teacher: accuracy {records[0]['answer_accuracy']:.3f}, {records[0]['tokens_per_s']:,.0f} tok/s")
     for name, folder in checkpoints.items():
         model = load_model(folder, cfg, f"checkpoint {name}")
         record = evaluate_checkpoint(cfg, name, model, teacher, data, problems, batches)
+        record.update(lineage(folder))
         records.append(record)
         del model
         reporter.progress(
@@ -72,7 +94,8 @@ def run_evaluate(cfg: RunConfig, teacher_dir: str | Path, checkpoints: dict[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(records, indent=2) + "\n")
     frontier_plot(records, out_dir / "frontier.png")
-    for name in (SUMMARY_FILE, "frontier.png"):
+    tokens_frontier_plot(records, out_dir / TOKENS_FRONTIER_FILE)
+    for name in (SUMMARY_FILE, "frontier.png", TOKENS_FRONTIER_FILE):
         reporter.log_artifact(out_dir / name)
     write_meta(out_dir, "evaluate", cfg, parent=None, started=started, checkpoints=list(checkpoints))
     return records
@@ -88,4 +111,4 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SUMMARY_FILE", "evaluate_checkpoint", "run_evaluate", "summary_table"]
+__all__ = ["SUMMARY_FILE", "TOKENS_FRONTIER_FILE", "evaluate_checkpoint", "lineage", "run_evaluate", "summary_table"]

@@ -61,11 +61,12 @@ def run_mmr(cfg: RunConfig, teacher_dir: str | Path, parent_dir: str | Path, out
             continue
         student = hybridize(parent, [layer], seed=cfg.seed)
         prefix = f"model.layers.{layer}.mixer."
-        result = train(
-            student, data.batch_source(distill_kind(cfg), train_cfg.batch_size, train_cfg.seed), train_cfg,
-            teacher=teacher, callback=metrics_callback(reporter, f"mmr_layer_{layer}"),
-            trainable_filter=lambda name, _param, prefix=prefix: name.startswith(prefix),
-        )
+        with reporter.trial(f"layer-{layer}") as trial:  # its curves: train/... in a run of its own
+            result = train(
+                student, data.batch_source(distill_kind(cfg), train_cfg.batch_size, train_cfg.seed), train_cfg,
+                teacher=teacher, callback=metrics_callback(trial, f"mmr layer {layer}"),
+                trainable_filter=lambda name, _param, prefix=prefix: name.startswith(prefix),
+            )
         trials[layer] = result.final_distill_loss
         work_dir.mkdir(parents=True, exist_ok=True)
         done_path.write_text(json.dumps(trials))

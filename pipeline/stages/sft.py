@@ -10,9 +10,11 @@ from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
     StageData,
+    cumulative_train_tokens,
     load_model,
     load_tokenizer,
     metrics_callback,
+    parent_checkpoint,
     read_meta,
     save_checkpoint,
     write_meta,
@@ -37,7 +39,10 @@ def run_sft(cfg: RunConfig, checkpoint_dir: str | Path, out_dir: str | Path, *, 
         out_dir, "sft", cfg, parent=str(checkpoint_dir), started=started, checkpoint=name,
         n_mamba=len(getattr(config, "mamba_layers", [])), layer_types=list(config.layer_types),
         layer_pattern=getattr(config, "layer_pattern", None), train=to_plain(cfg.sft.train),
-        steps=result.steps_done, tokens_seen=result.tokens_seen, final_loss=result.final_loss,
+        steps=result.steps_done, tokens_seen=result.tokens_seen,
+        cumulative_train_tokens=cumulative_train_tokens(checkpoint_dir, result.tokens_seen),
+        parent_checkpoint=parent_checkpoint(checkpoint_dir),
+        data=data.describe("sft"), final_loss=result.final_loss,
     )
 
 

@@ -137,7 +137,7 @@ def test_mlflow_holds_parent_children_metrics_tags_and_artifacts(s3_run, tmp_pat
     assert {run.info.status for run in children.values()} == {"FINISHED"}
 
     converted = children["convert/H-2"]
-    history = client.get_metric_history(converted.info.run_id, "H-2/loss")
+    history = client.get_metric_history(converted.info.run_id, "train/loss")
     assert sorted(metric.step for metric in history) == [1, 2, 3, 4, 5, 6]
     assert converted.data.params["train.steps"] == "6"
     assert converted.data.tags["checkpoint.uri"] == f"s3://{s3_run.bucket}/runs/e2e/H-2"
