@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-gpu bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ui serve
+.PHONY: setup test test-gpu bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ui serve stack stack-down infra-up infra-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -79,6 +79,25 @@ ui: setup
 # started from its UI or API.
 serve: setup
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} $(PY) -m flows.serve
+
+# The team's services as local processes (no docker): Prefect server, MLflow on SQLite, moto's S3 server;
+# addresses printed, logs and databases under .cache/stack/. `source .cache/stack/env` points clients at them.
+S3_PORT ?= 9000
+stack: setup
+	$(PY) -m flows.stack up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT) --s3-port $(S3_PORT)
+
+stack-down:
+	$(PY) -m flows.stack down
+
+# The same services with PostgreSQL and MinIO, and a GPU worker, in docker (infra/README.md).
+COMPOSE := docker compose -f infra/docker-compose.yml --env-file infra/.env
+infra-up:
+	@test -f infra/.env || { echo "copy infra/.env.example to infra/.env and set its passwords first"; exit 1; }
+	$(COMPOSE) up -d --build
+	@echo "Prefect UI: http://localhost:$${PREFECT_PORT:-4200}   MLflow UI: http://localhost:$${MLFLOW_PORT:-5000}   MinIO console: http://localhost:$${MINIO_CONSOLE_PORT:-9001}"
+
+infra-down:
+	$(COMPOSE) down
 
 clean:
 	rm -rf $(VENV) .pytest_cache
