@@ -67,7 +67,7 @@ ui: setup
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)   (tracking URI sqlite:///$(CURDIR)/mlflow.db, or tracking.uri=http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "Server logs: .cache/prefect-server.log, .cache/mlflow-server.log. Ctrl-C stops both."
 	@trap 'kill $$prefect_pid $$mlflow_pid 2>/dev/null; wait' INT TERM EXIT; \
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .cache/prefect-server.log 2>&1 & \
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .cache/prefect-server.log 2>&1 & \
 	prefect_pid=$$!; \
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlruns --workers 1 \

@@ -65,8 +65,9 @@ def services(root: Path, prefect_port: int, mlflow_port: int, s3_port: int) -> l
                 "/health", {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
         Service("prefect", prefect_port,
                 [python, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                # The UI asks the server where its API is: the server's settings, not --port, decide that.
                 "/api/health", {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                                "PREFECT_API_URL": ""}),
+                                "PREFECT_API_URL": "", "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}),
     ]
 
 

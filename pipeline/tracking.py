@@ -46,6 +46,10 @@ CHECKPOINT_URI_TAG = "checkpoint.uri"
 LAYER_PATTERN_TAG = "checkpoint.layer_pattern"
 MAMBA_LAYERS_TAG = "checkpoint.mamba_layers"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests children under the parent
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces); ours are model training runs,
+# shown as the runs table, its compare and chart views.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow's limits (mlflow.utils.validation); copied so that this module imports without mlflow.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -281,13 +285,16 @@ class Tracker(RunLogger):
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return client.create_experiment(name, artifact_location=artifact_location)
+                return client.create_experiment(name, artifact_location=artifact_location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:  # created meanwhile by another process
                 experiment = client.get_experiment_by_name(name)
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def _parent_run_id(self, client: Any) -> str:

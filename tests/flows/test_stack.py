@@ -52,6 +52,8 @@ def test_stack_runs_a_deployment_into_its_s3_and_mlflow(tmp_path):
             with urllib.request.urlopen(state[name] + path, timeout=10) as response:
                 assert marker in response.read().decode(errors="replace"), name
         assert f"source {root / 'env'}" in printed and (root / "env").is_file()
+        with urllib.request.urlopen(state["prefect"] + "/ui-settings", timeout=10) as response:
+            assert json.loads(response.read())["api_url"] == state["prefect"] + "/api"  # where the UI's page calls
         for log in state["logs"].values():
             assert os.path.getsize(log) > 0
 

@@ -253,3 +253,24 @@ def test_default_tracking_uri_is_a_local_sqlite_file(tmp_path, monkeypatch):
     child = runs_by_name(client, "local")["teacher"]
     assert [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "loss")] == [(7, 2.5)]
     assert (tmp_path / "mlflow.db").is_file()
+
+
+def test_experiments_open_as_model_training_and_trials_nest_under_their_stage(mlflow_tracking_uri, mlflow_experiment):
+    """MLflow 3's UI shows an experiment without `mlflow.experimentKind` as a GenAI one (traces, no runs
+    table); a run nested under a child (an MMR trial) names that child as its parent."""
+    client = client_for(mlflow_tracking_uri)
+    existing = client.create_experiment(f"{mlflow_experiment}-old")  # made before the tag existed
+    Tracker(mlflow_tracking_uri, f"{mlflow_experiment}-old", "r")
+    assert client.get_experiment(existing).tags["mlflow.experimentKind"] == "custom_model_development"
+    tracker = Tracker(mlflow_tracking_uri, mlflow_experiment, "r")
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    with tracker.child("mmr", checkpoint="mmr-H-2") as stage:
+        with tracker.child("mmr", checkpoint="mmr-H-2/layer-1", parent_run_id=stage.run_id) as trial:
+            trial.log_metrics({"train/loss": 0.5}, step=1)
+        stage.log_dataset("distill-train", "abc123", "demo:reasoning?seed=0", rows=10, columns=["messages"])
+    runs = runs_by_name(client, mlflow_experiment)
+    assert runs["mmr/mmr-H-2/layer-1"].data.tags["mlflow.parentRunId"] == stage.run_id
+    assert runs["mmr/mmr-H-2"].data.tags["mlflow.parentRunId"] == tracker.run_id
+    [entry] = client.get_run(stage.run_id).inputs.dataset_inputs
+    assert (entry.dataset.name, entry.dataset.digest) == ("distill-train", "abc123")
+    assert json.loads(entry.dataset.profile) == {"num_rows": 10}
