@@ -54,11 +54,12 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
             continue
         student = hybridize(parent_model, [layer], seed=seed)
         prefix = f"model.layers.{layer}.mixer."
-        result = train(
-            student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
-            teacher=teacher_model, callback=metrics_callback(reporter, f"mmr_layer_{layer}"),
-            trainable_filter=lambda name, _param, prefix=prefix: name.startswith(prefix),
-        )
+        with reporter.trial(f"layer-{layer}") as trial:  # its curves: train/... in a run of its own
+            result = train(
+                student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
+                teacher=teacher_model, callback=metrics_callback(trial, f"mmr layer {layer}"),
+                trainable_filter=lambda name, _param, prefix=prefix: name.startswith(prefix),
+            )
         trials[layer] = result.final_distill_loss
         work_dir.mkdir(parents=True, exist_ok=True)
         done_path.write_text(json.dumps(trials))
