@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ui serve
+.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ui serve stack stack-down infra-up infra-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -77,7 +77,7 @@ ui: setup
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)   (tracking URI sqlite:///$(CURDIR)/mlflow.db, or tracking.uri=http://127.0.0.1:$(MLFLOW_PORT))"
 	@echo "Server logs: .cache/prefect-server.log, .cache/mlflow-server.log. Ctrl-C stops both."
 	@trap 'kill $$prefect_pid $$mlflow_pid 2>/dev/null; wait' INT TERM EXIT; \
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .cache/prefect-server.log 2>&1 & \
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .cache/prefect-server.log 2>&1 & \
 	prefect_pid=$$!; \
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/mlflow.db --artifacts-destination $(CURDIR)/mlruns --workers 1 \
@@ -89,6 +89,25 @@ ui: setup
 # started from its UI or API.
 serve: setup
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api} $(PY) -m flows.serve
+
+# The team's services as local processes (no docker): Prefect server, MLflow on SQLite, moto's S3 server;
+# addresses printed, logs and databases under .cache/stack/. `source .cache/stack/env` points clients at them.
+S3_PORT ?= 9000
+stack: setup
+	$(PY) -m flows.stack up --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT) --s3-port $(S3_PORT)
+
+stack-down:
+	$(PY) -m flows.stack down
+
+# The same services with PostgreSQL and MinIO, and a GPU worker, in docker (infra/README.md).
+COMPOSE := docker compose -f infra/docker-compose.yml --env-file infra/.env
+infra-up:
+	@test -f infra/.env || { echo "copy infra/.env.example to infra/.env and set its passwords first"; exit 1; }
+	$(COMPOSE) up -d --build
+	@echo "Prefect UI: http://localhost:$${PREFECT_PORT:-4200}   MLflow UI: http://localhost:$${MLFLOW_PORT:-5000}   MinIO console: http://localhost:$${MINIO_CONSOLE_PORT:-9001}"
+
+infra-down:
+	$(COMPOSE) down
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -26,6 +26,7 @@ from prefect.states import Completed
 from flows.console import progress
 from flows.publish import (
     artifact_key,
+    evaluation_params,
     log_output_files,
     loo_markdown,
     mlflow_run_link,
@@ -36,17 +37,26 @@ from flows.publish import (
 )
 from pipeline.config import to_plain
 from pipeline.executor import Executor, Output, StageCall
+from pipeline.stages.common import read_meta
+from pipeline.stages.evaluate import TOKENS_FRONTIER_FILE
 from pipeline.store import Store
 
 CACHE_KEY_TAG = "stage.cache_digest"  # ("…_key" would be redacted as a secret-looking name)
 
 
 class StageReporter:
-    """The stages' Reporter: metrics into the stage's MLflow run, progress to the console and Prefect."""
+    """The stages' Reporter: metrics into the stage's MLflow run, progress to the console and Prefect;
+    a trial (an MMR trial) gets a run nested under the stage's, named `<stage>/<name>/<trial>`."""
 
-    def __init__(self, run: Any) -> None:
+    def __init__(self, run: Any, tracker: Any = None, stage: str = "", name: str = "") -> None:
         self.run = run
+        self.tracker, self.stage, self.name = tracker, stage, name
         self.artifacts: list[Path] = []
+
+    @contextlib.contextmanager
+    def trial(self, name: str) -> Iterator[StageReporter]:
+        with self.tracker.child(self.stage, checkpoint=f"{self.name}/{name}", parent_run_id=self.run.run_id) as run:
+            yield StageReporter(run, self.tracker, self.stage, f"{self.name}/{name}")
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.run.log_metrics(metrics, step=step)
@@ -67,6 +77,10 @@ class _Console:
 
     def progress(self, message: str) -> None:
         progress(message)
+
+    @contextlib.contextmanager
+    def trial(self, name: str) -> Iterator[_Console]:
+        yield self
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -110,10 +124,14 @@ class StoreExecutor(Executor):
             progress(f"  ended {ended} MLflow run(s) of {call.name} left RUNNING by a killed attempt (KILLED)")
         with self.tracker.child(call.stage, checkpoint=call.name, tags={CACHE_KEY_TAG: key}) as run:
             run.log_params(to_plain(call.settings))
-            yield StageReporter(run), run.run_id
+            yield StageReporter(run, self.tracker, call.stage, call.name), run.run_id
 
     def committed(self, call: StageCall, output: Output, out_dir: Path, reporter: StageReporter) -> None:
         run = reporter.run
+        data = read_meta(out_dir).get("data")
+        if isinstance(data, dict):  # what it trained on: an MLflow dataset input
+            run.log_dataset(data["name"], data["digest"], data["source"], rows=data.get("rows"),
+                            columns=data.get("columns", ()))
         if call.is_checkpoint:
             run.set_checkpoint_tags(output.uri, layer_pattern=output.layer_pattern, mamba_layers=output.n_mamba)
         else:
@@ -123,16 +141,22 @@ class StoreExecutor(Executor):
             self._evaluation_runs(out_dir)
 
     def _evaluation_runs(self, out_dir: Path) -> None:
-        """One MLflow child run per evaluated checkpoint: its metrics and checkpoint tags, side by side."""
+        """One MLflow child run per evaluated checkpoint: the same params (its lineage) and metric names
+        for every checkpoint, and its checkpoint tags, so MLflow's compare view sets them side by side;
+        the frontier plots go on the parent run."""
         for record in summary_records(out_dir):
             name = record["checkpoint"]
             source = self.outputs.get(name)
             with self.tracker.child("evaluate", checkpoint=name) as run:
+                run.log_params(evaluation_params(record))
                 run.log_metrics(summary_metrics(record))
                 if source is not None:
                     run.set_checkpoint_tags(source.uri, layer_pattern=source.layer_pattern,
                                             mamba_layers=record.get("n_mamba"))
             self.evaluation_runs[name] = run.run_id
+        for plot in (out_dir / "frontier.png", out_dir / TOKENS_FRONTIER_FILE):
+            if plot.is_file():
+                self.tracker.log_artifact(plot)
 
     # --- after the task: Prefect artifacts ----------------------------------------------------------------
 

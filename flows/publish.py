@@ -18,7 +18,7 @@ from pipeline.stages.evaluate import SUMMARY_FILE, summary_table
 from pipeline.stages.loo import LOO_FILE
 from pipeline.stages.mmr import MMR_FILE
 
-SUMMARY_METRICS = ("answer_accuracy", "nll", "kl_to_teacher", "tokens_per_s", "throughput_ratio")
+SUMMARY_METRICS = ("answer_accuracy", "nll", "kl_to_teacher", "tokens_per_s", "throughput_ratio", "cumulative_train_tokens")
 
 
 def read_json(path: Path) -> Any:
@@ -98,6 +98,19 @@ def summary_markdown(records: list[dict[str, Any]], links: Mapping[str, str], lo
     return "\n".join(lines)
 
 
+EVALUATION_PARAMS = ("n_mamba", "layer_pattern", "parent", "converted_layers", "cumulative_train_tokens")
+
+
+def evaluation_params(record: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluated checkpoint's lineage as MLflow params: the same keys for every checkpoint (the teacher:
+    parent "none", no converted layers, 0 tokens), so the compare view lines them up."""
+    values = {name: record.get(name) for name in EVALUATION_PARAMS}
+    values["parent"] = values["parent"] or "none"
+    values["converted_layers"] = list(values["converted_layers"] or [])
+    values["cumulative_train_tokens"] = int(values["cumulative_train_tokens"] or 0)
+    return values
+
+
 def summary_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     from pipeline.evaluate.lm_harness import score_metrics
 
@@ -106,7 +119,9 @@ def summary_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 __all__ = [
+    "EVALUATION_PARAMS",
     "artifact_key",
+    "evaluation_params",
     "log_output_files",
     "loo_markdown",
     "mlflow_run_link",

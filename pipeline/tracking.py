@@ -3,7 +3,7 @@
     tracker = Tracker(tracking_uri, experiment="hybrid-distill", run_name="qwen-h30")
     tracker.log_params(resolved_config)               # nested dicts become dotted keys
     with tracker.child("convert", checkpoint="H-25") as run:
-        run.log_metrics({"loss": loss}, step=step)
+        run.log_metrics({"train/loss": loss}, step=step)
         run.log_dict(loo_table, "loo.json")
         run.set_checkpoint_tags(ref.uri, layer_pattern=pattern, mamba_layers=25)
     tracker.finish()
@@ -46,6 +46,10 @@ CHECKPOINT_URI_TAG = "checkpoint.uri"
 LAYER_PATTERN_TAG = "checkpoint.layer_pattern"
 MAMBA_LAYERS_TAG = "checkpoint.mamba_layers"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests children under the parent
+# MLflow 3's UI opens an experiment without this tag as a GenAI one (traces); ours are model training runs,
+# shown as the runs table, its compare and chart views.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow's limits (mlflow.utils.validation); copied so that this module imports without mlflow.
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -226,6 +230,20 @@ class RunLogger:
         """Logs a dict (a table, the resolved config) as JSON or YAML by the file's extension, redacted."""
         self._client.log_dict(self.run_id, redact(obj), artifact_file)
 
+    def log_dataset(self, name: str, digest: str, source: str, *, context: str = "training",
+                    rows: int | None = None, columns: Sequence[str] = ()) -> None:
+        """Records a dataset the run read as an MLflow dataset input (the run page's "Datasets used",
+        searchable across runs): name, content digest and source, with the row count and columns."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source = _redact_string(str(source))
+        dataset = Dataset(
+            name=name, digest=str(digest)[:36], source_type="local" if "://" not in source else source.split(":", 1)[0],
+            source=json.dumps({"uri": source}), schema=json.dumps({"columns": list(columns)}) if columns else None,
+            profile=json.dumps({"num_rows": rows}) if rows is not None else None,
+        )
+        self._client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self._client.log_text(self.run_id, _redact_string(text), artifact_file)
 
@@ -267,13 +285,16 @@ class Tracker(RunLogger):
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return client.create_experiment(name, artifact_location=artifact_location)
+                return client.create_experiment(name, artifact_location=artifact_location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:  # created meanwhile by another process
                 experiment = client.get_experiment_by_name(name)
                 if experiment is None:
                     raise
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     def _parent_run_id(self, client: Any) -> str:
@@ -302,11 +323,13 @@ class Tracker(RunLogger):
 
     @contextlib.contextmanager
     def child(
-        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None
+        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
     ) -> Iterator[ChildRun]:
         """A child run for a stage, or for one checkpoint within a stage; FINISHED on normal exit,
-        FAILED on an exception (KILLED on Ctrl-C), which propagates."""
-        run_tags = {PARENT_RUN_ID_TAG: self.run_id, STAGE_TAG: stage}
+        FAILED on an exception (KILLED on Ctrl-C), which propagates. parent_run_id: nest it under
+        another child (an MMR trial under its stage's run) instead of the conversion's parent run."""
+        run_tags = {PARENT_RUN_ID_TAG: parent_run_id or self.run_id, STAGE_TAG: stage}
         if checkpoint is not None:
             run_tags[CHECKPOINT_TAG] = checkpoint
         run_tags.update(_safe_items(tags or {}, MAX_TAG_VALUE_LENGTH))
@@ -325,16 +348,20 @@ class Tracker(RunLogger):
 
     def end_abandoned(self, stage: str, checkpoint: str, status: str = "KILLED") -> int:
         """Ends the child runs of this stage and checkpoint still RUNNING: left by an attempt that was
-        killed before it could end them (a restarted run calls this before its own attempt). Returns
-        how many were ended."""
+        killed before it could end them (a restarted run calls this before its own attempt), with the
+        trials nested under them (`<checkpoint>/<trial>`). Returns how many were ended."""
         quote = "'" if "'" not in checkpoint else '"'
         runs = self._client.search_runs(
             [self.experiment_id],
-            filter_string=(f"tags.{STAGE_TAG} = '{stage}' and tags.{CHECKPOINT_TAG} = {quote}{checkpoint}{quote} "
+            filter_string=(f"tags.{STAGE_TAG} = '{stage}' and tags.{CHECKPOINT_TAG} LIKE {quote}{checkpoint}%{quote} "
                            "and attributes.status = 'RUNNING'"),
-            max_results=100,
+            max_results=1000,
         )
-        stale = [run for run in runs if run.data.tags.get(PARENT_RUN_ID_TAG) == self.run_id]
+        stale = [run for run in runs if run.data.tags.get(CHECKPOINT_TAG) == checkpoint
+                 and run.data.tags.get(PARENT_RUN_ID_TAG) == self.run_id]
+        parents = {run.info.run_id for run in stale}
+        stale += [run for run in runs if run.data.tags.get(CHECKPOINT_TAG, "").startswith(f"{checkpoint}/")
+                  and run.data.tags.get(PARENT_RUN_ID_TAG) in parents]
         for run in stale:
             self._client.set_terminated(run.info.run_id, status=status)
         return len(stale)
@@ -382,6 +409,10 @@ class NullRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
+    def log_dataset(self, name: str, digest: str, source: str, *, context: str = "training",
+                    rows: int | None = None, columns: Sequence[str] = ()) -> None:
+        pass
+
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         pass
 
@@ -403,7 +434,8 @@ class NullTracker(NullRun):
 
     @contextlib.contextmanager
     def child(
-        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None
+        self, stage: str, checkpoint: str | None = None, *, tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
     ) -> Iterator[NullRun]:
         yield NullRun()
 

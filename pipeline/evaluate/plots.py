@@ -1,4 +1,5 @@
-"""PNG plots: LOO importance, MMR losses, and the efficiency frontier (throughput ratio vs accuracy)."""
+"""PNG plots: LOO importance, MMR losses, the efficiency frontier (throughput ratio vs accuracy), and
+accuracy and throughput against cumulative training tokens."""
 
 from __future__ import annotations
 
@@ -43,4 +44,26 @@ def frontier_plot(records: Sequence[dict], path: str | Path, *, quality_key: str
     return Path(path)
 
 
-__all__ = ["bar_plot", "frontier_plot"]
+def tokens_frontier_plot(records: Sequence[dict], path: str | Path, *,
+                         quality_key: str = "answer_accuracy") -> Path:
+    """The recipe's frontier against cost: answer accuracy (left) and throughput ratio to the teacher
+    (right) of every checkpoint against the tokens trained on since the teacher (`cumulative_train_tokens`);
+    the teacher sits at 0."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, label in ((axes[0], quality_key, quality_key.replace("_", " ")),
+                             (axes[1], "throughput_ratio", "throughput / teacher throughput")):
+        for record in records:
+            x, y = record.get("cumulative_train_tokens", 0), record[key]
+            axis.scatter([x], [y], s=40, color="tab:red" if record["n_mamba"] == 0 else "tab:blue")
+            axis.annotate(record["checkpoint"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        axis.set_xlabel("cumulative training tokens")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    figure.suptitle("checkpoints against training tokens")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+__all__ = ["bar_plot", "frontier_plot", "tokens_frontier_plot"]

@@ -9,10 +9,12 @@ arguments, covers everything it reads. It writes its output folder and keeps res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +52,11 @@ class Reporter(Protocol):
 
     def progress(self, message: str) -> None: ...
 
+    def trial(self, name: str) -> contextlib.AbstractContextManager[Reporter]:
+        """A reporter for one of several trainings inside a stage (an MMR trial), so that each one's
+        curves sit under the same `train/...` keys in a run of its own (MLflow: a nested run)."""
+        ...
+
 
 class ConsoleReporter:
     """Prints progress lines; drops metrics (the default when a stage runs on its own)."""
@@ -65,6 +72,10 @@ class ConsoleReporter:
 
     def progress(self, message: str) -> None:
         print(f"{self.prefix}{message}", flush=True)
+
+    @contextlib.contextmanager
+    def trial(self, name: str) -> Iterator[ConsoleReporter]:
+        yield self
 
 
 # --- hardware ------------------------------------------------------------------------------------
@@ -318,6 +329,15 @@ class StageData:
             return rows.select(range(len(rows) - detail, len(rows)))
         return self.rows(where, detail)
 
+    def describe(self, kind: str, split: str = "train") -> dict[str, Any]:
+        """What a stage trained on, for its stage.json (and MLflow's dataset inputs): `datasets`'
+        fingerprint of the rows as the digest, the configured source (or the demo generator and its seed)."""
+        rows = self.rows(kind, split)
+        source = getattr(self.data, kind)
+        return {"name": f"{kind}-{split}", "source": source or f"demo:{'generic' if kind == 'generic' else 'reasoning'}"
+                f"?seed={self.data.demo.seed}", "digest": rows._fingerprint, "rows": len(rows),
+                "columns": list(rows.column_names)}
+
     def tokenized(self, kind: str, split: str = "train"):
         key = f"tok:{kind}:{split}"
         if key not in self._cache:
@@ -400,18 +420,45 @@ def _selection(data: DataConfig) -> tuple[str, Any]:
     return "held_out", count
 
 
+def cumulative_train_tokens(parent_dir: str | os.PathLike | None, tokens_seen: int) -> int:
+    """Tokens trained on since the teacher along a checkpoint's lineage (the recipe's frontier axis):
+    the parent's count (0 for the teacher, `parent_dir` None, whose own pre-training is not counted) plus
+    this stage's."""
+    parent = read_meta(parent_dir).get("cumulative_train_tokens", 0) if parent_dir is not None else 0
+    return int(parent) + int(tokens_seen)
+
+
 def distill_kind(data: DataConfig) -> str:
     return "generic" if data.distill_on == "generic" else "distill"
 
 
-def metrics_callback(reporter: Reporter, prefix: str, every_line: int = 1):
-    """Training metrics -> reporter (with the step) and a short progress line."""
+# Training curves go under the same keys in every stage's run (teacher, conversions, MMR trials, SFT), so
+# MLflow's chart view overlays the runs: train/loss, train/kl, train/ce, train/lr, train/grad_norm, ...
+TRAIN_METRIC_KEYS = {
+    "loss": "train/loss",
+    "distill_loss": "train/kl",
+    "ce_loss": "train/ce",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_second": "train/tokens_per_s",
+    "step_time_s": "train/step_time_s",
+    "tokens_seen": "train/tokens_seen",
+}
+
+
+def train_metrics(metrics) -> dict[str, float]:
+    """A StepMetrics as `train/...` metrics (a field without a name above keeps its own: `train/<field>`)."""
+    return {TRAIN_METRIC_KEYS.get(key, f"train/{key}"): float(value) for key, value in vars(metrics).items()
+            if key != "step" and isinstance(value, (int, float)) and value is not None}
+
+
+def metrics_callback(reporter: Reporter, label: str):
+    """Training metrics -> reporter under the `train/...` keys (with the step), and a short progress line
+    naming what trains (`label`: the checkpoint, an MMR trial)."""
     def callback(metrics) -> None:
-        values = {f"{prefix}/{k}": float(v) for k, v in vars(metrics).items()
-                  if k != "step" and isinstance(v, (int, float)) and v is not None}
-        reporter.log_metrics(values, step=metrics.step)
+        reporter.log_metrics(train_metrics(metrics), step=metrics.step)
         reporter.progress(
-            f"  {prefix} step {metrics.step}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} "
+            f"  {label} step {metrics.step}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} "
             f"{metrics.tokens_per_second:,.0f} tok/s"
         )
     return callback
@@ -422,9 +469,11 @@ __all__ = [
     "VALIDATION_SPLIT",
     "held_out_count",
     "stage",
+    "cumulative_train_tokens",
     "Reporter",
     "StageData",
     "StageError",
+    "TRAIN_METRIC_KEYS",
     "distill_kind",
     "load_model",
     "load_tokenizer",
@@ -435,5 +484,6 @@ __all__ = [
     "resolve_dtype",
     "resolve_precision",
     "save_checkpoint",
+    "train_metrics",
     "write_meta",
 ]

@@ -18,6 +18,7 @@ from pipeline.stages.common import (
     Reporter,
     StageData,
     StageError,
+    cumulative_train_tokens,
     distill_kind,
     load_model,
     load_tokenizer,
@@ -63,7 +64,8 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
         started=started, checkpoint=name, n_mamba=n_mamba,
         layer_types=student.config.layer_types, layer_pattern=student.config.layer_pattern,
         converted_layers=new_layers, train=to_plain(train_cfg), steps=result.steps_done,
-        tokens_seen=result.tokens_seen, final_distill_loss=result.final_distill_loss, **extra,
+        tokens_seen=result.tokens_seen, cumulative_train_tokens=cumulative_train_tokens(parent_dir, result.tokens_seen),
+        data=stage_data.describe(distill_kind(data)), final_distill_loss=result.final_distill_loss, **extra,
     )
     reporter.log_metrics({"final_distill_loss": result.final_distill_loss, "n_mamba": n_mamba})
     return meta

@@ -1,6 +1,7 @@
 """Evaluate the teacher and every checkpoint: answer accuracy, NLL, KL to the teacher, throughput.
 
-Writes summary.json (one record per checkpoint) and frontier.png (throughput ratio vs accuracy).
+Writes summary.json (one record per checkpoint, with its lineage), frontier.png (throughput ratio vs accuracy)
+and frontier_tokens.png (accuracy and throughput against cumulative training tokens).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from pipeline.config import DataConfig, EvaluateConfig, HardwareConfig
 from pipeline.evaluate.lm_harness import LMEvalError, check_tasks, run_lm_eval
-from pipeline.evaluate.plots import frontier_plot
+from pipeline.evaluate.plots import frontier_plot, tokens_frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
 from pipeline.model.config import ATTENTION, MAMBA
@@ -25,12 +26,14 @@ from pipeline.stages.common import (
     StageError,
     load_model,
     load_tokenizer,
+    read_meta,
     resolve_precision,
     stage,
     write_meta,
 )
 
 SUMMARY_FILE = "summary.json"
+TOKENS_FRONTIER_FILE = "frontier_tokens.png"  # accuracy and throughput against cumulative training tokens
 
 
 def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, data: StageData, problems,
@@ -55,6 +58,7 @@ def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, dat
         "checkpoint": name,
         "n_mamba": layer_types.count(MAMBA),
         "layer_types": layer_types,
+        "layer_pattern": "".join({ATTENTION: "A", MAMBA: "M"}.get(kind, "I") for kind in layer_types),
         "answer_accuracy": accuracy,
         "nll": quality["nll"],
         "kl_to_teacher": quality.get("kl_to_teacher", 0.0),
@@ -64,6 +68,15 @@ def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, dat
         "sample": samples[0]["generated"] if samples else "",
         **extra,
     }
+
+
+def lineage(folder: str | Path | None) -> dict:
+    """Where a checkpoint comes from, from its stage.json, for comparing checkpoints side by side: the
+    checkpoint it was trained from, the layers its stage converted and the tokens
+    trained on since the teacher (the teacher itself: no parent, nothing converted, 0 tokens)."""
+    meta = read_meta(folder) if folder is not None else {}
+    return {"parent": meta.get("parent"), "converted_layers": list(meta.get("converted_layers", [])),
+            "cumulative_train_tokens": int(meta.get("cumulative_train_tokens", 0))}
 
 
 @stage("evaluate", version=3)
@@ -86,10 +99,12 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
     batches = stage_data.eval_batches(evaluate.nll_examples)
     records = [evaluate_checkpoint(evaluate, "teacher", teacher_model, teacher_model, stage_data, problems, batches,
                                    precision)]
+    records[0].update(lineage(None))
     reporter.progress(f"  teacher: accuracy {records[0]['answer_accuracy']:.3f}, {records[0]['tokens_per_s']:,.0f} tok/s")
     for name, folder in checkpoints.items():
         model = load_model(folder, hardware, f"checkpoint {name}", fp32=True)
         record = evaluate_checkpoint(evaluate, name, model, teacher_model, stage_data, problems, batches, precision)
+        record.update(lineage(folder))
         records.append(record)
         del model
         reporter.progress(
@@ -102,7 +117,8 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(records, indent=2) + "\n")
     frontier_plot(records, out_dir / "frontier.png")
-    for name in (SUMMARY_FILE, "frontier.png"):
+    tokens_frontier_plot(records, out_dir / TOKENS_FRONTIER_FILE)
+    for name in (SUMMARY_FILE, "frontier.png", TOKENS_FRONTIER_FILE):
         reporter.log_artifact(out_dir / name)
     write_meta(out_dir, "evaluate", {"evaluate": evaluate, "data": data, "hardware": hardware}, parent=None,
                started=started, checkpoints=list(checkpoints))
@@ -119,4 +135,4 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SUMMARY_FILE", "evaluate_checkpoint", "run_evaluate", "summary_table"]
+__all__ = ["SUMMARY_FILE", "TOKENS_FRONTIER_FILE", "evaluate_checkpoint", "lineage", "run_evaluate", "summary_table"]

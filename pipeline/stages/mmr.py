@@ -55,12 +55,13 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
             continue
         student = hybridize(parent_model, [layer], seed=seed)
         prefix = f"model.layers.{layer}.mixer."
-        result = train(
-            student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
-            teacher=teacher_model, callback=metrics_callback(reporter, f"mmr_layer_{layer}"),
-            trainable_filter=lambda name, _param, prefix=prefix: name.startswith(prefix),
-            precision=resolve_precision(hardware),
-        )
+        with reporter.trial(f"layer-{layer}") as trial:  # its curves: train/... in a run of its own
+            result = train(
+                student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
+                teacher=teacher_model, callback=metrics_callback(trial, f"mmr layer {layer}"),
+                trainable_filter=lambda name, _param, prefix=prefix: name.startswith(prefix),
+                precision=resolve_precision(hardware),
+            )
         trials[layer] = result.final_distill_loss
         work_dir.mkdir(parents=True, exist_ok=True)
         done_path.write_text(json.dumps(trials))

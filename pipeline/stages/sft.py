@@ -10,6 +10,7 @@ from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
     StageData,
+    cumulative_train_tokens,
     load_model,
     load_tokenizer,
     metrics_callback,
@@ -44,7 +45,9 @@ def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, c
         out_dir, "sft", {"train": train, "data": data, "hardware": hardware}, parent=source, started=started,
         checkpoint=name, n_mamba=len(getattr(config, "mamba_layers", [])), layer_types=list(config.layer_types),
         layer_pattern=getattr(config, "layer_pattern", None), train=to_plain(train),
-        steps=result.steps_done, tokens_seen=result.tokens_seen, final_loss=result.final_loss,
+        steps=result.steps_done, tokens_seen=result.tokens_seen,
+        cumulative_train_tokens=cumulative_train_tokens(checkpoint, result.tokens_seen),
+        data=stage_data.describe("sft"), final_loss=result.final_loss,
     )
 
 

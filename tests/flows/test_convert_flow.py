@@ -185,7 +185,7 @@ def test_mlflow_holds_parent_children_metrics_tags_and_artifacts(s3_run, tmp_pat
     assert {run.info.status for run in children.values()} == {"FINISHED"}
 
     converted = children["convert/H-2"]
-    history = client.get_metric_history(converted.info.run_id, "H-2/loss")
+    history = client.get_metric_history(converted.info.run_id, "train/loss")
     assert sorted(metric.step for metric in history) == [1, 2, 3, 4, 5, 6]
     assert converted.data.params["train.steps"] == "6"
     assert converted.data.tags["checkpoint.uri"] == f"s3://{s3_run.bucket}/runs/e2e/H-2"
@@ -199,13 +199,49 @@ def test_mlflow_holds_parent_children_metrics_tags_and_artifacts(s3_run, tmp_pat
     assert evaluated.data.tags["checkpoint.uri"] == f"s3://{s3_run.bucket}/runs/e2e/H-3"
     assert evaluated.data.tags["checkpoint.mamba_layers"] == "3"
 
+    # Checkpoints side by side: every evaluate run has the same params and metric names, with its lineage.
+    evaluations = {name: children[f"evaluate/{name}"] for name in EVALUATED}
+    for run in evaluations.values():
+        assert set(run.data.params) == {"n_mamba", "layer_pattern", "parent", "converted_layers",
+                                        "cumulative_train_tokens"}
+        assert set(run.data.metrics) == set(evaluations["teacher"].data.metrics)
+    params = {name: run.data.params for name, run in evaluations.items()}
+    assert params["teacher"] == {"n_mamba": "0", "layer_pattern": "AAAA", "parent": "none",
+                                 "converted_layers": "[]", "cumulative_train_tokens": "0"}
+    assert params["H-3"]["parent"] == "H-2" and params["H-3-SFT"]["parent"] == "H-3"
+    assert params["H-3"]["layer_pattern"].count("M") == 3
+    assert params["H-3"]["layer_pattern"] == children["step/H-3"].data.tags["checkpoint.layer_pattern"]
+    assert json.loads(params["H-2"]["converted_layers"]) == [
+        i for i, kind in enumerate(params["H-2"]["layer_pattern"]) if kind == "M"]
+    assert len(json.loads(params["H-3"]["converted_layers"])) == 1
+    tokens = {name: int(params[name]["cumulative_train_tokens"]) for name in EVALUATED}
+    assert 0 < tokens["H-2"] < tokens["H-3"] < tokens["H-3-SFT"], tokens  # each stage adds its own
+    assert evaluations["H-3"].data.metrics["cumulative_train_tokens"] == tokens["H-3"]
+    # Training curves under the same keys in every training stage's run, so the chart view overlays them.
+    for name in ("convert/H-2", "step/H-3", "sft/H-3-SFT"):  # (this run's teacher is a given one: not trained)
+        curves = set(children[name].data.metrics)
+        assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= curves, (name, curves)
+        assert not any(key.startswith(("H-", "mmr_layer")) for key in curves), curves
+    assert "train/kl" in children["convert/H-2"].data.metrics and "train/kl" not in children["sft/H-3-SFT"].data.metrics
+    # MMR trials: one run each, nested under the MMR stage's run, with the same curve keys.
+    trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == children["mmr/mmr-H-2"].info.run_id]
+    attention = [i for i, kind in enumerate(params["H-2"]["layer_pattern"]) if kind == "A"]
+    assert sorted(run.info.run_name for run in trials) == [f"mmr/mmr-H-2/layer-{i}" for i in attention]
+    assert all({"train/loss", "train/kl"} <= set(run.data.metrics) for run in trials)
+    # The data each distillation and SFT run trained on, as an MLflow dataset input.
+    for name, kind in (("convert/H-2", "distill-train"), ("step/H-3", "distill-train"), ("sft/H-3-SFT", "sft-train")):
+        inputs = client.get_run(children[name].info.run_id).inputs.dataset_inputs
+        assert [entry.dataset.name for entry in inputs] == [kind], name
+        assert inputs[0].dataset.digest and "demo:reasoning" in inputs[0].dataset.source
+        assert {tag.key: tag.value for tag in inputs[0].tags}["mlflow.data.context"] == "training"
+
     def artifacts(run) -> set[str]:
         return {item.path for item in client.list_artifacts(run.info.run_id)}
 
     assert artifacts(children["loo/loo"]) >= {"loo.json", "loo.png", "stage.json", "run_config.json"}
     assert artifacts(children["mmr/mmr-H-2"]) >= {"mmr.json", "mmr.png"}
     assert artifacts(children["evaluate/evaluate"]) >= {"summary.json", "frontier.png"}
-    assert "run_config.json" in artifacts(parent)
+    assert {"run_config.json", "frontier.png", "frontier_tokens.png"} <= artifacts(parent)  # the frontier on the parent
     summary = mlflow.artifacts.download_artifacts(run_id=children["evaluate/evaluate"].info.run_id,
                                                   artifact_path="summary.json", dst_path=str(tmp_path),
                                                   tracking_uri=s3_run.tracking_uri)
@@ -260,6 +296,8 @@ def test_secrets_never_reach_mlflow_prefect_or_logs(s3_run, tmp_path):
     for run in runs:  # every logged config file: the run's whole config redacted, each stage's settings clean
         if run.info.run_name.startswith("evaluate/") and run.info.run_name != "evaluate/evaluate":
             continue  # per-checkpoint evaluation runs hold metrics and tags only
+        if run.data.tags.get("mlflow.parentRunId") not in (None, parent.info.run_id):
+            continue  # MMR trials, nested under their stage's run, hold training curves only
         path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="run_config.json",
                                                    dst_path=str(tmp_path / run.info.run_id),
                                                    tracking_uri=s3_run.tracking_uri)
@@ -340,7 +378,7 @@ def test_cut_off_upload_is_never_taken_as_complete(prefect_api, moto_server, mlf
     with pytest.raises(EndpointUnreachableError):
         convert(overrides=overrides, until="convert")
     stored = object_sizes(moto_server.client(), bucket, "runs/cutoff/H-2/")
-    assert any(key.endswith("/model.safetensors") for key in stored)  # the files were uploaded...
+    assert any(key.endswith("/model.safetensors") for key in stored)  # the files were uploaded (a version)...
     assert "runs/cutoff/H-2/manifest.json" not in stored  # ...the commit was not
     store = open_store(f"s3://{bucket}/runs/cutoff", endpoint_url=moto_server.endpoint_url,
                        cache_dir=tmp_path / "inspect")

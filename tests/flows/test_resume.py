@@ -80,8 +80,8 @@ def test_killed_conversion_resumes_from_its_last_save(prefect_api, mlflow_tracki
                               filter_string="tags.checkpoint = 'H-2' and tags.stage = 'convert'")
     by_status = {run.info.status: run for run in runs}
     assert set(by_status) == {"KILLED", "FINISHED"}  # the killed attempt's run, ended by the restart
-    killed_steps = [m.step for m in client.get_metric_history(by_status["KILLED"].info.run_id, "H-2/loss")]
-    resumed_steps = [m.step for m in client.get_metric_history(by_status["FINISHED"].info.run_id, "H-2/loss")]
+    killed_steps = [m.step for m in client.get_metric_history(by_status["KILLED"].info.run_id, "train/loss")]
+    resumed_steps = [m.step for m in client.get_metric_history(by_status["FINISHED"].info.run_id, "train/loss")]
     assert min(killed_steps) == 1
     assert min(resumed_steps) == saved + 1 > 1  # the resumed training started from the last save
     assert max(resumed_steps) == STEPS

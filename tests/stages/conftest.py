@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -52,11 +53,14 @@ class RecordingReporter:
         self.metrics: list[tuple[int | None, dict]] = []
         self.artifacts: list[str] = []
         self.lines: list[str] = []
+        self.trials: dict[str, RecordingReporter] = {}
+        self.root, self.logged = self, 0
         self.fail_at_metric = fail_at_metric
 
     def log_metrics(self, metrics, step=None):
         self.metrics.append((step, dict(metrics)))
-        if self.fail_at_metric is not None and len(self.metrics) >= self.fail_at_metric:
+        self.root.logged += 1  # trials' metrics count too: the kill comes at the n-th metric of the stage
+        if self.root.fail_at_metric is not None and self.root.logged >= self.root.fail_at_metric:
             raise KeyboardInterrupt("simulated kill")
 
     def log_artifact(self, path):
@@ -64,6 +68,14 @@ class RecordingReporter:
 
     def progress(self, message):
         self.lines.append(message)
+
+    @contextlib.contextmanager
+    def trial(self, name):
+        """A trial's metrics go to a reporter of its own, kept in `trials` by name."""
+        child = RecordingReporter()
+        child.root = self.root
+        self.trials[name] = child
+        yield child
 
 
 @pytest.fixture(scope="session")

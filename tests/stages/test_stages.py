@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,8 +79,11 @@ def test_first_conversion_distils_and_loss_falls(tiny_teacher, loo_dir, tmp_path
     loo = json.loads((loo_dir / LOO_FILE).read_text())
     assert meta["converted_layers"] == sorted(loo["ranking"][:2])
     assert meta["n_mamba"] == 2 and meta["layer_pattern"].count("M") == 2
-    losses = [m["H-2/distill_loss"] for _, m in reporter.metrics if "H-2/distill_loss" in m]
+    losses = [m["train/kl"] for _, m in reporter.metrics if "train/kl" in m]
     assert len(losses) == 30
+    assert meta["cumulative_train_tokens"] == meta["tokens_seen"] > 0  # from the teacher: this stage's only
+    assert meta["parent"] == "teacher"
+    assert meta["data"]["rows"] > 0 and meta["data"]["digest"] and meta["data"]["source"].startswith("demo:")
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
     assert (tmp_path / "H-2" / "model.safetensors").is_file() and (tmp_path / "H-2" / "run_config.json").is_file()
 
@@ -104,10 +108,15 @@ def test_killed_conversion_resumes_to_the_same_weights(tiny_teacher, loo_dir, tm
 def test_mmr_scores_every_attention_layer_and_the_step_follows_the_scores(tiny_teacher, loo_dir, tmp_path):
     cfg = tiny_config()
     convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
-    result = score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw")
+    reporter = RecordingReporter()
+    result = score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", reporter)
     pattern = json.loads((tmp_path / "H-2" / "stage.json").read_text())["layer_pattern"]
     attention = [i for i, kind in enumerate(pattern) if kind == "A"]
     assert sorted(e["layer"] for e in result["ranking"]) == attention
+    # each trial's curve under the same train/... keys, in a reporter (an MLflow run) of its own
+    assert sorted(reporter.trials) == [f"layer-{layer}" for layer in attention]
+    for trial in reporter.trials.values():
+        assert {"train/loss", "train/kl", "train/lr"} <= set(trial.metrics[-1][1])
     losses = [e["loss"] for e in result["ranking"]]
     assert losses == sorted(losses) and all(loss > 0 for loss in losses)
     # The step converts the lowest-loss layer: rewrite the scores so the other layer wins, and check.

@@ -265,15 +265,38 @@ def test_restart_ends_the_runs_a_killed_attempt_left_running(mlflow_tracking_uri
             "mlflow.parentRunId": tracker.run_id, "stage": "convert", "checkpoint": checkpoint}).info.run_id
 
     abandoned = killed_attempt(first, "H-4")
+    trial = client.create_run(first.experiment_id, run_name="convert/H-4/layer-1", tags={  # nested in it
+        "mlflow.parentRunId": abandoned, "stage": "convert", "checkpoint": "H-4/layer-1"}).info.run_id
     with first.child("convert", checkpoint="H-5") as finished:
         pass
     other = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-k-other")
     foreign = killed_attempt(other, "H-4")  # another conversion run's: left alone
 
     restarted = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-k")
-    assert restarted.end_abandoned("convert", "H-4") == 1
-    assert client.get_run(abandoned).info.status == "KILLED"
+    assert restarted.end_abandoned("convert", "H-4") == 2
+    assert client.get_run(abandoned).info.status == client.get_run(trial).info.status == "KILLED"
     assert client.get_run(finished.run_id).info.status == "FINISHED"
     assert client.get_run(foreign).info.status == "RUNNING"
     assert restarted.end_abandoned("convert", "H-4") == 0
     assert NullTracker().end_abandoned("convert", "H-4") == 0
+
+
+def test_experiments_open_as_model_training_and_trials_nest_under_their_stage(mlflow_tracking_uri, mlflow_experiment):
+    """MLflow 3's UI shows an experiment without `mlflow.experimentKind` as a GenAI one (traces, no runs
+    table); a run nested under a child (an MMR trial) names that child as its parent."""
+    client = client_for(mlflow_tracking_uri)
+    existing = client.create_experiment(f"{mlflow_experiment}-old")  # made before the tag existed
+    Tracker(mlflow_tracking_uri, f"{mlflow_experiment}-old", "r")
+    assert client.get_experiment(existing).tags["mlflow.experimentKind"] == "custom_model_development"
+    tracker = Tracker(mlflow_tracking_uri, mlflow_experiment, "r")
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    with tracker.child("mmr", checkpoint="mmr-H-2") as stage:
+        with tracker.child("mmr", checkpoint="mmr-H-2/layer-1", parent_run_id=stage.run_id) as trial:
+            trial.log_metrics({"train/loss": 0.5}, step=1)
+        stage.log_dataset("distill-train", "abc123", "demo:reasoning?seed=0", rows=10, columns=["messages"])
+    runs = runs_by_name(client, mlflow_experiment)
+    assert runs["mmr/mmr-H-2/layer-1"].data.tags["mlflow.parentRunId"] == stage.run_id
+    assert runs["mmr/mmr-H-2"].data.tags["mlflow.parentRunId"] == tracker.run_id
+    [entry] = client.get_run(stage.run_id).inputs.dataset_inputs
+    assert (entry.dataset.name, entry.dataset.digest) == ("distill-train", "abc123")
+    assert json.loads(entry.dataset.profile) == {"num_rows": 10}
