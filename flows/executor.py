@@ -86,12 +86,9 @@ class _Console:
 @task(cache_policy=NO_CACHE, persist_result=False)
 def run_stage(executor: StoreExecutor, call: StageCall, key: str) -> Any:
     """One stage: skipped if the store has it under this key, else computed and stored."""
-    found = executor.find(call, key)
-    if found is None:
-        with executor.store.lease(call.name):  # another run writing this stage: wait or fail naming it
-            found = executor.find(call, key)  # it may have finished the stage while we waited
-            if found is None:
-                return executor.execute(call, key)
+    found, computed = executor.find_or_compute(call, key)
+    if computed:
+        return found
     progress(f"[{call.name}] complete in the store, skipped ({found.uri})")
     return Completed(data=found, name="Cached", message=f"found {found.uri} (cache key {key[:12]})")
 

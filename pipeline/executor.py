@@ -185,14 +185,20 @@ class Executor:
 
     def dispatch(self, call: StageCall, key: str) -> Output:
         """Where a call runs (here: in this process; flows: as a Prefect task)."""
+        output, computed = self.find_or_compute(call, key)
+        if not computed:
+            self.progress(f"[{call.name}] complete in the store, skipped ({output.uri})")
+        return output
+
+    def find_or_compute(self, call: StageCall, key: str) -> tuple[Output, bool]:
+        """(output, computed): the committed output under this key, or computed now under the write lease."""
         found = self.find(call, key)
         if found is None:
             with self.store.lease(call.name):  # another run writing this stage: wait or fail naming it
                 found = self.find(call, key)  # it may have finished the stage while we waited
                 if found is None:
-                    return self.execute(call, key)
-        self.progress(f"[{call.name}] complete in the store, skipped ({found.uri})")
-        return found
+                    return self.execute(call, key), True
+        return found, False
 
     def progress(self, message: str) -> None:
         self.reporter.progress(message)
