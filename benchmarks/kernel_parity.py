@@ -110,7 +110,8 @@ def model_parity(dtype):
 
 
 def triton_decode_parity(dtype):
-    """The engine's Triton decode kernels (pipeline/evaluate/decode_kernels.py) against PyTorch."""
+    """The engine's Triton decode kernels (pipeline/evaluate/decode_kernels.py, and the Mamba step's
+    pipeline/model/triton_step.py) against PyTorch."""
     from pipeline.evaluate import decode_kernels
     from pipeline.evaluate.engine import GenerationEngine
 
@@ -137,14 +138,8 @@ def triton_decode_parity(dtype):
     conv_t, ssm_t = conv.clone(), ssm.clone()
     with torch.no_grad(), use_kernels("reference"):
         y_ref = mixer.step(hidden, conv, ssm)
-    with torch.no_grad():
-        proj = mixer.in_proj(hidden)
-        dt = torch.nn.functional.linear(mixer.dt_in_proj(hidden), mixer.dt_proj.weight)
-        y = decode_kernels.mamba_step(proj, dt, mixer.expand_index(hidden.device), conv_t,
-                                      mixer.conv1d.weight.view(mixer.d_inner, -1), mixer.conv1d.bias, ssm_t,
-                                      mixer.A_log, mixer.D, mixer.dt_proj.bias,
-                                      torch.empty(b, mixer.d_inner, dtype=dtype, device="cuda"))
-        y = mixer.out_proj(y)
+    with torch.no_grad():  # the mixer's own step, on the Triton kernel for a 16-bit model on CUDA
+        y = mixer.step(hidden, conv_t, ssm_t)
     result["triton_mamba_step_out"] = rel(y.float(), y_ref.float())
     result["triton_mamba_step_state"] = rel(ssm_t, ssm)
 

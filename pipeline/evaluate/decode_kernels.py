@@ -10,10 +10,8 @@
 - `add_rms_norm`: residual add + RMSNorm in one pass (the residual stream is updated in place), with
   transformers' LlamaRMSNorm rounding order: normalise in fp32, round to the model dtype, then scale.
 - `silu_mul`: the gated MLP's act(gate) * up.
-- `mamba_step`: a Mamba-in-Llama mixer's decode token after its input projections: conv window shift,
-  silu(conv), softplus(dt), the selective state update with the GQA expansion of x and B read through
-  an index (nothing expanded in memory), the C readout, D skip and silu(z) gate; states read and
-  written once.
+(The Mamba mixer's decode token is one kernel too, `pipeline.model.triton_step`: it belongs to the
+model's own step, `MambaMixer.step`, which the engine calls like every other caller.)
 
 Triton is imported lazily: `available()` is False without it (CPU machines, CI), and the engine falls
 back to plain PyTorch ops there. `TRITON_INTERPRET=1` runs these kernels on CPU tensors for debugging.
@@ -163,7 +161,7 @@ def _kernels():
         if HAS_UPDATE:
             u = tl.load(UPDATE + row * width + cols, mask=ok, other=0.0)
             x = (x.to(tl.float32) + u.to(tl.float32)).to(X.dtype.element_ty)  # as torch's add rounds
-            tl.debug_barrier()  # in place: all reads of the row before any write (see mamba_step)
+            tl.debug_barrier()  # in place: all reads of the row before any write (as in pipeline.model.triton_step)
             tl.store(X + row * width + cols, x, mask=ok)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / width + eps)
@@ -181,57 +179,8 @@ def _kernels():
         act = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32)  # silu rounds first
         tl.store(OUT + row * width + cols, (act * up).to(OUT.dtype.element_ty), mask=ok)
 
-    @triton.jit
-    def mamba_step(
-        PROJ, DT, INDEX, CONV, CONV_W, CONV_B, SSM, A_LOG, D, DT_BIAS, OUT,
-        d_inner, d_xb,
-        stride_proj, stride_dt, stride_conv_b, stride_conv_d, stride_ssm_b, stride_ssm_d, stride_out,
-        K: tl.constexpr, K_PAD: tl.constexpr, N: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        b = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # channels of d_inner
-        ok = c < d_inner
-        row = PROJ + b * stride_proj  # [z (d_inner) | x (d_xb) | B (d_xb) | C (d_inner)]
-        # x: the expanded channel c reads source channel INDEX[c] of the d_xb-wide projection
-        source = tl.load(INDEX + c, mask=ok, other=0)
-        x = tl.load(row + d_inner + source, mask=ok, other=0.0)
-        # conv window (oldest first): shift left by one, the new input last; silu(conv + bias)
-        taps = tl.arange(0, K_PAD)
-        window_ptr = CONV + b * stride_conv_b + c[:, None] * stride_conv_d + taps[None, :]
-        shifted = tl.load(window_ptr + 1, mask=ok[:, None] & (taps[None, :] + 1 < K), other=0.0)
-        window = tl.where(taps[None, :] == K - 1, x[:, None], shifted)
-        weight = tl.load(CONV_W + c[:, None] * K + taps[None, :], mask=ok[:, None] & (taps[None, :] < K), other=0.0)
-        u = tl.sum(window.to(tl.float32) * weight.to(tl.float32), 1)
-        if HAS_CONV_BIAS:
-            u += tl.load(CONV_B + c, mask=ok, other=0.0).to(tl.float32)
-        u = (u / (1.0 + tl.exp(-u))).to(x.dtype).to(tl.float32)  # rounded as the conv kernel's output is
-        # dt = softplus(dt + bias) (linear above 20, as torch and mamba_ssm do)
-        dt = tl.load(DT + b * stride_dt + c, mask=ok, other=0.0).to(tl.float32)
-        dt += tl.load(DT_BIAS + c, mask=ok, other=0.0).to(tl.float32)
-        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
-        # B and C of channel c: group c // N of the expanded B (read through INDEX) and of C
-        states = tl.arange(0, N)
-        member = (c // N)[:, None] * N + states[None, :]  # (BLOCK_D, N) expanded positions
-        b_source = tl.load(INDEX + member, mask=ok[:, None], other=0)
-        B = tl.load(row + d_inner + d_xb + b_source, mask=ok[:, None], other=0.0).to(tl.float32)
-        C = tl.load(row + d_inner + 2 * d_xb + member, mask=ok[:, None], other=0.0).to(tl.float32)
-        A = -tl.exp(tl.load(A_LOG + c[:, None] * N + states[None, :], mask=ok[:, None], other=0.0))
-        state_ptr = SSM + b * stride_ssm_b + c[:, None] * stride_ssm_d + states[None, :]
-        state = tl.load(state_ptr, mask=ok[:, None], other=0.0)
-        state = state * tl.exp(A * dt[:, None]) + B * (dt * u)[:, None]
-        y = tl.sum(state * C, 1) + tl.load(D + c, mask=ok, other=0.0) * u
-        z = tl.load(row + c, mask=ok, other=0.0).to(tl.float32)
-        y = y * (z / (1.0 + tl.exp(-z)))
-        # The window and the state are rewritten in place: every thread's reads must be done before any
-        # thread writes (a layout may give one element to several threads, which then race otherwise).
-        tl.debug_barrier()
-        tl.store(window_ptr, window, mask=ok[:, None] & (taps[None, :] < K))
-        tl.store(state_ptr, state, mask=ok[:, None])
-        tl.store(OUT + b * stride_out + c, y.to(OUT.dtype.element_ty), mask=ok)
-
     return dict(attention_split=attention_split, attention_merge=attention_merge, rope_kv_write=rope_kv_write,
-                add_rms_norm=add_rms_norm, silu_mul=silu_mul, mamba_step=mamba_step)
+                add_rms_norm=add_rms_norm, silu_mul=silu_mul)
 
 
 def _next_pow2(n: int) -> int:
@@ -326,31 +275,4 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mamba_step(proj: torch.Tensor, dt: torch.Tensor, index: torch.Tensor, conv_state: torch.Tensor,
-               conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, ssm_state: torch.Tensor,
-               A_log: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """One decode token of a Mamba-in-Llama mixer in one kernel, from its projections.
-
-    proj (b, 2 d + 2 d_xb) = in_proj(h) as [z | x | B | C]; dt (b, d) = dt_proj(dt_in_proj(h)) before bias;
-    index (d,) the GQA expansion (expanded channel -> source channel of x / B); conv_state (b, d, k) and
-    ssm_state (b, d, n) fp32 advanced in place; conv_weight (d, k); A_log, D fp32. Writes y (b, d) to `out`:
-    the conv window shift, silu(conv), softplus(dt), the state update, C . state + D u and the silu(z) gate,
-    reading each state once and writing it once (what `MambaMixer.step` does in several kernels).
-    """
-    batch, d_inner = dt.shape
-    d_xb = (proj.shape[-1] - 2 * d_inner) // 2
-    n, k = ssm_state.shape[-1], conv_state.shape[-1]
-    assert proj.stride(-1) == 1 and dt.stride(-1) == 1 and conv_state.stride(-1) == 1 and ssm_state.stride(-1) == 1
-    assert conv_weight.is_contiguous() and A_log.is_contiguous() and n & (n - 1) == 0
-    block = 64
-    _kernels()["mamba_step"][(batch, math.ceil(d_inner / block))](
-        proj, dt, index, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, ssm_state,
-        A_log, D, dt_bias, out, d_inner, d_xb,
-        proj.stride(0), dt.stride(0), conv_state.stride(0), conv_state.stride(1), ssm_state.stride(0),
-        ssm_state.stride(1), out.stride(0),
-        K=k, K_PAD=_next_pow2(k), N=n, HAS_CONV_BIAS=conv_bias is not None, BLOCK_D=block, num_warps=4,
-    )
-    return out
-
-
-__all__ = ["DecodeAttention", "add_rms_norm", "available", "mamba_step", "rope_kv_write", "silu_mul"]
+__all__ = ["DecodeAttention", "add_rms_norm", "available", "rope_kv_write", "silu_mul"]

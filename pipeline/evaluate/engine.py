@@ -14,11 +14,12 @@ so a throughput ratio measures the architecture, not two code paths.
   `decode_kernels`): residual add + RMSNorm in one kernel, RoPE applied and K/V written to the cache
   in one kernel straight from the fused QKV projection, split-K flash-decoding attention that reads
   only the cache columns filled so far (each K/V byte once, all query heads of a KV head together),
-  silu(gate) * up in one kernel, and per Mamba layer one GEMM for in_proj + dt_in_proj and one kernel
-  for the rest of the mixer's step. Elsewhere (CPU, fp32) the same step in plain PyTorch: attention over
-  the whole static buffer under a mask, the query heads of each KV head folded into the query rows so
-  K/V are never expanded, and `MambaMixer.step` (causal_conv1d_update + selective_state_update where
-  installed). On CUDA the step is captured once in a CUDA graph and replayed.
+  silu(gate) * up in one kernel, and per Mamba layer one GEMM for in_proj + dt_in_proj, then the
+  mixer's own `MambaMixer.step` on those projections (one Triton kernel for the rest of the step).
+  Elsewhere (CPU, fp32) the same step in plain PyTorch: attention over the whole static buffer under a
+  mask, the query heads of each KV head folded into the query rows so K/V are never expanded, and
+  `MambaMixer.step` (causal_conv1d_update + selective_state_update where installed). Both paths, and
+  `generate()`, run the one Mamba step (`kernels.mamba_decode_step`). On CUDA the step is captured once in a CUDA graph and replayed.
 - Left-padded prompts are supported (padding masked in attention, zeroed in Mamba states), so the
   `evaluate` stage uses the engine for answers as well as for speed (`generate(..., eos_token_id=)` stops
   once every sequence has written its end-of-sequence token).
@@ -143,7 +144,6 @@ class GenerationEngine:
         self.normed = torch.zeros_like(self.hidden)
         self.query = torch.zeros(b, config.num_attention_heads, config.head_dim, dtype=self.dtype, device=self.device)
         self.act = torch.zeros(b, config.intermediate_size, dtype=self.dtype, device=self.device)
-        self.mamba_out = torch.zeros(b, config.mamba_d_inner, dtype=self.dtype, device=self.device) if self.conv else None
         # in_proj and dt_in_proj read the same input: one GEMM when in_proj has no bias
         self.fused_in: dict[int, torch.Tensor] = {}
         for index in self.conv:
@@ -346,16 +346,12 @@ class GenerationEngine:
         return mixer.o_proj(out.view(b, -1))
 
     def _mamba_fused(self, mixer, normed, index) -> torch.Tensor:
+        """The mixer's own step (`MambaMixer.step`: one Triton kernel here) on projections from one GEMM."""
         weight = self.fused_in[index]
         proj = F.linear(normed, weight, mixer.in_proj.bias if weight is mixer.in_proj.weight else None)
         width = 2 * mixer.d_inner + 2 * mixer.d_xb
         dt_low = proj[:, width:] if proj.shape[-1] > width else mixer.dt_in_proj(normed)  # (b, dt_rank)
-        dt = F.linear(dt_low, mixer.dt_proj.weight)  # (b, d) before bias
-        decode_kernels.mamba_step(
-            proj, dt, mixer.expand_index(self.device), self.conv[index], mixer.conv1d.weight.view(mixer.d_inner, -1),
-            mixer.conv1d.bias, self.ssm[index], mixer.A_log, mixer.D, mixer.dt_proj.bias, self.mamba_out,
-        )
-        return mixer.out_proj(self.mamba_out)
+        return mixer.step(normed, self.conv[index], self.ssm[index], projected=(proj, dt_low))
 
     def _mlp(self, index, mlp, hidden) -> torch.Tensor:
         if index not in self.fused_gate_up:

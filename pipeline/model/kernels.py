@@ -294,6 +294,55 @@ def selective_state_step(
     return (y * F.silu(z.float())).to(x.dtype)
 
 
+# --- the Mamba mixer's decode token -------------------------------------------------------------
+
+def mamba_decode_step(
+    proj: torch.Tensor,  # (b, >= 2 d + 2 d_xb) in_proj(h) as [z | x | B | C] (more columns may follow)
+    dt: torch.Tensor,  # (b, d) dt_proj(dt_in_proj(h)) before bias and softplus
+    index: torch.Tensor,  # (d,) GQA expansion: expanded channel -> source channel of x and B
+    d_xb: int,
+    conv_state: torch.Tensor,  # (b, d, k) updated in place
+    conv_weight: torch.Tensor,  # (d, k)
+    conv_bias: torch.Tensor | None,
+    ssm_state: torch.Tensor,  # (b, d, n) fp32, updated in place
+    A: torch.Tensor,  # (d, n) fp32 = -exp(A_log)
+    A_log: torch.Tensor,  # (d, n) fp32
+    D: torch.Tensor,  # (d,)
+    dt_bias: torch.Tensor,  # (d,)
+    token_mask: torch.Tensor | None = None,  # (b,) 0 where this token is padding
+) -> torch.Tensor:
+    """One token of the Mamba-in-Llama mixer after its projections; returns y (b, d), advances both states.
+
+    The one decode step every caller runs (`MambaMixer.step`, and through it the engine's decode and
+    `generate()`). On CUDA with a 16-bit model and no padding mask: one Triton kernel
+    (`pipeline.model.triton_step`). Elsewhere: `causal_conv_step` then `selective_state_step` (CUDA
+    kernels where installed, else PyTorch).
+    """
+    from pipeline.model import triton_step
+
+    batch, d_inner = dt.shape
+    groups, n = d_inner // ssm_state.shape[-1], ssm_state.shape[-1]
+    if proj.shape[-1] < 2 * d_inner + 2 * d_xb:
+        raise ValueError(f"proj has {proj.shape[-1]} columns, fewer than 2 d_inner + 2 d_xb = {2 * d_inner + 2 * d_xb}")
+    if (token_mask is None and kernel_mode() != "reference" and proj.dtype in (torch.float16, torch.bfloat16)
+            and conv_state.dtype == proj.dtype and n & (n - 1) == 0 and triton_step.available(proj.device)
+            and (proj.is_cuda or kernel_mode() == "auto")):
+        _announce("mamba_decode_step", "fused Triton kernel")
+        return triton_step.mamba_step(proj, dt, index, d_xb, conv_state, conv_weight, conv_bias, ssm_state,
+                                      A_log, D, dt_bias)
+    _announce("mamba_decode_step", "conv step + selective state step")
+    z, x, B, C = proj[:, : 2 * d_inner + 2 * d_xb].split([d_inner, d_xb, d_xb, d_inner], dim=-1)
+    x = x.index_select(-1, index)  # (b, d)
+    B = B.index_select(-1, index).view(batch, groups, n)
+    C = C.reshape(batch, groups, n)
+    if token_mask is not None:
+        x = x * token_mask[:, None].to(x.dtype)
+    u = causal_conv_step(x, conv_state, conv_weight, conv_bias)  # (b, d)
+    if token_mask is not None:
+        u = u * token_mask[:, None].to(u.dtype)
+    return selective_state_step(ssm_state, u, dt, A, B, C, D, z, dt_bias)
+
+
 # --- causal depthwise conv -----------------------------------------------------------------------
 
 def causal_conv(
@@ -377,6 +426,7 @@ __all__ = [
     "causal_conv",
     "causal_conv_step",
     "kernel_mode",
+    "mamba_decode_step",
     "paths_used",
     "selective_scan",
     "selective_scan_naive",

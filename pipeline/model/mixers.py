@@ -162,18 +162,21 @@ class MambaMixer(nn.Module):
         conv_state: torch.Tensor,  # (b, d, k) updated in place
         ssm_state: torch.Tensor,  # (b, d, n) fp32, updated in place
         token_mask: torch.Tensor | None = None,  # (b,) 0 where this token is padding
+        *,
+        projected: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One decode token: returns the mixer output (b, H) and advances both states in place."""
-        z, x, B, C, dt = self._split(hidden[:, None, :])
-        x = x[..., 0]  # (b, d)
-        if token_mask is not None:
-            x = x * token_mask[:, None].to(x.dtype)
-        u = kernels.causal_conv_step(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias)  # (b, d)
-        if token_mask is not None:
-            u = u * token_mask[:, None].to(u.dtype)
-        A = -torch.exp(self.A_log.float())  # (d, n)
-        y = kernels.selective_state_step(
-            ssm_state, u, dt[..., 0], A, B[..., 0], C[..., 0], self.D, z[..., 0], self.dt_proj.bias
+        """One decode token: returns the mixer output (b, H) and advances both states in place.
+
+        `projected`: (in_proj(hidden), dt_in_proj(hidden)) when the caller has computed them already (the
+        engine does both in one GEMM); in_proj's output may carry extra columns after its own.
+        """
+        if projected is None:
+            projected = (self.in_proj(hidden), self.dt_in_proj(hidden))
+        proj, dt_low = projected
+        y = kernels.mamba_decode_step(
+            proj, F.linear(dt_low, self.dt_proj.weight), self.expand_index(hidden.device), self.d_xb,
+            conv_state, self.conv1d.weight.view(self.d_inner, -1), self.conv1d.bias, ssm_state,
+            -torch.exp(self.A_log.float()), self.A_log, self.D, self.dt_proj.bias, token_mask,
         )  # (b, d)
         return self.out_proj(y.to(hidden.dtype))
 
