@@ -11,7 +11,8 @@ For each checkpoint folder, the demo's held-out problems are answered greedily t
 and, per path, the share of answers whose text equals ref-generate's, and the teacher-forced agreement:
 the share of generated tokens that equal the argmax of one fp32 reference forward over prompt + generated.
 
-Usage: PYTHONPATH=. python benchmarks/decode_check.py CHECKPOINT... [--examples 200] [--out x.json]
+Usage: PYTHONPATH=. python benchmarks/decode_check.py CHECKPOINT... [--examples 200] [--experiment gpu_demo]
+       [--out x.json]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pipeline.config import DataConfig, HardwareConfig  # noqa: E402
 from pipeline.data import is_correct, prompt_batch  # noqa: E402
@@ -97,14 +99,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--paths", nargs="*", default=list(PATHS))
+    parser.add_argument("--experiment", default=None, help="conf/experiment preset whose data the checkpoints "
+                        "were made for (default: the CPU demo's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     paths = [p for p in args.paths if device == "cuda" or PATHS[p][1] == "reference"]
+    data = DataConfig()
+    if args.experiment:
+        from gpu_pipeline import preset_config
+
+        data = preset_config(args.experiment).data
     records = []
     for folder in args.checkpoints:
         tokenizer = load_tokenizer(folder)
-        rows = StageData(DataConfig(), tokenizer).eval_problems(args.examples)
+        rows = StageData(data, tokenizer).eval_problems(args.examples)
         reference = load_model(folder, HardwareConfig(device=device, precision="fp32"), fp32=True)
         baseline = None
         for name in paths:
