@@ -23,6 +23,7 @@ Usage on a GPU machine: PYTHONPATH=. python benchmarks/gpu_pipeline.py chain --e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -93,6 +94,11 @@ class MeasuringReporter:
 
     def progress(self, message: str) -> None:
         print(f"{self.prefix}{message}", flush=True)
+
+    @contextlib.contextmanager
+    def trial(self, name: str):
+        """An MMR trial reports into the stage's own figures (as the console reporter does)."""
+        yield self
 
 
 def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, prefix: str = "",

@@ -381,9 +381,9 @@ def causal_conv_step(
     _announce("causal_conv1d_update", "PyTorch reference")
     window = torch.cat([conv_state[..., 1:], x.to(conv_state.dtype)[..., None]], dim=-1)
     conv_state.copy_(window)
-    out = (window * weight.to(window.dtype)).sum(-1)
+    out = (window.float() * weight.float()).sum(-1)  # in fp32, rounded once at the end (as the CUDA kernels)
     if bias is not None:
-        out = out + bias.to(window.dtype)
+        out = out + bias.float()
     return F.silu(out).to(x.dtype)
 
 

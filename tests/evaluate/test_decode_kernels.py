@@ -162,9 +162,11 @@ def test_fused_engine_matches_the_plain_engine_step_by_step(in_proj_bias):
         fused._run_step()
         torch.testing.assert_close(fused.last_logits.float(), plain.last_logits.float(), atol=5e-2, rtol=5e-2)
         for index in plain.ssm:  # the Mamba states themselves, not only logits a random model barely moves
-            assert torch.equal(fused.conv[index], plain.conv[index])
+            # (x comes from one GEMM of in_proj + dt_in_proj in the fused engine, from in_proj alone in the
+            # plain one: equal up to bf16 rounding; B or C read from wrong columns is an O(1) error)
+            torch.testing.assert_close(fused.conv[index].float(), plain.conv[index].float(), atol=2e-2, rtol=2e-2)
             scale = plain.ssm[index].abs().max()
-            assert (fused.ssm[index] - plain.ssm[index]).abs().max() / scale < 2e-2, (step, index)
+            assert (fused.ssm[index] - plain.ssm[index]).abs().max() / scale < 5e-2, (step, index)
         fused.tokens.copy_(plain.tokens)
     if DEVICE.type == "cuda":
         assert fused.graph is not None  # the fused step was captured and replayed

@@ -86,6 +86,8 @@ def test_triton_step_matches_the_composed_step(expansion, conv_bias, d_xb, wide)
         out = mixer.step(hidden, conv_b, ssm_b, projected=(proj, dt_low))
     assert "fused Triton kernel" in kernels.paths_used()["mamba_decode_step"]
     assert torch.equal(conv_b, conv_a)
+    # Both compute in fp32 from the same 16-bit inputs; they round u (the conv output) each once, so a
+    # value on a rounding boundary may differ by one ulp. Reading B or C from wrong columns is O(1).
     scale = ssm_a.abs().max()
-    assert (ssm_b - ssm_a).abs().max() / scale < 1e-3
-    assert (out.float() - expected.float()).abs().max() / expected.float().abs().max() < 2e-2
+    assert (ssm_b - ssm_a).abs().max() / scale < 1e-2
+    assert (out.float() - expected.float()).abs().max() / expected.float().abs().max() < 3e-2
