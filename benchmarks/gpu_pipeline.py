@@ -118,9 +118,15 @@ def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, pre
     class MeasuredExecutor(Executor):
         def dispatch(self, call, key):
             if call.name == "teacher" and teacher_folder is not None and self.find(call, key, quiet=True) is None:
-                self.store.put_checkpoint(teacher_folder, "teacher", config_digest=key, metadata={
-                    "stage": call.stage, "code_version": call.run.code_version, "cache_key": key,
-                    "shared_from": str(teacher_folder)})
+                import shutil
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as scratch:  # the store writes its own manifest
+                    files = Path(scratch) / "teacher"
+                    shutil.copytree(teacher_folder, files, ignore=shutil.ignore_patterns("manifest.json"))
+                    self.store.put_checkpoint(files, "teacher", config_digest=key, metadata={
+                        "stage": call.stage, "code_version": call.run.code_version, "cache_key": key,
+                        "shared_from": str(teacher_folder)})
             return super().dispatch(call, key)
 
     executor = MeasuredExecutor(store, root / ".cache" / "work" / cfg.run_name, reporter)
