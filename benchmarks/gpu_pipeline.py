@@ -15,7 +15,8 @@ Two measurements, each writing a JSON record:
       with one part put back as it was before the fix: "bf16-logits" (the losses' logits from a bf16 head
       GEMM); and two that separate bf16 compute from bf16-held frozen models (the distillation teacher,
       LOO and evaluation models): "frozen-fp32" (bf16-mixed training, frozen models held in fp32) and
-      "frozen-bf16" (fp32 training, frozen models held in bf16).
+      "frozen-bf16" (fp32 training, frozen models held in bf16); and "fp32-reference": fp32 with the
+      PyTorch reference kernels (the CPU's code path on the GPU), to separate the CUDA kernels from the device.
 
 Usage on a GPU machine: PYTHONPATH=. python benchmarks/gpu_pipeline.py chain --experiment gpu_demo --out x.json
 """
@@ -193,7 +194,7 @@ def base_config(preset: str | None) -> RunConfig:
 
 def variant_config(variant: str, seed: int, preset: str | None = None, device: str = "cuda") -> RunConfig:
     cfg = _merge(base_config(preset), {"run_name": f"{variant}-seed{seed}"})
-    precision = "fp32" if variant in ("fp32", "frozen-bf16") else "bf16-mixed"
+    precision = "fp32" if variant in ("fp32", "frozen-bf16", "fp32-reference") else "bf16-mixed"
     return _merge(cfg, {"seed": seed, "hardware": {"device": device, "precision": precision},
                         "train": {"seed": seed}, "sft": {"train": {"seed": seed}}})
 
@@ -232,6 +233,10 @@ def one_run(args) -> None:
         _bf16_logits()
     if args.variant in ("frozen-fp32", "frozen-bf16"):
         _frozen_dtype("float32" if args.variant == "frozen-fp32" else "bfloat16")
+    if args.variant == "fp32-reference":  # the CPU's code path on the GPU: PyTorch scan, conv and steps
+        from pipeline.model import kernels
+
+        kernels.set_kernel_mode("reference")
     cfg = variant_config(args.variant, args.seed, args.preset, args.device)
     record = run_measured_chain(cfg, Path(args.root), Path(args.out), prefix=f"[{cfg.run_name}] ",
                                 teacher_folder=Path(args.teacher))
