@@ -23,7 +23,7 @@ from pipeline.config import RunConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRIMARY_CONFIG = "config"
 SCHEMA_NAME = "hybrid_distill_schema"
-GROUPS = ("teacher", "data", "schedule", "train", "mmr", "sft", "evaluate", "storage", "tracking", "hardware",
+GROUPS = ("teacher", "start", "data", "schedule", "train", "mmr", "sft", "evaluate", "storage", "tracking", "hardware",
           "experiment")
 
 REQUIRED_MARK = "missing required value"

@@ -69,14 +69,44 @@ def read_json(path: Path) -> dict:
 def detect_layout(folder: str | os.PathLike) -> str:
     """native, apriel_h1, mambainllama, or transformers (anything else with a config.json)."""
     folder = Path(folder)
-    config = read_json(folder / "config.json")
+    return detect_layout_of(read_json(folder / "config.json"), {} if (folder / MIL_CONFIG).is_file() else None)
+
+
+def detect_layout_of(config: dict, mamba: dict | None) -> str:
+    """detect_layout from a config.json body and the mamba_config.json body (None: the folder has none)."""
     if config.get("model_type") == HybridConfig.model_type:
         return NATIVE
     if config.get("model_type") == APRIEL_MODEL_TYPE:
         return APRIEL_H1
-    if (folder / MIL_CONFIG).is_file():
+    if mamba is not None:
         return MAMBAINLLAMA
     return TRANSFORMERS
+
+
+def layer_kinds(body: dict, mamba: dict | None = None) -> list[str]:
+    """The kind of each layer (ATTENTION, MAMBA, IDENTITY) as a checkpoint's config files declare it, read
+    without its weights: ours (`layer_types`), Apriel-H1 (`hybrid_block_layout`), MambaInLlama (`mamba`:
+    its mamba_config.json, every layer not in `attn_layers` is Mamba), else all attention (a teacher)."""
+    from pipeline.model.config import LAYER_KINDS
+
+    layers = body.get("num_hidden_layers")
+    if body.get("model_type") == HybridConfig.model_type:
+        kinds = list(body.get("layer_types") or [])
+        unknown = sorted({kind for kind in kinds if kind not in LAYER_KINDS})
+        if unknown:
+            raise LayoutError(f"layer types {unknown} are not known here (known: {', '.join(LAYER_KINDS)})")
+        return kinds
+    if body.get("model_type") == APRIEL_MODEL_TYPE:
+        layout = body.get("hybrid_block_layout") or []
+        unknown = sorted({kind for kind in layout if kind not in APRIEL_KINDS})
+        if unknown or not layout:
+            raise LayoutError(f"Apriel-H1 layer kinds {unknown or 'none'} have no counterpart here "
+                              "(hybrid_block_layout of 't' attention and 'm2' Mamba)")
+        return [APRIEL_KINDS[kind] for kind in layout]
+    if mamba is not None:
+        attention = set(mamba.get("attn_layers") or [])
+        return [ATTENTION if index in attention else MAMBA for index in range(mamba.get("n_layer") or layers or 0)]
+    return [ATTENTION] * int(layers or 0)
 
 
 def read_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -554,10 +584,12 @@ __all__ = [
     "build_hybrid",
     "check_state",
     "detect_layout",
+    "detect_layout_of",
     "expected_shapes",
     "from_apriel_h1",
     "from_mambainllama",
     "import_checkpoint",
+    "layer_kinds",
     "load_pretrained",
     "mambainllama_plugin_notes",
     "native_state",
