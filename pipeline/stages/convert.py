@@ -53,8 +53,8 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
                        mamba: MambaConfig | None, teacher_dir: Path, parent_dir: Path | None, new_layers: list[int],
                        out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, settings: dict,
                        extra: dict) -> dict:
-    """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings); else a hybrid, whose
-    new mixers take the settings of its existing ones."""
+    """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings, unless the teacher is
+    already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones."""
     started = time.time()
     teacher = load_model(teacher_dir, hardware, "teacher")  # frozen: bf16 under bf16-mixed
     parent = load_model(teacher_dir if parent_dir is None else parent_dir, hardware,
@@ -64,7 +64,9 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
         raise StageError(f"{stage_name}: layers {occupied} are already Mamba (or identity) in "
                          f"{'the teacher' if parent_dir is None else 'the parent checkpoint'}; only attention "
                          "layers are converted")
-    student = hybridize(parent, new_layers, seed=seed, **(mamba_options(mamba) if parent_dir is None else {}))
+    # a hybrid (a step's parent, or a teacher that is already a hybrid) keeps its own Mamba settings
+    fresh = parent_dir is None and not getattr(parent.config, "mamba_layers", None)
+    student = hybridize(parent, new_layers, seed=seed, **(mamba_options(mamba) if fresh else {}))
     del parent
     n_mamba = len(student.config.mamba_layers)
     name = checkpoint_name(n_mamba)
