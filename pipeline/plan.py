@@ -388,7 +388,9 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
             try:
                 start_source = start()
             except (ConfigError, StoreError, OSError) as error:
-                problems.append(f"start.path={cfg.start.path}: {str(error).splitlines()[0]}")
+                message = str(error).splitlines()[0]
+                problems.append(message if message.startswith("start.path=")
+                                else f"start.path={cfg.start.path}: {message}")
         if start_source is not None:
             check_start(cfg, start_source, shape, problems)
     elif source is not None and shape is not None:  # a hybrid teacher: the first conversion adds to its Mamba

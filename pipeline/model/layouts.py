@@ -350,12 +350,16 @@ def to_mambainllama(config: HybridConfig, state: dict[str, torch.Tensor]
             tensors[key] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     if "lm_head.weight" not in tensors or config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # the plugin never ties
+    ssm_cfg = {"d_state": config.mamba_d_state, "d_conv": config.mamba_d_conv, "dt_rank": config.mamba_dt_rank,
+               "expand": 1, "repeat_kv_before_conv": True, "conv_bias": True}
+    # ssm_cfg in config.json too: the qwerky-vllm-models plugin reads d_state and d_conv from there (or from
+    # a mamba_config.json key "ssm_config" that MambaInLlama's own loader would refuse), never from
+    # mamba_config.json's ssm_cfg, and takes 16 and 4 otherwise
     body = {"architectures": [MIL_ARCHITECTURE], "model_type": "llama", **_decoder_json(config),
-            "attention_bias": False, "mlp_bias": False}
+            "attention_bias": False, "mlp_bias": False, "ssm_cfg": dict(ssm_cfg)}
     mamba = {
         "d_model": config.hidden_size,
-        "ssm_cfg": {"d_state": config.mamba_d_state, "d_conv": config.mamba_d_conv, "dt_rank": config.mamba_dt_rank,
-                    "expand": 1, "repeat_kv_before_conv": True, "conv_bias": True},
+        "ssm_cfg": ssm_cfg,
         "rms_norm_eps": config.rms_norm_eps,
         "vocab_size": config.vocab_size,
         "d_inner": d_inner,

@@ -109,7 +109,8 @@ def test_a_hybrid_teacher_keeps_its_mamba_layers_through_loo_and_the_first_conve
 def plan_problems(tmp_path: Path, teacher: Path, start: Path | None, counts: list[int]):
     cfg = config(tmp_path, teacher, start, counts)
     store_root = tmp_path / "store" / cfg.run_name
-    result = plan(cfg, store=LocalStore(store_root, tmp_path / "cache" / "store"), work_root=tmp_path / "cache" / "work",
+    result = plan(cfg, store=LocalStore(store_root, tmp_path / "cache" / "store"),
+                  work_root=tmp_path / "cache" / "work",
                   teacher=lambda: local_teacher_source(str(teacher)),
                   start=lambda: local_teacher_source(str(start), "start.path"))
     assert not (tmp_path / "store").exists() and not (tmp_path / "cache").exists()  # the plan writes nothing
@@ -149,7 +150,7 @@ def wider(teacher, tmp_path_factory) -> Path:
                          "be larger"),
     ("wider", [3], "start.path={start} does not fit the teacher: hidden_size 64 vs the teacher's 32"),
     ("teacher", [3], "start.path={start} is not a hybrid (no Mamba layer; layout transformers)"),
-    ("missing", [3], "start.path={start}: start.path='{start}' does not exist"),
+    ("missing", [3], "start.path='{start}' does not exist (a folder with config.json, weights and tokenizer)"),
 ])
 def test_a_start_that_cannot_work_is_one_line_in_the_plan(teacher, released, wider, tmp_path, start, counts, culprit):
     folder = {"released": released, "wider": wider, "teacher": teacher, "missing": tmp_path / "nope"}[start]

@@ -41,7 +41,8 @@ def test_every_option_composes(group, option):
 
 @pytest.mark.parametrize(("group", "option"), list(REQUIRED), ids=[f"{g}={o}" for g, o in REQUIRED])
 def test_options_needing_user_values_say_which(group, option):
-    with pytest.raises(ConfigCompositionError, match=r"missing required value (teacher\.path|start\.path|data\.distill)"):
+    with pytest.raises(ConfigCompositionError,
+                       match=r"missing required value (teacher\.path|start\.path|data\.distill)"):
         compose([f"{group}={option}"])
 
 
