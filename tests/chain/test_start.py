@@ -95,6 +95,8 @@ def test_the_chain_continues_a_released_hybrid_from_its_pattern(teacher, release
 def test_a_hybrid_teacher_keeps_its_mamba_layers_through_loo_and_the_first_conversion(teacher, released, tmp_path):
     cfg = config(tmp_path, released, None, [3])  # the released hybrid as the teacher itself
     folders = run_local(cfg, until="convert")
+    manifest = json.loads((folders["teacher"] / "manifest.json").read_text())
+    assert (manifest["metadata"]["layer_pattern"], manifest["metadata"]["n_mamba"]) == ("AMMA", 2)
     loo = json.loads((folders["loo"] / "loo.json").read_text())
     assert [entry["layer"] for entry in loo["layers"]] == [0, 3]  # only attention layers are scored
     assert loo["mamba_layers"] == START_MAMBA and set(loo["ranking"]) == {0, 3}
