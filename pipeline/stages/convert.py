@@ -59,7 +59,8 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     teacher = load_model(teacher_dir, hardware, "teacher")  # frozen: bf16 under bf16-mixed
     parent = load_model(teacher_dir if parent_dir is None else parent_dir, hardware,
                         "teacher" if parent_dir is None else "parent checkpoint", fp32=True)  # fp32 masters
-    occupied = [layer for layer in new_layers if layer not in getattr(parent.config, "attention_layers", new_layers)]
+    attention = getattr(parent.config, "attention_layers", None)  # None: a plain teacher, all attention
+    occupied = [] if attention is None else [layer for layer in new_layers if layer not in attention]
     if occupied:  # hybridize would refuse too; this names the stage's inputs
         raise StageError(f"{stage_name}: layers {occupied} are already Mamba (or identity) in "
                          f"{'the teacher' if parent_dir is None else 'the parent checkpoint'}; only attention "
@@ -129,7 +130,7 @@ def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, see
         raise StageError(f"step to {count} Mamba layers from a checkpoint that already has {current}")
     needed = count - current
     ranked = [entry["layer"] for entry in table["ranking"]]
-    attention = set(layer_kinds_of(Path(parent)).get("attention", []))
+    attention = set(layer_kinds_of(Path(parent))["attention"])
     stale = [layer for layer in ranked if layer not in attention]
     if stale:
         raise StageError(f"step to {count}: MMR scored layers {stale}, which are not attention layers of the "

@@ -197,5 +197,6 @@ def test_a_start_checkpoint_through_the_flow_config_and_its_plan(tmp_path):
     assert plan.problems == []
     assert [row.name for row in plan.rows] == ["teacher", "start", "mmr-start", "H-2", "mmr-H-2", "H-3", "H-3-SFT",
                                                "evaluate"]
-    assert problems(tmp_path, "start=hybrid", "start.path=s3://no-such-bucket-4f2a/h30",
-                    "storage.endpoint_url=http://127.0.0.1:9")[0].startswith("start.path=s3://no-such-bucket-4f2a/h30: ")
+    unreachable = problems(tmp_path, "start=hybrid", "start.path=s3://no-such-bucket-4f2a/h30",
+                           "storage.endpoint_url=http://127.0.0.1:9")
+    assert unreachable[0].startswith("start.path=s3://no-such-bucket-4f2a/h30: ")
