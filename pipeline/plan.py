@@ -230,9 +230,9 @@ def check_data(name: str, source: str | None, split: str, columns: tuple[str, ..
             problems.append(f"data.{name}={source}: no such file or folder")
         return
     if path.is_dir():
-        from pipeline.data.loading import _files_by_split
+        from pipeline.data.loading import files_by_split
 
-        groups = _files_by_split(path)
+        groups = files_by_split(path)
         if not groups:
             problems.append(f"data.{name}={source}: no data files (jsonl / json / parquet) in the folder")
             return
