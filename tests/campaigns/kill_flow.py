@@ -183,6 +183,26 @@ def differences(first: dict, second: dict) -> set[str]:
     return found
 
 
+def report_notes(cycles: int) -> list[str]:
+    return [
+        "Compared per cycle: every file of every committed checkpoint (sha256 from the store's verified download),",
+        "and summary.json's records. Left out (`left_out_as_not_deterministic`): what two uninterrupted runs of",
+        "the same seed already differ in: `stage.json` (wall-clock times), `evaluate/summary.json` as bytes and",
+        "the frontier plots (throughput; summary.json's other fields are compared). Model weights",
+        "(`model.safetensors`), configs, tokenizers, `loo.json`, `mmr.json` and run configs are compared byte",
+        f"for byte. `files_compared_per_cycle_total` is the sum over the {cycles} cycles.",
+        "Kills: `save` = SIGKILL from inside the n-th training-state save (" + "; ".join(SAVE_POINTS.values()) + "),",
+        "`upload` = from inside the n-th S3 upload of a checkpoint file (before or after it), `time` = from",
+        "outside at a random moment up to an uninterrupted run's duration.",
+    ]
+
+
+def events_table(events: list[dict]) -> list[str]:
+    table = ["| cycle | start | mode | killed | where | stages computed |", "| --- | --- | --- | --- | --- | --- |"]
+    return table + [f"| {e['cycle']} | {e['start']} | {e['mode']} | {e['killed']} | {e['where'] or ''} | "
+                     f"{', '.join(e['stages_computed'])} |" for e in events]
+
+
 def write_report(args, counts, durations, recomputed, nondeterministic, summary_varying, mismatches, events,
                  started, facts, final: bool) -> None:
     """kill-campaign.{json,md}; written after every start too, so a stopped campaign still shows its figures."""
@@ -202,24 +222,8 @@ def write_report(args, counts, durations, recomputed, nondeterministic, summary_
         "finished": final,
         "events": events,
     }
-    notes = [
-        "Compared per cycle: every file of every committed checkpoint (sha256 from the store's verified download),",
-        "and summary.json's records. Left out (`left_out_as_not_deterministic`): what two uninterrupted runs of",
-        "the same seed already differ in, e.g. `stage.json` (wall-clock times), `evaluate/summary.json` as bytes",
-        "and `evaluate/frontier.png` (throughput; summary.json's other fields are compared), `mmr-H-2/mmr.json`",
-        "(records the local cache folder of its parent, whose name holds the parent's manifest digest, which",
-        "includes its creation time). Model weights (`model.safetensors`), configs, tokenizers, `loo.json` and",
-        "run configs are compared byte for byte.",
-        f"`files_compared_per_cycle_total` is the sum over the {counts['cycles']} cycles. Kills: `save` = SIGKILL",
-        "from inside the n-th training-state save (" + "; ".join(SAVE_POINTS.values()) + "), `upload` = from",
-        "inside the n-th S3 upload of a checkpoint file (before or after it), `time` = from outside at a random",
-        "moment up to an uninterrupted run's duration.",
-    ]
-    table = ["| cycle | start | mode | killed | where | stages computed |", "| --- | --- | --- | --- | --- | --- |"]
-    table += [f"| {e['cycle']} | {e['start']} | {e['mode']} | {e['killed']} | {e['where'] or ''} | "
-              f"{', '.join(e['stages_computed'])} |" for e in events]
-    lines = write_files(args.out, "kill-campaign", "Kill campaign", report, hidden=("events",), notes=notes,
-                        tail=table)
+    lines = write_files(args.out, "kill-campaign", "Kill campaign", report, hidden=("events",),
+                        notes=report_notes(counts["cycles"]), tail=events_table(events))
     if final:
         print("\n".join(lines[:20]))
 
