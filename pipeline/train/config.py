@@ -6,7 +6,7 @@ because OmegaConf structured configs do not accept `typing.Literal`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 TRAINABLE_CHOICES: tuple[str, ...] = ("mamba", "all")
 LOSS_CHOICES: tuple[str, ...] = ("reverse_kl", "forward_kl", "ce")
@@ -93,7 +93,7 @@ class TrainConfig:
     loss_window: int = 10  # TrainResult.final_loss = mean loss of the last this many steps
     # recompute each student block's activations in the backward instead of keeping them (less memory, about
     # a third more compute); the trajectory is the same
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = field(default=False, metadata={"key_neutral": True})  # (pipeline.config.KEY_NEUTRAL)
 
     def __post_init__(self) -> None:
         _require_int("steps", self.steps, 1)
