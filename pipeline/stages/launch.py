@@ -58,6 +58,7 @@ class TrainingJob:
     teacher_dir: str | None = None  # the frozen teacher to distil from
     generic_every: int = 0  # batches="teacher": every this many batches from the generic corpus
     trainable_prefix: str | None = None  # train only parameters under this name (an MMR trial's mixer)
+    max_steps: int | None = None  # stop after this many steps in this launch (the state lets the next continue)
 
 
 def uses_torchrun(hardware: HardwareConfig, state_dir: Path) -> bool:
@@ -99,14 +100,16 @@ def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: Hard
     return TrainResult(**result, state_path=Path(state_path) if state_path else None)
 
 
-def torchrun_command(hardware: HardwareConfig, arguments: list[str], module: str = "pipeline.stages.launch") -> list[str]:
+def torchrun_command(hardware: HardwareConfig, arguments: list[str],
+                     entry: tuple[str, ...] = ("-m", "pipeline.stages.launch")) -> list[str]:
+    """The torchrun command line that runs `entry` (a module, or a script path) with `arguments`."""
     if hardware.nnodes > 1:
         placement = ["--nnodes", str(hardware.nnodes), "--rdzv-backend", "c10d",
                      "--rdzv-endpoint", str(hardware.rdzv_endpoint), "--rdzv-id", "hybrid-distill"]
     else:
         placement = ["--standalone", "--nnodes", "1"]
     return [sys.executable, "-m", "torch.distributed.run", *placement, "--nproc-per-node", str(hardware.nproc),
-            "-m", module, *arguments]
+            *entry, *arguments]
 
 
 def run_torchrun(command: list[str], root: Path, reporter: Reporter, callback) -> None:
@@ -221,6 +224,7 @@ def main(job_path: str) -> None:
             student, _batch_source(job, tokenizer), job.train, teacher=teacher, state_dir=job.state_dir,
             callback=emit_metrics if rank == 0 else None, precision=job.precision,
             trainable_filter=(lambda name, _param: name.startswith(prefix)) if prefix else None,
+            max_steps_this_call=job.max_steps,
         )
         folder = root / RESULT_DIR
         if rank == 0:
