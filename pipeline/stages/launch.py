@@ -120,7 +120,13 @@ def run_torchrun(command: list[str], root: Path, reporter: Reporter, callback) -
 
     errors = root / "errors"
     errors.mkdir(parents=True, exist_ok=True)
-    environment = {**os.environ, "HYBRID_DISTILL_RANK_ERRORS": str(errors), "PYTHONUNBUFFERED": "1"}
+    # the ranks import the same `pipeline` as this process, wherever they start
+    import pipeline
+
+    source_root = str(Path(pipeline.__file__).resolve().parent.parent)
+    python_path = os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "HYBRID_DISTILL_RANK_ERRORS": str(errors), "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": python_path}
     with open(root / LOG_FILE, "w") as log_file:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log_file, text=True, env=environment)
         assert process.stdout is not None
