@@ -23,8 +23,8 @@ from pipeline.config import RunConfig
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PRIMARY_CONFIG = "config"
 SCHEMA_NAME = "hybrid_distill_schema"
-GROUPS = ("teacher", "data", "schedule", "train", "mmr", "sft", "evaluate", "storage", "tracking", "hardware",
-          "experiment")
+GROUPS = ("teacher", "start", "data", "schedule", "train", "mmr", "sft", "evaluate", "storage", "tracking",
+          "hardware", "experiment")
 
 REQUIRED_MARK = "missing required value"
 _lock = threading.Lock()  # Hydra's GlobalHydra is process-wide: one composition at a time

@@ -80,23 +80,26 @@ def check_tracking(cfg: RunConfig) -> None:
 
 
 class TeacherResolver:
-    """The user's teacher as a Source, resolved once (listing and digest; the weights come later)."""
+    """The user's teacher (or, `key="start"`, the start checkpoint) as a Source, resolved once (listing and
+    digest; the weights come later)."""
 
-    def __init__(self, cfg: RunConfig, cache_root: Path) -> None:
+    def __init__(self, cfg: RunConfig, cache_root: Path, key: str = "teacher") -> None:
         self.cfg, self.cache_root, self.source = cfg, cache_root, None
+        self.path = cfg.teacher.path if key == "teacher" else cfg.start.path
 
     def __call__(self) -> Source | None:
-        if self.source is None and self.cfg.teacher.path:
-            self.source = teacher_source(self.cfg.teacher.path, self.cache_root, self.cfg.storage.endpoint_url)
+        if self.source is None and self.path:
+            self.source = teacher_source(self.path, self.cache_root, self.cfg.storage.endpoint_url)
         return self.source
 
 
-def check_run(cfg: RunConfig, until: str = "evaluate", teacher: TeacherResolver | None = None) -> Plan:
+def check_run(cfg: RunConfig, until: str = "evaluate", teacher: TeacherResolver | None = None,
+              start: TeacherResolver | None = None) -> Plan:
     """The plan of this run (`pipeline.plan.plan`): every problem, and what each stage will do."""
     cache_root = cache_root_of(cfg)
     return plan(cfg, store=open_run_store(cfg, cache_root), work_root=cache_root / "work" / cfg.run_name,
                 teacher=teacher or TeacherResolver(cfg, cache_root), tracking=lambda: check_tracking(cfg),
-                until=until)
+                until=until, start=start or TeacherResolver(cfg, cache_root, "start"))
 
 
 def open_tracker(cfg: RunConfig) -> Tracker | NullTracker:
@@ -129,8 +132,8 @@ def run_conversion(cfg: RunConfig, until: str = "evaluate") -> dict[str, Any]:
         raise ConfigCompositionError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
     started = time.time()
     cache_root = cache_root_of(cfg)
-    teacher = TeacherResolver(cfg, cache_root)
-    checked = check_run(cfg, until, teacher)
+    teacher, start = TeacherResolver(cfg, cache_root), TeacherResolver(cfg, cache_root, "start")
+    checked = check_run(cfg, until, teacher, start)
     checked.raise_problems()  # every problem, one line each, before anything is written
     store = open_run_store(cfg, cache_root)
     store.check()
@@ -143,7 +146,7 @@ def run_conversion(cfg: RunConfig, until: str = "evaluate") -> dict[str, Any]:
         tracker.log_params(to_plain(cfg))
         tracker.log_dict(to_plain(cfg), "run_config.json")
         tracker.set_tags({"storage.uri": store.uri, "until": until, "prefect.flow_run_id": flow_run.id or ""})
-        run_chain(cfg, executor, teacher(), until=until)
+        run_chain(cfg, executor, teacher(), until=until, start=start())
     return _report(cfg, until, store, tracker, executor, time.time() - started)
 
 

@@ -65,6 +65,7 @@ def loo_markdown(folder: Path, first: int | None, run_link: str) -> str:
         "| rank | layer | score without it | importance | converted first |",
         "| --- | --- | --- | --- | --- |",
     ]
+    first = None if first is None else first - len(loo.get("mamba_layers", []))  # a hybrid teacher's stay Mamba
     for rank, layer in enumerate(loo["ranking"], start=1):
         entry = by_layer[layer]
         chosen = "yes" if first is not None and rank <= first else ""

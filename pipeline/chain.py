@@ -1,7 +1,9 @@
 """The recipe's order of stages, once, for every way of running it.
 
-`stage_calls(cfg, teacher, outputs)` / `run_chain(cfg, execute, teacher)` walk the recipe: teacher ->
-LOO -> first conversion -> (MMR -> step) for each later count -> SFT -> evaluate. Each stage is a
+`run_chain(cfg, execute, teacher, start=...)` walks the recipe: teacher -> LOO -> first conversion ->
+(MMR -> step) for each later count -> SFT -> evaluate. With a start checkpoint (`start.path`: a hybrid,
+released or ours) it continues that hybrid's conversion instead: teacher -> start -> (MMR -> step) for
+every count -> SFT -> evaluate (the start evaluated as `start` beside the new checkpoints). Each stage is a
 `StageCall`: the stage function, the config sections it reads (taken here from the RunConfig, the only
 place that knows which section feeds which argument) and its inputs. `execute(call)` runs it and returns
 its Output (`pipeline.executor.Executor`, which flows/ wraps in Prefect tasks and MLflow runs).
@@ -17,6 +19,7 @@ from typing import Any
 from pipeline.config import ConfigError, RunConfig, checkpoint_name
 from pipeline.executor import Executor, Output, Source, StageCall, local_source
 from pipeline.stages.common import Reporter
+from pipeline.stages.start import START
 
 UNTIL = ("teacher", "loo", "convert", "mmr", "steps", "sft", "evaluate")
 
@@ -38,6 +41,23 @@ def teacher_call(cfg: RunConfig, source: Source | None) -> StageCall:
                      {"demo": cfg.teacher.demo, "data": cfg.data.view(*kinds), "hardware": cfg.hardware}, {})
 
 
+def start_call(cfg: RunConfig, source: Source | None, teacher: Output) -> StageCall:
+    """The start checkpoint registered in the store (checked against the teacher). Its content digest is
+    what every later stage's key holds of it (they take its Output as their parent)."""
+    from pipeline.stages import import_start
+
+    if source is None:
+        raise ConfigError("start.path is set but no start source was resolved")
+    return StageCall(START, import_start, {"hardware": cfg.hardware}, {"source": source, "teacher": teacher})
+
+
+def check_start_counts(cfg: RunConfig, n_mamba: int | None) -> None:
+    """Every schedule count adds Mamba layers to the start checkpoint's `n_mamba` (None: not known yet)."""
+    if n_mamba is not None and cfg.schedule.counts[0] <= n_mamba:
+        raise ConfigError(f"schedule.counts {list(cfg.schedule.counts)}: start.path={cfg.start.path} already has "
+                          f"{n_mamba} Mamba layers; every count must be larger")
+
+
 def sft_input(cfg: RunConfig) -> str:
     """The checkpoint SFT starts from (sft.checkpoint, checked against the schedule)."""
     names = [checkpoint_name(count) for count in cfg.schedule.counts]
@@ -49,9 +69,11 @@ def sft_input(cfg: RunConfig) -> str:
 
 
 def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None = None,
-              until: str = "evaluate") -> dict[str, Output]:
+              until: str = "evaluate", start: Source | None = None) -> dict[str, Output]:
     """Walk the recipe up to and including `until` (`mmr` = the first MMR scoring, `steps` = every
-    progressive step); returns every output by name. `teacher`: the user's teacher (cfg.teacher.path)."""
+    progressive step; with a start checkpoint `loo` and `convert` end at its registration); returns every
+    output by name. `teacher`: the user's teacher (cfg.teacher.path); `start`: the start checkpoint
+    (cfg.start.path)."""
     from pipeline.stages import run_convert, run_evaluate, run_loo, run_mmr, run_sft, run_step
 
     if until not in UNTIL:
@@ -71,18 +93,27 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
     out["teacher"] = execute(first_call)
     if until == "teacher":
         return out
-    call("loo", run_loo, {"loo": cfg.loo, "data": cfg.data.view("eval", "distill"), "hardware": hardware,
-                          "first_count": counts[0]}, {"teacher": out["teacher"]}, is_checkpoint=False)
-    if until == "loo":
-        return out
-    previous = checkpoint_name(counts[0])
-    call(previous, run_convert, {"train": cfg.train, "mamba": cfg.mamba, "data": distill_view(cfg),
-                                 "hardware": hardware, "seed": seed, "count": counts[0]},
-         {"teacher": out["teacher"], "loo": out["loo"]})
-    if until == "convert":
-        return out
-    checkpoints = [previous]
-    for count in counts[1:]:
+    if cfg.start.path:  # continue a hybrid: it takes the place of LOO and the first conversion
+        registered = start_call(cfg, start, out["teacher"])
+        registered.check_signature()
+        out[START] = execute(registered)
+        check_start_counts(cfg, out[START].n_mamba)
+        if until in ("loo", "convert"):
+            return out
+        previous, checkpoints, later = START, [START], counts
+    else:
+        call("loo", run_loo, {"loo": cfg.loo, "data": cfg.data.view("eval", "distill"), "hardware": hardware,
+                              "first_count": counts[0]}, {"teacher": out["teacher"]}, is_checkpoint=False)
+        if until == "loo":
+            return out
+        previous = checkpoint_name(counts[0])
+        call(previous, run_convert, {"train": cfg.train, "mamba": cfg.mamba, "data": distill_view(cfg),
+                                     "hardware": hardware, "seed": seed, "count": counts[0]},
+             {"teacher": out["teacher"], "loo": out["loo"]})
+        if until == "convert":
+            return out
+        checkpoints, later = [previous], counts[1:]
+    for count in later:
         mmr_name = f"mmr-{previous}"
         call(mmr_name, run_mmr, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed},
              {"teacher": out["teacher"], "parent": out[previous]}, is_checkpoint=False)
@@ -107,17 +138,18 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
     return out
 
 
-def local_teacher_source(path: str) -> Source:
-    """A teacher folder on this machine (a path or file:// URI), digested by content."""
+def local_teacher_source(path: str, key: str = "teacher.path") -> Source:
+    """A checkpoint folder on this machine (a path or file:// URI) given as `key` (teacher.path,
+    start.path), digested by content."""
     from urllib.parse import unquote, urlparse
 
     parsed = urlparse(path)
     if parsed.scheme.lower() not in ("", "file"):
-        raise ConfigError(f"teacher.path={path!r}: run_local reads local folders; use `python -m flows.convert` "
-                          "for s3:// teachers")
+        raise ConfigError(f"{key}={path!r}: run_local reads local folders; use `python -m flows.convert` "
+                          "for s3:// checkpoints")
     folder = Path(unquote(parsed.netloc + parsed.path) if parsed.scheme else path).expanduser()
     if not folder.is_dir():
-        raise ConfigError(f"teacher.path={path!r} does not exist (a folder with config.json, weights and tokenizer)")
+        raise ConfigError(f"{key}={path!r} does not exist (a folder with config.json, weights and tokenizer)")
     return local_source(path, folder)
 
 
@@ -134,9 +166,10 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
         raise ConfigError(f"run_local writes to a folder, not {store.uri}: use `python -m flows.convert` for S3")
     work = Path(work_root) if work_root is not None else cache / "work" / cfg.run_name
     teacher = local_teacher_source(cfg.teacher.path) if cfg.teacher.path else None
-    outputs = run_chain(cfg, Executor(store, work, reporter), teacher, until=until)
+    start = local_teacher_source(cfg.start.path, "start.path") if cfg.start.path else None
+    outputs = run_chain(cfg, Executor(store, work, reporter), teacher, until=until, start=start)
     return {name: store.root / name for name in outputs}
 
 
-__all__ = ["UNTIL", "StageCall", "local_teacher_source", "run_chain", "run_local", "sft_input",
-           "teacher_call"]
+__all__ = ["UNTIL", "StageCall", "check_start_counts", "local_teacher_source", "run_chain", "run_local",
+           "sft_input", "start_call", "teacher_call"]

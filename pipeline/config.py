@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.data.demo import DemoDataConfig, DemoTeacherConfig
 from pipeline.train.config import TrainConfig
 
-STAGES = ("teacher", "loo", "convert", "mmr", "step", "sft", "evaluate")
+STAGES = ("teacher", "start", "loo", "convert", "mmr", "step", "sft", "evaluate")
 LOO_MODES = ("mixer", "block")
 LOO_METRICS = ("accuracy", "nll")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,6 +34,16 @@ class TeacherConfig:
     # a transformers teacher: local folder, file:// or s3:// URI (the flow downloads it once); None = the demo teacher
     path: str | None = None
     demo: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+
+
+@dataclass
+class StartConfig:
+    # A hybrid checkpoint to continue the progressive conversion from (ours, Apriel-H1 or MambaInLlama
+    # layout; a local folder, file:// or s3:// URI, like teacher.path); None = start from the teacher.
+    # With it the chain skips LOO and the first conversion: MMR and the steps continue from its layer
+    # pattern to every schedule.counts entry (each larger than its Mamba count), distilling from the
+    # teacher, and the evaluation reports it as `start` beside the new checkpoints.
+    path: str | None = None
 
 
 @dataclass
@@ -266,6 +276,7 @@ class RunConfig:
     run_name: str = "demo"
     seed: int = 0
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    start: StartConfig = field(default_factory=StartConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -334,6 +345,7 @@ __all__ = [
     "SFTConfig",
     "STAGES",
     "ScheduleConfig",
+    "StartConfig",
     "StorageConfig",
     "TeacherConfig",
     "TrackingConfig",

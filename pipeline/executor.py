@@ -144,8 +144,9 @@ def cache_key(call: StageCall) -> str:
 
 
 def parent_of(call: StageCall) -> CheckpointRef | str | None:
-    """Which input an output derives from, for its manifest."""
-    for role in ("parent", "checkpoint", "teacher", "source"):
+    """Which input an output derives from, for its manifest (a registered checkpoint: where it came from,
+    not the teacher it was checked against)."""
+    for role in ("parent", "checkpoint", "source", "teacher"):
         value = call.inputs.get(role)
         if isinstance(value, Output):
             return value.ref()

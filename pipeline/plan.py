@@ -73,10 +73,12 @@ class Plan:
 def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) -> dict[str, Any] | None:
     """The teacher's config.json (or the demo teacher's shape), checked; None if unusable."""
     if not cfg.teacher.path:
+        from pipeline.data import build_char_tokenizer
+
         demo = cfg.teacher.demo
         return {"num_hidden_layers": demo.num_hidden_layers, "hidden_size": demo.hidden_size,
                 "num_attention_heads": demo.num_attention_heads, "num_key_value_heads": demo.num_key_value_heads,
-                "intermediate_size": demo.intermediate_size}
+                "intermediate_size": demo.intermediate_size, "vocab_size": len(build_char_tokenizer())}
     if source is None:
         return None
     where = f"teacher.path={cfg.teacher.path}"
@@ -113,6 +115,64 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
             return None
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     return config
+
+
+def read_config(where: str, source: Source, problems: list[str]) -> tuple[dict, dict | None] | None:
+    """(config.json, mamba_config.json or None) of a Source, or None with a problem line."""
+    from pipeline.model.layouts import MIL_CONFIG
+
+    if "config.json" not in source.files:
+        problems.append(f"{where} has no config.json: it must be a saved transformers checkpoint")
+        return None
+    try:
+        config = json.loads(source.read("config.json"))
+        mamba = json.loads(source.read(MIL_CONFIG)) if MIL_CONFIG in source.files else None
+    except (ValueError, OSError, StoreError) as error:
+        problems.append(f"{where}: its config files are unreadable ({str(error).splitlines()[0]})")
+        return None
+    return config, mamba
+
+
+def mamba_count(where: str, config: dict, mamba: dict | None, problems: list[str]) -> int | None:
+    """How many Mamba layers a checkpoint's config files declare (0 for a plain teacher)."""
+    from pipeline.model.config import MAMBA
+    from pipeline.model.layouts import LayoutError, layer_kinds
+
+    try:
+        return layer_kinds(config, mamba).count(MAMBA)
+    except LayoutError as error:
+        problems.append(f"{where}: {str(error).splitlines()[0]}")
+        return None
+
+
+def check_start(cfg: RunConfig, source: Source, teacher: dict[str, Any] | None, problems: list[str]) -> None:
+    """The start checkpoint (start.path): a hybrid in a layout read here, with weights, the teacher's
+    shapes, and fewer Mamba layers than every schedule count. Reads its config files only."""
+    from pipeline.chain import check_start_counts
+    from pipeline.model.layouts import detect_layout_of
+    from pipeline.stages.start import shape_mismatches
+
+    where = f"start.path={cfg.start.path}"
+    found = read_config(where, source, problems)
+    if found is None:
+        return
+    config, mamba = found
+    n_mamba = mamba_count(where, config, mamba, problems)
+    if n_mamba is None:
+        return
+    if not n_mamba:
+        problems.append(f"{where} is not a hybrid (no Mamba layer; layout {detect_layout_of(config, mamba)}): "
+                        "start.path continues a hybrid's conversion, a plain transformer is a teacher (teacher.path)")
+        return
+    if not set(source.files) & set(WEIGHT_FILES):
+        problems.append(f"{where} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    mismatched = shape_mismatches(config, teacher) if teacher is not None else []
+    if mismatched:
+        problems.append(f"{where} does not fit the teacher: {'; '.join(mismatched)}")
+    try:
+        check_start_counts(cfg, n_mamba)
+    except ConfigError as error:
+        problems.append(str(error))
 
 
 def check_schedule_and_mamba(cfg: RunConfig, shape: dict[str, Any], problems: list[str]) -> None:
@@ -170,9 +230,9 @@ def check_data(name: str, source: str | None, split: str, columns: tuple[str, ..
             problems.append(f"data.{name}={source}: no such file or folder")
         return
     if path.is_dir():
-        from pipeline.data.loading import _files_by_split
+        from pipeline.data.loading import files_by_split
 
-        groups = _files_by_split(path)
+        groups = files_by_split(path)
         if not groups:
             problems.append(f"data.{name}={source}: no data files (jsonl / json / parquet) in the folder")
             return
@@ -304,11 +364,13 @@ def _pending(value: Any) -> bool:
 
 
 def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[], Source | None] | None = None,
-         tracking: Callable[[], None] | None = None, until: str = "evaluate") -> Plan:
+         tracking: Callable[[], None] | None = None, until: str = "evaluate",
+         start: Callable[[], Source | None] | None = None) -> Plan:
     """Checks the whole run and lists what each stage will do; writes nothing.
 
     teacher: resolves the user's teacher (cfg.teacher.path) into a Source (a listing and digest, no
-    weights downloaded). tracking: raises if the tracking server cannot be reached.
+    weights downloaded); start: the same for the start checkpoint (cfg.start.path). tracking: raises if
+    the tracking server cannot be reached.
     """
     from pipeline.chain import run_chain, sft_input
 
@@ -323,6 +385,26 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
     shape = teacher_shape(cfg, source, problems)
     if shape is not None:
         check_schedule_and_mamba(cfg, shape, problems)
+    start_source = None
+    if cfg.start.path:
+        if start is None:
+            problems.append(f"start.path={cfg.start.path}: no way to resolve it was given to the plan")
+        else:
+            try:
+                start_source = start()
+            except (ConfigError, StoreError, OSError) as error:
+                message = str(error).splitlines()[0]
+                problems.append(message if message.startswith("start.path=")
+                                else f"start.path={cfg.start.path}: {message}")
+        if start_source is not None:
+            check_start(cfg, start_source, shape, problems)
+    elif source is not None and shape is not None:  # a hybrid teacher: the first conversion adds to its Mamba
+        found = read_config(f"teacher.path={cfg.teacher.path}", source, problems)
+        teacher_mamba = mamba_count(f"teacher.path={cfg.teacher.path}", *found, problems) if found else None
+        if teacher_mamba and cfg.schedule.counts[0] <= teacher_mamba:
+            problems.append(f"schedule.counts {list(cfg.schedule.counts)}: teacher.path={cfg.teacher.path} already "
+                            f"has {teacher_mamba} Mamba layers; every count must be larger (or give it as "
+                            "start.path to continue its conversion)")
     check_data_sources(cfg, problems)
     try:
         sft_input(cfg)
@@ -338,9 +420,10 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
             tracking()
         except Exception as error:  # any failure to reach it is the user's to fix, in one line
             problems.append(f"tracking.uri: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
-    if not problems or (cfg.teacher.path is None or source is not None):
+    if not problems or ((cfg.teacher.path is None or source is not None)
+                        and (cfg.start.path is None or start_source is not None)):
         try:
-            run_chain(cfg, _Planner(store, work_root, result.rows), source, until=until)
+            run_chain(cfg, _Planner(store, work_root, result.rows), source, until=until, start=start_source)
         except (ConfigError, StoreError) as error:
             message = str(error).splitlines()[0]
             if message not in problems:

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 __all__ = [
     "DataLoadError",
     "DATA_SUFFIXES",
+    "files_by_split",
     "load_rows",
     "tokenize_row",
     "tokenize_rows",
@@ -63,7 +64,7 @@ def _builder_for(files: list[Path]) -> str:
     return builders.pop()  # type: ignore[return-value]
 
 
-def _files_by_split(folder: Path) -> dict[str, list[Path]]:
+def files_by_split(folder: Path) -> dict[str, list[Path]]:
     """Data files of a folder grouped by split name (file stem train/validation/test; anything else -> train)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
     if not files:
@@ -113,7 +114,7 @@ def load_rows(source: Source, split: str = "train") -> datasets.Dataset:
         path = Path(text).expanduser()
         if path.exists():
             if path.is_dir():
-                groups = _files_by_split(path)
+                groups = files_by_split(path)
                 if split not in groups:
                     raise DataLoadError(
                         f"split {split!r} not found in folder {str(path)!r}; available splits: {', '.join(sorted(groups))}"

@@ -69,14 +69,44 @@ def read_json(path: Path) -> dict:
 def detect_layout(folder: str | os.PathLike) -> str:
     """native, apriel_h1, mambainllama, or transformers (anything else with a config.json)."""
     folder = Path(folder)
-    config = read_json(folder / "config.json")
+    return detect_layout_of(read_json(folder / "config.json"), {} if (folder / MIL_CONFIG).is_file() else None)
+
+
+def detect_layout_of(config: dict, mamba: dict | None) -> str:
+    """detect_layout from a config.json body and the mamba_config.json body (None: the folder has none)."""
     if config.get("model_type") == HybridConfig.model_type:
         return NATIVE
     if config.get("model_type") == APRIEL_MODEL_TYPE:
         return APRIEL_H1
-    if (folder / MIL_CONFIG).is_file():
+    if mamba is not None:
         return MAMBAINLLAMA
     return TRANSFORMERS
+
+
+def layer_kinds(body: dict, mamba: dict | None = None) -> list[str]:
+    """The kind of each layer (ATTENTION, MAMBA, IDENTITY) as a checkpoint's config files declare it, read
+    without its weights: ours (`layer_types`), Apriel-H1 (`hybrid_block_layout`), MambaInLlama (`mamba`:
+    its mamba_config.json, every layer not in `attn_layers` is Mamba), else all attention (a teacher)."""
+    from pipeline.model.config import LAYER_KINDS
+
+    layers = body.get("num_hidden_layers")
+    if body.get("model_type") == HybridConfig.model_type:
+        kinds = list(body.get("layer_types") or [])
+        unknown = sorted({kind for kind in kinds if kind not in LAYER_KINDS})
+        if unknown:
+            raise LayoutError(f"layer types {unknown} are not known here (known: {', '.join(LAYER_KINDS)})")
+        return kinds
+    if body.get("model_type") == APRIEL_MODEL_TYPE:
+        layout = body.get("hybrid_block_layout") or []
+        unknown = sorted({kind for kind in layout if kind not in APRIEL_KINDS})
+        if unknown or not layout:
+            raise LayoutError(f"Apriel-H1 layer kinds {unknown or 'none'} have no counterpart here "
+                              "(hybrid_block_layout of 't' attention and 'm2' Mamba)")
+        return [APRIEL_KINDS[kind] for kind in layout]
+    if mamba is not None:
+        attention = set(mamba.get("attn_layers") or [])
+        return [ATTENTION if index in attention else MAMBA for index in range(mamba.get("n_layer") or layers or 0)]
+    return [ATTENTION] * int(layers or 0)
 
 
 def read_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -320,12 +350,16 @@ def to_mambainllama(config: HybridConfig, state: dict[str, torch.Tensor]
             tensors[key] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     if "lm_head.weight" not in tensors or config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # the plugin never ties
+    ssm_cfg = {"d_state": config.mamba_d_state, "d_conv": config.mamba_d_conv, "dt_rank": config.mamba_dt_rank,
+               "expand": 1, "repeat_kv_before_conv": True, "conv_bias": True}
+    # ssm_cfg in config.json too: the qwerky-vllm-models plugin reads d_state and d_conv from there (or from
+    # a mamba_config.json key "ssm_config" that MambaInLlama's own loader would refuse), never from
+    # mamba_config.json's ssm_cfg, and takes 16 and 4 otherwise
     body = {"architectures": [MIL_ARCHITECTURE], "model_type": "llama", **_decoder_json(config),
-            "attention_bias": False, "mlp_bias": False}
+            "attention_bias": False, "mlp_bias": False, "ssm_cfg": dict(ssm_cfg)}
     mamba = {
         "d_model": config.hidden_size,
-        "ssm_cfg": {"d_state": config.mamba_d_state, "d_conv": config.mamba_d_conv, "dt_rank": config.mamba_dt_rank,
-                    "expand": 1, "repeat_kv_before_conv": True, "conv_bias": True},
+        "ssm_cfg": ssm_cfg,
         "rms_norm_eps": config.rms_norm_eps,
         "vocab_size": config.vocab_size,
         "d_inner": d_inner,
@@ -554,10 +588,12 @@ __all__ = [
     "build_hybrid",
     "check_state",
     "detect_layout",
+    "detect_layout_of",
     "expected_shapes",
     "from_apriel_h1",
     "from_mambainllama",
     "import_checkpoint",
+    "layer_kinds",
     "load_pretrained",
     "mambainllama_plugin_notes",
     "native_state",

@@ -6,12 +6,14 @@ from pipeline.stages.evaluate import run_evaluate, summary_table
 from pipeline.stages.loo import run_loo
 from pipeline.stages.mmr import run_mmr
 from pipeline.stages.sft import run_sft
+from pipeline.stages.start import import_start
 from pipeline.stages.teacher import import_teacher, run_teacher
 
 __all__ = [
     "ConsoleReporter",
     "Reporter",
     "StageError",
+    "import_start",
     "import_teacher",
     "run_convert",
     "run_evaluate",

@@ -390,9 +390,9 @@ def _has_split(source: Any, split: str) -> bool:
     text = str(source)
     path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
     if path.is_dir():
-        from pipeline.data.loading import _files_by_split
+        from pipeline.data.loading import files_by_split
 
-        return split in _files_by_split(path)
+        return split in files_by_split(path)
     if path.exists():
         return False
     try:

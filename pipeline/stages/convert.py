@@ -23,6 +23,7 @@ from pipeline.stages.common import (
     load_model,
     load_tokenizer,
     metrics_callback,
+    read_meta,
     resolve_device,
     resolve_precision,
     save_checkpoint,
@@ -31,6 +32,18 @@ from pipeline.stages.common import (
 )
 from pipeline.stages.launch import TrainingJob, train_under_torchrun, uses_torchrun
 from pipeline.train import TrainConfig, train
+
+
+def layer_kinds_of(folder: Path) -> dict[str, list[int]]:
+    """{"attention": [...], "mamba": [...]}: the layers of a checkpoint folder by kind, from its config files."""
+    from pipeline.model.config import ATTENTION, MAMBA
+    from pipeline.model.layouts import MIL_CONFIG, layer_kinds
+
+    body = json.loads((folder / "config.json").read_text())
+    mil = folder / MIL_CONFIG
+    kinds = layer_kinds(body, json.loads(mil.read_text()) if mil.is_file() else None)
+    return {name: [i for i, kind in enumerate(kinds) if kind == value]
+            for name, value in (("attention", ATTENTION), ("mamba", MAMBA))}
 
 
 def mamba_options(mamba: MambaConfig) -> dict:
@@ -42,8 +55,8 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
                        mamba: MambaConfig | None, teacher_dir: Path, parent_dir: Path | None, new_layers: list[int],
                        out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, settings: dict,
                        extra: dict) -> dict:
-    """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings); else a hybrid, whose
-    new mixers take the settings of its existing ones."""
+    """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings, unless the teacher is
+    already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones."""
     started = time.time()
     state_dir = work_dir / "train_state"
     distributed = uses_torchrun(hardware, state_dir)
@@ -51,7 +64,15 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     teacher = None if distributed else load_model(teacher_dir, hardware, "teacher")
     parent = load_model(teacher_dir if parent_dir is None else parent_dir, hardware,
                         "teacher" if parent_dir is None else "parent checkpoint", fp32=True)  # fp32 masters
-    student = hybridize(parent, new_layers, seed=seed, **(mamba_options(mamba) if parent_dir is None else {}))
+    attention = getattr(parent.config, "attention_layers", None)  # None: a plain teacher, all attention
+    occupied = [] if attention is None else [layer for layer in new_layers if layer not in attention]
+    if occupied:  # hybridize would refuse too; this names the stage's inputs
+        raise StageError(f"{stage_name}: layers {occupied} are already Mamba (or identity) in "
+                         f"{'the teacher' if parent_dir is None else 'the parent checkpoint'}; only attention "
+                         "layers are converted")
+    # a hybrid (a step's parent, or a teacher that is already a hybrid) keeps its own Mamba settings
+    fresh = parent_dir is None and not getattr(parent.config, "mamba_layers", None)
+    student = hybridize(parent, new_layers, seed=seed, **(mamba_options(mamba) if fresh else {}))
     del parent
     n_mamba = len(student.config.mamba_layers)
     name = checkpoint_name(n_mamba)
@@ -72,7 +93,8 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
         )
     save_checkpoint(student, tokenizer, out_dir, train_cfg.save_dtype)
     meta = write_meta(
-        out_dir, stage_name, settings, parent="teacher" if parent_dir is None else checkpoint_name(n_mamba - len(new_layers)),
+        out_dir, stage_name, settings, parent="teacher" if parent_dir is None
+        else read_meta(parent_dir).get("checkpoint") or checkpoint_name(n_mamba - len(new_layers)),
         started=started, checkpoint=name, n_mamba=n_mamba,
         layer_types=student.config.layer_types, layer_pattern=student.config.layer_pattern,
         converted_layers=new_layers, train=to_plain(train_cfg), steps=result.steps_done,
@@ -87,13 +109,20 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
 def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                 count: int, *, teacher: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
                 reporter: Reporter | None = None) -> dict:
-    """H-first: the `count` least important layers by LOO become Mamba, then distillation."""
+    """H-first: the least important attention layers by LOO become Mamba, as many as make `count` Mamba
+    layers (all `count` for a plain teacher; a hybrid teacher's own Mamba layers count and stay), then
+    distillation."""
     from pipeline.stages.loo import LOO_FILE, rank_layers
 
     table = json.loads((Path(loo) / LOO_FILE).read_text())
-    if count > len(table["ranking"]):
-        raise StageError(f"schedule.counts[0]={count} exceeds the teacher's {len(table['ranking'])} layers")
-    layers = sorted(rank_layers(table)[:count])
+    already = len(table.get("mamba_layers", []))
+    if count <= already:
+        raise StageError(f"schedule.counts[0]={count}: the teacher already has {already} Mamba layers; "
+                         "every count must be larger")
+    ranking = rank_layers(table)
+    if count - already > len(ranking):
+        raise StageError(f"schedule.counts[0]={count} exceeds the teacher's {len(ranking) + already} layers")
+    layers = sorted(ranking[:count - already])
     settings = {"train": train, "mamba": mamba, "data": data, "hardware": hardware, "seed": seed, "count": count}
     return convert_and_distil(train, data, hardware, seed, mamba, Path(teacher), None, layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="convert",
@@ -113,6 +142,11 @@ def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, see
         raise StageError(f"step to {count} Mamba layers from a checkpoint that already has {current}")
     needed = count - current
     ranked = [entry["layer"] for entry in table["ranking"]]
+    attention = set(layer_kinds_of(Path(parent))["attention"])
+    stale = [layer for layer in ranked if layer not in attention]
+    if stale:
+        raise StageError(f"step to {count}: MMR scored layers {stale}, which are not attention layers of the "
+                         "parent checkpoint (the MMR table belongs to another checkpoint)")
     if needed > len(ranked):
         raise StageError(f"step to {count} Mamba layers needs {needed} more but only {len(ranked)} attention layers remain")
     layers = sorted(ranked[:needed])
@@ -122,4 +156,4 @@ def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, see
                               settings=settings, extra={"selected_by": "mmr"})
 
 
-__all__ = ["convert_and_distil", "mamba_options", "run_convert", "run_step"]
+__all__ = ["convert_and_distil", "layer_kinds_of", "mamba_options", "run_convert", "run_step"]

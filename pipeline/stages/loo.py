@@ -1,7 +1,9 @@
 """Leave-one-out layer importance: drop one layer's mixer (or its whole block), measure the quality drop.
 
 importance = baseline score - score without the layer (accuracy), or NLL without it - baseline NLL.
-Low importance = a good layer to give to Mamba first. Writes loo.json and loo.png.
+Low importance = a good layer to give to Mamba first. Only attention layers are scored and ranked: a
+teacher that is already a hybrid (a released one) keeps its Mamba layers, which the first conversion
+never picks (loo.json lists them as `mamba_layers`). Writes loo.json and loo.png.
 """
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ def score(model, data: StageData, loo: LOOConfig, problems, batches) -> float:
 
 
 def rank_layers(loo: dict) -> list[int]:
-    """Layers from least to most important (ties: lower index first)."""
-    return [entry["layer"] for entry in sorted(loo["layers"], key=lambda e: (e["importance"], e["layer"]))]
+    """Attention layers from least to most important (ties: lower index first); a layer the table lists
+    in `mamba_layers` is never ranked (an older table of a hybrid teacher scored those too)."""
+    mamba = set(loo.get("mamba_layers", []))
+    return [entry["layer"] for entry in sorted(loo["layers"], key=lambda e: (e["importance"], e["layer"]))
+            if entry["layer"] not in mamba]
 
 
 def describe_selection(where: str, detail) -> str:
@@ -78,7 +83,7 @@ def describe_selection(where: str, detail) -> str:
     return f"the {detail} split of data.{where}"
 
 
-@stage("loo", version=3)
+@stage("loo", version=4)
 @torch.no_grad()
 def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_count: int, *, teacher: str | Path,
             out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
@@ -88,7 +93,7 @@ def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_co
     the first conversion takes (marked in the plot)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
-    model = hybridize(load_model(teacher, hardware, "teacher"), [])  # all-attention: layers can be switched off
+    model = hybridize(load_model(teacher, hardware, "teacher"), [])  # our class: layers can be switched off
     stage_data = StageData(data, load_tokenizer(teacher))
     where, detail = stage_data.selection()
     rows = stage_data.selection_rows()
@@ -101,7 +106,7 @@ def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_co
     reporter.progress(f"  loo baseline {loo.metric}: {baseline:.4f}")
     sign = 1.0 if loo.metric == "accuracy" else -1.0  # importance = how much quality drops
     entries = []
-    for index in range(model.config.num_hidden_layers):
+    for index in model.config.attention_layers:  # a hybrid teacher's Mamba layers stay Mamba
         with without_layer(model, index, loo.mode):
             value = score(model, stage_data, loo, problems, batches)
         importance = sign * (baseline - value)
@@ -110,17 +115,22 @@ def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_co
         reporter.progress(f"  loo layer {index}: {loo.metric} {value:.4f} (importance {importance:+.4f})")
     result = {"metric": loo.metric, "mode": loo.mode, "scored_on": scored_on, "baseline": baseline,
               "layers": entries}
+    mamba = model.config.mamba_layers
+    if mamba:  # a hybrid teacher (absent otherwise: a plain teacher's table is as it always was)
+        result["mamba_layers"] = mamba
     result["ranking"] = rank_layers(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / LOO_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    first = set(result["ranking"][:first_count])
+    first = set(result["ranking"][:max(first_count - len(mamba), 0)])
     bar_plot([e["importance"] for e in entries], [str(e["layer"]) for e in entries],
              title=f"leave-one-out importance ({loo.metric}, {loo.mode}); orange = converted first",
-             ylabel="quality drop", path=out_dir / "loo.png", highlight=sorted(first))
+             ylabel="quality drop", path=out_dir / "loo.png",
+             highlight=[position for position, e in enumerate(entries) if e["layer"] in first])
     for name in (LOO_FILE, "loo.png"):
         reporter.log_artifact(out_dir / name)
     write_meta(out_dir, "loo", {"loo": loo, "data": data, "hardware": hardware, "first_count": first_count},
-               parent="teacher", started=started, baseline=baseline, ranking=result["ranking"], scored_on=scored_on)
+               parent="teacher", started=started, baseline=baseline, ranking=result["ranking"], scored_on=scored_on,
+               **({"mamba_layers": mamba} if mamba else {}))
     return result
 
 

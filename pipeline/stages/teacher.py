@@ -62,9 +62,12 @@ def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str
     model = load_model(source, hardware, "teacher")
     check_teacher(model)
     save_checkpoint(model, load_tokenizer(source), out_dir)
+    pattern = {}  # a hybrid as the teacher (a released one): its own pattern, not all attention
+    if getattr(model.config, "mamba_layers", None):
+        pattern = {"layer_pattern": model.config.layer_pattern, "n_mamba": len(model.config.mamba_layers)}
     return write_meta(out_dir, "teacher", {"hardware": hardware}, parent=None, started=started,
                       checkpoint="teacher", source="user", architecture=type(model).__name__,
-                      layers=model.config.num_hidden_layers)
+                      layers=model.config.num_hidden_layers, **pattern)
 
 
 @stage("teacher", version=2)

@@ -3,13 +3,24 @@
 Layout: `<state_dir>/step-00000040/` holds
 - `model.safetensors`  the student's weights (safetensors; tied weights handled by `save_model`),
 - `optimizer.pt`       the AdamW state dict (torch.save),
-- `trainer.pt`         step, data position, counters, recent losses, RNG states, the config (torch.save).
-A state is first written to `.step-00000040.tmp/` and then renamed, so a directory named `step-*` is
-always complete; older states are removed after the rename. The newest `step-*` is the one resumed.
+- `trainer.pt`         step, data position, counters, recent losses, RNG states, the config (torch.save);
+and `<state_dir>/LATEST` names the state to resume (one line, `step-00000040`).
+
+A save never touches the state that `LATEST` names until the new one is committed:
+1. states that `LATEST` does not name (left by a kill) are removed;
+2. the new state is written to `.step-00000044.tmp/`, fsynced and renamed to `step-00000044/`, beside
+   the old one (the same step saved again goes to `step-00000040.1/`, so the names never collide);
+3. `LATEST` is replaced atomically (temporary file, fsync, rename): this is the commit;
+4. the old state is removed.
+A kill at any point leaves `LATEST` naming a complete state: the old one up to step 3, the new one after.
+Without `LATEST` (a state directory written before it existed, or a kill before the first commit) the
+newest complete `step-*` directory is resumed; a directory named `step-*` is only ever made by a rename
+of a complete temporary one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -22,12 +33,16 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 STATE_FORMAT_VERSION = 1
-_STATE_NAME = re.compile(r"^step-(\d{8,})$")
-_TEMPORARY_NAME = re.compile(r"^\.step-\d{8,}\.tmp$")
+_STATE_NAME = re.compile(r"^step-(\d{8,})(?:\.(1))?$")
+_TEMPORARY_NAME = re.compile(r"^\.step-\d{8,}(?:\.1)?\.tmp$")
+_POINTER = "LATEST"
 _MODEL_FILE = "model.safetensors"
 _OPTIMIZER_FILE = "optimizer.pt"
 _TRAINER_FILE = "trainer.pt"
+_STATE_FILES = (_MODEL_FILE, _OPTIMIZER_FILE, _TRAINER_FILE)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -70,12 +85,26 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def latest_state(state_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete state directory under `state_dir`, or None."""
+    """The committed state under `state_dir` (the one `LATEST` names), or None if there is none.
+
+    A state that `LATEST` does not name (written, but killed before the commit) is ignored. Without a
+    usable `LATEST`, the newest complete `step-*` directory.
+    """
     root = Path(state_dir)
     if not root.is_dir():
         return None
-    found = [(int(match.group(1)), path) for path in root.iterdir() if (match := _STATE_NAME.match(path.name))]
-    return max(found)[1] if found else None
+    pointer = root / _POINTER
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if _STATE_NAME.match(name) and _complete(root / name):
+            return root / name
+        log.warning("%s names %r, which is not a complete state; using the newest complete one", pointer, name)
+    found = [
+        (int(match.group(1)), int(match.group(2) or 0), path)
+        for path in root.iterdir()
+        if (match := _STATE_NAME.match(path.name)) and _complete(path)
+    ]
+    return max(found)[2] if found else None
 
 
 def save_state(
@@ -86,27 +115,60 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     trainer: dict[str, Any],
 ) -> Path:
-    """Write the state of `step` atomically (temp dir, then rename) and drop older states."""
+    """Write the state of `step` beside the committed one, commit it by replacing `LATEST`, drop the old one."""
     root = Path(state_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    temporary = root / f".{final.name}.tmp"
-    if temporary.exists():
-        shutil.rmtree(temporary)
+    current = latest_state(root)
+    name = f"step-{step:08d}"
+    if current is not None and current.name == name:  # the same step saved again: a second name beside it
+        name += ".1"
+    _remove_states(root, keep=current)  # uncommitted states and temporaries left by a kill
+    temporary = root / f".{name}.tmp"
     temporary.mkdir()
     save_model(model, str(temporary / _MODEL_FILE))
     torch.save(optimizer.state_dict(), temporary / _OPTIMIZER_FILE)
     torch.save({"format_version": STATE_FORMAT_VERSION, **trainer}, temporary / _TRAINER_FILE)
-    for name in (_MODEL_FILE, _OPTIMIZER_FILE, _TRAINER_FILE):
-        with open(temporary / name, "rb") as handle:
+    for file_name in _STATE_FILES:
+        with open(temporary / file_name, "rb") as handle:
             os.fsync(handle.fileno())
-    if final.exists():  # the same step saved again (e.g. a finished run called twice)
-        shutil.rmtree(final)
+    _fsync_directory(temporary)
+    final = root / name
     os.replace(temporary, final)
-    for path in root.iterdir():
-        if path != final and path.is_dir() and (_STATE_NAME.match(path.name) or _TEMPORARY_NAME.match(path.name)):
-            shutil.rmtree(path)
+    _fsync_directory(root)
+    _commit(root, name)
+    _remove_states(root, keep=final)
     return final
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and all((path / file_name).is_file() for file_name in _STATE_FILES)
+
+
+def _commit(root: Path, name: str) -> None:
+    """Point `LATEST` at `name`: written to a temporary file, fsynced, renamed over the old pointer."""
+    temporary = root / f".{_POINTER}.tmp"
+    with open(temporary, "w") as handle:
+        handle.write(name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, root / _POINTER)
+    _fsync_directory(root)
+
+
+def _remove_states(root: Path, *, keep: Path | None) -> None:
+    """Remove every state and temporary state directory under `root` except `keep`."""
+    for path in root.iterdir():
+        if path != keep and path.is_dir() and (_STATE_NAME.match(path.name) or _TEMPORARY_NAME.match(path.name)):
+            shutil.rmtree(path)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make the renames inside `path` durable (a power cut, not only a kill, keeps them)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:

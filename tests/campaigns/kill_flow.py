@@ -8,8 +8,11 @@ Setup: a real moto S3 server on loopback holds the store (s3://kills/runs), MLfl
    the comparison; the report names them.
 2. Cycles from scratch until at least --kills kills: the flow is started, killed, restarted, ... until it
    finishes. Each start is one of
-     time    SIGKILL from outside after a random delay (anywhere: start-up, training, evaluation, uploads)
-     save    SIGKILL from inside the n-th training-state save, after its weights file is written
+     time    SIGKILL from outside after a random delay, up to an uninterrupted run's duration (anywhere:
+             start-up, training, evaluation, uploads)
+     save    SIGKILL from inside the n-th training-state save: after its weights file is written, after the
+             new state is renamed into place (before LATEST names it), or after the commit (before the
+             old state is removed)
      upload  SIGKILL from inside the n-th S3 upload of a checkpoint file, just before or just after it
    Before each start the committed manifests are recorded. A stage whose output was committed and which
    computes again ("[name] stage ..." in the output, or its manifest changes) counts as recomputed.
@@ -22,14 +25,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import hashlib
 import json
 import os
-import platform
 import random
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -38,17 +38,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import run_facts, write_files  # tests/campaigns/report.py, beside this script
+
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 EXECUTE_LINE = re.compile(r"\[([A-Za-z0-9][A-Za-z0-9._-]*)\] (teacher|loo|convert|mmr|step|sft|evaluate) \.\.\.")
 RUN_NAME, BUCKET = "kills", "kills"
+SAVE_POINTS = {
+    "weights": "weights written, optimizer/trainer state not yet",
+    "renamed": "new state renamed into place, LATEST not yet switched",
+    "committed": "LATEST switched, old state not yet removed",
+}
 
 
 # ----------------------------------------------------------------------------------------------------
 # the child: the flow's command line, with a SIGKILL planted inside a save or an upload
 
 
-def child(mode: str, count: int, before: bool, overrides: list[str]) -> int:
+def child(mode: str, count: int, point: str, overrides: list[str]) -> int:
     calls = collections.Counter()
 
     def die(what: str) -> None:
@@ -58,15 +65,22 @@ def child(mode: str, count: int, before: bool, overrides: list[str]) -> int:
     if mode == "save":
         import pipeline.train.state as state
 
-        real_save = state.save_model
+        real_save, real_commit = state.save_model, state._commit
 
         def save_model(*args, **kwargs):
             real_save(*args, **kwargs)
             calls["save"] += 1
-            if calls["save"] == count:
-                die(f"training-state save {count} (weights written, optimizer/trainer state not yet)")
+            if calls["save"] == count and point == "weights":
+                die(f"training-state save {count} ({SAVE_POINTS[point]})")
 
-        state.save_model = save_model
+        def commit(*args, **kwargs):
+            if calls["save"] == count and point == "renamed":
+                die(f"training-state save {count} ({SAVE_POINTS[point]})")
+            real_commit(*args, **kwargs)
+            if calls["save"] == count and point == "committed":
+                die(f"training-state save {count} ({SAVE_POINTS[point]})")
+
+        state.save_model, state._commit = save_model, commit
     elif mode == "upload":
         from pipeline.store.s3 import S3Store
 
@@ -74,7 +88,7 @@ def child(mode: str, count: int, before: bool, overrides: list[str]) -> int:
 
         def upload(self, source, key):
             calls["upload"] += 1
-            if calls["upload"] == count and before:
+            if calls["upload"] == count and point == "before":
                 die(f"upload {count} ({key}), before it")
             real_upload(self, source, key)
             if calls["upload"] == count:
@@ -101,9 +115,9 @@ def flow_env(work: Path, endpoint: str) -> dict[str, str]:
     return env
 
 
-def start_flow(work: Path, env: dict[str, str], overrides: list[str], mode: str, count: int, before: bool,
+def start_flow(work: Path, env: dict[str, str], overrides: list[str], mode: str, count: int, point: str,
                log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, __file__, "--child", mode, str(count), "1" if before else "0", "--", *overrides]
+    command = [sys.executable, __file__, "--child", mode, str(count), point, "--", *overrides]
     with open(log_path, "wb") as log:
         return subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -169,13 +183,31 @@ def differences(first: dict, second: dict) -> set[str]:
     return found
 
 
+def report_notes(cycles: int) -> list[str]:
+    return [
+        "Compared per cycle: every file of every committed checkpoint (sha256 from the store's verified download),",
+        "and summary.json's records. Left out (`left_out_as_not_deterministic`): what two uninterrupted runs of",
+        "the same seed already differ in: `stage.json` (wall-clock times), `evaluate/summary.json` as bytes and",
+        "the frontier plots (throughput; summary.json's other fields are compared). Model weights",
+        "(`model.safetensors`), configs, tokenizers, `loo.json`, `mmr.json` and run configs are compared byte",
+        f"for byte. `files_compared_per_cycle_total` is the sum over the {cycles} cycles.",
+        "Kills: `save` = SIGKILL from inside the n-th training-state save (" + "; ".join(SAVE_POINTS.values()) + "),",
+        "`upload` = from inside the n-th S3 upload of a checkpoint file (before or after it), `time` = from",
+        "outside at a random moment up to an uninterrupted run's duration.",
+    ]
+
+
+def events_table(events: list[dict]) -> list[str]:
+    table = ["| cycle | start | mode | killed | where | stages computed |", "| --- | --- | --- | --- | --- | --- |"]
+    return table + [f"| {e['cycle']} | {e['start']} | {e['mode']} | {e['killed']} | {e['where'] or ''} | "
+                     f"{', '.join(e['stages_computed'])} |" for e in events]
+
+
 def write_report(args, counts, durations, recomputed, nondeterministic, summary_varying, mismatches, events,
-                 started, final: bool) -> None:
+                 started, facts, final: bool) -> None:
     """kill-campaign.{json,md}; written after every start too, so a stopped campaign still shows its figures."""
     report = {
-        "command": "nice python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})",
+        **facts,
         "kills": counts["kills"],
         "kills_by_mode": {key[6:]: value for key, value in sorted(counts.items()) if key.startswith("kills.")},
         "cycles_completed": counts["cycles"],
@@ -190,17 +222,8 @@ def write_report(args, counts, durations, recomputed, nondeterministic, summary_
         "finished": final,
         "events": events,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kill-campaign.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# Kill campaign", "", f"`{report['command']}`", "",
-             f"{report['date']} on {report['machine']}, {report['seconds']} s", "", "| measure | value |",
-             "| --- | --- |"]
-    lines += [f"| {key} | {value} |" for key, value in report.items()
-              if key not in ("command", "date", "machine", "seconds", "events")]
-    lines += ["", "| cycle | start | mode | killed | where | stages computed |", "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {e['cycle']} | {e['start']} | {e['mode']} | {e['killed']} | {e['where'] or ''} | "
-              f"{', '.join(e['stages_computed'])} |" for e in events]
-    (args.out / "kill-campaign.md").write_text("\n".join(lines) + "\n")
+    lines = write_files(args.out, "kill-campaign", "Kill campaign", report, hidden=("events",),
+                        notes=report_notes(counts["cycles"]), tail=events_table(events))
     if final:
         print("\n".join(lines[:20]))
 
@@ -211,16 +234,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-cycles", type=int, default=10)
     parser.add_argument("--out", type=Path, default=TESTS / "campaigns" / "results")
-    parser.add_argument("--child", nargs=3, metavar=("MODE", "COUNT", "BEFORE"))
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "COUNT", "POINT"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.child:
         sys.path.insert(0, str(REPO))
-        return child(args.child[0], int(args.child[1]), args.child[2] == "1", args.overrides)
+        return child(args.child[0], int(args.child[1]), args.child[2], args.overrides)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks when stopped
     sys.path[:0] = [str(TESTS), str(REPO)]
+
     from fixtures_servers import AWS_HIDDEN_ENV, AWS_TEST_ENV, start_moto_server
+
+    facts = run_facts("nice python")
 
     for name in AWS_HIDDEN_ENV:
         os.environ.pop(name, None)
@@ -249,7 +275,7 @@ def main() -> int:
             for index in range(2):
                 wipe(client, work)
                 began = time.monotonic()
-                process = start_flow(work, env, overrides, "none", 0, False, work / f"reference-{index}.log")
+                process = start_flow(work, env, overrides, "none", 0, "", work / f"reference-{index}.log")
                 code = process.wait(timeout=1800)
                 stop_group(process)
                 if code != 0:
@@ -274,10 +300,10 @@ def main() -> int:
                     before = committed(client, f"runs/{RUN_NAME}/")
                     mode = "none" if counts["kills"] >= args.kills else rng.choice(["time", "save", "upload"])
                     count = {"save": rng.randint(1, 6), "upload": rng.randint(1, 12)}.get(mode, 0)
-                    upload_before = rng.random() < 0.5
+                    point = {"save": rng.choice(sorted(SAVE_POINTS)), "upload": rng.choice(["before", "after"])}.get(mode, "")
                     log_path = work / f"cycle{cycle}-start{attempt}.log"
-                    process = start_flow(work, env, overrides, mode, count, upload_before, log_path)
-                    delay = rng.uniform(2.0, 60.0) if mode == "time" else None
+                    process = start_flow(work, env, overrides, mode, count, point, log_path)
+                    delay = rng.uniform(2.0, durations[0]) if mode == "time" else None
                     try:
                         code = process.wait(timeout=delay if delay is not None else 1800)
                     except subprocess.TimeoutExpired:
@@ -304,7 +330,7 @@ def main() -> int:
                     events.append(event)
                     print(json.dumps(event), flush=True)
                     write_report(args, counts, durations, recomputed, nondeterministic, summary_varying, mismatches,
-                                 events, started, final=False)
+                                 events, started, facts, final=False)
                     if killed:
                         counts["kills"] += 1
                         counts[f"kills.{mode}"] += 1
@@ -327,7 +353,7 @@ def main() -> int:
             moto.server.stop()
 
     write_report(args, counts, durations, recomputed, nondeterministic, summary_varying, mismatches, events,
-                 started, final=True)
+                 started, facts, final=True)
     return 0 if not mismatches and not recomputed else 1
 
 

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
-import platform
 import random
-import shlex
 import signal
 import sys
 import tempfile
@@ -35,6 +32,7 @@ sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 
 from fault_proxy import FaultPlan, FaultProxy  # noqa: E402
 from fixtures_servers import AWS_HIDDEN_ENV, AWS_TEST_ENV, start_moto_server  # noqa: E402
+from report import run_facts, write_files  # noqa: E402  (tests/campaigns/report.py, beside this script)
 
 from pipeline.store import IntegrityError, S3TransferOptions, StoreError, open_store  # noqa: E402
 
@@ -69,6 +67,7 @@ def main() -> int:
     for name in AWS_HIDDEN_ENV:
         os.environ.pop(name, None)
     os.environ.update(AWS_TEST_ENV)
+    facts = run_facts("python")
     rng = random.Random(args.seed)
     options = S3TransferOptions(
         multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=2, max_attempts=4,
@@ -129,9 +128,7 @@ def main() -> int:
             moto.server.stop()
     elapsed = time.monotonic() - started
     report = {
-        "command": "python " + " ".join(shlex.quote(arg) for arg in [os.path.relpath(__file__), *sys.argv[1:]]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()})",
+        **facts,
         "rounds": args.rounds,
         "fault_rate": args.rate,
         "seed": args.seed,
@@ -143,18 +140,11 @@ def main() -> int:
         "lost": lost,
         "seconds": round(elapsed, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "s3-faults.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# S3 fault campaign", "", f"`{report['command']}`", "",
-             f"{report['date']} on {report['machine']}, {report['seconds']} s", "", "| measure | value |",
-             "| --- | --- |"]
-    lines += [f"| {key} | {value} |" for key, value in report.items()
-              if key not in ("command", "date", "machine", "lost", "seconds")]
-    lines += ["", "Random faults hit a share of all requests; `drop` also counts the requests refused while the",
-              "network was cut during an interrupted put. `corruption reported` = objects still wrong after the",
-              "second download (reported in one line, then read correctly once the corruption stopped);",
-              "`checkpoints_lost` counts names whose last successful put did not read back byte for byte."]
-    (args.out / "s3-faults.md").write_text("\n".join(lines) + "\n")
+    notes = ["Random faults hit a share of all requests; `drop` also counts the requests refused while the",
+             "network was cut during an interrupted put. `corruption reported` = objects still wrong after the",
+             "second download (reported in one line, then read correctly once the corruption stopped);",
+             "`checkpoints_lost` counts names whose last successful put did not read back byte for byte."]
+    lines = write_files(args.out, "s3-faults", "S3 fault campaign", report, hidden=("lost",), notes=notes)
     print("\n".join(lines))
     return 0 if not lost else 1
 

@@ -122,7 +122,7 @@ def readers(table: dict[str, set[str]], path: str) -> set[str]:
 
 BASE = RunConfig()
 FIELDS = [path for path in leaves(to_plain(BASE))
-          if path not in ("schedule.counts", "sft.checkpoint", "teacher.path")]
+          if path not in ("schedule.counts", "sft.checkpoint", "teacher.path", "start.path")]
 
 
 @pytest.mark.parametrize("user_teacher", [False, True], ids=["demo-teacher", "user-teacher"])
@@ -167,3 +167,38 @@ def test_code_version_enters_the_key(monkeypatch):
     monkeypatch.setattr(run_loo, "code_version", run_loo.code_version + 1)
     bumped = keys(BASE)
     assert {name for name in base if bumped[name] != base[name]} == {"loo"}
+
+
+class ContentRecorder(KeyRecorder):
+    """Like KeyRecorder, with each output's content digest following its key (a changed input makes a
+    changed output), so a change reaches every later key as it does in a real run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: dict[str, dict] = {}
+
+    def __call__(self, call: StageCall) -> Output:
+        key = cache_key(call)
+        self.keys[call.name], self.inputs[call.name] = key, call.inputs
+        return Output(call.name, call.stage, f"mem://{call.name}", f"content-{key}", "", key)
+
+
+def test_the_start_checkpoint_is_an_input_of_every_stage_after_it():
+    start = Source("/models/apriel-h2", "start-content", lambda: None, ("config.json",), None)
+    cfg = set_field(set_field(BASE, "start.path", "/models/apriel-h2"), "schedule.counts", [5, 6])
+    recorder = ContentRecorder()
+    run_chain(cfg, recorder, None, start=start)
+    assert list(recorder.keys) == ["teacher", "start", "mmr-start", "H-5", "mmr-H-5", "H-6", "H-6-SFT", "evaluate"]
+    assert recorder.inputs["start"]["source"] is start  # its content digest is the start stage's input
+    assert recorder.inputs["mmr-start"]["parent"].name == recorder.inputs["H-5"]["parent"].name == "start"
+    assert list(recorder.inputs["evaluate"]["checkpoints"]) == ["start", "H-5", "H-6", "H-6-SFT"]
+
+    changed_start = ContentRecorder()
+    run_chain(cfg, changed_start, None, start=dataclasses.replace(start, digest="other-weights"))
+    differ = {name for name in recorder.keys if changed_start.keys[name] != recorder.keys[name]}
+    assert differ == set(recorder.keys) - {"teacher"}  # every stage that reads it, through the start's content
+
+    no_start = ContentRecorder()
+    run_chain(set_field(cfg, "start.path", None), no_start, None)
+    assert "loo" in no_start.keys and "start" not in no_start.keys
+    assert no_start.keys["teacher"] == recorder.keys["teacher"]

@@ -18,6 +18,7 @@ DATA = ["data.distill=/data/traces.jsonl", "data.sft=/data/sft.jsonl", "data.eva
 # Options that need the user's values; composing them without these must fail (tested below).
 REQUIRED = {
     ("teacher", "local"): TEACHER,
+    ("start", "hybrid"): ["start.path=/models/apriel-h1-h30"],
     ("data", "local"): DATA,
     ("experiment", "apriel_15b"): TEACHER + DATA,
 }
@@ -40,7 +41,8 @@ def test_every_option_composes(group, option):
 
 @pytest.mark.parametrize(("group", "option"), list(REQUIRED), ids=[f"{g}={o}" for g, o in REQUIRED])
 def test_options_needing_user_values_say_which(group, option):
-    with pytest.raises(ConfigCompositionError, match=r"missing required value (teacher\.path|data\.distill)"):
+    with pytest.raises(ConfigCompositionError,
+                       match=r"missing required value (teacher\.path|start\.path|data\.distill)"):
         compose([f"{group}={option}"])
 
 
@@ -52,6 +54,7 @@ def test_defaults_are_the_schema_defaults():
 
 def test_group_aliases():
     assert compose(["teacher=default"]) == compose(["teacher=demo"])
+    assert compose(["start=default"]) == compose(["start=teacher"])
     assert compose(["storage=default"]) == compose(["storage=local"])
     assert compose(["tracking=default"]) == compose(["tracking=sqlite"])
     assert compose(["hardware=default"]) == compose(["hardware=auto"])
@@ -90,6 +93,8 @@ def test_tiny_preset_is_tiny():
 
 
 def test_stable_override_keys():
+    assert compose(["start=hybrid", "start.path=s3://models/apriel-h30"]).start.path == "s3://models/apriel-h30"
+    assert compose([]).start.path is None
     cfg = compose(["teacher.path=s3://models/llama", "schedule.counts=[3,5]", "storage.uri=s3://bucket/runs",
                    "tracking.uri=http://127.0.0.1:5000", "run_name=my-run", "teacher.demo.train.steps=200"])
     assert cfg.teacher.path == "s3://models/llama"

@@ -175,3 +175,28 @@ def test_precision_is_resolved_and_bf16_mixed_needs_a_bf16_cuda_device(monkeypat
                      "set hardware.precision=fp32"]
     assert checked(precision="fp32") == ([], ["precision: fp32"])
     assert checked(device="cpu") == ([], ["precision: fp32"])
+
+
+def test_a_start_checkpoint_through_the_flow_config_and_its_plan(tmp_path):
+    """`start=hybrid start.path=...` composes, resolves like teacher.path and puts the start stage in the plan
+    (the demo teacher: the start is a hybrid of a model of its shape, exported in the MambaInLlama layout)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.convert import hybridize
+    from pipeline.data import build_char_tokenizer
+    from pipeline.export import export
+
+    tokenizer = build_char_tokenizer()
+    demo = compose(overrides(tmp_path)).teacher.demo
+    teacher = LlamaForCausalLM(LlamaConfig(**demo.llama_config_kwargs(len(tokenizer))))
+    hybrid = tmp_path / "models" / "ours"
+    hybridize(teacher, [1], dt_rank=2).save_pretrained(hybrid)
+    tokenizer.save_pretrained(hybrid)
+    export(hybrid, tmp_path / "models" / "mil-h1", "mambainllama")
+    plan = check_run(compose(overrides(tmp_path, "start=hybrid", f"start.path={tmp_path / 'models' / 'mil-h1'}")))
+    assert plan.problems == []
+    assert [row.name for row in plan.rows] == ["teacher", "start", "mmr-start", "H-2", "mmr-H-2", "H-3", "H-3-SFT",
+                                               "evaluate"]
+    unreachable = problems(tmp_path, "start=hybrid", "start.path=s3://no-such-bucket-4f2a/h30",
+                           "storage.endpoint_url=http://127.0.0.1:9")
+    assert unreachable[0].startswith("start.path=s3://no-such-bucket-4f2a/h30: ")

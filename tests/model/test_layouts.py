@@ -239,9 +239,12 @@ def qwerky_plugin_expects(config: LlamaConfig, mamba: dict) -> dict[str, tuple[i
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = hidden // heads
     q, kv = heads * head_dim, config.num_key_value_heads * head_dim
-    d_inner, d_xb, d_state = mamba["d_inner"], mamba["d_xb"], mamba["ssm_cfg"].get("d_state", 16)
-    d_conv, rank = mamba["ssm_cfg"].get("d_conv", 4), math.ceil(mamba["d_model"] / 16)
-    conv_dim = d_inner if mamba["ssm_cfg"].get("repeat_kv_before_conv", True) else d_xb
+    # Its mixer reads d_state / d_conv from its config's ssm_cfg, which it fills from mamba_config.json's
+    # "ssm_config" or else config.json's "ssm_cfg" (never mamba_config.json's "ssm_cfg"); default 16 / 4.
+    ssm = mamba.get("ssm_config") or getattr(config, "ssm_cfg", None) or {}
+    d_inner, d_xb, d_state = mamba["d_inner"], mamba["d_xb"], ssm.get("d_state", 16)
+    d_conv, rank = ssm.get("d_conv", 4), math.ceil(mamba["d_model"] / 16)
+    conv_dim = d_inner if ssm.get("repeat_kv_before_conv", True) else d_xb
     shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,),
               "lm_head.weight": (config.vocab_size, hidden)}
     for layer in range(config.num_hidden_layers):
@@ -262,8 +265,10 @@ def qwerky_plugin_expects(config: LlamaConfig, mamba: dict) -> dict[str, tuple[i
     return shapes
 
 
-def test_mambainllama_export_matches_the_vllm_plugin_loader(tmp_path):
-    hybrid = hybridize(make_teacher("llama", tie_word_embeddings=True, **PLAIN), [0, 1, 3], dt_rank=4)
+@pytest.mark.parametrize(("d_state", "d_conv"), [(16, 4), (8, 3)], ids=["recipe", "other-d_state-d_conv"])
+def test_mambainllama_export_matches_the_vllm_plugin_loader(tmp_path, d_state, d_conv):
+    hybrid = hybridize(make_teacher("llama", tie_word_embeddings=True, **PLAIN), [0, 1, 3], dt_rank=4,
+                       d_state=d_state, d_conv=d_conv)
     write_layout(hybrid, tmp_path / "mil", MAMBAINLLAMA)
     body = json.loads((tmp_path / "mil" / "config.json").read_text())
     mamba = json.loads((tmp_path / "mil" / "mamba_config.json").read_text())

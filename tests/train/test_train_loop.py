@@ -292,7 +292,7 @@ def test_stopping_with_max_steps_this_call_and_continuing(tiny_llama, random_bat
     done = train(again, random_batches(3), cfg, state_dir=tmp_path)
     assert (done.steps_this_call, done.completed, done.final_loss) == (0, True, third.final_loss)
     _assert_same_weights(uninterrupted, again)
-    assert [p.name for p in tmp_path.iterdir()] == ["step-00000005"]  # older states and temp dirs removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step-00000005"]  # older states, temp dirs removed
 
 
 def test_a_distributed_state_is_not_resumed_by_the_single_process_loop(tiny_llama, random_batches, tmp_path: Path) -> None:
