@@ -247,8 +247,24 @@ class HardwareConfig:
     precision: str = "auto"
     # torch CPU threads; None = torch's default. Speed only: no cache key holds it (KEY_NEUTRAL)
     threads: int | None = field(default=None, metadata={KEY_NEUTRAL: True})
+    # Processes that train (teacher, convert, step, sft): N > 1 runs each stage's training under
+    # `torchrun --nproc-per-node N` with FSDP2 (gloo on CPU, NCCL on CUDA: one GPU a process). Every
+    # process count trains on the same global batches, so results differ only by floating-point reduction
+    # order (KEY_NEUTRAL: a checkpoint made with one count is reused with another).
+    nproc: int = field(default=1, metadata={KEY_NEUTRAL: True})
+    # Several machines: nnodes > 1 with a c10d rendezvous endpoint (host:port) that every node reaches; the
+    # stage's machine is one node, and each other node runs the command the stage prints (same code, and
+    # the stage's work_dir on a shared filesystem).
+    nnodes: int = field(default=1, metadata={KEY_NEUTRAL: True})
+    rdzv_endpoint: str | None = field(default=None, metadata={KEY_NEUTRAL: True})
 
     def __post_init__(self) -> None:
+        for name in ("nproc", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"hardware.{name} must be an int >= 1, got {value!r}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"hardware.nnodes={self.nnodes} needs hardware.rdzv_endpoint (host:port of the rendezvous)")
         if self.device not in DEVICES:
             raise ConfigError(f"hardware.device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:

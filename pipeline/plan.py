@@ -284,9 +284,14 @@ def check_device(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
     if cfg.hardware.device == "cuda" and not cuda:
         problems.append("hardware.device=cuda but no CUDA device is available (hardware=cpu runs on the CPU)")
         return
+    if cfg.hardware.nproc > 1:
+        notes.append(f"training under torchrun: {cfg.hardware.nproc} processes a node, {cfg.hardware.nnodes} node(s)")
     if cfg.hardware.device == "cpu" or not cuda:
         notes.append("device: cpu (pure-PyTorch reference kernels)")
         return
+    if cfg.hardware.nproc > 1 and cfg.hardware.nproc > torch.cuda.device_count():
+        problems.append(f"hardware.nproc={cfg.hardware.nproc} but this machine has {torch.cuda.device_count()} CUDA "
+                        "device(s) (one training process a GPU)")
     from pipeline.model import kernels
 
     mode = kernels.kernel_mode()

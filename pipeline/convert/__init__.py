@@ -7,6 +7,8 @@ from pipeline.convert.hybridize import (
     check_teacher,
     hybrid_config_from_teacher,
     hybridize,
+    mamba_trial,
 )
 
-__all__ = ["SUPPORTED", "TEACHER_CLASSES", "ConversionError", "check_teacher", "hybrid_config_from_teacher", "hybridize"]
+__all__ = ["SUPPORTED", "TEACHER_CLASSES", "ConversionError", "check_teacher", "hybrid_config_from_teacher", "hybridize",
+           "mamba_trial"]

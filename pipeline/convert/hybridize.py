@@ -11,13 +11,15 @@ initialised (z, dt, conv, A_log, D), or dropped (the replaced attention), and sh
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
 from pipeline.model.config import ATTENTION, IDENTITY, MAMBA, HybridConfig
+from pipeline.model.mixers import build_mixer
 from pipeline.model.modeling import HybridForCausalLM
 
 TEACHER_CLASSES: tuple[type[PreTrainedModel], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
@@ -215,22 +217,7 @@ def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list
         used.add(source_key)
 
     for index in new_mamba:
-        attention = _attention_of(teacher, index)
-        mixer = hybrid.model.layers[index].mixer
-        d_inner, d_xb = mixer.d_inner, mixer.d_xb
-        # in_proj rows: [z (d_inner, random) | x (d_xb) | B (d_xb) | C (d_inner)]
-        weight = mixer.in_proj.weight
-        weight[d_inner: d_inner + d_xb].copy_(attention.v_proj.weight)
-        weight[d_inner + d_xb: d_inner + 2 * d_xb].copy_(attention.k_proj.weight)
-        weight[d_inner + 2 * d_xb:].copy_(attention.q_proj.weight)
-        if mixer.in_proj.bias is not None:
-            mixer.in_proj.bias[:d_inner].zero_()
-            mixer.in_proj.bias[d_inner: d_inner + d_xb].copy_(attention.v_proj.bias)
-            mixer.in_proj.bias[d_inner + d_xb: d_inner + 2 * d_xb].copy_(attention.k_proj.bias)
-            mixer.in_proj.bias[d_inner + 2 * d_xb:].copy_(attention.q_proj.bias)
-        mixer.out_proj.weight.copy_(attention.o_proj.weight)
-        if mixer.out_proj.bias is not None:
-            mixer.out_proj.bias.copy_(attention.o_proj.bias)
+        _mil_initialise(hybrid.model.layers[index].mixer, _attention_of(teacher, index))
         prefix = f"model.layers.{index}.{'mixer' if is_hybrid else 'self_attn'}."
         used.update(key for key in source if key.startswith(prefix))
 
@@ -238,6 +225,59 @@ def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list
     leftover = sorted(key for key in source if key not in used and ".self_attn." not in key and ".mixer." not in key)
     if leftover:
         raise ConversionError(f"weight surgery: teacher tensors not carried over: {leftover[:5]}")
+
+
+@torch.no_grad()
+def _mil_initialise(mixer: nn.Module, attention: nn.Module) -> None:
+    """MIL: x <- v_proj, B <- k_proj, C <- q_proj, out_proj <- o_proj (biases too; z's bias zero)."""
+    d_inner, d_xb = mixer.d_inner, mixer.d_xb
+    # in_proj rows: [z (d_inner, random) | x (d_xb) | B (d_xb) | C (d_inner)]
+    weight = mixer.in_proj.weight
+    weight[d_inner: d_inner + d_xb].copy_(attention.v_proj.weight)
+    weight[d_inner + d_xb: d_inner + 2 * d_xb].copy_(attention.k_proj.weight)
+    weight[d_inner + 2 * d_xb:].copy_(attention.q_proj.weight)
+    if mixer.in_proj.bias is not None:
+        mixer.in_proj.bias[:d_inner].zero_()
+        mixer.in_proj.bias[d_inner: d_inner + d_xb].copy_(attention.v_proj.bias)
+        mixer.in_proj.bias[d_inner + d_xb: d_inner + 2 * d_xb].copy_(attention.k_proj.bias)
+        mixer.in_proj.bias[d_inner + 2 * d_xb:].copy_(attention.q_proj.bias)
+    mixer.out_proj.weight.copy_(attention.o_proj.weight)
+    if mixer.out_proj.bias is not None:
+        mixer.out_proj.bias.copy_(attention.o_proj.bias)
+
+
+@contextmanager
+def mamba_trial(model: HybridForCausalLM, layer: int, *, seed: int = 0) -> Iterator[HybridForCausalLM]:
+    """`model` itself with attention layer `layer` swapped for a MIL-initialised Mamba mixer (an MMR trial),
+    the attention mixer and the layer pattern put back on exit, whatever happens inside.
+
+    Only the one new mixer is allocated, not a copy of the model. Its random parts (z rows, dt, conv) come
+    from `seed` for this mixer alone, so they differ from those `hybridize(model, [layer], seed=seed)`
+    draws while building a whole model; the MIL-mapped parts are the same."""
+    if not isinstance(model, HybridForCausalLM):
+        raise ConversionError(f"an MMR trial swaps a mixer of a hybrid, got {type(model).__name__}")
+    config = model.config
+    (layer,) = _layer_list("mamba_layers", [layer], config.num_hidden_layers)
+    if config.layer_types[layer] != ATTENTION:
+        kind = {MAMBA: "Mamba", IDENTITY: "identity"}[config.layer_types[layer]]
+        raise ConversionError(f"layer {layer} is already {kind}; only attention layers can be converted")
+    block = model.model.layers[layer]
+    attention, layer_types = block.mixer, list(config.layer_types)
+    parameter = next(model.parameters())
+    config.layer_types = [MAMBA if index == layer else kind for index, kind in enumerate(layer_types)]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device(parameter.device):
+                mixer = build_mixer(config, layer)
+            mixer.apply(model._init_weights)  # what post_init does for a whole model; Mamba's SSM parameters too
+        mixer.to(parameter.dtype)
+        _mil_initialise(mixer, attention)
+        block.mixer = mixer
+        yield model
+    finally:
+        block.mixer = attention
+        config.layer_types = layer_types
 
 
 def _layer_of(key: str) -> int | None:
@@ -252,4 +292,5 @@ def _attention_of(teacher: nn.Module, index: int) -> nn.Module:
     return layer.mixer if isinstance(teacher, HybridForCausalLM) else layer.self_attn
 
 
-__all__ = ["ConversionError", "SUPPORTED", "TEACHER_CLASSES", "check_teacher", "hybrid_config_from_teacher", "hybridize"]
+__all__ = ["ConversionError", "SUPPORTED", "TEACHER_CLASSES", "check_teacher", "hybrid_config_from_teacher", "hybridize",
+           "mamba_trial"]

@@ -24,11 +24,13 @@ from pipeline.stages.common import (
     load_tokenizer,
     metrics_callback,
     read_meta,
+    resolve_device,
     resolve_precision,
     save_checkpoint,
     stage,
     write_meta,
 )
+from pipeline.stages.launch import TrainingJob, train_under_torchrun, uses_torchrun
 from pipeline.train import TrainConfig, train
 
 
@@ -56,7 +58,10 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings, unless the teacher is
     already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones."""
     started = time.time()
-    teacher = load_model(teacher_dir, hardware, "teacher")  # frozen: bf16 under bf16-mixed
+    state_dir = work_dir / "train_state"
+    distributed = uses_torchrun(hardware, state_dir)
+    # frozen: bf16 under bf16-mixed (under torchrun each rank loads its own)
+    teacher = None if distributed else load_model(teacher_dir, hardware, "teacher")
     parent = load_model(teacher_dir if parent_dir is None else parent_dir, hardware,
                         "teacher" if parent_dir is None else "parent checkpoint", fp32=True)  # fp32 masters
     attention = getattr(parent.config, "attention_layers", None)  # None: a plain teacher, all attention
@@ -74,11 +79,18 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     reporter.progress(f"  {name}: layers {new_layers} -> Mamba, pattern {student.config.layer_pattern}")
     tokenizer = load_tokenizer(teacher_dir)
     stage_data = StageData(data, tokenizer)
-    result = train(
-        student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
-        teacher=teacher, state_dir=work_dir / "train_state", callback=metrics_callback(reporter, name),
-        precision=resolve_precision(hardware),
-    )
+    if distributed:
+        job = TrainingJob(train=train_cfg, data=data, batches=distill_kind(data), state_dir=str(state_dir),
+                          precision=resolve_precision(hardware), device=resolve_device(hardware).type,
+                          teacher_dir=str(teacher_dir))
+        result = train_under_torchrun(student, tokenizer, job, hardware=hardware, work_dir=work_dir,
+                                      reporter=reporter, label=name)
+    else:
+        result = train(
+            student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
+            teacher=teacher, state_dir=state_dir, callback=metrics_callback(reporter, name),
+            precision=resolve_precision(hardware),
+        )
     save_checkpoint(student, tokenizer, out_dir, train_cfg.save_dtype)
     meta = write_meta(
         out_dir, stage_name, settings, parent="teacher" if parent_dir is None

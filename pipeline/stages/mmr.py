@@ -1,6 +1,7 @@
 """MIL-Mamba-Replacement scoring: how easily each remaining attention layer becomes Mamba.
 
-For each attention layer of the parent hybrid: MIL-initialise that layer alone, train only its new
+For each attention layer of the parent hybrid: MIL-initialise that layer alone (swapped into the parent in
+place: one mixer, not a copy of the model; `pipeline.convert.mamba_trial`), train only its new
 mixer for `mmr.train.steps` steps of distillation from the teacher, and record the mean distillation loss
 of the last `mmr.train.loss_window` steps. Low loss = easy to replace. Each finished trial is recorded in
 `work_dir`, so a killed MMR stage resumes at the next layer. Writes mmr.json and mmr.png.
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import DataConfig, HardwareConfig, MMRConfig
-from pipeline.convert import hybridize
+from pipeline.convert import mamba_trial
 from pipeline.evaluate.plots import bar_plot
 from pipeline.stages.common import (
     ConsoleReporter,
@@ -37,7 +38,7 @@ def rank_candidates(trials: dict[int, float]) -> list[dict]:
     return [{"layer": layer, "loss": loss} for layer, loss in sorted(trials.items(), key=lambda kv: (kv[1], kv[0]))]
 
 
-@stage("mmr", version=3)
+@stage("mmr", version=4)
 def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher: str | Path,
             parent: str | Path, out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
     reporter = reporter or ConsoleReporter()
@@ -53,9 +54,9 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
         if layer in trials:
             reporter.progress(f"  mmr layer {layer}: {trials[layer]:.4f} (recorded)")
             continue
-        student = hybridize(parent_model, [layer], seed=seed)
         prefix = f"model.layers.{layer}.mixer."
-        with reporter.trial(f"layer-{layer}") as trial:  # its curves: train/... in a run of its own
+        # the parent itself, with this one layer swapped for a MIL-initialised Mamba mixer (no copy of the model)
+        with mamba_trial(parent_model, layer, seed=seed) as student, reporter.trial(f"layer-{layer}") as trial:
             result = train(
                 student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
                 teacher=teacher_model, callback=metrics_callback(trial, f"mmr layer {layer}"),
@@ -67,7 +68,6 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
         done_path.write_text(json.dumps(trials))
         reporter.log_metrics({"mmr/loss": result.final_distill_loss}, step=layer)
         reporter.progress(f"  mmr layer {layer}: distillation loss {result.final_distill_loss:.4f}")
-        del student
     ranking = rank_candidates(trials)
     n_mamba = len(parent_model.config.mamba_layers)
     result = {"n_mamba": n_mamba, "steps": train_cfg.steps, "score_window": train_cfg.loss_window, "ranking": ranking}

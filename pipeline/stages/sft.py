@@ -15,11 +15,13 @@ from pipeline.stages.common import (
     load_tokenizer,
     metrics_callback,
     read_meta,
+    resolve_device,
     resolve_precision,
     save_checkpoint,
     stage,
     write_meta,
 )
+from pipeline.stages.launch import TrainingJob, train_under_torchrun, uses_torchrun
 from pipeline.train import TrainConfig
 from pipeline.train import train as _train
 
@@ -36,9 +38,16 @@ def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, c
     source = read_meta(checkpoint).get("checkpoint", Path(checkpoint).name)
     name = f"{source}-SFT"
     reporter.progress(f"  {name}: SFT of {model.config.layer_pattern}")
-    result = _train(model, stage_data.batch_source("sft", train.batch_size, train.seed), train,
-                    state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, name),
-                    precision=resolve_precision(hardware))
+    state_dir = Path(work_dir) / "train_state"
+    if uses_torchrun(hardware, state_dir):
+        job = TrainingJob(train=train, data=data, batches="sft", state_dir=str(state_dir),
+                          precision=resolve_precision(hardware), device=resolve_device(hardware).type)
+        result = train_under_torchrun(model, tokenizer, job, hardware=hardware, work_dir=Path(work_dir),
+                                      reporter=reporter, label=name)
+    else:
+        result = _train(model, stage_data.batch_source("sft", train.batch_size, train.seed), train,
+                        state_dir=state_dir, callback=metrics_callback(reporter, name),
+                        precision=resolve_precision(hardware))
     save_checkpoint(model, tokenizer, out_dir, train.save_dtype)
     config = model.config
     return write_meta(

@@ -30,6 +30,7 @@ from pipeline.stages.common import (
     stage,
     write_meta,
 )
+from pipeline.stages.launch import TrainingJob, train_under_torchrun, uses_torchrun
 from pipeline.train import TrainConfig, train
 
 
@@ -90,9 +91,17 @@ def run_teacher(demo: DemoTeacherConfig, data: DataConfig, hardware: HardwareCon
     stage_data = StageData(data, tokenizer)
     reporter.progress(f"  demo teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{train_cfg.steps} steps")
-    result = train(model, _mixed_source(stage_data, train_cfg, demo.generic_every), train_cfg,
-                   state_dir=Path(work_dir) / "train_state", callback=metrics_callback(reporter, "teacher"),
-                   precision=resolve_precision(hardware))
+    state_dir = Path(work_dir) / "train_state"
+    if uses_torchrun(hardware, state_dir):
+        job = TrainingJob(train=train_cfg, data=data, batches="teacher", state_dir=str(state_dir),
+                          precision=resolve_precision(hardware), device=resolve_device(hardware).type,
+                          generic_every=demo.generic_every)
+        result = train_under_torchrun(model, tokenizer, job, hardware=hardware, work_dir=Path(work_dir),
+                                      reporter=reporter, label="teacher")
+    else:
+        result = train(model, _mixed_source(stage_data, train_cfg, demo.generic_every), train_cfg,
+                       state_dir=state_dir, callback=metrics_callback(reporter, "teacher"),
+                       precision=resolve_precision(hardware))
     save_checkpoint(model, tokenizer, out_dir, train_cfg.save_dtype)
     return write_meta(out_dir, "teacher", {"demo": demo, "data": data, "hardware": hardware}, parent=None,
                       started=started, checkpoint="teacher", source="demo", architecture="LlamaForCausalLM",

@@ -17,6 +17,12 @@ GEMM and upcast them to fp32 before the softmax, the KL / CE and the gradient of
 (`pipeline.train.losses`). A head GEMM in fp32 was measured on an H200 and changed no quality figure of
 the demo chain (benchmarks/results/gpu-pipeline-h200.md) while costing the 1B benchmark about a quarter of
 its throughput, so it is not used. The frozen teacher may be held in any dtype (bf16 saves memory).
+
+Processes: called in a process group (a worker under `torchrun`, any number of processes, one included),
+the loop shards student and teacher with FSDP2, trains on this rank's share of each step and keeps its
+state through `torch.distributed.checkpoint` (`pipeline.train.distributed`); bf16-mixed then also sets
+FSDP2's policy (bf16 compute, fp32 gradient reduction). Without a process group it is the plain
+single-process loop.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.train import distributed
 from pipeline.train.batches import Batch, BatchSource, PreparedBatch, as_batch_source, prepare_batch
 from pipeline.train.config import TRAIN_PRECISIONS, TRAJECTORY_FIELDS, TrainConfig
 from pipeline.train.losses import chunked_cross_entropy, chunked_distill_loss
@@ -148,6 +155,8 @@ def train(
     saved_flags = [(param, param.requires_grad) for param in student.parameters()]
     saved_modes = [(student, student.training)] + ([(teacher, teacher.training)] if teacher is not None else [])
     compiled: list[nn.Module] = []
+    checkpointed: list[nn.Module] = []
+    sharded = distributed.is_distributed()
     try:
         for param in student.parameters():
             param.requires_grad_(id(param) in trainable_ids)
@@ -157,8 +166,14 @@ def train(
         if cfg.compile_blocks and device.type == "cuda":
             compiled = _compile_blocks(student, "student") + (
                 _compile_blocks(teacher, "teacher") if teacher is not None else [])
+        if cfg.activation_checkpointing:
+            checkpointed = _checkpoint_blocks(student)
+        if sharded:
+            trainable_names = {name for name, _ in trainable}
+            distributed.shard_models(student, teacher, precision)  # parameters become sharded DTensors
+            trainable = [(name, param) for name, param in student.named_parameters() if name in trainable_names]
         optimizer = build_optimizer(trainable, cfg)
-        progress = _start(student, optimizer, cfg, state_dir)
+        progress = _start(student, optimizer, cfg, state_dir, sharded=sharded)
         log.info(
             "training %d/%d parameters (%s) for steps %d..%d, loss=%s",
             sum(p.numel() for _, p in trainable),
@@ -184,8 +199,11 @@ def train(
             callback=callback,
             max_steps_this_call=max_steps_this_call,
             precision=precision,
+            sharded=sharded,
         )
     finally:
+        for block in checkpointed:
+            del block.forward  # the class's forward again
         for block in compiled:
             block._compiled_call_impl = None  # back to eager: what nn.Module.compile() set, unset
         for param, flag in saved_flags:
@@ -202,6 +220,22 @@ def _compile_blocks(model: nn.Module, name: str) -> list[nn.Module]:
         raise ValueError(f"compile_blocks: the {name} has no model.layers list of decoder blocks to compile")
     for block in layers:
         block.compile()
+    return list(layers)
+
+
+def _checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
+    """Activation checkpointing: each decoder block's forward recomputes its activations in the backward
+    instead of keeping them (non-reentrant `torch.utils.checkpoint`). The block's own forward is wrapped,
+    so parameter names do not change and FSDP's hooks stay outside the recomputed region."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError("activation_checkpointing: the student has no model.layers list of decoder blocks")
+    for block in layers:
+        def checkpointed(*args, _forward=block.forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        block.forward = checkpointed
     return list(layers)
 
 
@@ -222,6 +256,7 @@ def _run(
     callback: MetricsCallback | None,
     max_steps_this_call: int | None,
     precision: str,
+    sharded: bool = False,
 ) -> TrainResult:
     call_start = time.perf_counter()
     steps_left = cfg.steps - progress.step
@@ -229,14 +264,16 @@ def _run(
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16-mixed" else nullcontext
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     iterator: Iterator[Batch] = source.iter_from(progress.position)
-    state_path = latest_state(state_dir) if state_dir is not None else None
+    state_path = _latest(state_dir, sharded) if state_dir is not None else None
+    rank, world = distributed.rank_and_world()
     saved_step = progress.step if state_path is not None else None
 
     def save() -> Path:
         assert state_dir is not None
         wall_time = progress.wall_time_s + time.perf_counter() - call_start
         trainer = _trainer_dict(progress, cfg, wall_time)
-        return save_state(state_dir, step=progress.step, model=student, optimizer=optimizer, trainer=trainer)
+        save_function = distributed.save_distributed_state if sharded else save_state
+        return save_function(state_dir, step=progress.step, model=student, optimizer=optimizer, trainer=trainer)
 
     for _ in range(steps_this_call):
         step_start = time.perf_counter()
@@ -250,17 +287,23 @@ def _run(
                 "every loss_mask is empty after the shift"
             )
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # (objective, distill, ce) summed over tokens
-        for batch in micro_batches:
+        for batch in distributed.step_share(micro_batches, rank, world) if sharded else micro_batches:
             with autocast():
                 objective_sum, distill_sum, ce_sum = _loss_sums(
                     student, teacher, student_head, teacher_head, batch, objective, cfg.kl_chunk_tokens,
-                    cfg.kl_chunk_elements,
+                    cfg.kl_chunk_elements, sharded=sharded,
                 )
-            (objective_sum / target_tokens).backward()  # the step's mean, accumulated over micro-batches
+            # FSDP averages the ranks' gradients: each rank back-propagates its share of the step's sum times W
+            share = objective_sum * world if sharded else objective_sum
+            (share / target_tokens).backward()  # the step's mean, accumulated over micro-batches
+            if sharded and teacher is not None:
+                distributed.release(teacher)
             sums += torch.stack(
                 [objective_sum.detach(), _or_zero(distill_sum, objective_sum), _or_zero(ce_sum, objective_sum)]
             ).double()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, max_norm=max_norm)
+        if sharded:
+            sums, grad_norm = distributed.sum_over_ranks(sums), distributed.full_value(grad_norm)
         loss, distill, ce = (sums / target_tokens).tolist()
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {progress.step + 1} (data position {progress.position})")
@@ -322,14 +365,26 @@ def _loss_sums(
     objective: _Objective,
     chunk_tokens: int,
     chunk_elements: int,
+    sharded: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(objective, KL, CE) summed over the batch's trained tokens; position t predicts token t+1."""
-    hidden = _hidden_states(student, batch)[:, :-1]  # (B, T-1, H)
+    """(objective, KL, CE) summed over the batch's trained tokens; position t predicts token t+1.
+
+    `sharded`: the models are FSDP2 modules; their backbones run through the registered forward method and
+    the lm_head weights are read after it, while gathered (see `pipeline.train.distributed`)."""
+    if sharded:
+        hidden = student.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]  # (B, T-1, H)
+        student_head = _head_weight(student, "student")
+    else:
+        hidden = _hidden_states(student, batch)[:, :-1]  # (B, T-1, H)
     distill_sum = ce_sum = None
     if objective.distill_kind is not None:
         assert teacher is not None and teacher_head is not None
         with torch.no_grad():
-            teacher_hidden = _hidden_states(teacher, batch)[:, :-1]  # (B, T-1, H)
+            if sharded:
+                teacher_hidden = teacher.hidden_states(batch.input_ids, batch.attention_mask)[:, :-1]
+                teacher_head = _head_weight(teacher, "teacher")
+            else:
+                teacher_hidden = _hidden_states(teacher, batch)[:, :-1]  # (B, T-1, H)
         distill_sum = chunked_distill_loss(
             hidden,
             student_head,
@@ -404,19 +459,37 @@ def _next_batch(iterator: Iterator[Batch], position: int, cfg: TrainConfig, devi
     )
 
 
+def _latest(state_dir: str | os.PathLike[str], sharded: bool) -> Path | None:
+    """The state to resume: a DCP state under a process group, a single-process state without; a state of
+    the other kind alone is refused (one line), never silently ignored."""
+    path = distributed.latest_distributed_state(state_dir) if sharded else latest_state(state_dir)
+    other = latest_state(state_dir) if sharded else distributed.latest_distributed_state(state_dir)
+    if path is None and other is not None:
+        raise ValueError(
+            f"{other} is a {'single-process' if sharded else 'distributed (torch.distributed.checkpoint)'} "
+            f"training state; resume it with {'one process (hardware.nproc=1)' if sharded else 'torchrun (hardware.nproc >= 2)'}"
+            " or use a fresh state_dir"
+        )
+    return path
+
+
 def _start(
-    student: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, state_dir: str | os.PathLike[str] | None
+    student: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, state_dir: str | os.PathLike[str] | None,
+    *, sharded: bool = False,
 ) -> _Progress:
     """Resume from the newest state in `state_dir`, or seed the RNGs for a fresh run."""
-    path = latest_state(state_dir) if state_dir is not None else None
+    path = _latest(state_dir, sharded) if state_dir is not None else None
     if path is None:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         return _Progress(step=0, position=0, tokens_seen=0, wall_time_s=0.0, recent=deque(maxlen=cfg.loss_window))
-    trainer = read_trainer_state(path)
+    trainer = distributed.read_distributed_trainer_state(path) if sharded else read_trainer_state(path)
     _check_same_trajectory(trainer["config"], cfg, path)  # before touching the student's weights
-    load_weights_and_optimizer(path, model=student, optimizer=optimizer)
+    if sharded:
+        distributed.load_distributed_state(path, model=student, optimizer=optimizer)
+    else:
+        load_weights_and_optimizer(path, model=student, optimizer=optimizer)
     restore_rng_state(trainer["rng"])
     log.info("resuming from %s (step %d of %d)", path, trainer["step"], cfg.steps)
     recent = deque((tuple(record) for record in trainer["recent"]), maxlen=cfg.loss_window)

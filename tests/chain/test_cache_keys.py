@@ -25,6 +25,13 @@ READERS = {
     "storage": set(),
     "tracking": set(),
     "hardware.threads": set(),  # speed only
+    "hardware.nproc": set(),  # the same global batches on any process count: float rounding only
+    "hardware.nnodes": set(),
+    "hardware.rdzv_endpoint": set(),
+    "train.activation_checkpointing": set(),  # memory for compute, the same trajectory
+    "mmr.train.activation_checkpointing": set(),
+    "sft.train.activation_checkpointing": set(),
+    "teacher.demo.train.activation_checkpointing": set(),
     "hardware": ALL,
     "seed": {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # MIL initialisation of the fresh Mamba parameters
     "teacher.demo": {"teacher"},

@@ -134,6 +134,8 @@ def test_bad_group_option_lists_the_choices(group):
         ("train.steps=many", "could not be converted to Integer"),
         ("schedule.counts=[3,2]", "schedule.counts must be strictly increasing"),
         ("hardware.device=tpu", "hardware.device must be one of"),
+        ("hardware.nproc=0", "hardware.nproc must be an int >= 1"),
+        ("hardware.nnodes=2", "hardware.nnodes=2 needs hardware.rdzv_endpoint"),
         ("run_name=a/b", "run_name must be a non-empty name without '/'"),
     ],
 )

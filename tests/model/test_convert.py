@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
 
-from pipeline.convert import ConversionError, hybridize
+from pipeline.convert import ConversionError, hybridize, mamba_trial
 from pipeline.model import HybridConfig, HybridConfigError
 from pipeline.model.mixers import gqa_expansion_index
 
@@ -69,6 +69,33 @@ def test_progressive_conversion_of_a_hybrid_keeps_existing_mamba_layers():
         hybridize(second, [1])
     with pytest.raises(ConversionError, match="differ from the source hybrid"):
         hybridize(first, [0], d_state=16)
+
+
+def test_mamba_trial_swaps_one_mixer_into_the_parent_and_puts_it_back():
+    parent = hybridize(make_teacher("qwen2"), [1], d_state=8)  # attention biases: the MIL bias rows too
+    before = {key: value.clone() for key, value in parent.state_dict().items()}
+    attention = parent.model.layers[2].mixer
+    copied = hybridize(parent, [2], seed=5)  # what a trial used to build: a whole second model
+    input_ids = torch.randint(0, BASE["vocab_size"], (2, 7))
+    with mamba_trial(parent, 2, seed=5) as trial:
+        assert trial is parent and trial.config.layer_pattern == "AMMA"
+        mixer = parent.model.layers[2].mixer
+        # the MIL-mapped parts are hybridize's; the random parts differ (drawn for this mixer alone)
+        d_inner = mixer.d_inner
+        expected = copied.model.layers[2].mixer
+        assert torch.equal(mixer.in_proj.weight[d_inner:], expected.in_proj.weight[d_inner:])
+        assert torch.equal(mixer.in_proj.bias, expected.in_proj.bias)
+        assert torch.equal(mixer.out_proj.weight, expected.out_proj.weight)
+        assert torch.equal(mixer.A_log, expected.A_log) and torch.equal(mixer.D, expected.D)
+        # with hybridize's random parts too, the swapped parent is the same network as the copy
+        mixer.load_state_dict(expected.state_dict())
+        torch.testing.assert_close(trial(input_ids).logits, copied(input_ids).logits, rtol=0, atol=0)
+    assert parent.model.layers[2].mixer is attention and parent.config.layer_pattern == "AMAA"
+    after = parent.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
+    with pytest.raises(ConversionError, match="layer 1 is already Mamba"):
+        with mamba_trial(parent, 1):
+            pass
 
 
 def test_unsupported_architectures_are_named_with_the_supported_list():

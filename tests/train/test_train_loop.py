@@ -221,6 +221,20 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_llama, random_batches
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_activation_checkpointing_trains_the_same_and_is_undone(tiny_llama, random_batches) -> None:
+    batches, teacher = random_batches(3, seed=4), _sharp_teacher(tiny_llama)
+    checkpointed, plain = tiny_llama(1), tiny_llama(1)
+    recomputed: list[int] = []
+    hook = checkpointed.model.layers[0].mlp.register_forward_pre_hook(lambda *_: recomputed.append(1))
+    train(checkpointed, batches, _config(steps=3, activation_checkpointing=True), teacher=teacher)
+    hook.remove()
+    train(plain, batches, _config(steps=3), teacher=teacher)
+    assert len(recomputed) == 6  # 3 forwards, and each block's forward again in its backward
+    assert all("forward" not in vars(block) for block in checkpointed.model.layers)  # the class's forward again
+    for (name, a), b in zip(checkpointed.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_killed_run_resumes_to_the_same_weights(tiny_llama, random_batches, tmp_path: Path, monkeypatch) -> None:
     teacher = _sharp_teacher(tiny_llama)
     cfg = _config(steps=7, grad_accum=2, save_every=2)
@@ -279,6 +293,16 @@ def test_stopping_with_max_steps_this_call_and_continuing(tiny_llama, random_bat
     assert (done.steps_this_call, done.completed, done.final_loss) == (0, True, third.final_loss)
     _assert_same_weights(uninterrupted, again)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step-00000005"]  # older states, temp dirs removed
+
+
+def test_a_distributed_state_is_not_resumed_by_the_single_process_loop(tiny_llama, random_batches, tmp_path: Path) -> None:
+    state = tmp_path / "dcp-step-00000002"  # what a run under torchrun leaves (pipeline.train.distributed)
+    state.mkdir()
+    (state / "trainer.pt").write_bytes(b"")
+    before = _weights(student := tiny_llama(1))
+    with pytest.raises(ValueError, match=r"dcp-step-00000002 is a distributed .* resume it with torchrun"):
+        train(student, random_batches(2), _config(steps=2), teacher=_sharp_teacher(tiny_llama), state_dir=tmp_path)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in student.state_dict().items())
 
 
 def test_resume_with_a_different_trajectory_config_is_refused(tiny_llama, random_batches, tmp_path: Path) -> None:

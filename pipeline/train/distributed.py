@@ -1,0 +1,232 @@
+"""Training under `torchrun`: FSDP2 sharding, each rank's share of a global step, DCP training state.
+
+The training loop takes this path whenever a process group is initialised (the worker that
+`pipeline.stages.launch` starts under `torchrun --nproc-per-node N`, N >= 1); a plain call without a
+process group keeps the single-process path. Nothing here all-reduces gradients or shards parameters
+by hand: `fully_shard` does both.
+
+- Sharding (`shard_models`): `fully_shard` on every decoder block (`model.model.layers`), then on the
+  root (embeddings, final norm, lm_head), for the student and the frozen teacher (no optimiser state).
+  Under "bf16-mixed" the student's policy computes in bf16 and reduces gradients in fp32; its sharded
+  parameters (what AdamW updates) stay fp32 master weights. The teacher is held in whatever dtype it was
+  loaded in. The chunked losses read the lm_head weight outside `lm_head.forward`, so the backbone's
+  hidden states come from a method registered as an FSDP forward (`hidden_states`): the root's
+  parameters are gathered for it and stay gathered (FSDP's root does not reshard after forward) until
+  the student's backward, or until `release` for the teacher.
+- Gradients: each rank's loss is its share of the step's token sum over the step's GLOBAL trained-token
+  count, times the world size W, and FSDP averages over the ranks, so the gradient is the one of the
+  whole step, as in one process. (A gradient divide factor of 1 would say the same, but gloo has no
+  PREMUL_SUM reduction.)
+- A step's share (`step_share`): with `grad_accum` divisible by the world size, rank r takes micro-batches
+  r, r+W, ...; else every micro-batch's rows are split over the ranks (a rank left without rows gets one
+  row with no trained targets: every rank must run the same forwards and backwards for the collectives).
+- State (`save_distributed_state`, `latest_distributed_state`, `load_distributed_state`):
+  `<state_dir>/dcp-step-00000040/` holds the model and AdamW state written by `torch.distributed.checkpoint`
+  (each rank its shards) and `trainer.pt` (rank 0: step, data position, RNG, config). It is written to
+  `.dcp-step-00000040.tmp/` and renamed by rank 0 once every rank has written, so a `dcp-step-*`
+  directory is complete; DCP reshards on load, so a state resumes on any number of processes.
+  RNG: every rank seeds and restores the same (rank 0's) state; training draws no random numbers per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipeline.train.batches import PreparedBatch
+
+_DCP_STATE_NAME = re.compile(r"^dcp-step-(\d{8,})$")
+_DCP_TEMPORARY_NAME = re.compile(r"^\.dcp-step-\d{8,}\.tmp$")
+_TRAINER_FILE = "trainer.pt"
+STATE_FORMAT_VERSION = 1
+
+
+def is_distributed() -> bool:
+    """Whether this process belongs to an initialised process group (then the loop shards with FSDP2)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def init_process_group(device_type: str) -> torch.device:
+    """Join the group `torchrun` describes in the environment: NCCL on CUDA (one device per local rank),
+    gloo on CPU. Returns this rank's device."""
+    if device_type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def _decoder_blocks(model: nn.Module, role: str) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"the {role} has no model.layers list of decoder blocks to shard")
+    return layers
+
+
+def _hidden_states(self: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states (B, T, H) of the backbone; registered as an FSDP forward of the root."""
+    return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def shard_models(student: nn.Module, teacher: nn.Module | None, precision: str) -> None:
+    """`fully_shard` each decoder block, then the root, of the student and the teacher (in place)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    bf16 = precision == "bf16-mixed"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32 if bf16 else None)
+    for model, role in ((student, "student"), (teacher, "teacher")):
+        if model is None:
+            continue
+        if role == "teacher":
+            for param in model.parameters():
+                param.requires_grad_(False)
+        for block in _decoder_blocks(model, role):
+            fully_shard(block, mp_policy=policy if role == "student" else MixedPrecisionPolicy())
+        fully_shard(model, mp_policy=policy if role == "student" else MixedPrecisionPolicy())
+        model.hidden_states = types.MethodType(_hidden_states, model)
+        register_fsdp_forward_method(model, "hidden_states")
+
+
+def release(model: nn.Module) -> None:
+    """Free the gathered root parameters of a frozen model after its forward (it has no backward)."""
+    model.reshard()
+
+
+def full_value(value: Tensor) -> Tensor:
+    """A DTensor's full value (e.g. the gradient norm clip_grad_norm_ returns under FSDP), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def step_share(micro_batches: Sequence[PreparedBatch], rank: int, world: int) -> list[PreparedBatch]:
+    """This rank's part of one optimiser step (see the module docstring)."""
+    if world == 1:
+        return list(micro_batches)
+    if len(micro_batches) % world == 0:
+        return list(micro_batches[rank::world])
+    return [_rows_share(batch, rank, world) for batch in micro_batches]
+
+
+def _rows_share(batch: PreparedBatch, rank: int, world: int) -> PreparedBatch:
+    rows = torch.arange(batch.input_ids.shape[0]).tensor_split(world)[rank]
+    if rows.numel() == 0:  # fewer rows than ranks: a stand-in row that trains nothing
+        return PreparedBatch(input_ids=batch.input_ids[:1], attention_mask=batch.attention_mask[:1],
+                             target_mask=torch.zeros_like(batch.target_mask[:1]), input_tokens=0)
+    rows = rows.to(batch.input_ids.device)
+    attention_mask = batch.attention_mask[rows]
+    return PreparedBatch(input_ids=batch.input_ids[rows], attention_mask=attention_mask,
+                         target_mask=batch.target_mask[rows], input_tokens=int(attention_mask.sum()))
+
+
+def sum_over_ranks(values: Tensor) -> Tensor:
+    """The step's metric sums (loss, KL, CE) over the ranks, for reporting (not gradients)."""
+    if is_distributed():
+        reduced = values.clone()
+        dist.all_reduce(reduced)
+        return reduced
+    return values
+
+
+# --- training state through torch.distributed.checkpoint ------------------------------------------
+
+def latest_distributed_state(state_dir: str | os.PathLike[str]) -> Path | None:
+    root = Path(state_dir)
+    if not root.is_dir():
+        return None
+    found = [(int(match.group(1)), path) for path in root.iterdir()
+             if (match := _DCP_STATE_NAME.match(path.name)) and (path / _TRAINER_FILE).is_file()]
+    return max(found)[1] if found else None
+
+
+def save_distributed_state(state_dir: str | os.PathLike[str], *, step: int, model: nn.Module,
+                           optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> Path:
+    """Every rank writes its shards; rank 0 writes trainer.pt, renames, and drops older states."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, _ = rank_and_world()
+    root = Path(state_dir)
+    final = root / f"dcp-step-{step:08d}"
+    temporary = root / f".{final.name}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(temporary))
+    if rank == 0:
+        torch.save({"format_version": STATE_FORMAT_VERSION, **trainer}, temporary / _TRAINER_FILE)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():  # the same step saved again (a finished run called twice)
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        for path in root.iterdir():
+            if path != final and path.is_dir() and (_DCP_STATE_NAME.match(path.name)
+                                                    or _DCP_TEMPORARY_NAME.match(path.name)):
+                shutil.rmtree(path)
+    dist.barrier()
+    return final
+
+
+def read_distributed_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    trainer = torch.load(Path(path) / _TRAINER_FILE, weights_only=True)
+    if trainer.get("format_version") != STATE_FORMAT_VERSION:
+        raise ValueError(f"{Path(path) / _TRAINER_FILE} has state format {trainer.get('format_version')!r}, "
+                         f"expected {STATE_FORMAT_VERSION}")
+    return trainer
+
+
+def load_distributed_state(path: str | os.PathLike[str], *, model: nn.Module,
+                           optimizer: torch.optim.Optimizer) -> None:
+    """Load the model and AdamW state of a `dcp-step-*` directory, resharded to this world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def full_model_state(model: nn.Module) -> dict[str, Tensor]:
+    """The whole model's weights, gathered to rank 0's CPU (other ranks get an empty dict); all ranks call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+__all__ = [
+    "full_model_state",
+    "full_value",
+    "init_process_group",
+    "is_distributed",
+    "latest_distributed_state",
+    "load_distributed_state",
+    "rank_and_world",
+    "read_distributed_trainer_state",
+    "release",
+    "save_distributed_state",
+    "shard_models",
+    "step_share",
+    "sum_over_ranks",
+]
