@@ -19,7 +19,8 @@ so a throughput ratio measures the architecture, not two code paths.
   Elsewhere (CPU, fp32) the same step in plain PyTorch: attention over the whole static buffer under a
   mask, the query heads of each KV head folded into the query rows so K/V are never expanded, and
   `MambaMixer.step` (causal_conv1d_update + selective_state_update where installed). Both paths, and
-  `generate()`, run the one Mamba step (`kernels.mamba_decode_step`). On CUDA the step is captured once in a CUDA graph and replayed.
+  `generate()`, run the one Mamba step (`kernels.mamba_decode_step`). On CUDA the step is captured once
+  in a CUDA graph and replayed.
 - Left-padded prompts are supported (padding masked in attention, zeroed in Mamba states), so the
   `evaluate` stage uses the engine for answers as well as for speed (`generate(..., eos_token_id=)` stops
   once every sequence has written its end-of-sequence token).
