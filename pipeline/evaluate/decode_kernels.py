@@ -23,35 +23,18 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
+
+from pipeline.model.triton_step import available, triton_modules  # one lazy Triton import for both
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 128  # cache columns per inner iteration of the attention kernel (benchmarks/decode_attention.py)
 
 
 @functools.cache
-def _triton():
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-    return triton, tl
-
-
-def available(device: torch.device) -> bool:
-    """True where the kernels can run on `device`: triton imports and the device is CUDA (or the
-    interpreter is on, for tests on CPU)."""
-    if _triton() is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
 def _kernels():
-    triton, tl = _triton()
+    triton, tl = triton_modules()
 
     @triton.jit
     def attention_split(

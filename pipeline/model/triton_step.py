@@ -21,7 +21,7 @@ import torch
 
 
 @functools.cache
-def _triton():
+def triton_modules():
     try:
         import triton
         import triton.language as tl
@@ -33,14 +33,14 @@ def _triton():
 def available(device: torch.device) -> bool:
     """True where the kernel can run on `device`: triton imports and the device is CUDA (or the interpreter
     is on)."""
-    if _triton() is None:
+    if triton_modules() is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
 def _kernel():
-    triton, tl = _triton()
+    triton, tl = triton_modules()
 
     @triton.jit
     def mamba_step(
@@ -127,4 +127,4 @@ def mamba_step(proj: torch.Tensor, dt: torch.Tensor, index: torch.Tensor, d_xb: 
     return out
 
 
-__all__ = ["available", "mamba_step"]
+__all__ = ["available", "mamba_step", "triton_modules"]
