@@ -41,3 +41,12 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, inter
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def wait_for_flow_run(client, flow_run_id, timeout_s: float, interval_s: float = 1.0):
+    """The final state of a Prefect flow run (polled through `client`), or AssertionError after timeout_s."""
+    def finished():
+        state = client.read_flow_run(flow_run_id).state
+        return state if state is not None and state.is_final() else None
+
+    return wait_for(finished, timeout_s, "the flow run to finish", interval_s=interval_s)

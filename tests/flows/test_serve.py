@@ -15,7 +15,7 @@ import pytest
 from fixtures_servers import free_port, start_server
 from flows.convert import convert
 from flows.serve import DEPLOYMENTS, deployments
-from tests.flows.helpers import PYTHON, subprocess_env, wait_for
+from tests.flows.helpers import PYTHON, subprocess_env, wait_for, wait_for_flow_run
 
 
 def test_deployments_import_and_point_at_the_flow():
@@ -69,11 +69,7 @@ def test_deployment_started_through_the_api_completes(tmp_path, mlflow_tracking_
             flow_run = client.create_flow_run_from_deployment(
                 deployment.id, parameters={"overrides": overrides, "until": "loo"})
 
-            def finished():
-                state = client.read_flow_run(flow_run.id).state
-                return state if state is not None and state.is_final() else None
-
-            state = wait_for(finished, 300, "the flow run to finish", interval_s=1)
+            state = wait_for_flow_run(client, flow_run.id, 300, interval_s=1)
             assert state.is_completed(), f"{state!r}\n{serve_log.read_text()[-3000:]}"
     finally:
         if serving.poll() is None:

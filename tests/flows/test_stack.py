@@ -15,7 +15,7 @@ import pytest
 
 from fixtures_servers import free_port
 from flows.stack import STATE_FILE, environment
-from tests.flows.helpers import PYTHON, REPO, subprocess_env, wait_for
+from tests.flows.helpers import PYTHON, REPO, subprocess_env, wait_for, wait_for_flow_run
 
 pytestmark = pytest.mark.slow
 
@@ -80,11 +80,7 @@ def test_stack_runs_a_deployment_into_its_s3_and_mlflow(tmp_path):
             flow_run = prefect.create_flow_run_from_deployment(
                 deployment.id, parameters={"overrides": overrides, "until": "convert"})
 
-            def finished():
-                run_state = prefect.read_flow_run(flow_run.id).state
-                return run_state if run_state is not None and run_state.is_final() else None
-
-            final = wait_for(finished, 420, "the flow run to finish", interval_s=2)
+            final = wait_for_flow_run(prefect, flow_run.id, 420, interval_s=2)
             assert final.is_completed(), f"{final!r}\n{serve_log.read_text()[-3000:]}"
 
         # Its checkpoints, committed, in the stack's bucket (HYBRID_STORAGE_URI, read by storage=s3).
