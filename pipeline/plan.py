@@ -267,6 +267,40 @@ def check_data_sources(cfg: RunConfig, problems: list[str]) -> None:
         check_data("generic", data.generic, "train", (), problems)
 
 
+def check_answer_budgets(cfg: RunConfig, problems: list[str]) -> None:
+    """LOO's and the evaluation's greedy-decoding budgets against the reference replies of the very problems
+    they will score (`StageData.problems`), when the tokenizer is at hand without a download: the demo
+    teacher's, or a local teacher folder's (an s3:// teacher is checked by the stages themselves)."""
+    from pipeline.stages.common import StageData, StageError
+
+    if cfg.teacher.path is None:
+        from pipeline.data import build_char_tokenizer
+
+        tokenizer = build_char_tokenizer()
+    else:
+        folder = Path(cfg.teacher.path.removeprefix("file://")).expanduser()
+        if "://" in cfg.teacher.path.removeprefix("file://") or not folder.is_dir():
+            return
+        from pipeline.stages.common import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(folder)
+        except Exception:  # an unreadable tokenizer is reported by the teacher checks
+            return
+    checks = [(cfg.data.view("eval"), lambda data: data.eval_problems(
+        cfg.evaluate.num_examples, ("evaluate.max_new_tokens", cfg.evaluate.max_new_tokens)))]
+    if cfg.loo.metric == "accuracy" and not cfg.start.path:
+        checks.insert(0, (cfg.data.view("eval", "distill"), lambda data: data.problems(
+            data.selection_rows(), cfg.loo.num_examples, ("loo.max_new_tokens", cfg.loo.max_new_tokens))))
+    for view, check in checks:
+        try:
+            check(StageData(view, tokenizer))
+        except StageError as error:
+            problems.append(str(error).splitlines()[0])
+        except Exception:  # unreadable data is check_data's to report
+            return
+
+
 def check_lm_eval(cfg: RunConfig, problems: list[str]) -> None:
     """lm-eval installed and its tasks known, when the evaluation asks for any."""
     from pipeline.evaluate.lm_harness import LMEvalError, check_tasks
@@ -406,6 +440,8 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
                             f"has {teacher_mamba} Mamba layers; every count must be larger (or give it as "
                             "start.path to continue its conversion)")
     check_data_sources(cfg, problems)
+    if not problems:
+        check_answer_budgets(cfg, problems)
     try:
         sft_input(cfg)
     except ConfigError as error:

@@ -360,11 +360,16 @@ class StageData:
 
         return from_position
 
-    def problems(self, rows, count: int) -> list[dict[str, Any]]:
-        """The first `count` rows as problems with checkable answers."""
+    def problems(self, rows, count: int, budget: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+        """The first `count` rows as problems with checkable answers. `budget` (setting name, new tokens):
+        refused when the reference replies of more than MAX_CUT_SHARE of them are longer than that many
+        tokens, since greedy answers cut there would be scored as wrong (see `check_answer_budget`)."""
         if "answer" not in rows.column_names:
             raise StageError("evaluation data needs an 'answer' column to check generated answers")
-        return [rows[i] for i in range(min(count, len(rows)))]
+        problems = [rows[i] for i in range(min(count, len(rows)))]
+        if budget is not None:
+            check_answer_budget(problems, self.tokenizer, *budget)
+        return problems
 
     def batches(self, rows, count: int, batch_size: int = 32):
         """The first `count` rows as padded batches, in order (NLL / KL)."""
@@ -374,11 +379,37 @@ class StageData:
         return list(iter_batches(dataset, batch_size, self.tokenizer.pad_token_id, shuffle=False,
                                  stop=(len(dataset) + batch_size - 1) // batch_size))
 
-    def eval_problems(self, count: int) -> list[dict[str, Any]]:
-        return self.problems(self.rows("eval", "test"), count)
+    def eval_problems(self, count: int, budget: tuple[str, int] | None = None) -> list[dict[str, Any]]:
+        return self.problems(self.rows("eval", "test"), count, budget)
 
     def eval_batches(self, count: int, batch_size: int = 32):
         return self.batches(self.rows("eval", "test"), count, batch_size)
+
+
+# Share of scored problems whose reference reply may be longer than the decoding budget.
+MAX_CUT_SHARE = 0.05
+
+
+def reference_reply(row: dict[str, Any]) -> str | None:
+    """The last assistant message of a chat row (the reference reply), or None when it has none."""
+    for message in reversed(row.get("messages") or []):
+        if message.get("role") == "assistant":
+            return str(message.get("content", ""))
+    return None
+
+
+def check_answer_budget(problems: list[dict[str, Any]], tokenizer, setting: str, max_new_tokens: int) -> None:
+    """Refuses a greedy-decoding budget shorter than the reference replies of more than MAX_CUT_SHARE of
+    the problems: a reply cut before its final answer scores as wrong, so accuracy (and LOO's ranking
+    built on it) would measure the budget, not the model. Rows without an assistant reply are not judged."""
+    lengths = [len(tokenizer(reply, add_special_tokens=False)["input_ids"])
+               for reply in map(reference_reply, problems) if reply is not None]
+    cut = [n for n in lengths if n > max_new_tokens]
+    if lengths and len(cut) > MAX_CUT_SHARE * len(lengths):
+        raise StageError(
+            f"{setting}={max_new_tokens} is shorter than the reference replies of {len(cut)} of the {len(lengths)} "
+            f"problems scored (longest {max(lengths)} tokens): their answers would be cut and scored as wrong; "
+            f"set {setting} to at least {max(lengths)}")
 
 
 def held_out_count(train_rows: int, share: float) -> int:

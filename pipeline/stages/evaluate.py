@@ -95,7 +95,7 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
     precision = resolve_precision(hardware)
     teacher_model = load_model(teacher, hardware, "teacher", fp32=True)  # quality in fp32: see resolve_dtype
     stage_data = StageData(data, load_tokenizer(teacher))
-    problems = stage_data.eval_problems(evaluate.num_examples)
+    problems = stage_data.eval_problems(evaluate.num_examples, ("evaluate.max_new_tokens", evaluate.max_new_tokens))
     batches = stage_data.eval_batches(evaluate.nll_examples)
     records = [evaluate_checkpoint(evaluate, "teacher", teacher_model, teacher_model, stage_data, problems, batches,
                                    precision)]

@@ -97,7 +97,8 @@ def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_co
     stage_data = StageData(data, load_tokenizer(teacher))
     where, detail = stage_data.selection()
     rows = stage_data.selection_rows()
-    problems = stage_data.problems(rows, loo.num_examples) if loo.metric == "accuracy" else None
+    problems = (stage_data.problems(rows, loo.num_examples, ("loo.max_new_tokens", loo.max_new_tokens))
+                if loo.metric == "accuracy" else None)
     batches = stage_data.batches(rows, loo.num_examples) if loo.metric == "nll" else None
     scored_on = {"source": where, "split": "train (held out)" if where == "held_out" else detail,
                  "rows": min(loo.num_examples, len(rows))}

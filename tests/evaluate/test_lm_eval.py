@@ -62,7 +62,7 @@ def _require_lm_eval():
 
 
 def _evaluate_config(task_dir, problems: int = 16) -> EvaluateConfig:
-    return EvaluateConfig(num_examples=problems, batch_size=problems, max_new_tokens=24, nll_examples=8,
+    return EvaluateConfig(num_examples=problems, batch_size=problems, max_new_tokens=48, nll_examples=8,
                           throughput_batch=2, throughput_prompt=8, throughput_new_tokens=4, throughput_repeats=1,
                           lm_eval=LMEvalConfig(tasks=[TASK], include_path=str(task_dir), apply_chat_template=True,
                                                batch_size=problems))

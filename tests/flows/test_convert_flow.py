@@ -345,7 +345,7 @@ def test_changed_setting_recomputes_only_what_reads_it(s3_run, monkeypatch):
     """evaluate.* is read by the evaluation only: every other stage keeps its cache key (LOO has its own
     decoding budget, loo.max_new_tokens, so its ranking never goes stale when the evaluation's changes)."""
     forbid_stages(monkeypatch, [name for name in STAGE_FUNCTIONS if name != "run_evaluate"])
-    result = convert(overrides=[*s3_run.overrides, "evaluate.max_new_tokens=6"], until="evaluate")
+    result = convert(overrides=[*s3_run.overrides, "evaluate.max_new_tokens=50"], until="evaluate")
     assert result["ran"] == ["evaluate"]
     assert result["skipped"] == [name for name in STAGES if name != "evaluate"]
 

@@ -55,6 +55,8 @@ def test_a_good_run_has_no_problems_and_a_row_per_stage(tmp_path):
     ("tracking.uri=http://127.0.0.1:9", "tracking.uri: MLflow server http://127.0.0.1:9 cannot be reached"),
     ("tracking.uri=sqlite:////nonexistent/dir/mlflow.db", "the folder /nonexistent/dir does not exist"),
     ("storage.uri={tmp}/a-file/runs", "storage.uri: {tmp}/a-file/runs/tiny cannot be written"),
+    ("evaluate.max_new_tokens=8", "evaluate.max_new_tokens=8 is shorter than the reference replies of 8 of the 8"),
+    ("loo.metric=accuracy loo.max_new_tokens=20", "loo.max_new_tokens=20 is shorter than the reference replies"),
 ])
 def test_each_bad_input_is_one_line_naming_it(tmp_path, override, culprit):
     (tmp_path / "a-file").write_text("not a folder")
@@ -65,7 +67,7 @@ def test_each_bad_input_is_one_line_naming_it(tmp_path, override, culprit):
 
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is present")
-    found = problems(tmp_path, override)
+    found = problems(tmp_path, *override.split())
     assert len(found) == 1 and culprit in found[0], found
     assert "\n" not in found[0]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]  # nothing written

@@ -40,7 +40,7 @@ def tiny_config(**changes) -> RunConfig:
                                         loss_window=2, log_every=1)),
         sft=SFTConfig(train=TrainConfig(steps=3, lr=1e-3, warmup_steps=1, batch_size=8, max_length=96,
                                         trainable="all", loss="ce", save_every=2, log_every=1)),
-        evaluate=EvaluateConfig(num_examples=8, batch_size=8, max_new_tokens=8, nll_examples=8, throughput_batch=2,
+        evaluate=EvaluateConfig(num_examples=8, batch_size=8, max_new_tokens=48, nll_examples=8, throughput_batch=2,
                                 throughput_prompt=8, throughput_new_tokens=4, throughput_repeats=1),
     )
     return dataclasses.replace(cfg, **changes) if changes else cfg
