@@ -10,8 +10,10 @@ hardware.nproc=1 (the in-process sequential path) and once with hardware.nproc=2
 one GPU each), on the same candidates, and times each call, model loading included. Every trial trains
 one mixer for `--steps` steps at `--batch` x `--seq` tokens; the teacher runs inside each step.
 
-Writes JSON to --out: mmr_seconds {"1", "2"}, the scores of both runs, whether the rankings agree, the
-largest relative difference of a layer's score, settings, command, device, date, torch and kernel paths.
+Writes JSON to --out: mmr_seconds {"1", "2"}, first_step_seconds (the part of each before the first
+training step was reported: model loading, worker start-up and step 1), the scores of both runs, whether
+the rankings agree, the largest relative difference of a layer's score, settings, command, device, date,
+torch and kernel paths.
 Bare: needs torch, transformers and this package (no prefect / mlflow / hydra / boto3).
 
 GPU (2 x H200, about 3 minutes with the defaults):
@@ -23,6 +25,7 @@ CPU wiring check (tiny sizes, 2 worker processes):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -120,12 +123,34 @@ def write_data(args, root: Path) -> Path:
     return path
 
 
+class TimedReporter:
+    """Prints the stage's progress (as ConsoleReporter) and notes when the first training step is reported:
+    before it, the stage loads models (and starts workers); after it, trials train."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.begin, self.first_step = prefix, time.perf_counter(), None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_artifact(self, path) -> None:
+        pass
+
+    def progress(self, message: str) -> None:
+        if self.first_step is None and " step " in message:
+            self.first_step = time.perf_counter() - self.begin
+        print(f"{self.prefix}{message}", flush=True)
+
+    @contextlib.contextmanager
+    def trial(self, name: str):
+        yield self
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from pipeline.config import DataConfig, HardwareConfig, MMRConfig
     from pipeline.model import kernels
     from pipeline.stages import run_mmr
-    from pipeline.stages.common import ConsoleReporter
     from pipeline.train import TrainConfig
 
     if args.device == "cuda" and torch.cuda.device_count() < max(args.nprocs):
@@ -144,14 +169,15 @@ def main(argv=None) -> None:
         steps=args.steps, lr=2e-3, warmup_steps=min(2, args.steps - 1), batch_size=args.batch, max_length=args.seq,
         trainable="mamba", loss="reverse_kl", kl_chunk_tokens=1024, loss_window=min(5, args.steps),
         log_every=max(1, args.steps // 4)))
-    seconds, scores = {}, {}
+    seconds, first_step, scores = {}, {}, {}
     for nproc in args.nprocs:
         hardware = HardwareConfig(device=args.device, precision="auto", nproc=nproc)
         stage_root = root / f"nproc-{nproc}"
-        begin = time.perf_counter()
+        reporter = TimedReporter(f"[nproc={nproc}] ")
         result = run_mmr(mmr, data, hardware, 0, teacher=teacher_dir, parent=parent_dir, out_dir=stage_root / "mmr",
-                         work_dir=stage_root / "work", reporter=ConsoleReporter(f"[nproc={nproc}] "))
-        seconds[str(nproc)] = round(time.perf_counter() - begin, 2)
+                         work_dir=stage_root / "work", reporter=reporter)
+        seconds[str(nproc)] = round(time.perf_counter() - reporter.begin, 2)
+        first_step[str(nproc)] = round(reporter.first_step, 2)
         scores[str(nproc)] = {str(e["layer"]): e["loss"] for e in result["ranking"]}
         print(f"nproc={nproc}: MMR stage {seconds[str(nproc)]} s, ranking {[e['layer'] for e in result['ranking']]}",
               flush=True)
@@ -170,6 +196,7 @@ def main(argv=None) -> None:
         "rankings": rankings,
         "same_ranking": len({tuple(r) for r in rankings.values()}) == 1,
         "max_score_relative_difference": relative,
+        "first_step_seconds": first_step,  # from the call to the first step's report: loading, start-up, step 1
         "speedup": {n: round(seconds[str(args.nprocs[0])] / s, 3) for n, s in seconds.items()},
         "build_seconds": round(build_s, 2),
         "settings": {"model": {name: getattr(args, name) for name in TINYLLAMA}, "candidates": attention,
