@@ -250,7 +250,8 @@ class HardwareConfig:
     # Processes that train (teacher, convert, step, sft): N > 1 runs each stage's training under
     # `torchrun --nproc-per-node N` with FSDP2 (gloo on CPU, NCCL on CUDA: one GPU a process). Every
     # process count trains on the same global batches, so results differ only by floating-point reduction
-    # order (KEY_NEUTRAL: a checkpoint made with one count is reused with another).
+    # order (KEY_NEUTRAL: a checkpoint made with one count is reused with another). The MMR stage runs its
+    # trials on N worker processes instead (one GPU each), each trial exactly as with one process.
     nproc: int = field(default=1, metadata={KEY_NEUTRAL: True})
     # Several machines: nnodes > 1 with a c10d rendezvous endpoint (host:port) that every node reaches; the
     # stage's machine is one node, and each other node runs the command the stage prints (same code, and

@@ -1,0 +1,105 @@
+"""The MMR stage's trials fanned out over worker processes (hardware.nproc = 2, CPU): the same scores as the
+sequential path, resume from a partial record, a dying worker named in one line.
+
+Each fan-out spawns two processes that import torch and transformers (seconds each), so there are two:
+one resumes a partial record (two trials, one a worker, compared with the sequential scores) and one
+has a worker killed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+
+import pytest
+
+from pipeline.convert import hybridize
+from pipeline.stages import StageError, run_mmr
+from pipeline.stages.common import load_model, load_tokenizer
+from pipeline.stages.mmr import MMR_FILE, TRIALS_FILE
+
+from tests.stages.conftest import RecordingReporter, tiny_config
+
+# Measured: equal to the sequential scores to the last bit on CPU (2 cores, each worker on 1 thread; every
+# worker runs the same trial with the same seed and batches); the tolerance only allows float32 noise from
+# another thread count on another machine.
+SCORE_RTOL = 1e-5
+
+
+def score(cfg, teacher, parent, out_dir, work_dir, reporter):
+    return run_mmr(cfg.mmr, cfg.data.view(cfg.data.distill_on), cfg.hardware, cfg.seed, teacher=teacher,
+                   parent=parent, out_dir=out_dir, work_dir=work_dir, reporter=reporter)
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_teacher, tmp_path_factory):
+    """H-1 of the tiny teacher (layer 0 Mamba): three attention layers to score."""
+    folder = tmp_path_factory.mktemp("H-1")
+    cfg = tiny_config()
+    hybridize(load_model(tiny_teacher, cfg.hardware, "teacher", fp32=True), [0], seed=0).save_pretrained(folder)
+    load_tokenizer(tiny_teacher).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny_teacher, parent, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sequential")
+    result = score(tiny_config(), tiny_teacher, parent, folder / "mmr", folder / "work", RecordingReporter())
+    return {entry["layer"]: entry["loss"] for entry in result["ranking"]}
+
+
+def fanned_out(workers: int = 2):
+    cfg = tiny_config()
+    return dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, nproc=workers))
+
+
+def test_two_workers_resume_a_partial_record_with_the_sequential_scores(tiny_teacher, parent, sequential, tmp_path):
+    assert sorted(sequential) == [1, 2, 3]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / TRIALS_FILE).write_text(json.dumps({1: sequential[1]}))  # a killed stage's record
+    reporter = RecordingReporter()
+    result = score(fanned_out(), tiny_teacher, parent, tmp_path / "mmr", tmp_path / "work", reporter)
+    assert "  mmr layer 1: " + f"{sequential[1]:.4f} (recorded)" in reporter.lines
+    assert any("2 trials on 2 worker processes" in line for line in reporter.lines)
+    started = {re.search(r"mmr worker (\d)", line).group(1) for line in reporter.lines if ", pid " in line}
+    assert started == {"0", "1"}  # one trial on each worker
+    # the trials that ran have their curves under the train/... keys, each in its own reporter
+    assert sorted(reporter.trials) == ["layer-2", "layer-3"]
+    for trial in reporter.trials.values():
+        assert [step for step, _ in trial.metrics] == [1, 2, 3]
+        assert {"train/loss", "train/kl", "train/lr"} <= set(trial.metrics[-1][1])
+    scores = {entry["layer"]: entry["loss"] for entry in result["ranking"]}
+    assert scores.keys() == sequential.keys()
+    for layer, loss in sequential.items():
+        assert scores[layer] == pytest.approx(loss, rel=SCORE_RTOL), layer
+    assert [e["layer"] for e in result["ranking"]] == sorted(sequential, key=lambda k: (sequential[k], k))
+    assert json.loads((tmp_path / "mmr" / MMR_FILE).read_text())["ranking"] == result["ranking"]
+    assert json.loads((tmp_path / "work" / TRIALS_FILE).read_text()).keys() == {"1", "2", "3"}
+
+
+class KillingReporter(RecordingReporter):
+    """SIGKILLs (as the OOM killer does) the worker that announces the first trial, and remembers which."""
+
+    killed: tuple[str, str] | None = None
+
+    def progress(self, message):
+        super().progress(message)
+        found = re.search(r"mmr layer (\d+): mmr worker (\d+) \(cpu\), pid (\d+)", message)
+        if found and self.killed is None:
+            self.killed = (found.group(2), found.group(1))
+            os.kill(int(found.group(3)), signal.SIGKILL)
+
+
+def test_a_killed_worker_fails_the_stage_in_one_line(tiny_teacher, parent, tmp_path):
+    reporter = KillingReporter()
+    with pytest.raises(StageError) as failure:
+        score(fanned_out(), tiny_teacher, parent, tmp_path / "mmr", tmp_path / "work", reporter)
+    worker, layer = reporter.killed
+    assert str(failure.value) == f"mmr worker {worker} (cpu) was killed by signal SIGKILL during layer {layer}"
+    assert not (tmp_path / "mmr" / MMR_FILE).exists()
+    recorded = tmp_path / "work" / TRIALS_FILE  # what the other worker finished, if anything, is kept whole
+    if recorded.exists():
+        assert layer not in json.loads(recorded.read_text())
