@@ -94,7 +94,16 @@ def worker(job: dict) -> None:
     vocab = SHAPES[job["size"]][6]
     record = {"name": job["name"], "path": "fsdp" if fsdp else "plain", "processes": world, "size": job["size"],
               "activation_checkpointing": job["activation_checkpointing"], "cpu_offload": job["cpu_offload"]}
+    student_pattern = ["mamba" if i % 2 else "attention" for i in range(layers)]
     try:
+        if job["cpu_offload"]:  # the student's fp32 shards, gradients and two AdamW moments in host memory
+            with torch.device("meta"):
+                count = sum(p.numel() for p in HybridForCausalLM(hybrid_config(job["size"], student_pattern, seq))
+                            .parameters())
+            needed, available = 16 * count / 2**30, _available_host_gib()
+            if needed > 0.85 * available:
+                raise MemoryError(f"host memory: cpu_offload needs about {needed:.0f} GiB, "
+                                  f"{available:.0f} GiB available")
         torch.manual_seed(0)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # the frozen teacher is held in bf16 (built so: no fp32 copy)
@@ -105,14 +114,7 @@ def worker(job: dict) -> None:
             torch.set_default_dtype(default_dtype)
         torch.manual_seed(1)
         with torch.device(device):  # fp32 master weights
-            student = HybridForCausalLM(hybrid_config(
-                job["size"], ["mamba" if i % 2 else "attention" for i in range(layers)], seq))
-        if job["cpu_offload"]:  # the student's fp32 shards, gradients and two AdamW moments in host memory
-            needed = 16 * sum(p.numel() for p in student.parameters()) / 2**30
-            available = _available_host_gib()
-            if needed > 0.85 * available:
-                raise MemoryError(f"host memory: cpu_offload needs about {needed:.0f} GiB, "
-                                  f"{available:.0f} GiB available")
+            student = HybridForCausalLM(hybrid_config(job["size"], student_pattern, seq))
         tokens = job["micro_batch"] * job["accum"] * seq
         student_flops = tokens * flops_per_token(student, seq, 3)
         teacher_flops = tokens * flops_per_token(teacher, seq, 1)
@@ -126,8 +128,8 @@ def worker(job: dict) -> None:
                 position += 1
 
         cfg = TrainConfig(steps=job["steps"], lr=job["lr"], warmup_steps=min(2, job["steps"]),
-                          batch_size=job["micro_batch"], max_length=seq, grad_accum=job["accum"], trainable="all", loss="reverse_kl",
-                          kl_chunk_tokens=4096, log_every=1, compile_blocks=job["compile"],
+                          batch_size=job["micro_batch"], max_length=seq, grad_accum=job["accum"], trainable="all",
+                          loss="reverse_kl", kl_chunk_tokens=4096, log_every=1, compile_blocks=job["compile"],
                           activation_checkpointing=job["activation_checkpointing"], cpu_offload=job["cpu_offload"])
         curve: dict[int, float] = {}
         times: dict[int, float] = {}
@@ -295,8 +297,11 @@ def drive(args: argparse.Namespace) -> None:
         return runs.get(name, {}).get(key) if runs.get(name, {}).get("ok") else None
 
     one_gpu = {key: output[key] for key in ("command", "device", "date", "torch", "settings")}
-    one_gpu.update({name: runs[name] for name in ("plain-1", "fsdp-1") if name in runs},
-                   probe=probe, largest_pair_one_gpu=output["largest_pair_one_gpu"])
+    one_gpu.update({name: runs[name] for name in ("plain-1", "fsdp-1") if name in runs})
+    plain_loss, fsdp_loss = figure("plain-1", "last_loss"), figure("fsdp-1", "last_loss")
+    if plain_loss is not None and fsdp_loss is not None:  # the same computation: equal up to reduction order
+        one_gpu["last_loss_rel_diff_fsdp_vs_plain"] = abs(fsdp_loss - plain_loss) / abs(plain_loss)
+    one_gpu.update(probe=probe, largest_pair_one_gpu=output["largest_pair_one_gpu"])
     two_gpu = {key: output[key] for key in ("command", "device", "gpus", "date", "torch", "settings")}
     two_gpu.update(distill_tokens_per_s={"1": figure("fsdp-1", "tokens_per_s"), "2": figure("fsdp-2", "tokens_per_s")},
                    mfu={"1": figure("fsdp-1", "mfu"), "2": figure("fsdp-2", "mfu")},
