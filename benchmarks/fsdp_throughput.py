@@ -161,7 +161,8 @@ def worker(job: dict) -> None:
             state_path=str(result.state_path) if result.state_path else None,
         )
     except (torch.OutOfMemoryError, MemoryError) as exc:
-        record.update(ok=False, error=f"out of memory: {str(exc).splitlines()[0][:200]}")
+        record.update(ok=False, error=f"out of memory: {str(exc).splitlines()[0][:200]}",
+                      peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)
     finally:
         if rank == 0:
             Path(job["result"]).write_text(json.dumps(record))
