@@ -59,7 +59,7 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones."""
     started = time.time()
     state_dir = work_dir / "train_state"
-    distributed = uses_torchrun(hardware, state_dir)
+    distributed = uses_torchrun(hardware, state_dir, train_cfg)
     # frozen: bf16 under bf16-mixed (under torchrun each rank loads its own)
     teacher = None if distributed else load_model(teacher_dir, hardware, "teacher")
     parent = load_model(teacher_dir if parent_dir is None else parent_dir, hardware,

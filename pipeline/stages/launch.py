@@ -61,12 +61,13 @@ class TrainingJob:
     max_steps: int | None = None  # stop after this many steps in this launch (the state lets the next continue)
 
 
-def uses_torchrun(hardware: HardwareConfig, state_dir: Path) -> bool:
-    """Train under torchrun: when asked (nproc or nnodes > 1), or to resume a distributed state (with one
-    process, then: the DCP state reshards to it)."""
+def uses_torchrun(hardware: HardwareConfig, state_dir: Path, train: TrainConfig | None = None) -> bool:
+    """Train under torchrun: when asked (nproc or nnodes > 1, or `train.cpu_offload`, which offloads FSDP's
+    shards), or to resume a distributed state (with one process, then: the DCP state reshards to it)."""
     from pipeline.train.distributed import latest_distributed_state
 
-    return hardware.nproc > 1 or hardware.nnodes > 1 or latest_distributed_state(state_dir) is not None
+    return (hardware.nproc > 1 or hardware.nnodes > 1 or (train is not None and train.cpu_offload)
+            or latest_distributed_state(state_dir) is not None)
 
 
 def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: HardwareConfig, work_dir: Path,

@@ -39,7 +39,7 @@ def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, c
     name = f"{source}-SFT"
     reporter.progress(f"  {name}: SFT of {model.config.layer_pattern}")
     state_dir = Path(work_dir) / "train_state"
-    if uses_torchrun(hardware, state_dir):
+    if uses_torchrun(hardware, state_dir, train):
         job = TrainingJob(train=train, data=data, batches="sft", state_dir=str(state_dir),
                           precision=resolve_precision(hardware), device=resolve_device(hardware).type)
         result = train_under_torchrun(model, tokenizer, job, hardware=hardware, work_dir=Path(work_dir),

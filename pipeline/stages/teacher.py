@@ -92,7 +92,7 @@ def run_teacher(demo: DemoTeacherConfig, data: DataConfig, hardware: HardwareCon
     reporter.progress(f"  demo teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{train_cfg.steps} steps")
     state_dir = Path(work_dir) / "train_state"
-    if uses_torchrun(hardware, state_dir):
+    if uses_torchrun(hardware, state_dir, train_cfg):
         job = TrainingJob(train=train_cfg, data=data, batches="teacher", state_dir=str(state_dir),
                           precision=resolve_precision(hardware), device=resolve_device(hardware).type,
                           generic_every=demo.generic_every)

@@ -94,6 +94,10 @@ class TrainConfig:
     # recompute each student block's activations in the backward instead of keeping them (less memory, about
     # a third more compute); the trajectory is the same
     activation_checkpointing: bool = field(default=False, metadata={"key_neutral": True})  # (pipeline.config.KEY_NEUTRAL)
+    # FSDP path only (under torchrun): the student's sharded fp32 parameters, gradients and AdamW state live
+    # in CPU memory and AdamW steps there (FSDP2's CPUOffloadPolicy): less GPU memory, slower steps; the
+    # same arithmetic up to the CPU AdamW's rounding (noise), hence key-neutral
+    cpu_offload: bool = field(default=False, metadata={"key_neutral": True})
 
     def __post_init__(self) -> None:
         _require_int("steps", self.steps, 1)
@@ -159,6 +163,7 @@ class TrainConfig:
         _require_int("loss_window", self.loss_window, 1)
         _require(isinstance(self.activation_checkpointing, bool),
                  f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
+        _require(isinstance(self.cpu_offload, bool), f"cpu_offload must be a bool, got {self.cpu_offload!r}")
 
     @property
     def is_distillation(self) -> bool:

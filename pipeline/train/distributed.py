@@ -7,9 +7,10 @@ by hand: `fully_shard` does both.
 
 - Sharding (`shard_models`): `fully_shard` on every decoder block (`model.model.layers`), then on the
   root (embeddings, final norm, lm_head), for the student and the frozen teacher (no optimiser state).
-  Under "bf16-mixed" the student's policy computes in bf16 and reduces gradients in fp32; its sharded
-  parameters (what AdamW updates) stay fp32 master weights. The teacher is held in whatever dtype it was
-  loaded in. The chunked losses read the lm_head weight outside `lm_head.forward`, so the backbone's
+  No FSDP cast policy: parameters are gathered in their own dtype (the student's fp32 master weights,
+  the teacher's load dtype) and "bf16-mixed" computes under the loop's autocast exactly as the plain path
+  does; gradients are reduced in fp32. Optionally the student's shards live on the CPU (`cpu_offload`).
+  The chunked losses read the lm_head weight outside `lm_head.forward`, so the backbone's
   hidden states come from a method registered as an FSDP forward (`hidden_states`): the root's
   parameters are gathered for it and stay gathered (FSDP's root does not reshard after forward) until
   the student's backward, or until `release` for the teacher.
@@ -24,7 +25,9 @@ by hand: `fully_shard` does both.
   `<state_dir>/dcp-step-00000040/` holds the model and AdamW state written by `torch.distributed.checkpoint`
   (each rank its shards) and `trainer.pt` (rank 0: step, data position, RNG, config). It is written to
   `.dcp-step-00000040.tmp/` and renamed by rank 0 once every rank has written, so a `dcp-step-*`
-  directory is complete; DCP reshards on load, so a state resumes on any number of processes.
+  directory is complete, and the previous state is removed only after that rename (the same step saved
+  again is renamed to `dcp-step-00000040.1/`: there is never a moment without a complete state). DCP
+  reshards on load, so a state resumes on any number of processes.
   RNG: every rank seeds and restores the same (rank 0's) state; training draws no random numbers per rank.
 """
 
@@ -44,8 +47,8 @@ from torch import Tensor, nn
 
 from pipeline.train.batches import PreparedBatch
 
-_DCP_STATE_NAME = re.compile(r"^dcp-step-(\d{8,})$")
-_DCP_TEMPORARY_NAME = re.compile(r"^\.dcp-step-\d{8,}\.tmp$")
+_DCP_STATE_NAME = re.compile(r"^dcp-step-(\d{8,})(?:\.(\d+))?$")
+_DCP_TEMPORARY_NAME = re.compile(r"^\.dcp-step-\d{8,}(?:\.\d+)?\.tmp$")
 _TRAINER_FILE = "trainer.pt"
 STATE_FORMAT_VERSION = 1
 
@@ -83,22 +86,28 @@ def _hidden_states(self: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
     return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-def shard_models(student: nn.Module, teacher: nn.Module | None, precision: str) -> None:
-    """`fully_shard` each decoder block, then the root, of the student and the teacher (in place)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+def shard_models(student: nn.Module, teacher: nn.Module | None, *, cpu_offload: bool = False) -> None:
+    """`fully_shard` each decoder block, then the root, of the student and the teacher (in place).
 
-    bf16 = precision == "bf16-mixed"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32 if bf16 else None)
+    No FSDP mixed-precision cast: parameters are gathered in their own dtype (the student's fp32 masters,
+    the teacher's load dtype) and the loop's bf16 autocast computes as in the plain path. (FSDP's
+    `param_dtype=bf16` would also round the parameters the plain path keeps in fp32 inside its computation:
+    Mamba's A_log, D and dt bias, the norm scales, the embeddings and with them the fp32 residual stream.)
+    Gradients are reduced in fp32 (their dtype). `cpu_offload`: the student's sharded parameters, gradients
+    and AdamW state live in CPU memory and the optimiser steps there (FSDP2's `CPUOffloadPolicy`)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
+
     for model, role in ((student, "student"), (teacher, "teacher")):
         if model is None:
             continue
         if role == "teacher":
             for param in model.parameters():
                 param.requires_grad_(False)
+        offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload and role == "student"
+                   else OffloadPolicy())
         for block in _decoder_blocks(model, role):
-            fully_shard(block, mp_policy=policy if role == "student" else MixedPrecisionPolicy())
-        fully_shard(model, mp_policy=policy if role == "student" else MixedPrecisionPolicy())
+            fully_shard(block, offload_policy=offload)
+        fully_shard(model, offload_policy=offload)
         model.hidden_states = types.MethodType(_hidden_states, model)
         register_fsdp_forward_method(model, "hidden_states")
 
@@ -150,25 +159,37 @@ def latest_distributed_state(state_dir: str | os.PathLike[str]) -> Path | None:
     root = Path(state_dir)
     if not root.is_dir():
         return None
-    found = [(int(match.group(1)), path) for path in root.iterdir()
+    found = [(int(match.group(1)), int(match.group(2) or 0), path) for path in root.iterdir()
              if (match := _DCP_STATE_NAME.match(path.name)) and (path / _TRAINER_FILE).is_file()]
-    return max(found)[1] if found else None
+    return max(found)[2] if found else None
 
 
 def save_distributed_state(state_dir: str | os.PathLike[str], *, step: int, model: nn.Module,
                            optimizer: torch.optim.Optimizer, trainer: dict[str, Any]) -> Path:
-    """Every rank writes its shards; rank 0 writes trainer.pt, renames, and drops older states."""
+    """Every rank writes its shards; rank 0 writes trainer.pt, renames, and drops older states.
+
+    The complete state stays in place until the new one is renamed beside it: the same step saved again
+    gets the next generation's name (`dcp-step-00000040.1`, `.2`, ...; the newest one is resumed)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank, _ = rank_and_world()
     root = Path(state_dir)
-    final = root / f"dcp-step-{step:08d}"
-    temporary = root / f".{final.name}.tmp"
+    name = [f"dcp-step-{step:08d}"]
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if temporary.exists():
-            shutil.rmtree(temporary)
+        previous = latest_distributed_state(root)
+        match = _DCP_STATE_NAME.match(previous.name) if previous is not None else None
+        if match and int(match.group(1)) == step:
+            name = [f"dcp-step-{step:08d}.{int(match.group(2) or 0) + 1}"]
+    dist.broadcast_object_list(name, src=0)
+    final = root / name[0]
+    temporary = root / f".{final.name}.tmp"
+    if rank == 0:
+        for path in root.iterdir():  # what a kill left: temporaries, and states newer names replaced
+            if path.is_dir() and path != previous and (_DCP_STATE_NAME.match(path.name)
+                                                       or _DCP_TEMPORARY_NAME.match(path.name)):
+                shutil.rmtree(path)
         temporary.mkdir()
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -177,9 +198,7 @@ def save_distributed_state(state_dir: str | os.PathLike[str], *, step: int, mode
         torch.save({"format_version": STATE_FORMAT_VERSION, **trainer}, temporary / _TRAINER_FILE)
     dist.barrier()
     if rank == 0:
-        if final.exists():  # the same step saved again (a finished run called twice)
-            shutil.rmtree(final)
-        os.replace(temporary, final)
+        os.replace(temporary, final)  # the commit: from here on the newest complete state
         for path in root.iterdir():
             if path != final and path.is_dir() and (_DCP_STATE_NAME.match(path.name)
                                                     or _DCP_TEMPORARY_NAME.match(path.name)):

@@ -20,9 +20,9 @@ its throughput, so it is not used. The frozen teacher may be held in any dtype (
 
 Processes: called in a process group (a worker under `torchrun`, any number of processes, one included),
 the loop shards student and teacher with FSDP2, trains on this rank's share of each step and keeps its
-state through `torch.distributed.checkpoint` (`pipeline.train.distributed`); bf16-mixed then also sets
-FSDP2's policy (bf16 compute, fp32 gradient reduction). Without a process group it is the plain
-single-process loop.
+state through `torch.distributed.checkpoint` (`pipeline.train.distributed`); bf16-mixed computes there
+under the same autocast over fp32 parameters (no FSDP cast policy), so both paths compute alike.
+Without a process group it is the plain single-process loop.
 """
 
 from __future__ import annotations
@@ -157,6 +157,9 @@ def train(
     compiled: list[nn.Module] = []
     checkpointed: list[nn.Module] = []
     sharded = distributed.is_distributed()
+    if cfg.cpu_offload and not sharded:
+        raise ValueError("cpu_offload offloads FSDP's shards: it needs the torchrun path (a process group), "
+                         "this is a plain single-process call")
     try:
         for param in student.parameters():
             param.requires_grad_(id(param) in trainable_ids)
@@ -170,7 +173,7 @@ def train(
             checkpointed = _checkpoint_blocks(student)
         if sharded:
             trainable_names = {name for name, _ in trainable}
-            distributed.shard_models(student, teacher, precision)  # parameters become sharded DTensors
+            distributed.shard_models(student, teacher, cpu_offload=cfg.cpu_offload)  # sharded DTensors
             trainable = [(name, param) for name, param in student.named_parameters() if name in trainable_names]
         optimizer = build_optimizer(trainable, cfg)
         progress = _start(student, optimizer, cfg, state_dir, sharded=sharded)

@@ -32,6 +32,10 @@ READERS = {
     "mmr.train.activation_checkpointing": set(),
     "sft.train.activation_checkpointing": set(),
     "teacher.demo.train.activation_checkpointing": set(),
+    "train.cpu_offload": set(),  # where FSDP keeps the shards and steps AdamW: float rounding only
+    "mmr.train.cpu_offload": set(),
+    "sft.train.cpu_offload": set(),
+    "teacher.demo.train.cpu_offload": set(),
     "hardware": ALL,
     "seed": {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # MIL initialisation of the fresh Mamba parameters
     "teacher.demo": {"teacher"},
