@@ -77,8 +77,9 @@ def open_parent(cfg: RunConfig, store) -> Tracker | NullTracker:
 
 
 def log_arm_runs(tracker: Any, summary: list[dict], records: list[dict]) -> None:
-    """One child run per arm under the parent: its params and mean metrics across seeds. An arm whose
-    records are unchanged since its last child run gets no new one (a rerun adds nothing)."""
+    """One child run per arm under the parent: its params and mean metrics across seeds (each seed's as a
+    step). An arm whose records are unchanged keeps its run (a rerun adds nothing); one with other records
+    (more seeds) replaces it: these runs are summaries of the store, made again from it at will."""
     from pipeline.store import config_digest
 
     if isinstance(tracker, NullTracker):
@@ -87,19 +88,21 @@ def log_arm_runs(tracker: Any, summary: list[dict], records: list[dict]) -> None
 
     client = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri)
     for row in summary:
-        mine = [record for record in records if record["arm"] == row["arm"]]
+        mine = sorted((record for record in records if record["arm"] == row["arm"]), key=lambda r: r["seed"])
         digest = config_digest(mine)
-        existing = client.search_runs([tracker.experiment_id], filter_string=(
-            f"tags.stage = 'ablation' and tags.checkpoint = '{row['arm']}' and tags.`{RESULTS_DIGEST_TAG}` = '{digest}'"),
-            max_results=5)
-        if any(run.data.tags.get("mlflow.parentRunId") == tracker.run_id for run in existing):
+        existing = [run for run in client.search_runs([tracker.experiment_id], filter_string=(
+            f"tags.stage = 'ablation' and tags.checkpoint = '{row['arm']}'"), max_results=100)
+            if run.data.tags.get("mlflow.parentRunId") == tracker.run_id]
+        if any(run.data.tags.get(RESULTS_DIGEST_TAG) == digest for run in existing):
             continue
+        for run in existing:
+            client.delete_run(run.info.run_id)
         with tracker.child("ablation", checkpoint=row["arm"], tags={RESULTS_DIGEST_TAG: digest}) as run:
             run.log_params({name: row[name] for name in ("data", "loss", "ordering", "n_mamba", "seeds")})
             metrics = {f"{name}_mean": row[name] for name in METRICS}
             metrics |= {f"{name}_std": row[f"{name}_std"] for name in METRICS if row[f"{name}_std"] is not None}
             run.log_metrics({**metrics, "tokens_mean": row["tokens"]})
-            for record in sorted(mine, key=lambda r: r["seed"]):  # each seed as a step
+            for record in mine:
                 run.log_metrics({name: float(record[name]) for name in METRICS}, step=record["seed"])
 
 

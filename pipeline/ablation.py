@@ -251,13 +251,13 @@ def summary_markdown(teacher: Mapping[str, Any], summary: Sequence[Mapping[str, 
 
 
 def comparison_markdown(comparisons: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| claim | arm − compared arm | difference in accuracy | spread (s.e.) | beyond 2 s.e.? |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| claim | arm − compared arm | metric | difference | spread (s.e.) | beyond 2 s.e.? |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in comparisons:
         spread = row["spread"]
         beyond = "-" if spread is None else ("yes" if abs(row["difference"]) > 2 * spread else "no")
-        lines.append(f"| {row['claim']} | {row['arm']} − {row['versus']} | {row['difference']:+.3f} | "
-                     f"{'-' if spread is None else f'{spread:.3f}'} | {beyond} |")
+        lines.append(f"| {row['claim']} | {row['arm']} − {row['versus']} | {row['metric']} | {row['difference']:+.4f} | "
+                     f"{'-' if spread is None else f'{spread:.4f}'} | {beyond} |")
     return "\n".join(lines)
 
 
@@ -269,7 +269,7 @@ def ablation_plot(teacher: Mapping[str, Any], summary: Sequence[Mapping[str, Any
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     labels = [f"{row['arm']}\nH-{row['n_mamba']}" for row in summary]
     for axis, metric, title in ((axes[0], "answer_accuracy", "answer accuracy (held-out problems)"),
                                 (axes[1], "kl_to_teacher", "KL(student || teacher) per token")):
@@ -282,7 +282,7 @@ def ablation_plot(teacher: Mapping[str, Any], summary: Sequence[Mapping[str, Any
         if metric == "answer_accuracy" and teacher:
             axis.axhline(teacher["answer_accuracy"], color="tab:red", linestyle="--", label="teacher")
             axis.legend(fontsize=8)
-        axis.set_xticks(range(len(summary)), labels, fontsize=7)
+        axis.set_xticks(range(len(summary)), labels, fontsize=7, rotation=25, ha="right")
         axis.set_title(title, fontsize=10)
         axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -305,7 +305,7 @@ def write_report(teacher: Mapping[str, Any], records: Sequence[Mapping[str, Any]
     for row in summary:
         row["values"] = {name: [float(record[name]) for record in records if record["arm"] == row["arm"]]
                          for name in METRICS}
-    comparisons = compare(summary)
+    comparisons = [row for pair in zip(compare(summary), compare(summary, "kl_to_teacher")) for row in pair]
     ordered = sorted(records, key=lambda r: ([arm.name for arm in ARMS].index(r["arm"]), r["seed"]))
     paths["json"].write_text(json.dumps({"command": command, "device": device, "date": date, "settings": settings,
                                          "teacher": teacher, "records": ordered, "summary": summary,
@@ -329,7 +329,7 @@ def write_report(teacher: Mapping[str, Any], records: Sequence[Mapping[str, Any]
         f"{settings.get('steps')} distillation steps per conversion, batch {settings.get('batch_size')}; "
         f"seeds {settings.get('seeds')}", "",
         summary_markdown(teacher, summary), "", *notes, "",
-        "## Differences against their spread (answer accuracy)", "",
+        "## Differences against their spread", "",
         comparison_markdown(comparisons), "",
         "Spread: the standard error of the difference of two means, sqrt(s_a²/n_a + s_b²/n_b); "
         "“beyond 2 s.e.” is a mechanical flag, not a test with a stated error rate.", "",
