@@ -121,8 +121,10 @@ def run_ablation_flow(cfg: RunConfig, command: str) -> dict[str, Any]:
     progress(f"ablation '{cfg.run_name}', seeds {list(cfg.ablation.seeds)}: store {store.uri}")
     progress(checked.render())
     with tracker:
-        tracker.log_params(to_plain(cfg))
-        tracker.set_tags({"storage.uri": store.uri, "prefect.flow_run_id": flow_run.id or ""})
+        # params are immutable in MLflow: the seeds, which differ between the processes of one ablation, are a tag
+        tracker.log_params({name: value for name, value in to_plain(cfg).items() if name != "ablation"})
+        tracker.set_tags({"storage.uri": store.uri, "prefect.flow_run_id": flow_run.id or "",
+                          "ablation.seeds": str(list(cfg.ablation.seeds))})
         results = run_ablation(cfg, executor, teacher())
         teacher_quality, records = collect_records(results, lambda output: store.get_checkpoint(output.name))
         # the date the results were computed (the newest scoring), so the same store gives the same report
@@ -137,7 +139,8 @@ def run_ablation_flow(cfg: RunConfig, command: str) -> dict[str, Any]:
             tracker.log_artifact(path)
         log_arm_runs(tracker, summarize(records), records)
     ran, skipped = executor.ran, executor.skipped
-    progress(f"done in {time.time() - started:.0f}s: {len(ran)} stages computed, {len(skipped)} found complete in the store")
+    progress(f"done in {time.time() - started:.0f}s: {len(ran)} stages computed, {len(skipped)} found complete in "
+             "the store")
     progress(paths["md"].read_text().split("\n\n## ")[0])
     progress(f"results: {', '.join(str(path) for path in paths.values())}")
     if tracker.run_id is not None:

@@ -242,11 +242,10 @@ def summary_markdown(teacher: Mapping[str, Any], summary: Sequence[Mapping[str, 
         lines.append(f"| teacher | - | - | - | 0 | - | 0 | {teacher['answer_accuracy']:.3f} | "
                      f"{teacher['nll_reasoning']:.4f} | {teacher['nll_generic']:.4f} | 0 |")
     for row in summary:
-        lines.append(
-            f"| {row['arm']} | {row['data']} | {row['loss']} | {row['ordering']} | {row['n_mamba']} | "
-            f"{len(row['seeds'])} | {row['tokens']:,.0f} | {_pm(row['answer_accuracy'], row['answer_accuracy_std'], 3)} | "
-            f"{_pm(row['nll_reasoning'], row['nll_reasoning_std'], 4)} | {_pm(row['nll_generic'], row['nll_generic_std'], 4)} | "
-            f"{_pm(row['kl_to_teacher'], row['kl_to_teacher_std'], 4)} |")
+        metrics = " | ".join(_pm(row[name], row[f"{name}_std"], 3 if name == "answer_accuracy" else 4)
+                             for name in METRICS)
+        lines.append(f"| {row['arm']} | {row['data']} | {row['loss']} | {row['ordering']} | {row['n_mamba']} | "
+                     f"{len(row['seeds'])} | {row['tokens']:,.0f} | {metrics} |")
     return "\n".join(lines)
 
 
@@ -256,8 +255,8 @@ def comparison_markdown(comparisons: Sequence[Mapping[str, Any]]) -> str:
     for row in comparisons:
         spread = row["spread"]
         beyond = "-" if spread is None else ("yes" if abs(row["difference"]) > 2 * spread else "no")
-        lines.append(f"| {row['claim']} | {row['arm']} − {row['versus']} | {row['metric']} | {row['difference']:+.4f} | "
-                     f"{'-' if spread is None else f'{spread:.4f}'} | {beyond} |")
+        lines.append(f"| {row['claim']} | {row['arm']} − {row['versus']} | {row['metric']} | "
+                     f"{row['difference']:+.4f} | {'-' if spread is None else f'{spread:.4f}'} | {beyond} |")
     return "\n".join(lines)
 
 

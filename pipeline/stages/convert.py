@@ -172,7 +172,8 @@ def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig,
     ranked = [layer for layer in rank_layers(json.loads((Path(loo) / LOO_FILE).read_text())) if layer in attention]
     needed = count - current
     if needed > len(ranked):
-        raise StageError(f"step to {count} Mamba layers needs {needed} more but only {len(ranked)} attention layers remain")
+        raise StageError(f"step to {count} Mamba layers needs {needed} more but only {len(ranked)} attention "
+                         "layers remain")
     layers = sorted(ranked[:needed])
     settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
     return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),

@@ -79,8 +79,8 @@ def run_quality(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareCo
     (out_dir / QUALITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
     reporter.log_metrics({name: float(record[name]) for name in QUALITY_METRICS})
     reporter.log_artifact(out_dir / QUALITY_FILE)
-    reporter.progress(f"  {record['checkpoint']}: accuracy {accuracy:.3f}, NLL reasoning {record['nll_reasoning']:.4f}, "
-                      f"generic {record['nll_generic']:.4f}, KL {record['kl_to_teacher']:.4f}")
+    reporter.progress(f"  {record['checkpoint']}: accuracy {accuracy:.3f}, NLL reasoning "
+                      f"{record['nll_reasoning']:.4f}, generic {record['nll_generic']:.4f}, KL {record['kl_to_teacher']:.4f}")
     write_meta(out_dir, "quality", {"evaluate": evaluate, "data": data, "hardware": hardware},
                parent=record["checkpoint"], started=started, device=record["device"])
     return record

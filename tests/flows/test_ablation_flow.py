@@ -124,7 +124,7 @@ def test_summary_and_comparisons_state_the_spread():
     (claim,) = compare(summary)
     assert claim["difference"] == pytest.approx(0.45)
     assert claim["spread"] == pytest.approx(((0.02 / 2) + (0.005 / 2)) ** 0.5)
-    assert (device_tag("NVIDIA H200"), device_tag("cpu"), device_tag("NVIDIA A100-SXM4-80GB")) == ("h200", "cpu", "a100")
+    assert [device_tag(name) for name in ("NVIDIA H200", "cpu", "NVIDIA A100-SXM4-80GB")] == ["h200", "cpu", "a100"]
 
 
 def test_ablation_keys_share_the_teacher_and_loo_and_separate_arms_and_seeds():
@@ -144,3 +144,24 @@ def test_ablation_keys_share_the_teacher_and_loo_and_separate_arms_and_seeds():
     assert len(conversions) == 2 * len(ARMS)  # (4 first + 2 continued) x 2 seeds
     assert len({walked.keys[name] for name in conversions}) == len(conversions)
     assert len({walked.keys[name] for name in walked.keys}) == len(walked.keys)
+
+
+def test_even_mix_holds_as_many_rows_of_reasoning_traces_as_of_generic_text():
+    import dataclasses
+
+    from pipeline.data import build_char_tokenizer
+    from pipeline.stages.common import StageData, distill_kind
+
+    cfg = compose(["experiment=tiny", "data.distill_on=mix", "data.demo.n_text_train=100"])
+    view = cfg.data.distillation_view()
+    assert (view.distill_on, distill_kind(view)) == ("mix", "mix")
+    assert view == dataclasses.replace(cfg.data.view("distill", "generic"), distill_on="mix")
+    data = StageData(view, build_char_tokenizer())
+    mixed = data.tokenized("mix")
+    reasoning, generic = data.tokenized("distill"), data.tokenized("generic")
+    assert data.mix_share() == 100 < len(data.rows("distill", "train"))
+    assert len(mixed) == 200
+    # the first 100 rows of each source, every one of them once
+    assert mixed[:100]["input_ids"] == reasoning[:100]["input_ids"]
+    assert mixed[100:]["input_ids"] == generic[:100]["input_ids"]
+    assert data.describe("mix")["rows"] == 200
