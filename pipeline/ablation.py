@@ -68,7 +68,10 @@ COMPARISONS = (
 
 
 def check_schedule(cfg: RunConfig) -> None:
-    """The ablation needs a first count (H-first, ~50%) and at least one later one (~80%)."""
+    """The ablation needs a first count (H-first, ~50%) and at least one later one (~80%), and known arms."""
+    unknown = sorted(set(cfg.ablation.arms) - {arm.name for arm in ARMS})
+    if unknown:
+        raise ConfigError(f"ablation.arms: unknown {unknown}; valid: {', '.join(arm.name for arm in ARMS)}")
     if len(cfg.schedule.counts) < 2:
         raise ConfigError(f"schedule.counts {list(cfg.schedule.counts)}: the ablation needs the first conversion "
                           "(about 50% Mamba) and at least one later count (about 80%), e.g. schedule.counts=[4,6]")
@@ -118,16 +121,19 @@ def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher
                     {"teacher": teacher_out, "checkpoint": checkpoint}, is_checkpoint=False)
 
     results = [Result(None, None, teacher_out, quality(teacher_out))]
+    chosen = set(cfg.ablation.arms or [arm.name for arm in ARMS])
+    needed = chosen | ({RECIPE} if any(arm.continued and arm.name in chosen for arm in ARMS) else set())
     for seed in cfg.ablation.seeds:
         firsts: dict[str, Output] = {}
-        for arm in ARMS:
+        for arm in [arm for arm in ARMS if arm.name in needed]:
             train = dataclasses.replace(cfg.train, loss=arm.loss, seed=seed)
             data = dataclasses.replace(cfg.data, distill_on=DISTILL_ON[arm.data]).distillation_view()
             if not arm.continued:
                 firsts[arm.name] = call(arm_name(arm, seed, counts[0]), run_convert,
                                         {"train": train, "mamba": cfg.mamba, "data": data, "hardware": hardware,
                                          "seed": seed, "count": counts[0]}, {"teacher": teacher_out, "loo": loo})
-                results.append(Result(arm, seed, firsts[arm.name], quality(firsts[arm.name])))
+                if arm.name in chosen:
+                    results.append(Result(arm, seed, firsts[arm.name], quality(firsts[arm.name])))
                 continue
             previous, scorings = firsts[RECIPE], []
             mmr_cfg = dataclasses.replace(cfg.mmr, train=dataclasses.replace(cfg.mmr.train, seed=seed))

@@ -286,6 +286,9 @@ class AblationConfig:
     """`python -m flows.ablation`: which data, which loss, which layer order (flows/ablation.py)."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # each arm once per seed (distillation seed)
+    # the arms to run (pipeline.ablation.ARMS names); empty = all. A continued arm computes (or finds) the
+    # recipe arm's checkpoint it starts from. Lets several processes split one seed's arms.
+    arms: list[str] = field(default_factory=list)
     # where ablation-<device>.{json,md,png} are written (a folder; the GPU run can point it at $OUT)
     results_dir: str = "benchmarks/results"
     # how long a run waits for another run computing the same stage (concurrent runs on one store share

@@ -165,3 +165,17 @@ def test_even_mix_holds_as_many_rows_of_reasoning_traces_as_of_generic_text():
     assert mixed[:100]["input_ids"] == reasoning[:100]["input_ids"]
     assert mixed[100:]["input_ids"] == generic[:100]["input_ids"]
     assert data.describe("mix")["rows"] == 200
+
+
+def test_a_subset_of_arms_walks_only_their_stages_and_the_prefix_they_continue():
+    from pipeline.ablation import run_ablation
+    from tests.chain.test_cache_keys import KeyRecorder
+
+    walked = KeyRecorder()
+    results = run_ablation(compose(["experiment=tiny", "ablation.seeds=[1]", "ablation.arms=[reasoning-rkl-loo]"]),
+                           walked, None)
+    assert [result.arm.name if result.arm else "teacher" for result in results] == ["teacher", "reasoning-rkl-loo"]
+    assert list(walked.keys) == ["teacher", "loo", "quality-teacher", "reasoning-rkl-s1-H-2",
+                                 "reasoning-rkl-loo-s1-H-3", "quality-reasoning-rkl-loo-s1-H-3"]
+    problems = check_ablation(compose(["experiment=tiny", "ablation.arms=[reasoning]"])).problems
+    assert len(problems) == 1 and "ablation.arms: unknown ['reasoning']" in problems[0]
