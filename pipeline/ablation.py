@@ -120,7 +120,7 @@ def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher
         return call(f"quality-{checkpoint.name}", run_quality, scoring,
                     {"teacher": teacher_out, "checkpoint": checkpoint}, is_checkpoint=False)
 
-    results = [Result(None, None, teacher_out, quality(teacher_out))]
+    results: list[Result] = []
     chosen = set(cfg.ablation.arms or [arm.name for arm in ARMS])
     needed = chosen | ({RECIPE} if any(arm.continued and arm.name in chosen for arm in ARMS) else set())
     for seed in cfg.ablation.seeds:
@@ -147,6 +147,8 @@ def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher
                 else:
                     previous = call(arm_name(arm, seed, count), run_loo_step, settings, {**inputs, "loo": loo})
             results.append(Result(arm, seed, previous, quality(previous), tuple(scorings)))
+    # the teacher's own scores, the reference line: last, so that concurrent runs start on their arms at once
+    results.append(Result(None, None, teacher_out, quality(teacher_out)))
     return results
 
 

@@ -174,8 +174,8 @@ def test_a_subset_of_arms_walks_only_their_stages_and_the_prefix_they_continue()
     walked = KeyRecorder()
     results = run_ablation(compose(["experiment=tiny", "ablation.seeds=[1]", "ablation.arms=[reasoning-rkl-loo]"]),
                            walked, None)
-    assert [result.arm.name if result.arm else "teacher" for result in results] == ["teacher", "reasoning-rkl-loo"]
-    assert list(walked.keys) == ["teacher", "loo", "quality-teacher", "reasoning-rkl-s1-H-2",
-                                 "reasoning-rkl-loo-s1-H-3", "quality-reasoning-rkl-loo-s1-H-3"]
+    assert [result.arm.name if result.arm else "teacher" for result in results] == ["reasoning-rkl-loo", "teacher"]
+    assert list(walked.keys) == ["teacher", "loo", "reasoning-rkl-s1-H-2", "reasoning-rkl-loo-s1-H-3",
+                                 "quality-reasoning-rkl-loo-s1-H-3", "quality-teacher"]
     problems = check_ablation(compose(["experiment=tiny", "ablation.arms=[reasoning]"])).problems
     assert len(problems) == 1 and "ablation.arms: unknown ['reasoning']" in problems[0]
