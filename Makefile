@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ui serve stack stack-down infra-up infra-down
+.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ablation ui serve stack stack-down infra-up infra-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -68,6 +68,11 @@ teacher loo convert mmr steps sft: setup  ## the chain up to that stage
 
 eval: setup  ## the chain up to the evaluation (= pipeline)
 	$(FLOW) --until evaluate $(ARGS)
+
+# Which data, which loss, which layer order (flows/ablation.py): six arms x ablation.seeds from one teacher,
+# in the same store as `make pipeline`; the report goes to ablation.results_dir (benchmarks/results).
+ablation: setup
+	$(PY) -m flows.ablation $(ARGS)
 
 # Prefect server (its database is the one local runs write to, so past runs show) and the MLflow UI
 # over ./mlflow.db, both on localhost; Ctrl-C stops both.

@@ -26,7 +26,7 @@ UNTIL = ("teacher", "loo", "convert", "mmr", "steps", "sft", "evaluate")
 
 def distill_view(cfg: RunConfig):
     """The data a distillation (conversion, step, MMR trial) reads: the source data.distill_on names."""
-    return cfg.data.view(cfg.data.distill_on)
+    return cfg.data.distillation_view()
 
 
 def teacher_call(cfg: RunConfig, source: Source | None) -> StageCall:

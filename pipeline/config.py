@@ -14,7 +14,8 @@ from typing import Any
 from pipeline.data.demo import DemoDataConfig, DemoTeacherConfig
 from pipeline.train.config import TrainConfig
 
-STAGES = ("teacher", "start", "loo", "convert", "mmr", "step", "sft", "evaluate")
+STAGES = ("teacher", "start", "loo", "convert", "mmr", "step", "loo_step", "sft", "evaluate", "quality")
+DISTILL_ON = ("distill", "generic", "mix")
 LOO_MODES = ("mixer", "block")
 LOO_METRICS = ("accuracy", "nll")
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,7 +54,8 @@ class DataConfig:
     sft: str | None = None  # chat rows for the final SFT
     eval: str | None = None  # chat rows with an "answer" field (test split) for accuracy / NLL / KL
     generic: str | None = None  # plain-text rows, for the "generic data" comparison
-    distill_on: str = "distill"  # which source the distillation stages use: "distill" or "generic"
+    # which source the distillation stages use: "distill", "generic", or "mix" (both, in equal shares of rows)
+    distill_on: str = "distill"
     max_length: int = 96
     # A user's data.distill without validation* files keeps this share of its train rows (the last ones) out
     # of training; LOO scores on them when neither data.eval nor data.distill has a validation split
@@ -61,8 +63,8 @@ class DataConfig:
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
 
     def __post_init__(self) -> None:
-        if self.distill_on not in ("distill", "generic"):
-            raise ConfigError(f"data.distill_on must be 'distill' or 'generic', got {self.distill_on!r}")
+        if self.distill_on not in DISTILL_ON:
+            raise ConfigError(f"data.distill_on must be one of {', '.join(DISTILL_ON)}, got {self.distill_on!r}")
         if not 0.0 < self.validation_share < 1.0:
             raise ConfigError(f"data.validation_share must be in (0, 1), got {self.validation_share!r}")
 
@@ -91,6 +93,14 @@ class DataConfig:
             else DataConfig.validation_share,
             demo=demo,
         )
+
+
+    def distillation_view(self) -> DataConfig:
+        """The view the distillations (conversion, step, MMR trial) read: the source `distill_on` names, or
+        for "mix" both reasoning traces and generic text (`distill_on` says which)."""
+        if self.distill_on == "mix":
+            return dataclasses.replace(self.view("distill", "generic"), distill_on="mix")
+        return self.view(self.distill_on)
 
 
 # DemoDataConfig fields by what they generate (the seed feeds both).
@@ -273,6 +283,30 @@ class HardwareConfig:
 
 
 @dataclass
+class AblationConfig:
+    """`python -m flows.ablation`: which data, which loss, which layer order (flows/ablation.py)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # each arm once per seed (distillation seed)
+    # the arms to run (pipeline.ablation.ARMS names); empty = all. A continued arm computes (or finds) the
+    # recipe arm's checkpoint it starts from. Lets several processes split one seed's arms.
+    arms: list[str] = field(default_factory=list)
+    # where ablation-<device>.{json,md,png} are written (a folder; the GPU run can point it at $OUT)
+    results_dir: str = "benchmarks/results"
+    # how long a run waits for another run computing the same stage (concurrent runs on one store share
+    # the teacher and LOO: the others wait for the first); 0 = fail at once, naming the holder
+    lease_wait_s: float = field(default=3600.0, metadata={KEY_NEUTRAL: True})
+
+    def __post_init__(self) -> None:
+        seeds = list(self.seeds)
+        if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+            raise ConfigError(f"ablation.seeds must be a non-empty list of integers >= 0, got {seeds}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"ablation.seeds has duplicates: {seeds}")
+        if self.lease_wait_s < 0:
+            raise ConfigError(f"ablation.lease_wait_s must be >= 0, got {self.lease_wait_s}")
+
+
+@dataclass
 class RunConfig:
     run_name: str = "demo"
     seed: int = 0
@@ -289,6 +323,7 @@ class RunConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def __post_init__(self) -> None:
         if not self.run_name or "/" in self.run_name:
@@ -334,7 +369,9 @@ def to_plain(obj: Any) -> Any:
 
 
 __all__ = [
+    "AblationConfig",
     "ConfigError",
+    "DISTILL_ON",
     "DataConfig",
     "EvaluateConfig",
     "HardwareConfig",

@@ -260,10 +260,11 @@ def check_data(name: str, source: str | None, split: str, columns: tuple[str, ..
 
 def check_data_sources(cfg: RunConfig, problems: list[str]) -> None:
     data = cfg.data
-    check_data(data.distill_on, getattr(data, data.distill_on), "train", (), problems)
+    for kind in ("distill", "generic") if data.distill_on == "mix" else (data.distill_on,):
+        check_data(kind, getattr(data, kind), "train", (), problems)
     check_data("sft", data.sft, "train", ("messages",), problems)
     check_data("eval", data.eval, "test", ("messages", "answer"), problems)
-    if cfg.teacher.path is None and cfg.teacher.demo.generic_every and data.distill_on != "generic":
+    if cfg.teacher.path is None and cfg.teacher.demo.generic_every and data.distill_on == "distill":
         check_data("generic", data.generic, "train", (), problems)
 
 
@@ -399,9 +400,12 @@ def _pending(value: Any) -> bool:
 
 def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[], Source | None] | None = None,
          tracking: Callable[[], None] | None = None, until: str = "evaluate",
-         start: Callable[[], Source | None] | None = None) -> Plan:
+         start: Callable[[], Source | None] | None = None,
+         chain: Callable[[Executor, Source | None, Source | None], Any] | None = None) -> Plan:
     """Checks the whole run and lists what each stage will do; writes nothing.
 
+    chain: walks the stage calls of another flow (`chain(execute, teacher, start)`, e.g. the ablation's)
+    instead of the conversion chain up to `until`.
     teacher: resolves the user's teacher (cfg.teacher.path) into a Source (a listing and digest, no
     weights downloaded); start: the same for the start checkpoint (cfg.start.path). tracking: raises if
     the tracking server cannot be reached.
@@ -459,7 +463,11 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
     if not problems or ((cfg.teacher.path is None or source is not None)
                         and (cfg.start.path is None or start_source is not None)):
         try:
-            run_chain(cfg, _Planner(store, work_root, result.rows), source, until=until, start=start_source)
+            planner = _Planner(store, work_root, result.rows)
+            if chain is None:
+                run_chain(cfg, planner, source, until=until, start=start_source)
+            else:
+                chain(planner, source, start_source)
         except (ConfigError, StoreError) as error:
             message = str(error).splitlines()[0]
             if message not in problems:

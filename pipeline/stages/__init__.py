@@ -1,10 +1,11 @@
 """The recipe's stages as plain functions over checkpoint folders (no Prefect, store or MLflow needed)."""
 
 from pipeline.stages.common import ConsoleReporter, Reporter, StageError
-from pipeline.stages.convert import run_convert, run_step
+from pipeline.stages.convert import run_convert, run_loo_step, run_step
 from pipeline.stages.evaluate import run_evaluate, summary_table
 from pipeline.stages.loo import run_loo
 from pipeline.stages.mmr import run_mmr
+from pipeline.stages.quality import run_quality
 from pipeline.stages.sft import run_sft
 from pipeline.stages.start import import_start
 from pipeline.stages.teacher import import_teacher, run_teacher
@@ -18,7 +19,9 @@ __all__ = [
     "run_convert",
     "run_evaluate",
     "run_loo",
+    "run_loo_step",
     "run_mmr",
+    "run_quality",
     "run_sft",
     "run_step",
     "run_teacher",

@@ -234,6 +234,8 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
 # --- data ----------------------------------------------------------------------------------------
 
 VALIDATION_SPLIT = "validation"
+MIX = "mix"  # data.distill_on=mix: reasoning traces and generic text, as many rows of each
+MIX_PARTS = ("distill", "generic")
 
 # Generated demo data and tokenised datasets, shared by every stage of this process (a chain runs its
 # stages in one process: each would otherwise regenerate and re-tokenise the same rows). Keyed by what
@@ -332,14 +334,31 @@ class StageData:
     def describe(self, kind: str, split: str = "train") -> dict[str, Any]:
         """What a stage trained on, for its stage.json (and MLflow's dataset inputs): `datasets`'
         fingerprint of the rows as the digest, the configured source (or the demo generator and its seed)."""
+        if kind == MIX:
+            parts = [self.describe(part, split) for part in MIX_PARTS]
+            share = self.mix_share(split)
+            return {"name": f"mix-{split}", "source": " + ".join(part["source"] for part in parts),
+                    "digest": "+".join(part["digest"] for part in parts), "rows": 2 * share,
+                    "columns": parts[0]["columns"]}
         rows = self.rows(kind, split)
         source = getattr(self.data, kind)
         return {"name": f"{kind}-{split}", "source": source or f"demo:{'generic' if kind == 'generic' else 'reasoning'}"
                 f"?seed={self.data.demo.seed}", "digest": rows._fingerprint, "rows": len(rows),
                 "columns": list(rows.column_names)}
 
+    def mix_share(self, split: str = "train") -> int:
+        """Rows of each part in the even mix: as many as the smaller part has."""
+        return min(len(self.rows(part, split)) for part in MIX_PARTS)
+
     def tokenized(self, kind: str, split: str = "train"):
         key = f"tok:{kind}:{split}"
+        if key not in self._cache and kind == MIX:  # the first `mix_share` rows of each part, in equal shares
+            import datasets
+
+            share = self.mix_share(split)
+            parts = [self.tokenized(part, split) for part in MIX_PARTS]
+            self._cache[key] = datasets.concatenate_datasets(
+                [part.filter(lambda row: row["source_index"] < share, keep_in_memory=True) for part in parts])
         if key not in self._cache:
             from pipeline.data import tokenize_rows
 
@@ -460,7 +479,8 @@ def cumulative_train_tokens(parent_dir: str | os.PathLike | None, tokens_seen: i
 
 
 def distill_kind(data: DataConfig) -> str:
-    return "generic" if data.distill_on == "generic" else "distill"
+    """What the distillations train on: "distill" (reasoning traces), "generic" or "mix" (both)."""
+    return data.distill_on if data.distill_on in ("generic", "mix") else "distill"
 
 
 # Training curves go under the same keys in every stage's run (teacher, conversions, MMR trials, SFT), so

@@ -156,4 +156,29 @@ def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, see
                               settings=settings, extra={"selected_by": "mmr"})
 
 
-__all__ = ["convert_and_distil", "layer_kinds_of", "mamba_options", "run_convert", "run_step"]
+@stage("loo_step", version=1)
+def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int, *,
+                 teacher: str | Path, parent: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
+                 reporter: Reporter | None = None) -> dict:
+    """H-K -> H-count like `run_step`, but the next layers come from the teacher's static LOO ranking (the
+    least important attention layers of the parent) instead of an MMR scoring of the parent: the ordering
+    the recipe replaces by MMR past about 50% conversion (the ablation's comparison)."""
+    from pipeline.stages.loo import LOO_FILE, rank_layers
+
+    attention = set(layer_kinds_of(Path(parent))["attention"])
+    current = len(layer_kinds_of(Path(parent))["mamba"])
+    if count <= current:
+        raise StageError(f"step to {count} Mamba layers from a checkpoint that already has {current}")
+    ranked = [layer for layer in rank_layers(json.loads((Path(loo) / LOO_FILE).read_text())) if layer in attention]
+    needed = count - current
+    if needed > len(ranked):
+        raise StageError(f"step to {count} Mamba layers needs {needed} more but only {len(ranked)} attention "
+                         "layers remain")
+    layers = sorted(ranked[:needed])
+    settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
+    return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),
+                              work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="loo_step",
+                              settings=settings, extra={"selected_by": "loo"})
+
+
+__all__ = ["convert_and_distil", "layer_kinds_of", "mamba_options", "run_convert", "run_loo_step", "run_step"]

@@ -24,6 +24,7 @@ READERS = {
     "run_name": set(),  # where outputs go, not what they are
     "storage": set(),
     "tracking": set(),
+    "ablation": set(),  # the ablation flow's (flows/ablation.py), not the conversion chain's
     "hardware.threads": set(),  # speed only
     "hardware.nproc": set(),  # the same global batches on any process count: float rounding only
     "hardware.nnodes": set(),
@@ -63,7 +64,7 @@ for prefix in ("data.max_length", "data.demo", "data.distill"):
 
 CHOICES = {"loss": ["reverse_kl", "forward_kl"], "trainable": ["all", "mamba"], "mode": ["mixer", "block"],
            "metric": ["accuracy", "nll"], "gqa_expansion": ["chunk", "head_aligned"], "device": ["auto", "cpu"],
-           "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic"]}
+           "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic", "mix"]}
 
 
 class KeyRecorder:
