@@ -23,7 +23,7 @@ if [[ -z "${PREFECT_API_URL:-}" ]]; then
   PREFECT_SERVER_ANALYTICS_ENABLED=false "$PY" -m prefect server start --host 127.0.0.1 --port "$port" \
     > "$LOGS/prefect-server.log" 2>&1 &
   server=$!
-  trap 'status=$?; kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; exit $status' EXIT
+  trap 'status=$?; kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; exit $status' EXIT
   export PREFECT_API_URL="http://127.0.0.1:$port/api"
   "$PY" - "$PREFECT_API_URL/health" <<'WAIT' || { echo "the Prefect server did not start: $LOGS/prefect-server.log"; exit 1; }
 import sys, time, urllib.request
