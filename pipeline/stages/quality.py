@@ -53,7 +53,7 @@ def run_quality(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareCo
     is_teacher = checkpoint.resolve() == Path(teacher).resolve()
     model = teacher_model if is_teacher else load_model(checkpoint, hardware, "checkpoint", fp32=True)
     stage_data = StageData(data, load_tokenizer(teacher))
-    problems = stage_data.eval_problems(evaluate.num_examples)
+    problems = stage_data.eval_problems(evaluate.num_examples, ("evaluate.max_new_tokens", evaluate.max_new_tokens))
     accuracy, samples = answer_accuracy(model, stage_data.tokenizer, problems, batch_size=evaluate.batch_size,
                                         max_new_tokens=evaluate.max_new_tokens)
     reference = None if is_teacher else teacher_model
