@@ -1,4 +1,5 @@
-"""Registers the conversion deployments with a Prefect server and runs the flow runs started from it.
+"""Registers the deployments (the conversion, the ablation) with a Prefect server and runs the flow runs
+started from it.
 
     make ui      # terminal 1: Prefect server on http://127.0.0.1:4200 (and the MLflow UI)
     make serve   # terminal 2: PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve
@@ -17,24 +18,28 @@ import sys
 from prefect import serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
+from flows.ablation import ablation
 from flows.console import quiet_console
 from flows.convert import convert
 
 DEPLOYMENTS = {
-    # name: (default parameters, description)
-    "convert": ({"overrides": [], "until": "evaluate"},
+    # name: (flow, default parameters, description)
+    "convert": (convert, {"overrides": [], "until": "evaluate"},
                 "The whole chain on the given overrides (empty: the bundled demo)."),
-    "tiny": ({"overrides": ["experiment=tiny"], "until": "evaluate"},
+    "tiny": (convert, {"overrides": ["experiment=tiny"], "until": "evaluate"},
              "The tiny preset: the whole chain in about a minute on a CPU, to check a setup."),
+    "ablation": (ablation, {"overrides": []},
+                 "The recipe's choices against their alternatives (data, loss, layer order), several seeds, "
+                 "on the given overrides; the report goes to ablation.results_dir and the MLflow parent run."),
 }
 
 
 def deployments() -> list[RunnerDeployment]:
-    """The deployments of the convert flow; entrypoints by module path (`flows.convert.convert`)."""
+    """The deployments; entrypoints by module path (`flows.convert.convert`, `flows.ablation.ablation`)."""
     return [
-        convert.to_deployment(name=name, parameters=parameters, description=description,
-                              tags=["hybrid-distill"], entrypoint_type=EntrypointType.MODULE_PATH)
-        for name, (parameters, description) in DEPLOYMENTS.items()
+        flow.to_deployment(name=name, parameters=parameters, description=description,
+                           tags=["hybrid-distill"], entrypoint_type=EntrypointType.MODULE_PATH)
+        for name, (flow, parameters, description) in DEPLOYMENTS.items()
     ]
 
 

@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 from fixtures_servers import free_port, start_server
+from flows.ablation import ablation
 from flows.convert import convert
 from flows.serve import DEPLOYMENTS, deployments
 from tests.flows.helpers import PYTHON, subprocess_env, wait_for, wait_for_flow_run
@@ -22,10 +23,12 @@ def test_deployments_import_and_point_at_the_flow():
     built = deployments()
     assert [deployment.name for deployment in built] == list(DEPLOYMENTS)
     for deployment in built:
+        flow, parameters, _ = DEPLOYMENTS[deployment.name]
         module, _, name = deployment.entrypoint.rpartition(".")
-        assert getattr(importlib.import_module(module), name) is convert  # what a worker will import
-        assert set(deployment.parameters) == {"overrides", "until"}
+        assert getattr(importlib.import_module(module), name) is flow  # what a worker will import
+        assert set(deployment.parameters) == set(parameters)
         assert deployment.enforce_parameter_schema  # the UI validates edited parameters
+    assert {DEPLOYMENTS[d.name][0] for d in built} == {convert, ablation}
 
 
 @pytest.mark.slow
