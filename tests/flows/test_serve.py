@@ -62,12 +62,13 @@ def test_deployment_started_through_the_api_completes(tmp_path, mlflow_tracking_
                 if serving.poll() is not None:
                     raise AssertionError(f"flows.serve exited:\n{serve_log.read_text()[-3000:]}")
                 try:  # every deployment (they are registered one after the other)
-                    return {name: client.read_deployment_by_name(f"convert/{name}") for name in DEPLOYMENTS}
+                    return {name: client.read_deployment_by_name(f"{flow.name}/{name}") for name, (flow, _, _) in DEPLOYMENTS.items()}
                 except ObjectNotFound:
                     return None
 
             registered_deployments = wait_for(registered, 180, "the deployments", interval_s=1)
             assert registered_deployments["tiny"].parameters["overrides"] == ["experiment=tiny"]
+            assert registered_deployments["ablation"].parameters == {"overrides": []}
             deployment = registered_deployments["convert"]
             flow_run = client.create_flow_run_from_deployment(
                 deployment.id, parameters={"overrides": overrides, "until": "loo"})
