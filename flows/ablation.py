@@ -22,7 +22,6 @@ import argparse
 import shlex
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from flows.convert import (
     check_tracking,
     open_run_store,
     prefect_location,
+    run_flow_command,
 )
 from flows.executor import StoreExecutor
 from pipeline.ablation import ARMS, METRICS, check_schedule, collect_records, run_ablation, summarize, write_report
@@ -191,19 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan or checked.problems:
         return 1 if checked.problems else 0
     command = shlex.join(["python", "-m", "flows.ablation", *args.overrides])
-    try:
-        ablation(overrides=args.overrides, command=command, return_state=True).result()
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
-        return 130
-    except USER_ERRORS as error:
-        for line in str(error).splitlines() or [type(error).__name__]:
-            print(f"error: {line}", file=sys.stderr)
-        return 1
-    except Exception:
-        traceback.print_exc()
-        return 1
-    return 0
+    return run_flow_command(lambda: ablation(overrides=args.overrides, command=command, return_state=True).result())
 
 
 if __name__ == "__main__":

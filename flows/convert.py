@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
     if args.plan or checked.problems:
         return 1 if checked.problems else 0
+    return run_flow_command(lambda: convert(overrides=args.overrides, until=args.until, return_state=True).result())
+
+
+def run_flow_command(start: Callable[[], Any]) -> int:
+    """A command line's flow run and its exit code: 0 done, 130 interrupted (run it again to continue), 1 a
+    user error (its lines printed, no traceback) or a bug (the whole traceback)."""
     try:
-        convert(overrides=args.overrides, until=args.until, return_state=True).result()
+        start()
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
