@@ -83,6 +83,8 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
         return None
     where = f"teacher.path={cfg.teacher.path}"
     files = set(source.files)
+    if is_gguf(source):
+        return gguf_shape(where, source, problems)
     if "config.json" not in files:
         problems.append(f"{where} has no config.json: it must be a saved transformers checkpoint")
         return None
@@ -115,6 +117,23 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
             return None
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     return config
+
+
+def gguf_shape(where: str, source: Source, problems: list[str]) -> dict[str, Any] | None:
+    """A GGUF teacher's shape from its header (metadata only: the tensors are not read)."""
+    from pipeline.model.gguf import GGUFError, read_header
+
+    try:
+        header = read_header(source.fetch())
+    except (GGUFError, OSError) as error:
+        problems.append(f"{where}: {str(error).splitlines()[0]}")
+        return None
+    return dict(header.config)
+
+
+def is_gguf(source: Source | None) -> bool:
+    """A GGUF teacher's Source lists its one .gguf file."""
+    return source is not None and len(source.files) == 1 and source.files[0].lower().endswith(".gguf")
 
 
 def read_config(where: str, source: Source, problems: list[str]) -> tuple[dict, dict | None] | None:
@@ -268,26 +287,37 @@ def check_data_sources(cfg: RunConfig, problems: list[str]) -> None:
         check_data("generic", data.generic, "train", (), problems)
 
 
-def check_answer_budgets(cfg: RunConfig, problems: list[str]) -> None:
-    """LOO's and the evaluation's greedy-decoding budgets against the reference replies of the very problems
-    they will score (`StageData.problems`), when the tokenizer is at hand without a download: the demo
-    teacher's, or a local teacher folder's (an s3:// teacher is checked by the stages themselves)."""
-    from pipeline.stages.common import StageData, StageError
-
+def teacher_tokenizer(cfg: RunConfig, source: Source | None = None):
+    """The teacher's tokenizer when it is at hand without a download: the demo teacher's, a local teacher
+    folder's, or a GGUF teacher's (read from its header); None otherwise (an s3:// teacher's is checked
+    by the stages themselves) or when it cannot be read (the teacher checks report that)."""
     if cfg.teacher.path is None:
         from pipeline.data import build_char_tokenizer
 
-        tokenizer = build_char_tokenizer()
-    else:
+        return build_char_tokenizer()
+    try:
+        if is_gguf(source):
+            from pipeline.model.gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(source.fetch())
         folder = Path(cfg.teacher.path.removeprefix("file://")).expanduser()
         if "://" in cfg.teacher.path.removeprefix("file://") or not folder.is_dir():
-            return
+            return None
         from pipeline.stages.common import load_tokenizer
 
-        try:
-            tokenizer = load_tokenizer(folder)
-        except Exception:  # an unreadable tokenizer is reported by the teacher checks
-            return
+        return load_tokenizer(folder)
+    except Exception:  # an unreadable tokenizer is reported by the teacher checks
+        return None
+
+
+def check_answer_budgets(cfg: RunConfig, problems: list[str], source: Source | None = None) -> None:
+    """LOO's and the evaluation's greedy-decoding budgets against the reference replies of the very problems
+    they will score (`StageData.problems`), when the teacher's tokenizer is at hand (`teacher_tokenizer`)."""
+    from pipeline.stages.common import StageData, StageError
+
+    tokenizer = teacher_tokenizer(cfg, source)
+    if tokenizer is None:
+        return
     checks = [(cfg.data.view("eval"), lambda data: data.eval_problems(
         cfg.evaluate.num_examples, ("evaluate.max_new_tokens", cfg.evaluate.max_new_tokens)))]
     if cfg.loo.metric == "accuracy" and not cfg.start.path:
@@ -421,6 +451,12 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
         except (ConfigError, StoreError, OSError) as error:
             problems.append(f"teacher.path={cfg.teacher.path}: {str(error).splitlines()[0]}")
     shape = teacher_shape(cfg, source, problems)
+    demo_settings = cfg.uses_demo_settings() if cfg.teacher.path else []
+    if demo_settings:
+        problems.append(f"teacher.path is your teacher, but {', '.join(demo_settings)} are the demo's settings "
+                        "(calibrated for a 1M-parameter model trained here from scratch; lr 2e-3 diverges on a "
+                        "pretrained model): use teacher=local, which selects the settings for pretrained models "
+                        "(RunConfig.with_pretrained_settings() in Python), or set them")
     if shape is not None:
         check_schedule_and_mamba(cfg, shape, problems)
     start_source = None
@@ -436,7 +472,7 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
                                 else f"start.path={cfg.start.path}: {message}")
         if start_source is not None:
             check_start(cfg, start_source, shape, problems)
-    elif source is not None and shape is not None:  # a hybrid teacher: the first conversion adds to its Mamba
+    elif source is not None and shape is not None and not is_gguf(source):  # a hybrid teacher: the first conversion adds to its Mamba
         found = read_config(f"teacher.path={cfg.teacher.path}", source, problems)
         teacher_mamba = mamba_count(f"teacher.path={cfg.teacher.path}", *found, problems) if found else None
         if teacher_mamba and cfg.schedule.counts[0] <= teacher_mamba:
@@ -445,7 +481,7 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
                             "start.path to continue its conversion)")
     check_data_sources(cfg, problems)
     if not problems:
-        check_answer_budgets(cfg, problems)
+        check_answer_budgets(cfg, problems, source)
     try:
         sft_input(cfg)
     except ConfigError as error:
