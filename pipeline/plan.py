@@ -340,7 +340,9 @@ def data_reads(cfg: RunConfig, until: str = "evaluate") -> list[DataRead]:
     data = cfg.data
     wanted: list[tuple[str, str, bool]] = []  # (kind, split, scored by answer)
     if not cfg.teacher.path:
-        wanted += [("distill", "train", False)] + ([("generic", "train", False)] if cfg.teacher.demo.generic_every else [])
+        wanted.append(("distill", "train", False))
+        if cfg.teacher.demo.generic_every:
+            wanted.append(("generic", "train", False))
     if not cfg.start.path and reaches("loo"):
         accuracy = cfg.loo.metric == "accuracy"
         eval_splits = _local_splits(data.eval) if data.eval is not None else None

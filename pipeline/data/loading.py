@@ -270,8 +270,8 @@ def _derived_mask(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizer
     special = _special_ids(tokenizer)
     mask = [0] * len(ids)
     for start, content_end, turn_end in spans:
-        end = next((b for token, (a, b) in zip(ids, offsets) if token in special and content_end <= a and b <= turn_end),
-                   content_end)
+        end = next((b for token, (a, b) in zip(ids, offsets)
+                    if token in special and content_end <= a and b <= turn_end), content_end)
         for position, (a, b) in enumerate(offsets):
             if a >= end:
                 break
