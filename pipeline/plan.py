@@ -60,10 +60,12 @@ class Plan:
             raise PlanError(self.problems)
 
     def render(self) -> str:
-        lines = [f"{'stage':<9} {'output':<12} {'key':<12} {'action':<7} inputs"]
+        stage = max([len("stage"), *(len(row.stage) for row in self.rows)])
+        output = max([12, *(len(row.name) for row in self.rows)])
+        lines = [f"{'stage':<{stage}} {'output':<{output}} {'key':<12} {'action':<7} inputs"]
         for row in self.rows:
-            lines.append(f"{row.stage:<9} {row.name:<12} {(row.key or '(pending)')[:12]:<12} {row.status:<7} "
-                         f"{', '.join(row.inputs) or '-'}")
+            lines.append(f"{row.stage:<{stage}} {row.name:<{output}} {(row.key or '(pending)')[:12]:<12} "
+                         f"{row.status:<7} {', '.join(row.inputs) or '-'}")
         lines += [f"note: {note}" for note in self.notes]
         lines += [f"problem: {problem}" for problem in self.problems]
         return "\n".join(lines)
@@ -290,10 +292,11 @@ def check_data_sources(cfg: RunConfig, problems: list[str]) -> None:
         check_data("generic", data.generic, "train", (), problems)
 
 
-def teacher_tokenizer(cfg: RunConfig, source: Source | None = None):
-    """The teacher's tokenizer when it is at hand without a download: the demo teacher's, a local teacher
-    folder's, or a GGUF teacher's (read from its header); None otherwise (an s3:// teacher's is checked
-    by the stages themselves) or when it cannot be read (the teacher checks report that)."""
+def teacher_tokenizer(cfg: RunConfig, source: Source | None = None, notes: list[str] | None = None):
+    """The teacher's tokenizer when it is at hand without a download: the demo's char tokenizer, a local
+    teacher folder's, or a GGUF teacher's (read from the file); None otherwise (an s3:// teacher's data is
+    checked by the stages themselves) or when it does not load (a note in `notes`; the teacher checks and
+    the teacher stage report why)."""
     if cfg.teacher.path is None:
         from pipeline.data import build_char_tokenizer
 
@@ -309,16 +312,19 @@ def teacher_tokenizer(cfg: RunConfig, source: Source | None = None):
         from pipeline.stages.common import load_tokenizer
 
         return load_tokenizer(folder)
-    except Exception:  # an unreadable tokenizer is reported by the teacher checks
+    except Exception as error:  # transformers raises many types for unreadable tokenizer files
+        if notes is not None:
+            notes.append(f"teacher.path={cfg.teacher.path}: its tokenizer does not load "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                         "data rows not checked")
         return None
 
 
-def check_answer_budgets(cfg: RunConfig, problems: list[str], source: Source | None = None) -> None:
+def check_answer_budgets(cfg: RunConfig, problems: list[str], tokenizer) -> None:
     """LOO's and the evaluation's greedy-decoding budgets against the reference replies of the very problems
     they will score (`StageData.problems`), when the teacher's tokenizer is at hand (`teacher_tokenizer`)."""
     from pipeline.stages.common import StageData, StageError
 
-    tokenizer = teacher_tokenizer(cfg, source)
     if tokenizer is None:
         return
     checks = [(cfg.data.view("eval"), lambda data: data.eval_problems(
@@ -373,6 +379,8 @@ def data_reads(cfg: RunConfig, until: str = "evaluate") -> list[DataRead]:
         wanted.append(("distill", "train", False))
         if cfg.teacher.demo.generic_every:
             wanted.append(("generic", "train", False))
+    elif cfg.teacher.finetune.enabled:  # the teacher's fine-tuning reads data.sft first
+        wanted.append(("sft", "train", False))
     if not cfg.start.path and reaches("loo"):
         accuracy = cfg.loo.metric == "accuracy"
         eval_splits = _local_splits(data.eval) if data.eval is not None else None
@@ -385,11 +393,14 @@ def data_reads(cfg: RunConfig, until: str = "evaluate") -> list[DataRead]:
             wanted.append(("distill", "train", accuracy))
     if reaches("convert"):
         wanted += [(kind, "train", False) for kind in (("distill", "generic") if data.distill_on == "mix"
-                                                        else (data.distill_on,))]
+                                                        else (data.distill_on,))
+                   if not (kind == "generic" and data.samples_teacher)]
     if reaches("sft"):
         wanted.append(("sft", "train", False))
     if reaches("evaluate"):
         wanted.append(("eval", "test", True))
+        if not data.samples_teacher:  # the teacher's own samples are made by the run
+            wanted.append(("generic", "test", False))
     reads: dict[tuple[str | None, str], DataRead] = {}
     for kind, split, scored in wanted:
         source, part = getattr(data, kind), "text" if kind == "generic" else "reasoning"
@@ -457,28 +468,6 @@ def _head_rows(files: list[Path], count: int) -> list[Any]:
     return rows[:count]
 
 
-def teacher_tokenizer(cfg: RunConfig, notes: list[str]):
-    """The teacher's tokenizer when it is at hand without a download: the demo's char tokenizer, or a local
-    teacher folder's; None otherwise (an s3:// teacher's data is checked by the stages themselves) or when
-    it does not load (a note; the teacher checks and the teacher stage report why)."""
-    if cfg.teacher.path is None:
-        from pipeline.data import build_char_tokenizer
-
-        return build_char_tokenizer()
-    folder = Path(cfg.teacher.path.removeprefix("file://")).expanduser()
-    if "://" in cfg.teacher.path.removeprefix("file://") or not folder.is_dir():
-        return None
-    from pipeline.stages.common import load_tokenizer
-
-    try:
-        return load_tokenizer(folder)
-    except Exception as error:  # transformers raises many types for unreadable tokenizer files
-        notes.append(f"teacher.path={cfg.teacher.path}: its tokenizer does not load "
-                     f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                     "data rows not checked")
-        return None
-
-
 def _refs(rows: list[tuple[str, int]]) -> str:
     """'train rows 0, 3; test row 5' for (split, index) pairs ('rows 0, 3' for a single file's)."""
     parts = []
@@ -488,7 +477,8 @@ def _refs(rows: list[tuple[str, int]]) -> str:
     return "; ".join(parts)
 
 
-def check_data_rows(cfg: RunConfig, problems: list[str], notes: list[str], until: str = "evaluate") -> None:
+def check_data_rows(cfg: RunConfig, problems: list[str], notes: list[str], tokenizer,
+                    until: str = "evaluate") -> None:
     """The first ROWS_CHECKED rows of each split of every data source the run reads (`data_reads`), through
     the stages' own tokenisation (`tokenize_row`) with the teacher's tokenizer and chat template. One line
     per problem and source: rows that are not JSON objects; rows the tokenisation refuses (neither
@@ -503,7 +493,6 @@ def check_data_rows(cfg: RunConfig, problems: list[str], notes: list[str], until
     from pipeline.data.loading import DataLoadError, has_generation_markers, tokenize_row
     from pipeline.stages.common import MAX_CUT_SHARE, StageData
 
-    tokenizer = teacher_tokenizer(cfg, notes)
     if tokenizer is None:
         return
     max_length, facts = cfg.data.max_length, []
@@ -738,9 +727,10 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
                             f"has {teacher_mamba} Mamba layers; every count must be larger (or give it as "
                             "start.path to continue its conversion)")
     check_data_sources(cfg, problems)
-    check_data_rows(cfg, problems, result.notes, until="evaluate" if chain is not None else until)
+    tokenizer = teacher_tokenizer(cfg, source, result.notes)
+    check_data_rows(cfg, problems, result.notes, tokenizer, until="evaluate" if chain is not None else until)
     if not problems:
-        check_answer_budgets(cfg, problems, source)
+        check_answer_budgets(cfg, problems, tokenizer)
     try:
         sft_input(cfg)
     except ConfigError as error:

@@ -61,7 +61,8 @@ def test_the_demo_run_states_the_data_facts(tmp_path):
     assert [note for note in plan.notes if note.startswith("data rows")] == [
         f"data rows checked with the teacher's tokenizer (the first {ROWS_CHECKED} of each split; assistant tokens "
         "from its {% generation %} markers; data.max_length=96): the bundled demo reasoning traces (data.distill, "
-        "data.eval, data.sft unset) train/validation/test: 24 rows, 40-62 tokens"]
+        "data.eval, data.sft unset) train/validation/test: 24 rows, 40-62 tokens; the bundled demo text corpus "
+        "(data.generic unset) test: 8 rows, 35-124 tokens"]  # the evaluation's generic NLL reads it
 
 
 def test_a_teacher_template_without_the_prefix_property_is_one_line(tmp_path, teacher_without_prefix_property):
