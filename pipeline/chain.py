@@ -72,7 +72,7 @@ def generic_input(cfg: RunConfig, execute: Callable[[StageCall], Output], teache
                   outputs: dict[str, Output] | None = None) -> dict[str, Output]:
     """`{"generic": <the teacher's samples>}` for the stages that read generic text, when data.generic is
     "teacher" (the `samples` stage runs once, after the teacher); `{}` otherwise (they read data.generic)."""
-    from pipeline.stages.samples import run_samples
+    from pipeline.stages import run_samples
 
     if not cfg.data.samples_teacher:
         return {}
