@@ -248,12 +248,41 @@ def precision(args) -> None:
     Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
+def chain_markdown(record: dict) -> str:
+    """The chain record as the results page: per stage and per checkpoint, with command, device and date."""
+    env = record["environment"]
+    lines = [f"# experiment={record['experiment']} on {env['device']}", "",
+             f"Command: `{env['command']}`; date {env['date']}; torch {env['torch']}; kernels {env['kernels']}; "
+             f"whole chain {record['total_seconds']} s.", "",
+             "| stage | output | seconds | tokens/s (training) | peak GPU memory GiB | note |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in record["stages"]:
+        meta = row.get("meta", {})
+        note = meta.get("layer_pattern") or ""
+        if meta.get("final_loss") is not None:
+            note += f" final loss {meta['final_loss']:.4f}"
+        if row["skipped"]:
+            note += " (found in the store)"
+        lines.append(f"| {row['kind']} | {row['stage']} | {row['seconds']} | {row['tokens_per_s'] or '-'} | "
+                     f"{row['peak_memory_gib'] if row['peak_memory_gib'] is not None else '-'} | {note.strip()} |")
+    lines += ["", "| checkpoint | pattern | accuracy | NLL | KL to teacher | generic NLL | generic KL | tokens/s | "
+              "throughput ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in record["summary"]:
+        generic = (f"{r['nll_generic']:.4f} | {r['kl_generic']:.4f}" if r.get("nll_generic") is not None
+                   else "- | -")
+        lines.append(f"| {r['checkpoint']} | {r['layer_pattern']} | {r['answer_accuracy']:.3f} | {r['nll']:.4f} | "
+                     f"{r['kl_to_teacher']:.4f} | {generic} | {r['tokens_per_s']:,.0f} | {r['throughput_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def chain(args) -> None:
     cfg = preset_config(args.experiment)
     out = Path(args.out)
     record = run_measured_chain(cfg, Path(args.root), out)
     record["experiment"], record["environment"] = args.experiment, environment()
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(chain_markdown(record))
     for row in record["summary"]:
         print({k: row.get(k) for k in ("checkpoint", "answer_accuracy", "nll", "kl_to_teacher", "tokens_per_s")})
     print(f"whole chain: {record['total_seconds']} s", flush=True)
@@ -266,6 +295,7 @@ def main() -> None:
     p.add_argument("--experiment", default="gpu_demo")
     p.add_argument("--root", default="/tmp/gpu-pipeline")
     p.add_argument("--out", default="gpu-chain.json")
+    p.add_argument("--markdown", default=None, help="also write the results page (markdown) here")
     p = sub.add_parser("precision")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["bf16-mixed", "fp32"])
