@@ -184,8 +184,9 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
 
 
 def local_teacher_source(path: str, key: str = "teacher.path") -> Source:
-    """A checkpoint folder on this machine (a path or file:// URI) given as `key` (teacher.path,
-    start.path), digested by content."""
+    """A checkpoint given as `key` (teacher.path, start.path) that is not in a store: a folder on this
+    machine (a path or file:// URI) or a GGUF file (teacher.path), digested by content, or a Hugging Face
+    hub id (`pipeline.hub`), digested by its commit sha."""
     from urllib.parse import unquote, urlparse
 
     parsed = urlparse(path)
@@ -203,8 +204,13 @@ def local_teacher_source(path: str, key: str = "teacher.path") -> Source:
         if gguf is not None:
             return gguf_source(path, gguf)
     if not folder.is_dir():
+        from pipeline.hub import hub_source, parse_hub_id
+
+        if not parsed.scheme and parse_hub_id(path) is not None:  # org/name[@revision][/file.gguf]
+            return hub_source(path, key)
         raise ConfigError(f"{key}={path!r} does not exist (a folder with config.json, weights and tokenizer"
-                          + (", or a .gguf file)" if key == "teacher.path" else ")"))
+                          + (", or a .gguf file" if key == "teacher.path" else "")
+                          + ", or a hub id org/name[@revision])")
     return local_source(path, folder)
 
 

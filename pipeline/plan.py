@@ -696,7 +696,9 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
         try:
             source = teacher()
         except (ConfigError, StoreError, OSError) as error:
-            problems.append(f"teacher.path={cfg.teacher.path}: {str(error).splitlines()[0]}")
+            message = str(error).splitlines()[0]
+            problems.append(message if message.startswith("teacher.path=")
+                            else f"teacher.path={cfg.teacher.path}: {message}")
     shape = teacher_shape(cfg, source, problems)
     demo_settings = cfg.uses_demo_settings() if cfg.teacher.path else []
     if demo_settings:

@@ -84,5 +84,5 @@ def test_a_missing_gguf_teacher_names_both_forms(tmp_path):
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"does not exist \(a folder with config.json, weights and tokenizer, "
-                                          r"or a .gguf file\)"):
+                                          r"or a .gguf file, or a hub id org/name\[@revision\]\)"):
         local_teacher_source(str(tmp_path / "model.gguf"))
