@@ -5,7 +5,6 @@
 # .wc/ (causal-conv1d) into /tmp/site once, and joins the SmolLM2 GGUF from the parts carried in
 # .g1/ .. .g5/ (consecutive calls; a warm machine keeps earlier calls' ignored folders) once all are there,
 # checked against .g1/sha256. Exports PYTHONPATH and HYBRID_SMOLLM2_GGUF.
-set -u
 mkdir -p /tmp/site
 for folder in .whl .wm .wc; do
   [ -d "$folder" ] || continue
