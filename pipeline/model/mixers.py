@@ -211,6 +211,9 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
 
+GDN_NORM_EPS = 1e-5  # the gated norm's epsilon: Fast-LLM's (its GDN norm takes no epsilon from the config)
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm over each head's e_v channels, scaled, times silu(gate): rms(o) * weight * silu(z) (fp32 inside)."""
 
@@ -255,7 +258,7 @@ class GatedDeltaNetMixer(nn.Module):
                                 bias=False)
         self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
-        self.norm = GatedRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.norm = GatedRMSNorm(self.head_dim, GDN_NORM_EPS)
         self.out_proj = nn.Linear(self.q_width, hidden, bias=config.gdn_out_proj_bias)
         for parameter in (self.A_log, self.dt_bias):  # read by the optimiser set-up and `_apply`
             parameter._no_weight_decay = True
