@@ -134,12 +134,13 @@ def read_config(where: str, source: Source, problems: list[str]) -> tuple[dict, 
 
 
 def mamba_count(where: str, config: dict, mamba: dict | None, problems: list[str]) -> int | None:
-    """How many Mamba layers a checkpoint's config files declare (0 for a plain teacher)."""
-    from pipeline.model.config import MAMBA
+    """How many converted (Mamba or Gated DeltaNet) layers a checkpoint's config files declare (0 for a
+    plain teacher)."""
+    from pipeline.model.config import RECURRENT_KINDS
     from pipeline.model.layouts import LayoutError, layer_kinds
 
     try:
-        return layer_kinds(config, mamba).count(MAMBA)
+        return sum(kind in RECURRENT_KINDS for kind in layer_kinds(config, mamba))
     except LayoutError as error:
         problems.append(f"{where}: {str(error).splitlines()[0]}")
         return None

@@ -53,6 +53,7 @@ def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, c
     return write_meta(
         out_dir, "sft", {"train": train, "data": data, "hardware": hardware}, parent=source, started=started,
         checkpoint=name, n_mamba=len(getattr(config, "mamba_layers", [])), layer_types=list(config.layer_types),
+        **({"n_gdn": len(config.gdn_layers)} if getattr(config, "gdn_layers", None) else {}),
         layer_pattern=getattr(config, "layer_pattern", None), train=to_plain(train),
         steps=result.steps_done, tokens_seen=result.tokens_seen,
         cumulative_train_tokens=cumulative_train_tokens(checkpoint, result.tokens_seen),

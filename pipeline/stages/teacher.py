@@ -63,8 +63,10 @@ def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str
     check_teacher(model)
     save_checkpoint(model, load_tokenizer(source), out_dir)
     pattern = {}  # a hybrid as the teacher (a released one): its own pattern, not all attention
-    if getattr(model.config, "mamba_layers", None):
+    if getattr(model.config, "recurrent_layers", None):
         pattern = {"layer_pattern": model.config.layer_pattern, "n_mamba": len(model.config.mamba_layers)}
+        if model.config.gdn_layers:
+            pattern["n_gdn"] = len(model.config.gdn_layers)
     return write_meta(out_dir, "teacher", {"hardware": hardware}, parent=None, started=started,
                       checkpoint="teacher", source="user", architecture=type(model).__name__,
                       layers=model.config.num_hidden_layers, **pattern)
