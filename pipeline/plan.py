@@ -338,6 +338,10 @@ def check_device(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
     else:
         notes.append(f"device: cuda ({torch.cuda.get_device_name()}), kernels: "
                      f"{'reference' if mode == 'reference' else 'mamba_ssm + causal_conv1d'}")
+    if "gdn" in cfg.schedule.mixers and mode != "reference" and kernels._fla()[0] is None:
+        problems.append(f"schedule.mixers lists gdn on a CUDA device without the Gated DeltaNet kernels "
+                        f"({kernels._fla()[1]}): install fla-core (DEVELOPERS.md), or set HYBRID_KERNELS=reference "
+                        "to run the slow reference")
 
 
 def check_precision(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:

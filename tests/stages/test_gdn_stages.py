@@ -125,3 +125,31 @@ def test_choose_conversions_takes_a_layer_once():
 def test_bad_mixers(mixers, message):
     with pytest.raises(ConfigError, match=message):
         ScheduleConfig(mixers=mixers)
+
+
+def test_the_plan_wants_the_gdn_kernels_on_cuda_only_when_gdn_is_listed(monkeypatch):
+    import dataclasses
+
+    import torch
+
+    from pipeline.config import RunConfig
+    from pipeline.model import kernels
+    from pipeline.plan import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "test GPU")
+    monkeypatch.setattr(kernels, "_mamba_ssm", lambda: ((None, None), ""))
+    monkeypatch.setattr(kernels, "_causal_conv1d", lambda: ((None, None), ""))
+    monkeypatch.setattr(kernels, "_fla", lambda: (None, "fla-core unavailable (ImportError: no module named fla)"))
+    monkeypatch.delenv("HYBRID_KERNELS", raising=False)
+    found, notes = [], []
+    check_device(RunConfig(), found, notes)
+    assert found == []  # Mamba only: fla-core is not needed
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, mixers=["mamba", "gdn"]))
+    check_device(cfg, found, notes)
+    assert len(found) == 1 and "without the Gated DeltaNet kernels (fla-core unavailable" in found[0]
+    monkeypatch.setenv("HYBRID_KERNELS", "reference")
+    found = []
+    check_device(cfg, found, notes)
+    assert found == []
