@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import json
 import os
@@ -48,37 +47,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import RunConfig  # noqa: E402  (no torch)
 
 
-# --- presets without Hydra -----------------------------------------------------------------------
-
-def _merge(obj, changes: dict):
-    """A copy of dataclass `obj` with nested `changes` applied (each level re-validated by __post_init__)."""
-    updates = {}
-    for key, value in changes.items():
-        if not hasattr(obj, key):
-            raise KeyError(f"{type(obj).__name__} has no field {key!r}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            updates[key] = _merge(current, value)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            updates[key] = tuple(value)
-        else:
-            updates[key] = value
-    return dataclasses.replace(obj, **updates)
-
-
-def preset_config(name: str) -> RunConfig:
-    """conf/experiment/<name>.yaml over the schema defaults, with its `override /group: option` lines."""
-    import yaml
-
-    preset = yaml.safe_load((ROOT / "conf" / "experiment" / f"{name}.yaml").read_text())
-    cfg = RunConfig()
-    for entry in preset.pop("defaults", []):
-        (key, option), = entry.items()
-        group = key.removeprefix("override /")
-        options = yaml.safe_load((ROOT / "conf" / group / f"{option}.yaml").read_text()) or {}
-        options.pop("defaults", None)
-        cfg = _merge(cfg, {group: options})
-    return _merge(cfg, preset)
+from pipeline.presets import merge as _merge  # noqa: E402
+from pipeline.presets import preset_config  # noqa: E402  (conf/ presets without Hydra)
 
 
 # --- per-stage measurement -----------------------------------------------------------------------

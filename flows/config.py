@@ -119,15 +119,27 @@ def _bad_key_hint(overrides: Sequence[str], message: str) -> str | None:
     return None
 
 
+def with_teacher_group(overrides: Sequence[str]) -> list[str]:
+    """`teacher.path=X` without a `teacher=` choice means `teacher=local teacher.path=X`: a user's teacher
+    gets the settings made for pretrained models (conf/teacher/local.yaml), never the demo's silently."""
+    overrides = [str(item) for item in overrides]
+    keys = {item.lstrip("+~").partition("=")[0] for item in overrides}
+    path = next((item.partition("=")[2] for item in overrides if item.lstrip("+").startswith("teacher.path=")), None)
+    if path not in (None, "", "null", "None") and "teacher" not in keys:
+        return ["teacher=local", *overrides]
+    return overrides
+
+
 def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> RunConfig:
-    """The RunConfig for these Hydra overrides (e.g. ["experiment=tiny", "schedule.counts=[2,3]"])."""
+    """The RunConfig for these Hydra overrides (e.g. ["experiment=tiny", "schedule.counts=[2,3]"]); a
+    `teacher.path=...` without a teacher group choice selects `teacher=local` (`with_teacher_group`)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-    overrides = [str(item) for item in overrides]
+    overrides = with_teacher_group(overrides)
     register_configs()
     with _lock:
         try:
@@ -152,4 +164,5 @@ def compose(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> RunConf
     return config
 
 
-__all__ = ["CONF_DIR", "ConfigCompositionError", "GROUPS", "compose", "group_options", "register_configs"]
+__all__ = ["CONF_DIR", "ConfigCompositionError", "GROUPS", "compose", "group_options", "register_configs",
+           "with_teacher_group"]

@@ -96,7 +96,7 @@ class Result:
 
 def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None) -> list[Result]:
     """Every stage call of the ablation, through `execute` (the executor, or the plan's walker)."""
-    from pipeline.chain import teacher_call
+    from pipeline.chain import teacher_output
     from pipeline.stages import run_convert, run_loo, run_loo_step, run_mmr, run_quality, run_step
 
     check_schedule(cfg)
@@ -108,9 +108,7 @@ def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher
         stage_call.check_signature()
         return execute(stage_call)
 
-    first_call = teacher_call(cfg, teacher)
-    first_call.check_signature()
-    teacher_out = execute(first_call)
+    teacher_out = teacher_output(cfg, execute, teacher)  # the conversion chain's teacher (fine-tuned if asked)
     # the conversion chain's LOO call, settings and all: one ranking for every arm (and for `make pipeline`)
     loo = call("loo", run_loo, {"loo": cfg.loo, "data": cfg.data.view("eval", "distill"), "hardware": hardware,
                                 "first_count": counts[0]}, {"teacher": teacher_out}, is_checkpoint=False)

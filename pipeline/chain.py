@@ -56,6 +56,50 @@ def teacher_call(cfg: RunConfig, source: Source | None) -> StageCall:
                      {"demo": cfg.teacher.demo, "data": cfg.data.view(*kinds), "hardware": cfg.hardware}, {})
 
 
+TEACHER_FINETUNED = "teacher-ft"  # the output name of the fine-tuned teacher (teacher.finetune)
+
+
+def teacher_output(cfg: RunConfig, execute: Callable[[StageCall], Output], source: Source | None,
+                   outputs: dict[str, Output] | None = None) -> Output:
+    """The run's teacher: the `teacher` stage's output, then, with teacher.finetune.enabled, that teacher
+    fine-tuned on data.sft (`teacher-ft`), which every later stage distils from. Records each output in
+    `outputs` by name."""
+    from pipeline.stages import run_teacher_finetune
+
+    outputs = {} if outputs is None else outputs
+    first = teacher_call(cfg, source)
+    first.check_signature()
+    outputs["teacher"] = execute(first)
+    if not cfg.teacher.finetune.enabled:
+        return outputs["teacher"]
+    tune = StageCall(TEACHER_FINETUNED, run_teacher_finetune,
+                     {"train": cfg.teacher.finetune.train, "data": cfg.data.view("sft"), "hardware": cfg.hardware},
+                     {"teacher": outputs["teacher"]})
+    tune.check_signature()
+    outputs[TEACHER_FINETUNED] = execute(tune)
+    return outputs[TEACHER_FINETUNED]
+
+
+SAMPLES = "teacher-samples"  # the output name of the teacher's own samples (data.generic=teacher)
+
+
+def generic_input(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Output,
+                  outputs: dict[str, Output] | None = None) -> dict[str, Output]:
+    """`{"generic": <the teacher's samples>}` for the stages that read generic text, when data.generic is
+    "teacher" (the `samples` stage runs once, after the teacher); `{}` otherwise (they read data.generic)."""
+    from pipeline.stages.samples import run_samples
+
+    if not cfg.data.samples_teacher:
+        return {}
+    call = StageCall(SAMPLES, run_samples, {"samples": cfg.data.samples, "hardware": cfg.hardware},
+                     {"teacher": teacher}, is_checkpoint=False)
+    call.check_signature()
+    output = execute(call)
+    if outputs is not None:
+        outputs[SAMPLES] = output
+    return {"generic": output}
+
+
 def start_call(cfg: RunConfig, source: Source | None, teacher: Output) -> StageCall:
     """The start checkpoint registered in the store (checked against the teacher). Its content digest is
     what every later stage's key holds of it (they take its Output as their parent)."""
@@ -104,13 +148,12 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
         return out[name]
 
     hardware, seed, counts = cfg.hardware, cfg.seed, cfg.schedule.counts
-    first_call = teacher_call(cfg, teacher)
-    first_call.check_signature()
-    out["teacher"] = execute(first_call)
+    teacher_out = teacher_output(cfg, execute, teacher, out)
     if until == "teacher":
         return out
+    generic = generic_input(cfg, execute, teacher_out, out)
     if cfg.start.path:  # continue a hybrid: it takes the place of LOO and the first conversion
-        registered = start_call(cfg, start, out["teacher"])
+        registered = start_call(cfg, start, teacher_out)
         registered.check_signature()
         out[START] = execute(registered)
         check_start_counts(cfg, out[START].n_mamba)
@@ -119,14 +162,14 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
         previous, checkpoints, later = START, [START], counts
     else:
         call("loo", run_loo, {"loo": cfg.loo, "data": cfg.data.view("eval", "distill"), "hardware": hardware,
-                              "first_count": counts[0]}, {"teacher": out["teacher"]}, is_checkpoint=False)
+                              "first_count": counts[0]}, {"teacher": teacher_out}, is_checkpoint=False)
         if until == "loo":
             return out
         previous = checkpoint_name(counts[0])
         call(previous, run_convert, {"train": cfg.train, "mamba": cfg.mamba, "data": distill_view(cfg),
                                      "hardware": hardware, "seed": seed, "count": counts[0],
                                      **mixer_settings(cfg, "convert")},
-             {"teacher": out["teacher"], "loo": out["loo"]})
+             {"teacher": teacher_out, "loo": out["loo"]})
         if until == "convert":
             return out
         checkpoints, later = [previous], counts[1:]
@@ -134,13 +177,13 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
         mmr_name = f"mmr-{previous}"
         call(mmr_name, run_mmr, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
                                  **mixer_settings(cfg, "mmr")},
-             {"teacher": out["teacher"], "parent": out[previous]}, is_checkpoint=False)
+             {"teacher": teacher_out, "parent": out[previous]}, is_checkpoint=False)
         if until == "mmr":
             return out
         name = checkpoint_name(count)
         call(name, run_step, {"train": cfg.train, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
                               "count": count, **mixer_settings(cfg, "step")},
-             {"teacher": out["teacher"], "parent": out[previous], "mmr": out[mmr_name]})
+             {"teacher": teacher_out, "parent": out[previous], "mmr": out[mmr_name]})
         checkpoints.append(name)
         previous = name
     if until in ("mmr", "steps"):  # "mmr" with a one-count schedule: there is nothing to score
@@ -151,8 +194,10 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
     checkpoints.append(sft_name)
     if until == "sft":
         return out
-    call("evaluate", run_evaluate, {"evaluate": cfg.evaluate, "data": cfg.data.view("eval"), "hardware": hardware},
-         {"teacher": out["teacher"], "checkpoints": {name: out[name] for name in checkpoints}}, is_checkpoint=False)
+    call("evaluate", run_evaluate, {"evaluate": cfg.evaluate, "data": cfg.data.view("eval", "generic"),
+                                    "hardware": hardware},
+         {"teacher": teacher_out, "checkpoints": {name: out[name] for name in checkpoints}, **generic},
+         is_checkpoint=False)
     return out
 
 
@@ -166,9 +211,28 @@ def local_teacher_source(path: str, key: str = "teacher.path") -> Source:
         raise ConfigError(f"{key}={path!r}: run_local reads local folders; use `python -m flows.convert` "
                           "for s3:// checkpoints")
     folder = Path(unquote(parsed.netloc + parsed.path) if parsed.scheme else path).expanduser()
+    if key == "teacher.path":
+        from pipeline.model.gguf import GGUFError, find_gguf
+
+        try:
+            gguf = find_gguf(folder)
+        except GGUFError as error:
+            raise ConfigError(f"{key}={path!r}: {error}") from None
+        if gguf is not None:
+            return gguf_source(path, gguf)
     if not folder.is_dir():
-        raise ConfigError(f"{key}={path!r} does not exist (a folder with config.json, weights and tokenizer)")
+        raise ConfigError(f"{key}={path!r} does not exist (a folder with config.json, weights and tokenizer"
+                          + (", or a .gguf file)" if key == "teacher.path" else ")"))
     return local_source(path, folder)
+
+
+def gguf_source(uri: str, file: Path) -> Source:
+    """A GGUF file as the teacher's Source: digested by the file's sha256, listed as its one file; the
+    stage receives the file's path (it dequantises it)."""
+    from pipeline.executor import folder_digest
+
+    return Source(uri, folder_digest(file), lambda: file, (file.name,),
+                  lambda name: (file.parent / name).read_bytes())
 
 
 def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter | None = None,
@@ -189,5 +253,6 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
     return {name: store.root / name for name in outputs}
 
 
-__all__ = ["UNTIL", "StageCall", "check_start_counts", "local_teacher_source", "mixer_settings", "run_chain",
-           "run_local", "sft_input", "start_call", "teacher_call"]
+__all__ = ["UNTIL", "StageCall", "check_start_counts", "local_teacher_source", "mixer_settings", "run_chain", "run_local",
+           "gguf_source", "sft_input", "start_call", "teacher_call", "teacher_output", "TEACHER_FINETUNED",
+           "SAMPLES", "generic_input"]

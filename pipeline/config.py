@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.data.demo import DemoDataConfig, DemoTeacherConfig
 from pipeline.train.config import TrainConfig
 
-STAGES = ("teacher", "start", "loo", "convert", "mmr", "step", "loo_step", "sft", "evaluate", "quality")
+STAGES = ("teacher", "teacher_finetune", "samples", "start", "loo", "convert", "mmr", "step", "loo_step", "sft", "evaluate", "quality")
 DISTILL_ON = ("distill", "generic", "mix")
 LOO_MODES = ("mixer", "block")
 LOO_METRICS = ("accuracy", "nll")
@@ -26,17 +26,47 @@ PRECISIONS = ("auto", "fp32", "bf16-mixed")
 
 # Field metadata of settings that change how fast a stage runs, never what it computes: left out of cache keys.
 KEY_NEUTRAL = "key_neutral"
+# Field metadata of a setting added after cache keys were first written: left out of a key while it holds
+# its default (the behaviour before it existed), so adding it leaves every existing key unchanged.
+KEY_SINCE = "key_since"
+
+
+def added_field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **metadata: Any):
+    """A dataclass field marked KEY_SINCE (see there)."""
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={KEY_SINCE: True, **metadata})
+    return field(default=default, metadata={KEY_SINCE: True, **metadata})
 
 
 class ConfigError(ValueError):
     """A run configuration that cannot work."""
 
 
+def _finetune_defaults() -> TrainConfig:
+    return TrainConfig(steps=300, lr=1e-4, warmup_steps=30, batch_size=16, max_length=PRETRAINED_MAX_LENGTH,
+                       trainable="all", loss="ce", save_every=50, log_every=10)
+
+
+@dataclass
+class TeacherFinetuneConfig:
+    # SFT of the user's teacher on data.sft before anything else (a model that lacks the skill the hybrid
+    # is to keep); the fine-tuned model is then the run's teacher for every later stage. Off by default.
+    enabled: bool = False
+    train: TrainConfig = field(default_factory=_finetune_defaults)
+
+    def __post_init__(self) -> None:
+        if self.train.loss != "ce":
+            raise ConfigError(f"teacher.finetune.train.loss must be 'ce' (fine-tuning learns from data.sft), "
+                              f"got {self.train.loss!r}")
+
+
 @dataclass
 class TeacherConfig:
-    # a transformers teacher: local folder, file:// or s3:// URI (the flow downloads it once); None = the demo teacher
+    # a transformers teacher: local folder, file:// or s3:// URI (the flow downloads it once), or a .gguf
+    # file (dequantised); None = the demo teacher
     path: str | None = None
     demo: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    finetune: TeacherFinetuneConfig = field(default_factory=TeacherFinetuneConfig)
 
 
 @dataclass
@@ -49,13 +79,43 @@ class StartConfig:
     path: str | None = None
 
 
+TEACHER_SAMPLES = "teacher"  # data.generic=teacher: the run's teacher's own samples (pipeline.data.samples)
+
+
+@dataclass
+class SamplesConfig:
+    """data.generic=teacher: generic text sampled from the run's teacher at `temperature` from varied
+    openings (the `samples` stage), so that the generic-text NLL and KL are measured on text the teacher
+    models well. Rows per split; `max_new_tokens` per row."""
+
+    train: int = 0  # rows to train on (data.distill_on=generic / mix); 0 when only evaluated
+    validation: int = 32
+    test: int = 128
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train", "validation", "test"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"data.samples.{name} must be an int >= 0, got {value!r}")
+        if self.test < 1:
+            raise ConfigError("data.samples.test must be >= 1 (the evaluation scores the test rows)")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or not self.temperature > 0:
+            raise ConfigError("data.samples needs max_new_tokens >= 1, batch_size >= 1 and temperature > 0")
+
+
 @dataclass
 class DataConfig:
     # datasets sources: a hub name, a local jsonl/parquet file or folder; None = the bundled demo data.
     distill: str | None = None  # reasoning traces (chat rows) to distil on -- the recipe's key choice
     sft: str | None = None  # chat rows for the final SFT
     eval: str | None = None  # chat rows with an "answer" field (test split) for accuracy / NLL / KL
-    generic: str | None = None  # plain-text rows, for the "generic data" comparison
+    # plain-text rows, for the "generic data" comparison and the evaluation's generic NLL; "teacher": the
+    # run's teacher's own samples (data.samples), the generic text a pretrained teacher models well
+    generic: str | None = None
     # which source the distillation stages use: "distill", "generic", or "mix" (both, in equal shares of rows)
     distill_on: str = "distill"
     max_length: int = 96
@@ -63,6 +123,7 @@ class DataConfig:
     # of training; LOO scores on them when neither data.eval nor data.distill has a validation split
     validation_share: float = 0.02
     demo: DemoDataConfig = field(default_factory=DemoDataConfig)
+    samples: SamplesConfig = added_field(default_factory=SamplesConfig)
 
     def __post_init__(self) -> None:
         if self.distill_on not in DISTILL_ON:
@@ -94,7 +155,13 @@ class DataConfig:
             validation_share=self.validation_share if "distill" in kinds and self.distill is not None
             else DataConfig.validation_share,
             demo=demo,
+            samples=self.samples if kept["generic"] == TEACHER_SAMPLES else SamplesConfig(),
         )
+
+    @property
+    def samples_teacher(self) -> bool:
+        """Whether the generic text is the run's teacher's own samples (data.generic=teacher)."""
+        return self.generic == TEACHER_SAMPLES
 
 
     def distillation_view(self) -> DataConfig:
@@ -187,6 +254,30 @@ class LOOConfig:
             raise ConfigError(f"loo.mode must be one of {LOO_MODES}, got {self.mode!r}")
         if self.metric not in LOO_METRICS:
             raise ConfigError(f"loo.metric must be one of {LOO_METRICS}, got {self.metric!r}")
+
+
+# --- the settings a pretrained teacher gets (teacher=local; `RunConfig.with_pretrained_settings`) ----------
+# The demo's settings (the dataclass defaults below) are calibrated for a 1M-parameter model trained here
+# from scratch on character tokens: lr 2e-3 diverges on a pretrained model. These are for pretrained
+# models of 0.1-10B parameters with BPE tokenizers; conf/{train,mmr,sft}/pretrained.yaml hold the same
+# values for Hydra (a test checks they agree).
+PRETRAINED_MAX_LENGTH = 512
+
+
+def pretrained_distill() -> TrainConfig:
+    return TrainConfig(steps=500, lr=1e-4, warmup_steps=50, batch_size=16, max_length=PRETRAINED_MAX_LENGTH,
+                       trainable="all", loss="reverse_kl", save_every=50, log_every=10, kl_chunk_tokens=2048)
+
+
+def pretrained_mmr() -> TrainConfig:
+    return TrainConfig(steps=100, lr=1e-4, warmup_steps=10, batch_size=8, max_length=PRETRAINED_MAX_LENGTH,
+                       trainable="mamba", loss="reverse_kl", save_every=0, log_every=25, kl_chunk_tokens=2048,
+                       loss_window=10)
+
+
+def pretrained_sft() -> TrainConfig:
+    return TrainConfig(steps=300, lr=5e-5, warmup_steps=30, batch_size=16, max_length=PRETRAINED_MAX_LENGTH,
+                       trainable="all", loss="ce", save_every=50, log_every=10)
 
 
 def _distill_defaults() -> TrainConfig:
@@ -361,6 +452,24 @@ class RunConfig:
             raise ConfigError(f"train.loss is the distillation loss: reverse_kl or forward_kl, got {self.train.loss!r}")
         if self.sft.train.loss != "ce":
             raise ConfigError(f"sft.train.loss must be 'ce' (SFT learns from the data, no teacher), got {self.sft.train.loss!r}")
+        if self.teacher.finetune.enabled and not self.teacher.path:
+            raise ConfigError("teacher.finetune.enabled fine-tunes a teacher you give (teacher.path); the demo "
+                              "teacher is trained here on the demo data already (teacher.demo.train)")
+
+    def with_pretrained_settings(self) -> RunConfig:
+        """This configuration with the training settings made for a pretrained teacher (what `teacher=local`
+        selects in Hydra): train, mmr.train, sft.train and data.max_length replaced, the rest kept."""
+        return dataclasses.replace(
+            self, train=pretrained_distill(), mmr=dataclasses.replace(self.mmr, train=pretrained_mmr()),
+            sft=dataclasses.replace(self.sft, train=pretrained_sft()),
+            data=dataclasses.replace(self.data, max_length=PRETRAINED_MAX_LENGTH))
+
+    def uses_demo_settings(self) -> list[str]:
+        """The training sections still at the demo's calibration (its dataclass defaults), which a user's
+        teacher must not run with unawares: the plan refuses them with teacher.path set."""
+        demo = {"train": (self.train, _distill_defaults()), "mmr.train": (self.mmr.train, _mmr_defaults()),
+                "sft.train": (self.sft.train, _sft_defaults())}
+        return [name for name, (value, default) in demo.items() if value == default]
 
 
 def checkpoint_name(n_mamba: int, sft: bool = False) -> str:
@@ -369,10 +478,17 @@ def checkpoint_name(n_mamba: int, sft: bool = False) -> str:
     return f"H-{n_mamba}" + ("-SFT" if sft else "")
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def key_plain(obj: Any) -> Any:
-    """Like `to_plain`, without the fields marked KEY_NEUTRAL: what a cache key digests of a setting."""
+    """Like `to_plain`, without the fields marked KEY_NEUTRAL, nor those marked KEY_SINCE while at their
+    default: what a cache key digests of a setting."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: key_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get(KEY_NEUTRAL)}
+        return {f.name: key_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get(KEY_NEUTRAL)
+                and not (f.metadata.get(KEY_SINCE) and getattr(obj, f.name) == _field_default(f))}
     if isinstance(obj, dict):
         return {str(k): key_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -414,10 +530,19 @@ __all__ = [
     "RunConfig",
     "SFTConfig",
     "STAGES",
+    "SamplesConfig",
+    "TEACHER_SAMPLES",
+    "KEY_SINCE",
+    "added_field",
     "ScheduleConfig",
     "StartConfig",
     "StorageConfig",
     "TeacherConfig",
+    "TeacherFinetuneConfig",
+    "PRETRAINED_MAX_LENGTH",
+    "pretrained_distill",
+    "pretrained_mmr",
+    "pretrained_sft",
     "TrackingConfig",
     "KEY_NEUTRAL",
     "checkpoint_name",

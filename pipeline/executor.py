@@ -48,9 +48,13 @@ _FOLDER_DIGESTS: dict[tuple, str] = {}  # (folder, its files' paths, sizes and m
 
 def folder_digest(folder: Path) -> str:
     """Content digest of a local folder of files (a user's teacher): every file's path and sha256 (hidden
-    files aside). Hashed once per process while no file's size or modification time changes."""
-    files = sorted(path for path in folder.rglob("*") if path.is_file()
-                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    files aside); of a single file (a GGUF teacher): its name and sha256. Hashed once per process while
+    no file's size or modification time changes."""
+    if folder.is_file():
+        files, folder = [folder], folder.parent
+    else:
+        files = sorted(path for path in folder.rglob("*") if path.is_file()
+                       and not any(part.startswith(".") for part in path.relative_to(folder).parts))
     stamp = (str(folder.resolve()), *((path.relative_to(folder).as_posix(), path.stat().st_size, path.stat().st_mtime_ns)
                                       for path in files))
     if stamp not in _FOLDER_DIGESTS:
@@ -308,7 +312,7 @@ def layer_pattern(meta: Mapping[str, Any]) -> tuple[str | None, int | None]:
         count += meta["n_gdn"]
     if meta.get("layer_pattern") is not None:
         return meta["layer_pattern"], count
-    if meta.get("stage") == "teacher" and isinstance(meta.get("layers"), int):
+    if meta.get("stage") in ("teacher", "teacher_finetune") and isinstance(meta.get("layers"), int):
         return "A" * meta["layers"], 0
     return None, count
 

@@ -1,7 +1,8 @@
 """The whole run checked before any stage starts, and printed as a plan.
 
-`plan(cfg, ...)` reads only small things -- the teacher's config.json and file list (no weights), the
-first row of each data file, the store's manifests, the device -- and returns a `Plan`: every problem
+`plan(cfg, ...)` reads only small things -- the teacher's config.json, file list and tokenizer (no
+weights), the first rows of each data source (tokenised with the teacher's tokenizer), the store's
+manifests, the device -- and returns a `Plan`: every problem
 found, one line each (all of them at once), and for each stage its output name, cache key, what will
 happen (skip / resume / run) and its inputs. It writes nothing. `python -m flows.convert --plan` prints
 it; every run checks it first and stops on the first line of trouble, before anything is computed.
@@ -59,10 +60,12 @@ class Plan:
             raise PlanError(self.problems)
 
     def render(self) -> str:
-        lines = [f"{'stage':<9} {'output':<12} {'key':<12} {'action':<7} inputs"]
+        stage = max([len("stage"), *(len(row.stage) for row in self.rows)])
+        output = max([12, *(len(row.name) for row in self.rows)])
+        lines = [f"{'stage':<{stage}} {'output':<{output}} {'key':<12} {'action':<7} inputs"]
         for row in self.rows:
-            lines.append(f"{row.stage:<9} {row.name:<12} {(row.key or '(pending)')[:12]:<12} {row.status:<7} "
-                         f"{', '.join(row.inputs) or '-'}")
+            lines.append(f"{row.stage:<{stage}} {row.name:<{output}} {(row.key or '(pending)')[:12]:<12} "
+                         f"{row.status:<7} {', '.join(row.inputs) or '-'}")
         lines += [f"note: {note}" for note in self.notes]
         lines += [f"problem: {problem}" for problem in self.problems]
         return "\n".join(lines)
@@ -83,6 +86,8 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
         return None
     where = f"teacher.path={cfg.teacher.path}"
     files = set(source.files)
+    if is_gguf(source):
+        return gguf_shape(where, source, problems)
     if "config.json" not in files:
         problems.append(f"{where} has no config.json: it must be a saved transformers checkpoint")
         return None
@@ -115,6 +120,23 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
             return None
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
     return config
+
+
+def gguf_shape(where: str, source: Source, problems: list[str]) -> dict[str, Any] | None:
+    """A GGUF teacher's shape from its header (metadata only: the tensors are not read)."""
+    from pipeline.model.gguf import GGUFError, read_header
+
+    try:
+        header = read_header(source.fetch())
+    except (GGUFError, OSError) as error:
+        problems.append(f"{where}: {str(error).splitlines()[0]}")
+        return None
+    return dict(header.config)
+
+
+def is_gguf(source: Source | None) -> bool:
+    """A GGUF teacher's Source lists its one .gguf file."""
+    return source is not None and len(source.files) == 1 and source.files[0].lower().endswith(".gguf")
 
 
 def read_config(where: str, source: Source, problems: list[str]) -> tuple[dict, dict | None] | None:
@@ -251,6 +273,8 @@ def check_data(name: str, source: str | None, split: str, columns: tuple[str, ..
     if row is None:
         problems.append(f"data.{name}: {files[0]} has no rows")
         return
+    if not isinstance(row, dict):  # check_data_rows names rows that are not objects
+        return
     if "messages" not in row and "text" not in row:
         problems.append(f"data.{name}: rows of {files[0]} need a 'messages' (chat) or 'text' column, "
                         f"found {sorted(row)}")
@@ -269,26 +293,41 @@ def check_data_sources(cfg: RunConfig, problems: list[str]) -> None:
         check_data("generic", data.generic, "train", (), problems)
 
 
-def check_answer_budgets(cfg: RunConfig, problems: list[str]) -> None:
-    """LOO's and the evaluation's greedy-decoding budgets against the reference replies of the very problems
-    they will score (`StageData.problems`), when the tokenizer is at hand without a download: the demo
-    teacher's, or a local teacher folder's (an s3:// teacher is checked by the stages themselves)."""
-    from pipeline.stages.common import StageData, StageError
-
+def teacher_tokenizer(cfg: RunConfig, source: Source | None = None, notes: list[str] | None = None):
+    """The teacher's tokenizer when it is at hand without a download: the demo's char tokenizer, a local
+    teacher folder's, or a GGUF teacher's (read from the file); None otherwise (an s3:// teacher's data is
+    checked by the stages themselves) or when it does not load (a note in `notes`; the teacher checks and
+    the teacher stage report why)."""
     if cfg.teacher.path is None:
         from pipeline.data import build_char_tokenizer
 
-        tokenizer = build_char_tokenizer()
-    else:
+        return build_char_tokenizer()
+    try:
+        if is_gguf(source):
+            from pipeline.model.gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(source.fetch())
         folder = Path(cfg.teacher.path.removeprefix("file://")).expanduser()
         if "://" in cfg.teacher.path.removeprefix("file://") or not folder.is_dir():
-            return
+            return None
         from pipeline.stages.common import load_tokenizer
 
-        try:
-            tokenizer = load_tokenizer(folder)
-        except Exception:  # an unreadable tokenizer is reported by the teacher checks
-            return
+        return load_tokenizer(folder)
+    except Exception as error:  # transformers raises many types for unreadable tokenizer files
+        if notes is not None:
+            notes.append(f"teacher.path={cfg.teacher.path}: its tokenizer does not load "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                         "data rows not checked")
+        return None
+
+
+def check_answer_budgets(cfg: RunConfig, problems: list[str], tokenizer) -> None:
+    """LOO's and the evaluation's greedy-decoding budgets against the reference replies of the very problems
+    they will score (`StageData.problems`), when the teacher's tokenizer is at hand (`teacher_tokenizer`)."""
+    from pipeline.stages.common import StageData, StageError
+
+    if tokenizer is None:
+        return
     checks = [(cfg.data.view("eval"), lambda data: data.eval_problems(
         cfg.evaluate.num_examples, ("evaluate.max_new_tokens", cfg.evaluate.max_new_tokens)))]
     if cfg.loo.metric == "accuracy" and not cfg.start.path:
@@ -301,6 +340,244 @@ def check_answer_budgets(cfg: RunConfig, problems: list[str]) -> None:
             problems.append(str(error).splitlines()[0])
         except Exception:  # unreadable data is check_data's to report
             return
+
+
+# --- data rows against the teacher's tokenizer ---------------------------------------------------
+
+ROWS_CHECKED = 8  # the first rows of each split of each data source the run reads
+
+
+@dataclass
+class DataRead:
+    """One data source the run reads: the data.<kind> settings naming it, its splits (in reading order)
+    and the splits whose rows are scored by their answer (greedy accuracy)."""
+
+    source: str | None  # the configured source; None = the bundled demo data
+    demo_part: str  # "reasoning" or "text": what the demo data gives for it
+    kinds: list[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    answer_splits: set[str] = field(default_factory=set)
+
+    def label(self) -> str:
+        if self.source is None:
+            what = "reasoning traces" if self.demo_part == "reasoning" else "text corpus"
+            return f"the bundled demo {what} ({', '.join(f'data.{kind}' for kind in self.kinds)} unset)"
+        return f"{'='.join(f'data.{kind}' for kind in self.kinds)}={self.source}"
+
+
+def data_reads(cfg: RunConfig, until: str = "evaluate") -> list[DataRead]:
+    """Every data source (and split) the stages up to `until` read, merged by source, in stage order: the
+    demo teacher's training data, LOO's rows (`pipeline.stages.common._selection`'s order, for local
+    sources), the distillations', SFT's, the evaluation's."""
+    from pipeline.chain import UNTIL
+
+    def reaches(stage: str) -> bool:
+        return UNTIL.index(until) >= UNTIL.index(stage)
+
+    data = cfg.data
+    wanted: list[tuple[str, str, bool]] = []  # (kind, split, scored by answer)
+    if not cfg.teacher.path:
+        wanted.append(("distill", "train", False))
+        if cfg.teacher.demo.generic_every:
+            wanted.append(("generic", "train", False))
+    elif cfg.teacher.finetune.enabled:  # the teacher's fine-tuning reads data.sft first
+        wanted.append(("sft", "train", False))
+    if not cfg.start.path and reaches("loo"):
+        accuracy = cfg.loo.metric == "accuracy"
+        eval_splits = _local_splits(data.eval) if data.eval is not None else None
+        distill_splits = _local_splits(data.distill) if data.distill is not None else None
+        if data.eval is None or eval_splits is None or "validation" in eval_splits:  # (a hub name: not known here)
+            wanted.append(("eval", "validation", accuracy))
+        elif data.distill is None or distill_splits is None or "validation" in distill_splits:
+            wanted.append(("distill", "validation", accuracy))
+        else:  # LOO holds out data.distill's last train rows
+            wanted.append(("distill", "train", accuracy))
+    if reaches("convert"):
+        wanted += [(kind, "train", False) for kind in (("distill", "generic") if data.distill_on == "mix"
+                                                        else (data.distill_on,))
+                   if not (kind == "generic" and data.samples_teacher)]
+    if reaches("sft"):
+        wanted.append(("sft", "train", False))
+    if reaches("evaluate"):
+        wanted.append(("eval", "test", True))
+        if not data.samples_teacher:  # the teacher's own samples are made by the run
+            wanted.append(("generic", "test", False))
+    reads: dict[tuple[str | None, str], DataRead] = {}
+    for kind, split, scored in wanted:
+        source, part = getattr(data, kind), "text" if kind == "generic" else "reasoning"
+        if source is not None and _local_file(source) is not None:
+            split = ""  # a single file is the split itself, whichever is asked for
+        read = reads.setdefault((source, part if source is None else ""), DataRead(source, part))
+        if kind not in read.kinds:
+            read.kinds.append(kind)
+        if split not in read.splits:
+            read.splits.append(split)
+        if scored:
+            read.answer_splits.add(split)
+    return list(reads.values())
+
+
+def _local_file(source: str) -> Path | None:
+    path = Path(source.removeprefix("file://")).expanduser()
+    return path if path.is_file() else None
+
+
+def _local_splits(source: str) -> dict[str, list[Path]] | None:
+    """A local source's files by split (a single file: {"": [it]}, it has no other split), or None for a
+    hub name."""
+    from pipeline.data.loading import DataLoadError, files_by_split
+
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_file():
+        return {"": [path]}
+    if path.is_dir():
+        try:
+            return files_by_split(path)
+        except DataLoadError:
+            return {}
+    return None
+
+
+def _head_rows(files: list[Path], count: int) -> list[Any]:
+    """The first `count` rows of a split's files, as parsed (not necessarily objects); ValueError naming the
+    file and line of a row that is not JSON."""
+    rows: list[Any] = []
+    for path in files:
+        if len(rows) >= count:
+            break
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            batch = next(pq.ParquetFile(path).iter_batches(batch_size=count - len(rows)), None)
+            rows += batch.to_pylist() if batch is not None else []
+            continue
+        with open(path, encoding="utf-8") as handle:
+            if path.suffix.lower() == ".json" and handle.read(1) == "[":
+                handle.seek(0)
+                whole = json.load(handle)
+                rows += whole[:count - len(rows)] if isinstance(whole, list) else [whole]
+                continue
+            handle.seek(0)
+            for number, line in enumerate(handle, 1):
+                if len(rows) >= count:
+                    break
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as error:
+                        raise ValueError(f"line {number} of {path} is not JSON ({error})") from error
+    return rows[:count]
+
+
+def _refs(rows: list[tuple[str, int]]) -> str:
+    """'train rows 0, 3; test row 5' for (split, index) pairs ('rows 0, 3' for a single file's)."""
+    parts = []
+    for split in dict.fromkeys(split for split, _ in rows):
+        indexes = [str(index) for where, index in rows if where == split]
+        parts.append(f"{split} row{'s' if len(indexes) > 1 else ''} {', '.join(indexes)}".lstrip())
+    return "; ".join(parts)
+
+
+def check_data_rows(cfg: RunConfig, problems: list[str], notes: list[str], tokenizer,
+                    until: str = "evaluate") -> None:
+    """The first ROWS_CHECKED rows of each split of every data source the run reads (`data_reads`), through
+    the stages' own tokenisation (`tokenize_row`) with the teacher's tokenizer and chat template. One line
+    per problem and source: rows that are not JSON objects; rows the tokenisation refuses (neither
+    'messages' nor 'text', a template whose assistant tokens cannot be found, ...); chat rows longer than
+    data.max_length whose truncation would cut assistant tokens (the end of the reply, its final answer and
+    end-of-turn token, would never be trained on), a problem when more than MAX_CUT_SHARE of the checked
+    rows are (with 8 rows: any), with the length they need; scored rows without an integer 'answer'.
+    Plain-text rows longer than data.max_length are only a note: cutting pre-training-like text to its
+    first tokens is the usual practice. Sources already reported by `check_data`, and hub datasets (no
+    download here), are left to it and to the stages."""
+    from pipeline.data.answers import reference_answer
+    from pipeline.data.loading import DataLoadError, has_generation_markers, tokenize_row
+    from pipeline.stages.common import MAX_CUT_SHARE, StageData
+
+    if tokenizer is None:
+        return
+    max_length, facts = cfg.data.max_length, []
+    for read in data_reads(cfg, until):
+        label = read.label()
+        if any(problem.startswith(f"data.{kind}") for kind in read.kinds for problem in problems):
+            continue  # check_data found it unusable already
+        rows: list[tuple[str, int, Any]] = []
+        try:
+            if read.source is None:
+                for split in read.splits:
+                    kind = read.kinds[0]
+                    head = StageData(cfg.data.view(kind), tokenizer).rows(kind, split)
+                    rows += [(split, index, head[index]) for index in range(min(ROWS_CHECKED, len(head)))]
+            else:
+                splits = _local_splits(read.source)
+                if splits is None:
+                    notes.append(f"{label}: a hub dataset; its rows are checked when a stage loads it")
+                    continue
+                for split in read.splits:
+                    rows += [(split, index, row) for index, row in
+                             enumerate(_head_rows(splits.get(split, []), ROWS_CHECKED))]
+        except (ValueError, OSError) as error:
+            problems.append(f"{label}: {str(error).splitlines()[0]}")
+            continue
+        not_objects = [(split, index, row) for split, index, row in rows if not isinstance(row, dict)]
+        if not_objects:
+            kinds = sorted({type(row).__name__ for _, _, row in not_objects})
+            problems.append(f"{label}: {_refs([(s, i) for s, i, _ in not_objects])} of the first {ROWS_CHECKED} "
+                            f"are not JSON objects ({', '.join(kinds)}): every row must be an object with "
+                            f"'messages' (chat) or 'text'")
+        failed, lengths, cut, truncated = [], [], [], []
+        for split, index, row in rows:
+            if not isinstance(row, dict):
+                continue
+            try:
+                ids, mask = tokenize_row(row, tokenizer, index)
+            except DataLoadError as error:
+                failed.append((split, str(error).splitlines()[0]))
+                continue
+            lengths.append(len(ids))
+            if len(ids) > max_length:
+                (cut if any(mask[max_length:]) and row.get("messages") is not None else truncated).append(len(ids))
+        if failed:
+            split, message = failed[0]
+            more = f" ({len(failed)} of the {len(rows)} rows checked fail)" if len(failed) > 1 else ""
+            problems.append(f"{label}{f' {split} split' if split else ''}: {message}{more}")
+        if lengths and len(cut) > MAX_CUT_SHARE * len(lengths):
+            problems.append(
+                f"{label}: {len(cut)} of the {len(lengths)} chat rows checked are longer than data.max_length="
+                f"{max_length} with the teacher's tokenizer (up to {max(cut)} tokens), so truncation would cut "
+                f"their assistant replies (their end and end-of-turn token never trained on); set data.max_length "
+                f"to at least {max(lengths)}")
+        elif cut or truncated:
+            notes.append(f"{label}: {len(cut) + len(truncated)} of the {len(lengths)} rows checked are longer than "
+                         f"data.max_length={max_length} (up to {max(cut + truncated)} tokens) and will be truncated "
+                         f"to their first {max_length} tokens")
+        scored = [(split, index, row) for split, index, row in rows
+                  if split in read.answer_splits and isinstance(row, dict)]
+        not_chat = [(split, index) for split, index, row in scored if row.get("messages") is None]
+        if not_chat:
+            problems.append(f"{label}: {_refs(not_chat)} of the first {ROWS_CHECKED} are not chat rows ('messages'): "
+                            f"scored rows are prompted through the chat template")
+        missing = [(split, index) for split, index, row in scored if row.get("answer") in (None, "")]
+        if missing:
+            problems.append(f"{label}: {_refs(missing)} of the first {ROWS_CHECKED} have no 'answer' (scored rows "
+                            f"need the reference answer the generated one is checked against)")
+        for split, index, row in scored:
+            if row.get("answer") not in (None, ""):
+                try:
+                    reference_answer(row["answer"])
+                except ValueError as error:
+                    problems.append(f"{label}{f' {split} split' if split else ''}: row {index}: {error} (answers are "
+                                    f"checked as integers)")
+                    break
+        if lengths:
+            splits = f" {'/'.join(read.splits)}" if read.splits != [""] else ""
+            facts.append(f"{label}{splits}: {len(lengths)} rows, {min(lengths)}-{max(lengths)} tokens")
+    if facts:
+        how = ("no chat template" if not tokenizer.chat_template else "its {% generation %} markers"
+               if has_generation_markers(tokenizer)
+               else "rendering each conversation turn by turn (the template has no {% generation %} markers)")
+        notes.append(f"data rows checked with the teacher's tokenizer (the first {ROWS_CHECKED} of each split; "
+                     f"assistant tokens from {how}; data.max_length={max_length}): {'; '.join(facts)}")
 
 
 def check_lm_eval(cfg: RunConfig, problems: list[str]) -> None:
@@ -426,6 +703,12 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
         except (ConfigError, StoreError, OSError) as error:
             problems.append(f"teacher.path={cfg.teacher.path}: {str(error).splitlines()[0]}")
     shape = teacher_shape(cfg, source, problems)
+    demo_settings = cfg.uses_demo_settings() if cfg.teacher.path else []
+    if demo_settings:
+        problems.append(f"teacher.path is your teacher, but {', '.join(demo_settings)} are the demo's settings "
+                        "(calibrated for a 1M-parameter model trained here from scratch; lr 2e-3 diverges on a "
+                        "pretrained model): use teacher=local, which selects the settings for pretrained models "
+                        "(RunConfig.with_pretrained_settings() in Python), or set them")
     if shape is not None:
         check_schedule_and_mamba(cfg, shape, problems)
     start_source = None
@@ -441,7 +724,7 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
                                 else f"start.path={cfg.start.path}: {message}")
         if start_source is not None:
             check_start(cfg, start_source, shape, problems)
-    elif source is not None and shape is not None:  # a hybrid teacher: the first conversion adds to its Mamba
+    elif source is not None and shape is not None and not is_gguf(source):  # a hybrid teacher: the first conversion adds to its Mamba
         found = read_config(f"teacher.path={cfg.teacher.path}", source, problems)
         teacher_mamba = mamba_count(f"teacher.path={cfg.teacher.path}", *found, problems) if found else None
         if teacher_mamba and cfg.schedule.counts[0] <= teacher_mamba:
@@ -449,8 +732,10 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
                             f"has {teacher_mamba} Mamba layers; every count must be larger (or give it as "
                             "start.path to continue its conversion)")
     check_data_sources(cfg, problems)
+    tokenizer = teacher_tokenizer(cfg, source, result.notes)
+    check_data_rows(cfg, problems, result.notes, tokenizer, until="evaluate" if chain is not None else until)
     if not problems:
-        check_answer_budgets(cfg, problems)
+        check_answer_budgets(cfg, problems, tokenizer)
     try:
         sft_input(cfg)
     except ConfigError as error:
@@ -480,4 +765,5 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
     return result
 
 
-__all__ = ["Plan", "PlanError", "PlanRow", "SUPPORTED_ARCHITECTURES", "plan"]
+__all__ = ["Plan", "PlanError", "PlanRow", "ROWS_CHECKED", "SUPPORTED_ARCHITECTURES", "check_data_rows", "data_reads",
+           "plan"]

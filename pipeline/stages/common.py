@@ -273,6 +273,15 @@ class StageData:
     tokenizer: Any
     _cache: dict[str, Any] = field(default_factory=dict)
 
+    def with_generic(self, folder: str | os.PathLike | None) -> StageData:
+        """This stage's data with the generic text read from `folder` (the `samples` stage's output, given
+        to a stage as its `generic` input when data.generic=teacher); unchanged for None."""
+        if folder is None:
+            return self
+        import dataclasses
+
+        return StageData(dataclasses.replace(self.data, generic=str(folder)), self.tokenizer)
+
     def _demo(self):
         if "demo" not in self._cache:
             from pipeline.data import generate_demo_data

@@ -1,4 +1,5 @@
-"""Evaluate the teacher and every checkpoint: answer accuracy, NLL, KL to the teacher, throughput.
+"""Evaluate the teacher and every checkpoint: answer accuracy, NLL, KL to the teacher (on the reasoning rows and
+on generic text), throughput.
 
 Writes summary.json (one record per checkpoint, with its lineage), frontier.png (throughput ratio vs accuracy)
 and frontier_tokens.png (accuracy and throughput against cumulative training tokens).
@@ -37,11 +38,14 @@ TOKENS_FRONTIER_FILE = "frontier_tokens.png"  # accuracy and throughput against 
 
 
 def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, data: StageData, problems,
-                        batches, precision: str = "fp32") -> dict:
-    """`precision` (resolved hardware.precision): "bf16-mixed" measures speed on a bf16 copy of `model`."""
+                        batches, precision: str = "fp32", generic_batches=()) -> dict:
+    """`precision` (resolved hardware.precision): "bf16-mixed" measures speed on a bf16 copy of `model`.
+    `generic_batches`: rows of generic text, scored for NLL and KL beside the reasoning rows."""
     accuracy, samples = answer_accuracy(model, data.tokenizer, problems, batch_size=evaluate.batch_size,
                                         max_new_tokens=evaluate.max_new_tokens)
-    quality = nll_and_kl(model, batches, teacher=None if model is teacher else teacher)
+    reference = None if model is teacher else teacher
+    quality = nll_and_kl(model, batches, teacher=reference)
+    generic = nll_and_kl(model, generic_batches, teacher=reference) if generic_batches else {}
     # speed as deployed: under bf16-mixed a bf16 copy (the fused decode kernels); quality above in fp32
     fast = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16-mixed" else model
     speed = generation_throughput(fast, batch_size=evaluate.throughput_batch,
@@ -64,6 +68,8 @@ def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, dat
         "answer_accuracy": accuracy,
         "nll": quality["nll"],
         "kl_to_teacher": quality.get("kl_to_teacher", 0.0),
+        "nll_generic": generic.get("nll"),
+        "kl_generic": generic.get("kl_to_teacher", 0.0) if generic else None,
         "tokens_per_s": speed.tokens_per_s,
         "throughput": speed.to_dict(),
         "examples": len(problems),
@@ -81,13 +87,14 @@ def lineage(folder: str | Path | None) -> dict:
             "cumulative_train_tokens": int(meta.get("cumulative_train_tokens", 0))}
 
 
-@stage("evaluate", version=3)
+@stage("evaluate", version=4)  # 4: the NLL and KL on generic text (nll_generic, kl_generic)
 @torch.no_grad()
 def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareConfig, *, teacher: str | Path,
                  checkpoints: dict[str, str | Path], out_dir: str | Path, work_dir: str | Path,
-                 reporter: Reporter | None = None) -> list[dict]:
+                 generic: str | Path | None = None, reporter: Reporter | None = None) -> list[dict]:
     """`checkpoints`: name -> folder, in the order to report (the teacher is always evaluated first), on
-    the test split of data.eval."""
+    the test split of data.eval, and for NLL / KL also on `evaluate.nll_examples` rows of the generic text's
+    test split (data.generic; `generic`: the teacher's samples folder when data.generic=teacher)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
     try:
@@ -96,16 +103,18 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
         raise StageError(str(error)) from None
     precision = resolve_precision(hardware)
     teacher_model = load_model(teacher, hardware, "teacher", fp32=True)  # quality in fp32: see resolve_dtype
-    stage_data = StageData(data, load_tokenizer(teacher))
+    stage_data = StageData(data, load_tokenizer(teacher)).with_generic(generic)
     problems = stage_data.eval_problems(evaluate.num_examples, ("evaluate.max_new_tokens", evaluate.max_new_tokens))
     batches = stage_data.eval_batches(evaluate.nll_examples)
+    generic_batches = stage_data.batches(stage_data.rows("generic", "test"), evaluate.nll_examples)
     records = [evaluate_checkpoint(evaluate, "teacher", teacher_model, teacher_model, stage_data, problems, batches,
-                                   precision)]
+                                   precision, generic_batches)]
     records[0].update(lineage(None))
     reporter.progress(f"  teacher: accuracy {records[0]['answer_accuracy']:.3f}, {records[0]['tokens_per_s']:,.0f} tok/s")
     for name, folder in checkpoints.items():
         model = load_model(folder, hardware, f"checkpoint {name}", fp32=True)
-        record = evaluate_checkpoint(evaluate, name, model, teacher_model, stage_data, problems, batches, precision)
+        record = evaluate_checkpoint(evaluate, name, model, teacher_model, stage_data, problems, batches, precision,
+                                     generic_batches)
         record.update(lineage(folder))
         records.append(record)
         del model
@@ -129,17 +138,16 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
 
 def summary_table(records: list[dict]) -> str:
     """A markdown table of the summary (README, logs, Prefect artifacts)."""
-    if any(r.get("n_gdn") for r in records):  # the pattern says which layer holds which mixer
-        lines = ["| checkpoint | pattern | accuracy | NLL | KL to teacher | tokens/s | ratio |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        first = "layer_pattern"
-    else:
-        lines = ["| checkpoint | Mamba layers | accuracy | NLL | KL to teacher | tokens/s | ratio |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        first = "n_mamba"
+    gdn = any(r.get("n_gdn") for r in records)  # then the pattern says which layer holds which mixer
+    lines = [f"| checkpoint | {'pattern' if gdn else 'Mamba layers'} | accuracy | NLL | KL to teacher | generic NLL | "
+             "generic KL | tokens/s | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        lines.append(f"| {r['checkpoint']} | {r[first]} | {r['answer_accuracy']:.3f} | {r['nll']:.4f} | "
-                     f"{r['kl_to_teacher']:.4f} | {r['tokens_per_s']:,.0f} | {r['throughput_ratio']:.2f} |")
+        generic = (f"{r['nll_generic']:.4f} | {r['kl_generic']:.4f}" if r.get("nll_generic") is not None
+                   else "- | -")
+        lines.append(f"| {r['checkpoint']} | {r['layer_pattern'] if gdn else r['n_mamba']} | {r['answer_accuracy']:.3f} | "
+                     f"{r['nll']:.4f} | {r['kl_to_teacher']:.4f} | {generic} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['throughput_ratio']:.2f} |")
     return "\n".join(lines)
 
 

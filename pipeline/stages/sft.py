@@ -1,4 +1,5 @@
-"""End-to-end SFT of a chosen hybrid on chat data (loss on assistant tokens)."""
+"""End-to-end SFT on chat data (loss on assistant tokens): of a chosen hybrid, and of a user's teacher before
+anything else (`teacher.finetune`)."""
 
 from __future__ import annotations
 
@@ -26,18 +27,18 @@ from pipeline.train import TrainConfig
 from pipeline.train import train as _train
 
 
-@stage("sft", version=3)
-def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, checkpoint: str | Path,
-            out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
-    """`train` (sft.train) on data.sft, starting from `checkpoint` (the one sft.checkpoint names)."""
-    reporter = reporter or ConsoleReporter()
-    started, out_dir = time.time(), Path(out_dir)
-    model = load_model(checkpoint, hardware, "SFT input checkpoint", fp32=True)  # fp32 master weights
+def _fine_tune(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, checkpoint: str | Path,
+               out_dir: Path, work_dir: str | Path, reporter: Reporter, stage_name: str, name: str,
+               parent: str) -> dict:
+    """SFT of the model at `checkpoint` with `train` on data.sft (loss on assistant tokens), saved to
+    `out_dir` as checkpoint `name`: the body of the SFT stage and of the teacher's fine-tuning."""
+    started = time.time()
+    what = "SFT input checkpoint" if stage_name == "sft" else "teacher to fine-tune"
+    model = load_model(checkpoint, hardware, what, fp32=True)  # fp32 master weights
     tokenizer = load_tokenizer(checkpoint)
     stage_data = StageData(data, tokenizer)
-    source = read_meta(checkpoint).get("checkpoint", Path(checkpoint).name)
-    name = f"{source}-SFT"
-    reporter.progress(f"  {name}: SFT of {model.config.layer_pattern}")
+    config = model.config
+    reporter.progress(f"  {name}: SFT of {getattr(config, 'layer_pattern', None) or type(model).__name__}")
     state_dir = Path(work_dir) / "train_state"
     if uses_torchrun(hardware, state_dir, train):
         job = TrainingJob(train=train, data=data, batches="sft", state_dir=str(state_dir),
@@ -49,16 +50,38 @@ def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, c
                         state_dir=state_dir, callback=metrics_callback(reporter, name),
                         precision=resolve_precision(hardware))
     save_checkpoint(model, tokenizer, out_dir, train.save_dtype)
-    config = model.config
+    pattern = {"layers": config.num_hidden_layers}  # a plain teacher: all attention
+    if hasattr(config, "layer_types") and hasattr(config, "mamba_layers"):  # a hybrid
+        pattern = {"n_mamba": len(config.mamba_layers), "layer_types": list(config.layer_types),
+                   "layer_pattern": config.layer_pattern}
+        if getattr(config, "gdn_layers", None):  # only then: a Mamba-only stage.json is as it always was
+            pattern["n_gdn"] = len(config.gdn_layers)
     return write_meta(
-        out_dir, "sft", {"train": train, "data": data, "hardware": hardware}, parent=source, started=started,
-        checkpoint=name, n_mamba=len(getattr(config, "mamba_layers", [])), layer_types=list(config.layer_types),
-        **({"n_gdn": len(config.gdn_layers)} if getattr(config, "gdn_layers", None) else {}),
-        layer_pattern=getattr(config, "layer_pattern", None), train=to_plain(train),
+        out_dir, stage_name, {"train": train, "data": data, "hardware": hardware}, parent=parent,
+        started=started, checkpoint=name, **pattern, train=to_plain(train),
         steps=result.steps_done, tokens_seen=result.tokens_seen,
         cumulative_train_tokens=cumulative_train_tokens(checkpoint, result.tokens_seen),
         data=stage_data.describe("sft"), final_loss=result.final_loss,
     )
 
 
-__all__ = ["run_sft"]
+@stage("sft", version=3)
+def run_sft(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, checkpoint: str | Path,
+            out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+    """`train` (sft.train) on data.sft, starting from `checkpoint` (the one sft.checkpoint names)."""
+    source = read_meta(checkpoint).get("checkpoint", Path(checkpoint).name)
+    return _fine_tune(train, data, hardware, checkpoint, Path(out_dir), work_dir, reporter or ConsoleReporter(),
+                      "sft", f"{source}-SFT", source)
+
+
+@stage("teacher_finetune", version=1)
+def run_teacher_finetune(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, *, teacher: str | Path,
+                         out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+    """The user's teacher fine-tuned with `train` (teacher.finetune.train) on data.sft before anything
+    else; the result is the run's teacher (checkpoint name "teacher"), its own pre-training not counted
+    in the lineage's tokens."""
+    return _fine_tune(train, data, hardware, teacher, Path(out_dir), work_dir, reporter or ConsoleReporter(),
+                      "teacher_finetune", "teacher", "teacher")
+
+
+__all__ = ["run_sft", "run_teacher_finetune"]

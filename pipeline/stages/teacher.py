@@ -21,6 +21,7 @@ from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
     StageData,
+    StageError,
     load_model,
     load_tokenizer,
     metrics_callback,
@@ -55,21 +56,31 @@ def _mixed_source(data: StageData, train_cfg: TrainConfig, generic_every: int):
 @stage("teacher", version=1)
 def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str | Path, work_dir: str | Path,
                    reporter: Reporter | None = None) -> dict:
-    """A user's teacher folder, checked and saved in the standard layout."""
+    """A user's teacher, checked and saved in the standard layout: a transformers folder (loaded as
+    `load_model` loads every checkpoint), or a GGUF file (dequantised to fp32 by transformers' GGUF
+    support and stored as safetensors with its tokenizer and chat template)."""
     from pipeline.convert import check_teacher
+    from pipeline.model.gguf import GGUFError, load_gguf, read_header
 
     started, out_dir = time.time(), Path(out_dir)
-    model = load_model(source, hardware, "teacher")
+    extra = {}
+    if Path(source).is_file():  # the executor hands over a GGUF teacher as its file (chain.gguf_source)
+        try:
+            model, tokenizer = load_gguf(source)
+        except GGUFError as error:
+            raise StageError(f"teacher: {error}") from None
+        extra = {"gguf": Path(source).name, "quantization": read_header(source).file_type}
+    else:
+        model, tokenizer = load_model(source, hardware, "teacher"), load_tokenizer(source)
     check_teacher(model)
-    save_checkpoint(model, load_tokenizer(source), out_dir)
-    pattern = {}  # a hybrid as the teacher (a released one): its own pattern, not all attention
-    if getattr(model.config, "recurrent_layers", None):
-        pattern = {"layer_pattern": model.config.layer_pattern, "n_mamba": len(model.config.mamba_layers)}
+    save_checkpoint(model, tokenizer, out_dir)
+    if getattr(model.config, "recurrent_layers", None):  # a hybrid as the teacher (a released one): its own pattern
+        extra.update(layer_pattern=model.config.layer_pattern, n_mamba=len(model.config.mamba_layers))
         if model.config.gdn_layers:
-            pattern["n_gdn"] = len(model.config.gdn_layers)
+            extra["n_gdn"] = len(model.config.gdn_layers)
     return write_meta(out_dir, "teacher", {"hardware": hardware}, parent=None, started=started,
-                      checkpoint="teacher", source="user", architecture=type(model).__name__,
-                      layers=model.config.num_hidden_layers, **pattern)
+                      checkpoint="teacher", source="gguf" if "gguf" in extra else "user",
+                      architecture=type(model).__name__, layers=model.config.num_hidden_layers, **extra)
 
 
 @stage("teacher", version=2)

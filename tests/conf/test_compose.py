@@ -155,3 +155,39 @@ def test_cli_prints_one_line_for_a_bad_option(tmp_path):
     assert lines == [f"error: In 'config': Could not find 'teacher/nope'; valid choices for teacher: "
                      f"{', '.join(group_options('teacher'))}"], result.stderr
     assert not (tmp_path / "artifacts").exists()  # nothing started
+
+
+def test_pretrained_options_are_the_python_settings():
+    """conf/{train,mmr,sft}/pretrained.yaml and teacher=local restate pipeline.config's pretrained settings."""
+    composed = compose(["teacher=local", *TEACHER])
+    expected = RunConfig().with_pretrained_settings()
+    assert to_plain(composed.train) == to_plain(expected.train)
+    assert to_plain(composed.mmr) == to_plain(expected.mmr)
+    assert to_plain(composed.sft) == to_plain(expected.sft)
+    assert composed.data.max_length == expected.data.max_length
+    assert composed.uses_demo_settings() == []
+    assert RunConfig().uses_demo_settings() == ["train", "mmr.train", "sft.train"]
+
+
+def test_teacher_path_alone_selects_pretrained_settings():
+    """`teacher.path=...` without `teacher=` is `teacher=local teacher.path=...`: a user's teacher never gets
+    the demo's lr 2e-3 by default; an explicit teacher group choice is kept."""
+    alone = compose(TEACHER)
+    assert to_plain(alone) == to_plain(compose(["teacher=local", *TEACHER]))
+    assert alone.train.lr != RunConfig().train.lr
+    assert compose(["teacher=demo", *TEACHER]).train.lr == RunConfig().train.lr  # kept: the plan refuses it
+    assert compose(["teacher.path=null"]).train.lr == RunConfig().train.lr
+
+
+def test_an_experiment_sets_its_own_settings_over_teacher_local():
+    cfg = compose(["experiment=smollm2"])
+    assert cfg.teacher.path and cfg.teacher.finetune.enabled
+    assert cfg.train.lr == 3e-4 and cfg.mmr.train.lr == 3e-4 and cfg.data.generic == "teacher"
+    assert cfg.schedule.counts == [15, 18, 21, 24] and cfg.sft.checkpoint == "H-18"
+    smoke = compose(["experiment=smollm2_smoke"])
+    assert smoke.hardware.device == "cpu" and smoke.teacher.path == cfg.teacher.path
+
+
+def test_teacher_finetune_needs_a_user_teacher():
+    with pytest.raises(ConfigCompositionError, match="teacher.finetune.enabled fine-tunes a teacher you give"):
+        compose(["teacher.finetune.enabled=true"])

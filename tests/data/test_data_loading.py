@@ -133,11 +133,17 @@ def test_error_chat_rows_without_chat_template(small_demo):
     assert len(tokenize_rows(datasets.Dataset.from_list(small_demo.text["train"][:2]), tok, max_length=128)) == 2
 
 
-def test_error_template_without_generation_markers(small_demo):
+def test_template_without_generation_markers_gets_masks_turn_by_turn(small_demo):
+    """No markers and no end-of-turn token: the mask is the assistant content (tests/data/test_chat_masks.py
+    has the released templates); markers that mark nothing are refused."""
     tok = build_char_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    with pytest.raises(DataLoadError, match="generation"):
-        tokenize_row(small_demo.reasoning["train"][0], tok, 0)
+    row = small_demo.reasoning["train"][0]
+    ids, mask = tokenize_row(row, tok, 0)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == row["messages"][1]["content"]
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% generation %}{% endgeneration %}{% endfor %}"
+    with pytest.raises(DataLoadError, match=r"row 4: the chat template's \{% generation %\} markers mark no assistant"):
+        tokenize_row(row, tok, 4)
 
 
 def test_error_missing_path_and_split(tmp_path, small_demo):
