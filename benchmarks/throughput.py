@@ -264,9 +264,9 @@ def run_model(spec: str, lengths: list[int], args) -> list[dict]:
     if done.returncode != 0:
         print(f"  FAILED {model_name(spec)} (exit {done.returncode}): {done.stderr.strip()[-1500:]}", flush=True)
     measured = {record["total_len"] for record in records}
+    last_line = done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else ""
     records += [{"model": model_name(spec), "spec": spec, "total_len": total, "n_mamba": parse_model(spec)[1],
-                 "error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else ''}"}
-                for total in lengths if total not in measured]
+                 "error": f"exit {done.returncode}: {last_line}"} for total in lengths if total not in measured]
     return records
 
 

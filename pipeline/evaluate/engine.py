@@ -96,7 +96,8 @@ class GenerationEngine:
                 self.ssm[index] = torch.zeros(b, d, config.mamba_d_state, dtype=torch.float32, device=self.device)
             elif kind == GDN:
                 mixer = model.model.layers[index].mixer
-                self.gdn_conv[index] = torch.zeros(b, mixer.conv_width, mixer.d_conv, dtype=self.dtype, device=self.device)
+                self.gdn_conv[index] = torch.zeros(b, mixer.conv_width, mixer.d_conv, dtype=self.dtype,
+                                                   device=self.device)
                 self.gdn_state[index] = torch.zeros(b, mixer.num_heads, mixer.head_dim, mixer.head_dim,
                                                     dtype=torch.float32, device=self.device)
         # decode-step inputs and outputs (static addresses for the CUDA graph)
@@ -318,7 +319,8 @@ class GenerationEngine:
             elif kind == MAMBA:
                 hidden = hidden + layer.mixer.step(normed[:, 0], self.conv[index], self.ssm[index])[:, None, :]
             elif kind == GDN:
-                hidden = hidden + layer.mixer.step(normed[:, 0], self.gdn_conv[index], self.gdn_state[index])[:, None, :]
+                update = layer.mixer.step(normed[:, 0], self.gdn_conv[index], self.gdn_state[index])
+                hidden = hidden + update[:, None, :]
             hidden = hidden + self._mlp(index, layer.mlp, layer.post_attention_layernorm(hidden))
         self._advance(self.model.lm_head(model.norm(hidden[:, 0])))
 
