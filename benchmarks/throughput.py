@@ -258,7 +258,14 @@ def run_model(spec: str, lengths: list[int], args) -> list[dict]:
     command += ["--full-warmup"] if args.full_warmup else []
     command += ["--smoke"] if SMOKE else []
     print(f"  {model_name(spec)}: batches {batches} at lengths {lengths}", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.model_timeout)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.model_timeout)
+    except subprocess.TimeoutExpired as expired:  # what it measured before the limit still counts
+        def text(value):
+            return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+
+        done = subprocess.CompletedProcess(command, "timeout", text(expired.stdout),
+                                           text(expired.stderr) + f"\nran past --model-timeout {args.model_timeout} s")
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     print("\n".join(line for line in done.stdout.splitlines() if not line.startswith("{")), flush=True)
     if done.returncode != 0:
