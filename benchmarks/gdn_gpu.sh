@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Gated DeltaNet on one GPU, in one command: the fla-core kernels against the reference (GPU tests), the
 # throughput at the Apriel-15B shape (teacher, H-25/30/40 with Mamba-1, with Gated DeltaNet, mixed; 4k and
-# 16k), and the quality of H-K with each mixer on gpu_demo (K = 4 and 6, three seeds); then the report
+# 16k), and the quality of H-K with each mixer on gpu_demo (K = 4, or GDN_COUNTS; three seeds); then the report
 # (gdn-h200.json / .md). Each part has its own time limit and the next part runs whatever the last did.
 #
 #   bash benchmarks/gdn_gpu.sh            (writes into $OUT, default /tmp/gdn-out)
@@ -16,6 +16,7 @@ PARTS=${GDN_PARTS:-tests throughput quality}
 T_TESTS=${T_TESTS:-100}
 T_THROUGHPUT=${T_THROUGHPUT:-230}
 T_QUALITY=${T_QUALITY:-240}
+COUNTS=${GDN_COUNTS:-4}  # the K of the quality comparison; "4 6" doubles its processes (give it T_QUALITY=400)
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -48,8 +49,8 @@ case " $PARTS " in *" throughput "*)
   echo "exit $?"; tail -24 "$OUT/gdn-throughput.log" ;;
 esac
 case " $PARTS " in *" quality "*)
-  part "quality on gpu_demo: H-4 and H-6, Mamba-1 against Gated DeltaNet, 3 seeds"
-  timeout "$T_QUALITY" python3 benchmarks/gpu_pipeline.py mixers --mixers mamba gdn --counts 4 6 --seeds 0 1 2 \
+  part "quality on gpu_demo: H-K (K = $COUNTS), Mamba-1 against Gated DeltaNet, 3 seeds"
+  timeout "$T_QUALITY" python3 benchmarks/gpu_pipeline.py mixers --mixers mamba gdn --counts $COUNTS --seeds 0 1 2 \
     --teacher-steps 1200 --timeout $(( T_QUALITY - 15 )) --root /tmp/gpu-mixers --out "$OUT/gdn-quality.json" \
     >"$OUT/gdn-quality.log" 2>&1
   echo "exit $?"; tail -20 "$OUT/gdn-quality.log" ;;
