@@ -1,14 +1,17 @@
-"""Teacher -> hybrid surgery and Mamba-in-Llama initialisation."""
+"""Teacher -> hybrid surgery: Mamba-in-Llama initialisation, and Gated DeltaNet initialised from attention."""
 
 from pipeline.convert.hybridize import (
+    GDN_OPTIONS,
     SUPPORTED,
     TEACHER_CLASSES,
     ConversionError,
     check_teacher,
+    gdn_from_attention,
+    gdn_trial,
     hybrid_config_from_teacher,
     hybridize,
     mamba_trial,
 )
 
-__all__ = ["SUPPORTED", "TEACHER_CLASSES", "ConversionError", "check_teacher", "hybrid_config_from_teacher", "hybridize",
-           "mamba_trial"]
+__all__ = ["GDN_OPTIONS", "SUPPORTED", "TEACHER_CLASSES", "ConversionError", "check_teacher", "gdn_from_attention",
+           "gdn_trial", "hybrid_config_from_teacher", "hybridize", "mamba_trial"]

@@ -52,6 +52,8 @@ READERS = {
     "data.generic": set(),
     "data.distill_on": DISTILLATIONS,
     "mamba": {"H-4"},  # later steps take their parent's mixer settings
+    "gdn": set(),  # read only where schedule.mixers lists "gdn" (test_mixers_enter_only_the_keys_that_read_them)
+    "schedule.mixers": {"mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # [mamba, gdn]: the first conversion is still Mamba
     "loo": {"loo"},
     "train": {"H-4", "H-5", "H-6"},
     "mmr": {"mmr-H-4", "mmr-H-5"},
@@ -64,7 +66,8 @@ for prefix in ("data.max_length", "data.demo", "data.distill"):
 
 CHOICES = {"loss": ["reverse_kl", "forward_kl"], "trainable": ["all", "mamba"], "mode": ["mixer", "block"],
            "metric": ["accuracy", "nll"], "gqa_expansion": ["chunk", "head_aligned"], "device": ["auto", "cpu"],
-           "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic", "mix"]}
+           "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic", "mix"],
+           "mixers": [["mamba"], ["mamba", "gdn"]]}
 
 
 class KeyRecorder:
@@ -207,3 +210,19 @@ def test_the_start_checkpoint_is_an_input_of_every_stage_after_it():
     run_chain(set_field(cfg, "start.path", None), no_start, None)
     assert "loo" in no_start.keys and "start" not in no_start.keys
     assert no_start.keys["teacher"] == recorder.keys["teacher"]
+
+
+def test_mixers_enter_only_the_keys_that_read_them():
+    """The default schedule.mixers [mamba] adds nothing to any key (above: Mamba-only keys as they always were);
+    otherwise the first conversion reads the first mixer, MMR every mixer, and the gdn section reaches the
+    stages that can create Gated DeltaNet layers."""
+    base = keys(BASE)
+    only_gdn = set_field(BASE, "schedule.mixers", ["gdn"])
+    both = set_field(BASE, "schedule.mixers", ["mamba", "gdn"])
+    differ = lambda new: {name for name in ALL if new[name] != base[name]}  # noqa: E731
+    assert differ(keys(only_gdn)) == {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"}
+    assert differ(keys(both)) == {"mmr-H-4", "H-5", "mmr-H-5", "H-6"}
+    for cfg, readers_of_gdn in ((only_gdn, {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"}),
+                                (both, {"mmr-H-4", "H-5", "mmr-H-5", "H-6"})):
+        before, after = keys(cfg), keys(set_field(cfg, "gdn.d_conv", 3))
+        assert {name for name in ALL if after[name] != before[name]} == readers_of_gdn
