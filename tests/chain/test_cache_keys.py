@@ -40,16 +40,20 @@ READERS = {
     "hardware": ALL,
     "seed": {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # MIL initialisation of the fresh Mamba parameters
     "teacher.demo": {"teacher"},
+    # the teacher fine-tuned first: a new teacher-ft output that every stage after the teacher reads instead
+    "teacher.finetune.enabled": ALL - {"teacher", "H-6-SFT"},  # (SFT reads only its checkpoint)
+    "teacher.finetune.train": set(),  # read only by that fine-tuning
+    "data.samples": set(),  # read only with data.generic=teacher (test_generic_samples_enter_only_their_readers)
     "data.max_length": ALL,
     "data.demo": ALL,
-    "data.demo.n_text": set(),  # the generic corpus: read by nothing unless the teacher mixes it in
-    "data.demo.min_sentences": set(),
-    "data.demo.max_sentences": set(),
+    "data.demo.n_text": {"evaluate"},  # the generic corpus: the evaluation's generic NLL (and a mixing teacher)
+    "data.demo.min_sentences": {"evaluate"},
+    "data.demo.max_sentences": {"evaluate"},
     "data.distill": {"teacher", "loo", *DISTILLATIONS},  # LOO: its validation split, or a held-out share
     "data.validation_share": set(),  # only for a user's data.distill without validation files
     "data.sft": {"H-6-SFT"},
     "data.eval": {"loo", "evaluate"},
-    "data.generic": set(),
+    "data.generic": {"evaluate"},
     "data.distill_on": DISTILLATIONS,
     "mamba": {"H-4"},  # later steps take their parent's mixer settings
     "gdn": set(),  # read only where schedule.mixers lists "gdn" (test_mixers_enter_only_the_keys_that_read_them)
@@ -226,3 +230,16 @@ def test_mixers_enter_only_the_keys_that_read_them():
                                 (both, {"mmr-H-4", "H-5", "mmr-H-5", "H-6"})):
         before, after = keys(cfg), keys(set_field(cfg, "gdn.d_conv", 3))
         assert {name for name in ALL if after[name] != before[name]} == readers_of_gdn
+
+
+def test_generic_samples_enter_only_their_readers():
+    """data.generic=teacher adds the samples stage after the teacher; its settings reach it and, through its
+    output, the evaluation; nothing else."""
+    cfg = set_field(BASE, "data.generic", "teacher")
+    recorder = ContentRecorder()
+    run_chain(cfg, recorder, None)
+    assert list(recorder.keys)[:3] == ["teacher", "teacher-samples", "loo"]
+    assert recorder.inputs["evaluate"]["generic"].name == "teacher-samples"
+    more = ContentRecorder()
+    run_chain(set_field(cfg, "data.samples.test", 7), more, None)
+    assert {name for name in recorder.keys if more.keys[name] != recorder.keys[name]} == {"teacher-samples", "evaluate"}
