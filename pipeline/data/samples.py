@@ -127,17 +127,23 @@ def sample_texts(model, tokenizer, count: int, *, max_new_tokens: int = 128, tem
     return texts
 
 
-def _sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, eos: int | None,
-            generator: torch.Generator) -> list[list[int]]:
-    """Continuations of left-padded `prompts`, token by token with the model's KV cache."""
+def _prefill(model, prompts: list[list[int]], pad: int):
+    """(cache, next-token logits, attention mask, last positions) of left-padded `prompts`."""
     device = next(model.parameters()).device
-    size, width = len(prompts), max(len(prompt) for prompt in prompts)
-    pad = eos if eos is not None else 0
+    width = max(len(prompt) for prompt in prompts)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    return out.past_key_values, out.logits[:, -1], mask, positions
+
+
+def _sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, eos: int | None,
+            generator: torch.Generator) -> list[list[int]]:
+    """Continuations of left-padded `prompts`, token by token with the model's KV cache."""
+    device = next(model.parameters()).device
+    size = len(prompts)
+    cache, logits, mask, positions = _prefill(model, prompts, eos if eos is not None else 0)
     done = torch.zeros(size, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
     for step in range(max_new_tokens):
