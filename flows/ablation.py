@@ -42,6 +42,7 @@ from flows.convert import (
 from flows.executor import StoreExecutor
 from pipeline.ablation import ARMS, METRICS, check_schedule, collect_records, run_ablation, summarize, write_report
 from pipeline.config import ConfigError, RunConfig, to_plain
+from pipeline.executor import work_root_for
 from pipeline.plan import Plan, plan
 from pipeline.tracking import NullTracker, Tracker
 
@@ -61,7 +62,8 @@ def check_ablation(cfg: RunConfig, teacher: TeacherResolver | None = None) -> Pl
         check_schedule(cfg)
     except ConfigError as error:
         return Plan(problems=[str(error)])
-    return plan(cfg, store=open_run_store(cfg, cache_root), work_root=cache_root / "work" / cfg.run_name,
+    store = open_run_store(cfg, cache_root)
+    return plan(cfg, store=store, work_root=work_root_for(cache_root, store, cfg.run_name),
                 teacher=teacher or TeacherResolver(cfg, cache_root), tracking=lambda: check_tracking(cfg),
                 until="steps", chain=lambda execute, source, _start: run_ablation(cfg, execute, source))
 
@@ -116,7 +118,7 @@ def run_ablation_flow(cfg: RunConfig, command: str) -> dict[str, Any]:
     store.check()
     store.lease_wait_seconds = cfg.ablation.lease_wait_s  # wait for a stage another process is computing
     tracker = open_parent(cfg, store)
-    executor = StoreExecutor(store, tracker, cache_root / "work" / cfg.run_name, parent_run_name(cfg),
+    executor = StoreExecutor(store, tracker, work_root_for(cache_root, store, cfg.run_name), parent_run_name(cfg),
                              first_count=cfg.schedule.counts[0])
     progress(f"ablation '{cfg.run_name}', seeds {list(cfg.ablation.seeds)}: store {store.uri}")
     progress(checked.render())
@@ -126,7 +128,8 @@ def run_ablation_flow(cfg: RunConfig, command: str) -> dict[str, Any]:
         tracker.set_tags({"storage.uri": store.uri, "prefect.flow_run_id": flow_run.id or "",
                           "ablation.seeds": str(list(cfg.ablation.seeds))})
         results = run_ablation(cfg, executor, teacher())
-        teacher_quality, records = collect_records(results, lambda output: store.get_checkpoint(output.name))
+        teacher_quality, records = collect_records(
+            results, lambda output: store.get_checkpoint(output.name, digest=output.manifest_digest))
         # the date the results were computed (the newest scoring), so the same store gives the same report
         computed = max(store.manifest(result.quality.name)["created"] for result in results)
         settings = {"layers": cfg.teacher.demo.num_hidden_layers if not cfg.teacher.path else cfg.teacher.path,

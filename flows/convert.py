@@ -34,7 +34,7 @@ from flows.publish import summary_records
 from flows.sources import teacher_source
 from pipeline.chain import UNTIL, run_chain
 from pipeline.config import ConfigError, RunConfig, to_plain
-from pipeline.executor import Source
+from pipeline.executor import Source, work_root_for
 from pipeline.plan import Plan, plan
 from pipeline.stages import StageError, summary_table
 from pipeline.stages.evaluate import SUMMARY_FILE
@@ -98,7 +98,8 @@ def check_run(cfg: RunConfig, until: str = "evaluate", teacher: TeacherResolver 
               start: TeacherResolver | None = None) -> Plan:
     """The plan of this run (`pipeline.plan.plan`): every problem, and what each stage will do."""
     cache_root = cache_root_of(cfg)
-    return plan(cfg, store=open_run_store(cfg, cache_root), work_root=cache_root / "work" / cfg.run_name,
+    store = open_run_store(cfg, cache_root)
+    return plan(cfg, store=store, work_root=work_root_for(cache_root, store, cfg.run_name),
                 teacher=teacher or TeacherResolver(cfg, cache_root), tracking=lambda: check_tracking(cfg),
                 until=until, start=start or TeacherResolver(cfg, cache_root, "start"))
 
@@ -139,7 +140,7 @@ def run_conversion(cfg: RunConfig, until: str = "evaluate") -> dict[str, Any]:
     store = open_run_store(cfg, cache_root)
     store.check()
     tracker = open_tracker(cfg)
-    executor = StoreExecutor(store, tracker, cache_root / "work" / cfg.run_name, cfg.run_name,
+    executor = StoreExecutor(store, tracker, work_root_for(cache_root, store, cfg.run_name), cfg.run_name,
                              first_count=cfg.schedule.counts[0])
     progress(f"run '{cfg.run_name}' up to {until}: store {location(store)}")
     progress(checked.render())
@@ -158,7 +159,8 @@ def _report(cfg: RunConfig, until: str, store: Store, tracker: Any, executor: St
     progress(f"done in {seconds:.0f}s: {len(ran)} stages computed, {len(skipped)} found complete in the store")
     last = list(executor.outputs)[-1]
     if "evaluate" in executor.outputs:
-        progress(summary_table(summary_records(store.get_checkpoint("evaluate"))))
+        evaluated = executor.outputs["evaluate"]
+        progress(summary_table(summary_records(store.get_checkpoint("evaluate", digest=evaluated.manifest_digest))))
         results = location(store, "evaluate", SUMMARY_FILE)
     else:
         results = location(store, last)

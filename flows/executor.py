@@ -165,7 +165,7 @@ class StoreExecutor(Executor):
         """Markdown tables of the LOO ranking, the MMR scores and the final summary."""
         if call.stage not in ("loo", "mmr", "evaluate"):
             return
-        folder = self.store.get_checkpoint(output.name)
+        folder = self.store.get_checkpoint(output.name, digest=output.manifest_digest)
         link = self.run_link(output.mlflow_run_id)
         if call.stage == "loo":
             markdown, description = loo_markdown(folder, self.first_count, link), "Leave-one-out layer ranking"

@@ -8,6 +8,7 @@ fails with one line naming the field, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,22 @@ KEY_NEUTRAL = "key_neutral"
 
 class ConfigError(ValueError):
     """A run configuration that cannot work."""
+
+
+# A name that becomes one segment of a path or an object key (run_name; the store's checkpoint names follow
+# the same rule, pipeline.store.manifest.check_name): letters, digits, '.', '_', '-', not starting with '.'
+# or '-' (so never '..', a hidden folder or an option), no separators, bounded length.
+PATH_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_PATH_NAME_LENGTH = 100
+
+
+def check_path_name(value: Any, setting: str) -> str:
+    """`value` as one safe path segment, else one ConfigError line naming `setting`."""
+    if not isinstance(value, str) or not PATH_NAME_PATTERN.match(value) or len(value) > MAX_PATH_NAME_LENGTH:
+        raise ConfigError(
+            f"{setting} must be one name of letters, digits, '.', '_' or '-' (not starting with '.' or '-', at "
+            f"most {MAX_PATH_NAME_LENGTH} characters; it becomes a folder and object-key name), got {value!r}")
+    return value
 
 
 @dataclass
@@ -326,8 +343,7 @@ class RunConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def __post_init__(self) -> None:
-        if not self.run_name or "/" in self.run_name:
-            raise ConfigError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+        check_path_name(self.run_name, "run_name")
         if self.train.loss not in ("reverse_kl", "forward_kl"):
             raise ConfigError(f"train.loss is the distillation loss: reverse_kl or forward_kl, got {self.train.loss!r}")
         if self.sft.train.loss != "ce":
@@ -388,6 +404,7 @@ __all__ = [
     "TeacherConfig",
     "TrackingConfig",
     "KEY_NEUTRAL",
+    "check_path_name",
     "checkpoint_name",
     "key_plain",
     "to_plain",

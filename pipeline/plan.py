@@ -117,6 +117,49 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
     return config
 
 
+def check_teacher_files(cfg: RunConfig, source: Source, config: dict[str, Any], problems: list[str]) -> None:
+    """Before anything loads the teacher: no code of its own folder would be needed (config.json's or
+    tokenizer_config.json's auto_map), its weights are floats, and, for a folder on this machine, its
+    tokenizer loads (never running code) and fits its embedding."""
+    from pipeline.model.config import HybridConfig
+    from pipeline.stages.common import code_refusal, local_folder, non_float_weights
+
+    where = f"teacher.path={cfg.teacher.path}"
+    if config.get("auto_map") and config.get("model_type") != HybridConfig.model_type:
+        problems.append(code_refusal(where, "config.json", config["auto_map"]))
+        return
+    if "tokenizer_config.json" in source.files:
+        try:
+            tokenizer_config = json.loads(source.read("tokenizer_config.json"))
+        except (ValueError, OSError, StoreError) as error:
+            problems.append(f"{where}: tokenizer_config.json is unreadable ({str(error).splitlines()[0]})")
+            return
+        if isinstance(tokenizer_config, dict) and tokenizer_config.get("auto_map"):
+            problems.append(code_refusal(where, "tokenizer_config.json", tokenizer_config["auto_map"]))
+            return
+    folder = local_folder(cfg.teacher.path)
+    if folder is None or not folder.is_dir():  # an s3:// teacher: the stage checks what needs its weights
+        if config.get("quantization_config"):
+            problems.append(f"{where}: config.json has a quantization_config: a quantised checkpoint cannot be "
+                            "distilled from; give its unquantised (float) weights")
+        return
+    quantised = non_float_weights(folder)
+    if quantised:
+        problems.append(f"{where}: {quantised}")
+        return
+    from pipeline.data import TokenizerError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(folder)
+    except TokenizerError as error:
+        problems.append(f"{where}: {str(error).splitlines()[0]}")
+        return
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        problems.append(f"{where}: its tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
+                        f"{vocab}: the tokenizer does not belong to these weights")
+
+
 def read_config(where: str, source: Source, problems: list[str]) -> tuple[dict, dict | None] | None:
     """(config.json, mamba_config.json or None) of a Source, or None with a problem line."""
     from pipeline.model.layouts import MIL_CONFIG
@@ -279,14 +322,14 @@ def check_answer_budgets(cfg: RunConfig, problems: list[str]) -> None:
 
         tokenizer = build_char_tokenizer()
     else:
-        folder = Path(cfg.teacher.path.removeprefix("file://")).expanduser()
-        if "://" in cfg.teacher.path.removeprefix("file://") or not folder.is_dir():
-            return
-        from pipeline.stages.common import load_tokenizer
+        from pipeline.stages.common import load_tokenizer, local_folder
 
+        folder = local_folder(cfg.teacher.path)
+        if folder is None or not folder.is_dir():
+            return
         try:
             tokenizer = load_tokenizer(folder)
-        except Exception:  # an unreadable tokenizer is reported by the teacher checks
+        except ValueError:  # an unreadable tokenizer is reported by the teacher checks
             return
     checks = [(cfg.data.view("eval"), lambda data: data.eval_problems(
         cfg.evaluate.num_examples, ("evaluate.max_new_tokens", cfg.evaluate.max_new_tokens)))]
@@ -422,6 +465,8 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
             problems.append(f"teacher.path={cfg.teacher.path}: {str(error).splitlines()[0]}")
     shape = teacher_shape(cfg, source, problems)
     if shape is not None:
+        if source is not None:
+            check_teacher_files(cfg, source, shape, problems)
         check_schedule_and_mamba(cfg, shape, problems)
     start_source = None
     if cfg.start.path:

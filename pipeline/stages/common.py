@@ -112,6 +112,20 @@ def resolve_dtype(hardware: HardwareConfig, device: torch.device, *, fp32: bool 
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
+def local_folder(path: str | None) -> Path | None:
+    """The local path a setting names (a plain path or a file:// URI), or None for a remote URI."""
+    if not path:
+        return None
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(path)
+    if parsed.scheme.lower() == "file":
+        return Path(unquote(parsed.netloc + parsed.path)).expanduser()
+    if parsed.scheme and len(parsed.scheme) > 1:  # s3://, hf://, ... (one letter: a Windows drive)
+        return None
+    return Path(path).expanduser()
+
+
 def require_folder(path: str | os.PathLike, what: str) -> Path:
     folder = Path(path)
     if not folder.exists():
@@ -189,11 +203,79 @@ def check_safe_to_load(folder: Path, what: str) -> None:
     except (OSError, ValueError, AttributeError) as exc:
         raise StageError(f"{what} at {folder}: config.json does not parse ({exc})") from None
     if auto_map and not _registered_here(folder):
-        raise StageError(
-            f"{what} at {folder} needs Python code from its own folder (config.json auto_map: "
-            f"{', '.join(sorted(auto_map))}); code from a checkpoint folder is never run: save the teacher "
-            "as a Llama, Mistral or Qwen2 checkpoint"
-        )
+        raise StageError(code_refusal(f"{what} at {folder}", "config.json", auto_map))
+    quantised = non_float_weights(folder)
+    if quantised:
+        raise StageError(f"{what} at {folder}: {quantised}")
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            tokenizer_map = json.loads(tokenizer_config.read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise StageError(f"{what} at {folder}: tokenizer_config.json does not parse ({exc})") from None
+        if tokenizer_map:
+            raise StageError(code_refusal(f"{what} at {folder}", "tokenizer_config.json", tokenizer_map))
+
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), read without the data.
+    Raises ValueError for a file that is not safetensors."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path.name} is shorter than a safetensors header")
+        size = int.from_bytes(prefix, "little")
+        if size > 100_000_000:
+            raise ValueError(f"{path.name} has a {size}-byte header: not a safetensors file")
+        header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} has no safetensors header")
+    return header
+
+
+def non_float_weights(folder: Path) -> str | None:
+    """What is wrong with a folder whose weights are not floating point (an int8 / 4-bit quantised export,
+    which a float model would load as cast integers), or None. Reads the safetensors headers only."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and config.get("quantization_config"):
+        method = (config["quantization_config"] or {}).get("quant_method", "?") \
+            if isinstance(config["quantization_config"], dict) else "?"
+        return (f"config.json has a quantization_config ({method}): a quantised checkpoint cannot be distilled "
+                "from; give its unquantised (float) weights")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            header = safetensors_header(path)
+        except (OSError, ValueError):
+            return None  # a truncated or corrupt file: loading reports it
+        for name, entry in header.items():
+            if name != "__metadata__" and name.endswith(".weight") and isinstance(entry, dict) \
+                    and entry.get("dtype") not in FLOAT_DTYPES:
+                return (f"weight {name} is stored as {entry.get('dtype')} in {path.name}: a quantised checkpoint "
+                        "cannot be distilled from; give its unquantised (float) weights")
+    return None
+
+
+def code_refusal(where: str, file_name: str, auto_map: Any) -> str:
+    """The line that refuses a checkpoint whose `file_name` (config.json, tokenizer_config.json) names Python
+    code of its own folder in `auto_map`."""
+    names = sorted(auto_map) if isinstance(auto_map, dict) else [str(auto_map)]
+    return (f"{where} needs Python code from its own folder ({file_name} auto_map: {', '.join(names)}); code "
+            "from a checkpoint folder is never run: save the teacher as a Llama, Mistral or Qwen2 checkpoint")
+
+
+def check_vocabulary(model, tokenizer, where: str) -> None:
+    """The model's embedding has a row for every token id its tokenizer can produce."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise StageError(f"{where}: its tokenizer has {len(tokenizer)} tokens but its embedding only {rows} rows "
+                         f"(config.json vocab_size {getattr(model.config, 'vocab_size', '?')}): the tokenizer does "
+                         "not belong to these weights")
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -517,6 +599,7 @@ def metrics_callback(reporter: Reporter, label: str):
 
 __all__ = [
     "ConsoleReporter",
+    "check_vocabulary",
     "VALIDATION_SPLIT",
     "held_out_count",
     "stage",

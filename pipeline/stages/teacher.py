@@ -21,6 +21,7 @@ from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
     StageData,
+    check_vocabulary,
     load_model,
     load_tokenizer,
     metrics_callback,
@@ -61,7 +62,9 @@ def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str
     started, out_dir = time.time(), Path(out_dir)
     model = load_model(source, hardware, "teacher")
     check_teacher(model)
-    save_checkpoint(model, load_tokenizer(source), out_dir)
+    tokenizer = load_tokenizer(source)
+    check_vocabulary(model, tokenizer, f"teacher at {source}")
+    save_checkpoint(model, tokenizer, out_dir)
     pattern = {}  # a hybrid as the teacher (a released one): its own pattern, not all attention
     if getattr(model.config, "mamba_layers", None):
         pattern = {"layer_pattern": model.config.layer_pattern, "n_mamba": len(model.config.mamba_layers)}
