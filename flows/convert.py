@@ -51,7 +51,7 @@ def open_run_store(cfg: RunConfig, cache_root: Path) -> Store:
     """The run's own store: `<storage.uri>/<run_name>`, so checkpoint names are the chain's names
     (opening touches nothing; the plan checks it can be written)."""
     return open_store(f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name}", endpoint_url=cfg.storage.endpoint_url,
-                      cache_dir=cache_root / "store")
+                      cache_dir=cache_root / "store", retain_seconds=cfg.storage.retain_hours * 3600)
 
 
 def cache_root_of(cfg: RunConfig) -> Path:

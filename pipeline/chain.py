@@ -161,7 +161,8 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
 
     root = Path(root if root is not None else cfg.storage.uri)
     cache = Path(cfg.storage.cache_dir or ".cache")
-    store = open_store(str(root / cfg.run_name), cache_dir=cache / "store")
+    store = open_store(str(root / cfg.run_name), cache_dir=cache / "store",
+                       retain_seconds=cfg.storage.retain_hours * 3600)
     if not isinstance(store, LocalStore):
         raise ConfigError(f"run_local writes to a folder, not {store.uri}: use `python -m flows.convert` for S3")
     work = Path(work_root) if work_root is not None else work_root_for(cache, store, cfg.run_name)

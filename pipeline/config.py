@@ -255,6 +255,14 @@ class StorageConfig:
     endpoint_url: str | None = None  # S3 endpoint (MinIO, ...); credentials come from the AWS environment only
     # local cache root: store/ (S3 downloads), work/ (resumable stage state), teachers/; None = ./.cache
     cache_dir: str | None = None
+    # a checkpoint version replaced by a newer one (another run's re-put) stays readable this long for the
+    # runs still reading it, then the next put removes it; on a folder store, also as long as a run holds it
+    retain_hours: float = 6.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retain_hours, int | float) or isinstance(self.retain_hours, bool) \
+                or not 0 <= self.retain_hours <= 24 * 365:
+            raise ConfigError(f"storage.retain_hours must be a number of hours >= 0, got {self.retain_hours!r}")
 
 
 @dataclass
