@@ -31,12 +31,12 @@ from prefect.runtime import flow_run
 from flows.config import ConfigCompositionError, compose
 from flows.console import progress, quiet_console
 from flows.convert import (
-    USER_ERRORS,
     TeacherResolver,
     cache_root_of,
     check_tracking,
     open_run_store,
     prefect_location,
+    print_failure,
     run_flow_command,
 )
 from flows.executor import StoreExecutor
@@ -44,6 +44,7 @@ from pipeline.ablation import ARMS, METRICS, check_schedule, collect_records, ru
 from pipeline.config import ConfigError, RunConfig, to_plain
 from pipeline.executor import work_root_for
 from pipeline.plan import Plan, plan
+from pipeline.redaction import redact_text
 from pipeline.tracking import NullTracker, Tracker
 
 TRACKER_LEASE = "ablation-tracking"  # a store lease: one process at a time finds or creates the parent run
@@ -178,19 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides)
     except ConfigCompositionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(redact_text(f"error: {error}"), file=sys.stderr)
         return 2
     try:
         checked = check_ablation(cfg)
-    except USER_ERRORS as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 1
+    except Exception as error:
+        return print_failure(error)
     if args.plan:
         print(checked.render())
         print(f"arms: {', '.join(arm.name for arm in ARMS)}; seeds {list(cfg.ablation.seeds)}; report into "
               f"{Path(cfg.ablation.results_dir).resolve()}")
     for problem in checked.problems:
-        print(f"error: {problem}", file=sys.stderr)
+        print(redact_text(f"error: {problem}"), file=sys.stderr)
     if args.plan or checked.problems:
         return 1 if checked.problems else 0
     command = shlex.join(["python", "-m", "flows.ablation", *args.overrides])

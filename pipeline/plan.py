@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.executor import Executor, Output, Source, StageCall, cache_key, input_digest
+from pipeline.redaction import redact_text
 from pipeline.store import LocalStore, Store, StoreError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "HybridForCausalLM")
@@ -31,8 +32,23 @@ class PlanError(ConfigError):
     """The run cannot work: one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = [redact_text(problem) for problem in problems]  # a config value's secret stays out
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class _RedactedLines(list):
+    """The plan's problem lines: every line appended is redacted (a secret interpolated into a config
+    value never reaches the console, Prefect or a log)."""
+
+    def __init__(self, lines=()) -> None:
+        super().__init__(redact_text(line) for line in lines)
+
+    def append(self, line: str) -> None:
+        super().append(redact_text(line))
+
+    def extend(self, lines) -> None:
+        super().extend(redact_text(line) for line in lines)
 
 
 @dataclass
@@ -50,6 +66,9 @@ class Plan:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.problems = _RedactedLines(self.problems)
+
     @property
     def ok(self) -> bool:
         return not self.problems
@@ -65,7 +84,7 @@ class Plan:
                          f"{', '.join(row.inputs) or '-'}")
         lines += [f"note: {note}" for note in self.notes]
         lines += [f"problem: {problem}" for problem in self.problems]
-        return "\n".join(lines)
+        return redact_text("\n".join(lines))
 
 
 # --- checks ----------------------------------------------------------------------------------------
@@ -264,6 +283,10 @@ def check_data(name: str, source: str | None, split: str, columns: tuple[str, ..
     """A local data source: it exists, has `split` (folders group files by name) and `columns` in its rows.
     Hub names are left to the stage (no network here)."""
     if source is None:
+        return
+    from pipeline.data.loading import is_url
+
+    if is_url(source):  # read over the network by the stage (no network here)
         return
     text = source[len("file://"):] if source.startswith("file://") else source
     path = Path(text).expanduser()

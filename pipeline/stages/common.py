@@ -71,7 +71,9 @@ class ConsoleReporter:
         pass
 
     def progress(self, message: str) -> None:
-        print(f"{self.prefix}{message}", flush=True)
+        from pipeline.redaction import redact_text
+
+        print(redact_text(f"{self.prefix}{message}"), flush=True)
 
     @contextlib.contextmanager
     def trial(self, name: str) -> Iterator[ConsoleReporter]:
@@ -288,11 +290,18 @@ def save_checkpoint(model, tokenizer, out_dir: Path, dtype: str | None = None) -
     """config.json + model.safetensors + tokenizer files (safetensors only). `dtype` ("float32" |
     "bfloat16", a TrainConfig.save_dtype): the weights are cast to it first (the model itself is cast:
     call this when training is over); Mamba's A_log and D stay fp32."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from safetensors import SafetensorError
+
     if dtype is not None:
         model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    except (OSError, SafetensorError) as error:  # a full disk, a quota, permissions
+        reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+        raise StageError(f"could not write the checkpoint into {out_dir}: {reason}; free space (or fix "
+                         "permissions) on that disk (storage.cache_dir) and run again") from None
 
 
 def write_meta(out_dir: Path, stage: str, settings: dict[str, Any], *, parent: str | None, started: float,
@@ -300,11 +309,14 @@ def write_meta(out_dir: Path, stage: str, settings: dict[str, Any], *, parent: s
     """stage.json + run_config.json beside the output (every checkpoint carries its settings and lineage).
 
     `settings`: the stage's config arguments, by name (run_config.json holds them, as the key covers them).
+    Both files are redacted (`pipeline.redaction`): a data URL's password or token never lands in a checkpoint.
     """
+    from pipeline.redaction import redact
+
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"stage": stage, "parent": parent, "wall_time_s": round(time.time() - started, 2), **extra}
-    (out_dir / STAGE_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    (out_dir / RUN_CONFIG).write_text(json.dumps(to_plain(settings), indent=2) + "\n")
+    (out_dir / STAGE_META).write_text(json.dumps(redact(meta, keys=False), indent=2, default=str) + "\n")
+    (out_dir / RUN_CONFIG).write_text(json.dumps(redact(to_plain(settings)), indent=2) + "\n")
     return meta
 
 
@@ -518,8 +530,13 @@ def held_out_count(train_rows: int, share: float) -> int:
 
 
 def _has_split(source: Any, split: str) -> bool:
-    """Whether a user source (a folder of files, or a hub name) has `split` (a single file has only itself)."""
+    """Whether a user source (a folder of files, or a hub name) has `split` (a single file, local or at a
+    URL, has only itself)."""
+    from pipeline.data.loading import is_url
+
     text = str(source)
+    if is_url(text):
+        return False
     path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
     if path.is_dir():
         from pipeline.data.loading import files_by_split

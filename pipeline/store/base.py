@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.redaction import redact
 from pipeline.store.errors import IntegrityError, LeaseLostError, NotFoundError, StoreError
 from pipeline.store.lease import Lease
 from pipeline.store.manifest import (
@@ -185,8 +186,9 @@ class Store(abc.ABC):
         check_name(name)
         local_dir = Path(local_dir)
         relative_paths = scan_files(local_dir)
-        parent_record = self._parent_record(parent)
-        metadata = json.loads(json.dumps(dict(metadata or {})))  # fails early if not JSON-serialisable
+        parent_record = redact(self._parent_record(parent), keys=False)
+        # JSON types (fails early if not serialisable), no secret (a source URI's userinfo, ...)
+        metadata = redact(json.loads(json.dumps(dict(metadata or {}))), keys=False)
         with self.lease(name) as lease:
             self._begin_put(name)  # refuses what the store did not write, before anything is written
             version = new_version()
