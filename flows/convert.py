@@ -108,9 +108,10 @@ def check_tracking(cfg: RunConfig) -> None:
         import urllib.error
         import urllib.request
 
-        shown = redact_text(uri)  # a server URI may carry credentials
+        shown = redact_text(uri)  # a server URI may carry credentials: sent as basic auth, as MLflow does
+        request = _health_request(uri)
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 if response.status != 200:
                     raise ConnectionError(f"MLflow server {shown} answered /health with HTTP {response.status}")
         except (urllib.error.URLError, OSError, ValueError) as error:
@@ -120,6 +121,21 @@ def check_tracking(cfg: RunConfig) -> None:
         folder = Path(uri[len("sqlite:///"):]).expanduser().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConnectionError(f"{uri}: the folder {folder} does not exist or is not writable")
+
+
+def _health_request(uri: str):
+    """GET <server>/health, the URI's userinfo (if any) as an Authorization: Basic header."""
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    headers = {}
+    if parts.username is not None or parts.password is not None:
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    return urllib.request.Request(f"{urlunsplit(parts).rstrip('/')}/health", headers=headers)
 
 
 class TeacherResolver:

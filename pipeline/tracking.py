@@ -45,6 +45,7 @@ from pipeline.redaction import REDACTED, is_secret_key, redact, redact_text
 
 logger = logging.getLogger(__name__)
 
+_SUPPRESS_URL_PRINTING = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 PARAMS_DIGEST_TAG = "conversion_run.params_digest"  # on the parent run: which settings it was started with
 CONVERSION_RUN_TAG = "conversion_run"  # on the parent run: the conversion run's name
 STAGE_TAG = "stage"
@@ -260,6 +261,11 @@ class Tracker(RunLogger):
         """
         mlflow = _import_mlflow()
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        # MLflow prints a "View run at <tracking URI>/..." line per ended run, credentials included: the
+        # flows print their own (redacted) link instead
+        os.environ.setdefault(_SUPPRESS_URL_PRINTING, "true")
+        if redact_text(self.tracking_uri) != self.tracking_uri:
+            os.environ[_SUPPRESS_URL_PRINTING] = "true"
         self.experiment = experiment
         self.run_name = run_name
         self.params_digest = None if params is None else hashlib.sha256(
