@@ -121,6 +121,9 @@ def check_tracking(cfg: RunConfig) -> None:
         folder = Path(uri[len("sqlite:///"):]).expanduser().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConnectionError(f"{uri}: the folder {folder} does not exist or is not writable")
+    elif "://" not in uri or uri.startswith("file:"):
+        raise ConnectionError(f"{redact_text(uri)} is a file store, which MLflow 3 no longer keeps up to date: use "
+                              "sqlite:///<folder>/mlflow.db (the default) or a server's http(s):// URI")
 
 
 def _health_request(uri: str):

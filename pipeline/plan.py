@@ -110,6 +110,10 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
     except (ValueError, OSError, StoreError) as error:
         problems.append(f"{where}: config.json is unreadable ({str(error).splitlines()[0]})")
         return None
+    if not isinstance(config, dict):
+        problems.append(f"{where}: config.json holds a JSON {type(config).__name__}, not an object: it must be "
+                        "a saved transformers config")
+        return None
     from pipeline.model.config import LAYER_KINDS
     from pipeline.model.layouts import APRIEL_MODEL_TYPE, MIL_CONFIG
 
@@ -141,7 +145,7 @@ def check_teacher_files(cfg: RunConfig, source: Source, config: dict[str, Any], 
     tokenizer_config.json's auto_map), its weights are floats, and, for a folder on this machine, its
     tokenizer loads (never running code) and fits its embedding."""
     from pipeline.model.config import HybridConfig
-    from pipeline.stages.common import code_refusal, local_folder, non_float_weights
+    from pipeline.stages.common import code_refusal, incomplete_weights, local_folder, non_float_weights
 
     where = f"teacher.path={cfg.teacher.path}"
     if config.get("auto_map") and config.get("model_type") != HybridConfig.model_type:
@@ -162,7 +166,7 @@ def check_teacher_files(cfg: RunConfig, source: Source, config: dict[str, Any], 
             problems.append(f"{where}: config.json has a quantization_config: a quantised checkpoint cannot be "
                             "distilled from; give its unquantised (float) weights")
         return
-    quantised = non_float_weights(folder)
+    quantised = non_float_weights(folder) or incomplete_weights(folder)
     if quantised:
         problems.append(f"{where}: {quantised}")
         return
@@ -422,19 +426,45 @@ def check_precision(cfg: RunConfig, problems: list[str], notes: list[str]) -> No
                                   if precision == "bf16-mixed" else "fp32"))
 
 
-def check_store(store: Store, problems: list[str]) -> None:
-    """The store can be written (a folder: its nearest existing parent is writable; S3: the bucket answers)."""
+def writable_folder(path: Path) -> str | None:
+    """Why `path` (made on first use) cannot be written, or None: its nearest existing parent must be a
+    writable folder on a file system mounted read-write."""
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable"
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{folder} is on a read-only file system"
+    except OSError:
+        pass
+    return None
+
+
+def check_store(store: Store, problems: list[str], names: list[str] = ()) -> None:
+    """The store can be written (a folder: its nearest existing parent is writable, and nothing the store
+    did not write sits where a checkpoint of this run goes; S3: the bucket answers)."""
     try:
         if isinstance(store, LocalStore):
-            folder = store.root
-            while not folder.exists():
-                folder = folder.parent
-            if not folder.is_dir() or not os.access(folder, os.W_OK):
-                problems.append(f"storage.uri: {store.root} cannot be written ({folder} is not a writable folder)")
+            why = writable_folder(store.root)
+            if why:
+                problems.append(f"storage.uri: {store.root} cannot be written ({why})")
+            for name in names:
+                store.check_place(name)
         else:
             store.check()
     except StoreError as error:
         problems.append(f"storage.uri: {str(error).splitlines()[0]}")
+
+
+def check_cache(work_root: Path, problems: list[str]) -> None:
+    """The local cache (work folders, downloads) can be written: storage.cache_dir."""
+    why = writable_folder(work_root.parent.parent)
+    if why:
+        problems.append(f"storage.cache_dir: {work_root.parent.parent} cannot be written ({why})")
 
 
 # --- the walk ------------------------------------------------------------------------------------------
@@ -486,9 +516,10 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
             source = teacher()
         except (ConfigError, StoreError, OSError) as error:
             problems.append(f"teacher.path={cfg.teacher.path}: {str(error).splitlines()[0]}")
+    found_before = len(problems)
     shape = teacher_shape(cfg, source, problems)
     if shape is not None:
-        if source is not None:
+        if source is not None and len(problems) == found_before:  # its files, once its config.json is fine
             check_teacher_files(cfg, source, shape, problems)
         check_schedule_and_mamba(cfg, shape, problems)
     start_source = None
@@ -522,7 +553,7 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
         check_lm_eval(cfg, problems)
     check_device(cfg, problems, result.notes)
     check_precision(cfg, problems, result.notes)
-    check_store(store, problems)
+    check_cache(work_root, problems)
     if tracking is not None:
         try:
             tracking()
@@ -540,6 +571,7 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
             message = str(error).splitlines()[0]
             if message not in problems:
                 problems.append(message)
+    check_store(store, problems, [row.name for row in result.rows if row.status != "skip"])
     return result
 
 

@@ -263,6 +263,35 @@ def non_float_weights(folder: Path) -> str | None:
     return None
 
 
+def incomplete_weights(folder: Path) -> str | None:
+    """What is wrong with a folder's safetensors files, read from their headers and sizes only: a file cut
+    short (a copy or download interrupted), a file that is not safetensors, or a shard the index names that
+    is not there. None if they look whole."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"model.safetensors.index.json is unreadable ({type(error).__name__}: {error})"
+        missing = [name for name in shards if not (folder / str(name)).is_file()]
+        if missing:
+            return (f"model.safetensors.index.json names {len(missing)} shard(s) that are not in the folder "
+                    f"(e.g. {missing[0]}); the checkpoint is incomplete")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            header = safetensors_header(path)
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                      default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            return f"{path.name} is not a readable safetensors file ({error}); the file is corrupt or truncated"
+        if path.stat().st_size < 8 + size + end:
+            return (f"{path.name} is cut short ({path.stat().st_size} bytes, its header needs {8 + size + end}); "
+                    "copy or download it again")
+    return None
+
+
 def code_refusal(where: str, file_name: str, auto_map: Any) -> str:
     """The line that refuses a checkpoint whose `file_name` (config.json, tokenizer_config.json) names Python
     code of its own folder in `auto_map`."""
@@ -353,6 +382,16 @@ def tokenizer_digest(tokenizer) -> str:
 
     text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, type(tokenizer).__name__])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def padding_id(tokenizer) -> int:
+    """The id right-padding is filled with: the tokenizer's pad token, else its eos (many released teachers
+    have no pad token), else 0. Padded positions are outside every row's length and loss mask, so the value
+    only has to be a valid id."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
 
 
 @dataclass
@@ -466,7 +505,7 @@ class StageData:
         from pipeline.data import iter_batches
 
         dataset = self.tokenized(kind)
-        pad_id = self.tokenizer.pad_token_id
+        pad_id = padding_id(self.tokenizer)
 
         def from_position(position: int):
             return iter_batches(dataset, batch_size, pad_id, seed=seed, start=position)
@@ -489,7 +528,7 @@ class StageData:
         from pipeline.data import iter_batches, tokenize_rows
 
         dataset = tokenize_rows(rows.select(range(min(count, len(rows)))), self.tokenizer, self.data.max_length)
-        return list(iter_batches(dataset, batch_size, self.tokenizer.pad_token_id, shuffle=False,
+        return list(iter_batches(dataset, batch_size, padding_id(self.tokenizer), shuffle=False,
                                  stop=(len(dataset) + batch_size - 1) // batch_size))
 
     def eval_problems(self, count: int, budget: tuple[str, int] | None = None) -> list[dict[str, Any]]:

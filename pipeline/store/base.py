@@ -132,6 +132,11 @@ class Store(abc.ABC):
         IntegrityError on a mismatch.
         """
 
+    def check_place(self, name: str) -> None:
+        """StoreError (one line) if something the store did not write sits where checkpoint `name` goes
+        (a folder store; in S3 the store's objects never collide with others')."""
+        check_name(name)
+
     @contextmanager
     def hold(self, name: str, *, digest: str | None = None) -> Iterator[Path]:
         """``get_checkpoint``, with the version kept from pruning for as long as the block runs (local

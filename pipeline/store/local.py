@@ -135,6 +135,11 @@ class LocalStore(Store):
     def _begin_put(self, name: str) -> None:
         self._linked_version(name)
 
+    def check_place(self, name: str) -> None:
+        """StoreError (one line) if something the store did not write sits where checkpoint `name` goes."""
+        check_name(name)
+        self._linked_version(name)
+
     def _write_version(self, local_dir: Path, name: str, version: str, relative_paths: list[str]) -> list[FileEntry]:
         folder = self._version_dir(name, version)
         entries = []
