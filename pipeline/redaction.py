@@ -64,10 +64,22 @@ def is_secret_key(key: Any) -> bool:
     return bool(_SECRET_KEY_PATTERN.search(words))
 
 
+# the shell's working directories: `pwd` names a password in a query string, not in the environment
+NOT_SECRET_ENVIRONMENT = frozenset({"PWD", "OLDPWD"})
+
+
 def environment_secrets() -> list[str]:
     """Values of the environment variables whose names look like secrets, longest first."""
-    values = {value for name, value in os.environ.items()
-              if len(value) >= MIN_ENVIRONMENT_SECRET and is_secret_key(name)}
+    for _ in range(5):
+        try:  # another thread (MLflow's telemetry, ...) may change the environment while it is read
+            items = list(os.environ.items())
+            break
+        except (KeyError, RuntimeError):
+            continue
+    else:
+        items = []
+    values = {value for name, value in items if len(value) >= MIN_ENVIRONMENT_SECRET
+              and name not in NOT_SECRET_ENVIRONMENT and is_secret_key(name)}
     return sorted(values, key=len, reverse=True)
 
 

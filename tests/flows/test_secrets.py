@@ -46,9 +46,11 @@ ENVIRONMENT = {  # secrets only the environment holds; their values must not lea
 }
 
 
-def test_every_secret_shape_is_masked(monkeypatch):
+def test_every_secret_shape_is_masked(monkeypatch, tmp_path):
     for name, value in ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PWD", str(tmp_path))  # the working directory is no secret, though `pwd` may name one
+    assert redact_text(f"store {tmp_path}/artifacts") == f"store {tmp_path}/artifacts"
     for secret, text in SHAPES.items():
         masked = redact_text(text)
         assert secret not in masked and REDACTED in masked, (text, masked)
