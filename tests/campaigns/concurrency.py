@@ -50,6 +50,7 @@ NOT_DETERMINISTIC = re.compile(r"(^|/)(stage\.json|summary\.json|frontier[^/]*\.
 
 
 def flow_env(work: Path, home: str) -> dict[str, str]:
+    (work / "prefect" / home).mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.pop("PREFECT_API_URL", None)
     env.update({"PYTHONPATH": str(REPO), "PREFECT_HOME": str(work / "prefect" / home), "HF_HUB_OFFLINE": "1",
