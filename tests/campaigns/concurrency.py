@@ -182,10 +182,13 @@ def input_re_put_mid_run(work: Path, round_index: int, reference: dict, counts, 
         if (root / RUN_NAME / "loo" / "manifest.json").is_file():
             break
         time.sleep(0.2)
-    replaced = False
+    replaced, keyed_on = False, None
     if process.poll() is None:
         store = open_store(root / RUN_NAME, cache_dir=work / "cache" / "re-putter")
         original = json.loads((root / RUN_NAME / "teacher" / "manifest.json").read_text())
+        from pipeline.store import manifest_digest
+
+        keyed_on = manifest_digest(original)  # the version every later stage's key was computed from
         other = work / "other-teacher" / f"C{round_index}"
         shutil.copytree(store.get_checkpoint("teacher"), other, ignore=shutil.ignore_patterns("manifest.json"))
         from safetensors.torch import load_file, save_file
@@ -209,16 +212,14 @@ def input_re_put_mid_run(work: Path, round_index: int, reference: dict, counts, 
             f"C{round_index}", counts, problems)
     if replaced:
         counts["inputs_replaced_mid_run"] += 1
-        from pipeline.store import manifest_digest
-
-        used = {manifest_digest(json.loads(path.read_text()))
-                for path in (root / RUN_NAME / ".versions" / "teacher").glob("*/manifest.json")
-                if json.loads(path.read_text())["files"] == reference["teacher"]["manifest"]["files"]}
-        for name in ("loo", *[n for n in got if n.startswith("H-") and "SFT" not in n]):
-            parent = got[name]["manifest"].get("parent") or {}
-            if parent.get("name") == "teacher" and parent.get("manifest_digest") not in used:
-                counts["wrong_inputs_served"] += 1
-                problems.append(f"C{round_index}: {name} records a teacher version it was not keyed on")
+        assert got["teacher"]["manifest"]["files"] != reference["teacher"]["manifest"]["files"]  # replaced
+        for name, entry in got.items():  # every stage whose recorded parent is the teacher: the keyed version
+            parent = entry["manifest"].get("parent") or {}
+            if parent.get("name") == "teacher":
+                counts["lineage_checked"] += 1
+                if parent.get("manifest_digest") != keyed_on:
+                    counts["wrong_inputs_served"] += 1
+                    problems.append(f"C{round_index}: {name} records a teacher version it was not keyed on")
 
 
 def readers_during_re_puts(work: Path, moto_endpoint: str | None, counts, problems, events) -> None:
@@ -340,6 +341,7 @@ def main() -> int:
         "second_runs_refused_with_the_holder_named": counts["refused_with_the_holder_named"],
         "stages_computed_by_the_restarts": counts["stages_computed_by_the_restarts"],
         "inputs_replaced_mid_run": counts["inputs_replaced_mid_run"],
+        "lineage_records_checked": counts["lineage_checked"],
         "reader_holds_during_re_puts": counts["reader_holds"],
         "reader_errors": counts["reader_errors"],
         "user_folders_refused": counts["user_folders_refused"],
