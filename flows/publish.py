@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.redaction import redact_text
 from pipeline.stages.common import RUN_CONFIG, STAGE_META
 from pipeline.stages.evaluate import SUMMARY_FILE, summary_table
 from pipeline.stages.loo import LOO_FILE
@@ -45,7 +46,7 @@ def mlflow_run_link(tracking_uri: str | None, experiment_id: str | None, run_id:
     if not run_id:
         return "-"
     if tracking_uri and tracking_uri.startswith(("http://", "https://")) and experiment_id:
-        return f"[{run_id[:8]}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+        return redact_text(f"[{run_id[:8]}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})")
     return f"`{run_id[:8]}`"
 
 

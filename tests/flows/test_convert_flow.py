@@ -292,7 +292,7 @@ def test_secrets_never_reach_mlflow_prefect_or_logs(s3_run, tmp_path):
     assert "results:" in s3_run.console  # the console output was captured
     assert_clean(s3_run.console, "the console output and logs")
     parent = next(run for run in runs if run.data.tags.get("conversion_run") == "e2e")
-    assert parent.data.params["data.generic"] == "https://reader:<redacted>@data.example.com/generic.jsonl"
+    assert parent.data.params["data.generic"] == "https://<redacted>@data.example.com/generic.jsonl"
     for run in runs:  # every logged config file: the run's whole config redacted, each stage's settings clean
         if run.info.run_name.startswith("evaluate/") and run.info.run_name != "evaluate/evaluate":
             continue  # per-checkpoint evaluation runs hold metrics and tags only
