@@ -77,14 +77,16 @@ def mmr_markdown(folder: Path, name: str, run_link: str) -> str:
     mmr = read_json(folder / MMR_FILE)
     lines = [
         f"### MMR scores from H-{mmr['n_mamba']} ({name})",
-        f"Mean distillation loss of the last {mmr['score_window']} of {mmr['steps']} steps per candidate; "
-        f"lowest first (easiest to replace). MLflow run {run_link}.",
+        f"Mean distillation loss of the last {mmr['score_window']} of {mmr['steps']} steps per candidate, "
+        f"averaged over {mmr.get('seeds', 1)} initialisation(s) (± their standard deviation); lowest first "
+        f"(easiest to replace). MLflow run {run_link}.",
         "",
         "| rank | layer | loss |",
         "| --- | --- | --- |",
     ]
-    lines += [f"| {rank} | {entry['layer']} | {entry['loss']:.4f} |"
-              for rank, entry in enumerate(mmr["ranking"], start=1)]
+    for rank, entry in enumerate(mmr["ranking"], start=1):
+        spread = "" if entry.get("std") is None else f" ± {entry['std']:.4f}"
+        lines.append(f"| {rank} | {entry['layer']} | {entry['loss']:.4f}{spread} |")
     return "\n".join(lines)
 
 

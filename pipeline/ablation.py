@@ -161,13 +161,15 @@ def read_quality(folder: Path) -> dict[str, Any]:
 
 
 def mmr_sequences(folder: Path) -> int:
-    """Sequences an MMR scoring trained on: candidates x steps x batch size (each at most max_length tokens)."""
+    """Sequences an MMR scoring trained on: candidates x initialisations x steps x batch size (each at most
+    max_length tokens)."""
     from pipeline.stages.common import RUN_CONFIG
     from pipeline.stages.mmr import MMR_FILE
 
     table = json.loads((Path(folder) / MMR_FILE).read_text())
     settings = json.loads((Path(folder) / RUN_CONFIG).read_text())
-    return len(table["ranking"]) * int(table["steps"]) * int(settings["mmr"]["train"]["batch_size"])
+    return (len(table["ranking"]) * int(table.get("seeds", 1)) * int(table["steps"])
+            * int(settings["mmr"]["train"]["batch_size"]))
 
 
 def collect_records(results: Sequence[Result], folder_of: Callable[[Output], Path]) -> tuple[dict, list[dict]]:

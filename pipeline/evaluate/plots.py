@@ -13,10 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def bar_plot(values: Sequence[float], labels: Sequence[str], *, title: str, ylabel: str, path: str | Path,
-             highlight: Sequence[int] = ()) -> Path:
+             highlight: Sequence[int] = (), errors: Sequence[float] | None = None,
+             points: Sequence[Sequence[float]] | None = None) -> Path:
+    """One bar per value; `errors`: +- error bars (a spread); `points`: the values each bar summarises,
+    drawn as dots over it."""
     figure, axis = plt.subplots(figsize=(max(4.0, 0.45 * len(values) + 2), 3.2))
     colors = ["tab:orange" if i in set(highlight) else "tab:blue" for i in range(len(values))]
-    axis.bar(range(len(values)), values, color=colors)
+    axis.bar(range(len(values)), values, color=colors, yerr=errors, capsize=4 if errors is not None else 0)
+    for i, group in enumerate(points or ()):
+        axis.scatter([i] * len(group), group, color="black", s=10, zorder=3)
     axis.set_xticks(range(len(values)), labels, rotation=0 if len(values) < 20 else 90)
     axis.set_title(title)
     axis.set_ylabel(ylabel)

@@ -3,19 +3,23 @@
 For each attention layer of the parent hybrid: MIL-initialise that layer alone (swapped into the parent in
 place: one mixer, not a copy of the model; `pipeline.convert.mamba_trial`), train only its new
 mixer for `mmr.train.steps` steps of distillation from the teacher, and record the mean distillation loss
-of the last `mmr.train.loss_window` steps. Low loss = easy to replace. Each finished trial is recorded in
-`work_dir` (trials.json, replaced atomically), so a killed MMR stage resumes at the missing layers. Writes
-mmr.json and mmr.png.
+of the last `mmr.train.loss_window` steps. Each candidate is trained `mmr.seeds` times from independent
+initialisations of the new mixer's random parameters (draws 0, 1, ... of `mixer_generator`; draw 0 is the
+one a conversion of that layer starts from), on the same batches; its score is the mean of those losses,
+and mmr.json lists each draw's loss and their standard deviation beside it. Low score = easy to replace.
+Each finished trial (a layer and draw) is recorded in `work_dir` (trials.json, replaced atomically), so a
+killed MMR stage resumes at the missing trials. Writes mmr.json and mmr.png (the means, the spread as
+error bars, each draw as a dot).
 
 Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker processes run them at once, each
 loading teacher and parent once on its own device (CUDA: one GPU a worker, `cuda:<i>`; CPU: N processes,
-which is what the tests use) and taking layers from a shared queue. Every trial is the same function with
+which is what the tests use) and taking trials (a layer and draw) from a shared queue. Every trial is the same function with
 the same seed and batches as in the sequential path, so a layer's score does not depend on which worker ran
 it or how many there are (on CPU equal to the sequential scores within float32 noise, see
 tests/stages/test_mmr_fanout.py); hardware.nproc stays KEY_NEUTRAL. The stage's process only gathers:
 it records each score as it arrives, forwards the workers' progress lines, and logs each trial's curve
 into that trial's reporter when the trial has finished (MLflow: its nested run). A worker that raises or
-dies fails the stage in one line naming the worker, its device and the layer it was on.
+dies fails the stage in one line naming the worker, its device and the trial it was on.
 Not done: one trial spread over a group of GPUs (a parent too large for one GPU); each worker holds a
 whole teacher and parent.
 """
@@ -51,20 +55,54 @@ from pipeline.stages.common import (
 from pipeline.train import TrainConfig, train
 
 MMR_FILE = "mmr.json"
-TRIALS_FILE = "trials.json"  # in work_dir: {layer: score} of the finished trials
+TRIALS_FILE = "trials.json"  # in work_dir: {layer: {draw: loss}} of the finished trials
 
 
-def rank_candidates(trials: dict[int, float]) -> list[dict]:
-    """Trials sorted from easiest (lowest loss) to hardest; ties by layer index."""
-    return [{"layer": layer, "loss": loss} for layer, loss in sorted(trials.items(), key=lambda kv: (kv[1], kv[0]))]
+def candidate_score(losses: list[float] | float) -> dict:
+    """A candidate's entry from its trials' losses (one per draw; a float is one draw): the mean (`loss`,
+    what ranks it), the sample standard deviation of the draws (`std`; None for a single draw) and the
+    losses themselves."""
+    losses = [float(losses)] if isinstance(losses, (int, float)) else [float(loss) for loss in losses]
+    mean = sum(losses) / len(losses)
+    std = (sum((loss - mean) ** 2 for loss in losses) / (len(losses) - 1)) ** 0.5 if len(losses) > 1 else None
+    return {"loss": mean, "std": std, "losses": losses}
+
+
+def rank_candidates(trials: dict[int, list[float] | float]) -> list[dict]:
+    """Candidates sorted from easiest (lowest mean loss) to hardest, ties by layer index; each entry is
+    {"layer", "loss" (the mean), "std", "losses"} (`candidate_score`)."""
+    scored = {layer: candidate_score(losses) for layer, losses in trials.items()}
+    return [{"layer": layer, **entry} for layer, entry in sorted(scored.items(), key=lambda kv: (kv[1]["loss"], kv[0]))]
+
+
+def trial_name(layer: int, draw: int) -> str:
+    """A trial's name (its reporter; MLflow: its nested run): draw 0 is `layer-<i>`, as with one draw."""
+    return f"layer-{layer}" if draw == 0 else f"layer-{layer}-init-{draw}"
+
+
+def trial_label(layer: int, draw: int) -> str:
+    return f"layer {layer}" if draw == 0 else f"layer {layer} initialisation {draw}"
+
+
+def pending_trials(candidates: list[int], seeds: int, trials: dict[int, dict[int, float]]) -> list[tuple[int, int]]:
+    """The (layer, draw) trials still to run, layer by layer: draws 0..seeds-1 of every candidate, less
+    those recorded in `trials`."""
+    return [(layer, draw) for layer in candidates for draw in range(seeds) if draw not in trials.get(layer, {})]
+
+
+def draw_losses(trials: dict[int, dict[int, float]], layer: int, seeds: int) -> list[float] | None:
+    """A candidate's losses in draw order, once all its `seeds` draws are recorded (else None)."""
+    recorded = trials.get(layer, {})
+    return [recorded[draw] for draw in range(seeds)] if all(draw in recorded for draw in range(seeds)) else None
 
 
 def score_layer(parent_model, teacher_model, stage_data: StageData, data: DataConfig, train_cfg: TrainConfig,
-                precision: str, seed: int, layer: int, callback) -> float:
-    """One MMR trial: the parent with `layer` swapped for a MIL-initialised Mamba mixer (no copy of the
-    model), only that mixer trained; returns the trial's score (its final distillation loss)."""
+                precision: str, seed: int, layer: int, callback, draw: int = 0) -> float:
+    """One MMR trial: the parent with `layer` swapped for a MIL-initialised Mamba mixer (initialisation
+    `draw`; no copy of the model), only that mixer trained; returns the trial's final distillation loss.
+    Every draw of every candidate trains on the same batches (`train_cfg.seed`)."""
     prefix = f"model.layers.{layer}.mixer."
-    with mamba_trial(parent_model, layer, seed=seed) as student:
+    with mamba_trial(parent_model, layer, seed=seed, draw=draw) as student:
         result = train(
             student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
             teacher=teacher_model, callback=callback,
@@ -73,12 +111,47 @@ def score_layer(parent_model, teacher_model, stage_data: StageData, data: DataCo
     return result.final_distill_loss
 
 
-def _record(work_dir: Path, trials: dict[int, float]) -> None:
+def _read_trials(path: Path) -> dict[int, dict[int, float]]:
+    if not path.exists():
+        return {}
+    return {int(layer): {int(draw): float(loss) for draw, loss in draws.items()}
+            for layer, draws in json.loads(path.read_text()).items()}
+
+
+def _record(work_dir: Path, trials: dict[int, dict[int, float]]) -> None:
     """trials.json replaced atomically: a kill leaves the previous record or this one, never half of one."""
     work_dir.mkdir(parents=True, exist_ok=True)
     temporary = work_dir / f".{TRIALS_FILE}.tmp"
     temporary.write_text(json.dumps(trials))
     os.replace(temporary, work_dir / TRIALS_FILE)
+
+
+def _report_recorded(reporter: Reporter, candidates: list[int], seeds: int,
+                     trials: dict[int, dict[int, float]]) -> None:
+    for layer in candidates:
+        losses = draw_losses(trials, layer, seeds)
+        if losses is not None:
+            reporter.progress(f"  mmr layer {layer}: {candidate_score(losses)['loss']:.4f} (recorded)")
+        elif trials.get(layer):
+            done = sum(draw in trials[layer] for draw in range(seeds))
+            reporter.progress(f"  mmr layer {layer}: {done} of {seeds} initialisations recorded")
+
+
+def _finish_trial(work_dir: Path, reporter: Reporter, trials: dict[int, dict[int, float]], seeds: int, layer: int,
+                  draw: int, loss: float, where: str = "") -> None:
+    """Record one finished trial and report it; a candidate whose last missing draw this is gets its score
+    logged as `mmr/loss` (and `mmr/loss_std`) at step = its layer."""
+    trials.setdefault(layer, {})[draw] = loss
+    _record(work_dir, trials)
+    reporter.progress(f"  mmr {trial_label(layer, draw)}: distillation loss {loss:.4f}{where}")
+    losses = draw_losses(trials, layer, seeds)
+    if losses is not None:
+        score = candidate_score(losses)
+        reporter.log_metrics({"mmr/loss": score["loss"], **({"mmr/loss_std": score["std"]} if seeds > 1 else {})},
+                             step=layer)
+        if seeds > 1:
+            reporter.progress(f"  mmr layer {layer}: mean distillation loss {score['loss']:.4f} "
+                              f"+- {score['std']:.4f} over {seeds} initialisations")
 
 
 def _candidates(parent: str | Path) -> tuple[list[int], int]:
@@ -97,41 +170,41 @@ def _candidates(parent: str | Path) -> tuple[list[int], int]:
     return [i for i, kind in enumerate(kinds) if kind == ATTENTION], sum(kind == MAMBA for kind in kinds)
 
 
-@stage("mmr", version=4)
+@stage("mmr", version=5)
 def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher: str | Path,
             parent: str | Path, out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
     reporter = reporter or ConsoleReporter()
     started, out_dir, work_dir = time.time(), Path(out_dir), Path(work_dir)
-    done_path = work_dir / TRIALS_FILE
-    trials = {int(k): v for k, v in json.loads(done_path.read_text()).items()} if done_path.exists() else {}
-    train_cfg = mmr.train
+    trials = _read_trials(work_dir / TRIALS_FILE)
+    train_cfg, seeds = mmr.train, mmr.seeds
     if hardware.nproc > 1:
         candidates, n_mamba = _candidates(parent)
+        _report_recorded(reporter, candidates, seeds, trials)
         _fan_out(mmr, data, hardware, seed, teacher=teacher, parent=parent, work_dir=work_dir, reporter=reporter,
-                 candidates=candidates, trials=trials)
+                 todo=pending_trials(candidates, seeds, trials), trials=trials)
     else:
         teacher_model = load_model(teacher, hardware, "teacher")  # frozen: bf16 under bf16-mixed
         parent_model = load_model(parent, hardware, "parent checkpoint", fp32=True)  # fp32: its trial mixers train
         stage_data = StageData(data, load_tokenizer(teacher))
         candidates, n_mamba = parent_model.config.attention_layers, len(parent_model.config.mamba_layers)
         precision = resolve_precision(hardware)
-        for layer in candidates:
-            if layer in trials:
-                reporter.progress(f"  mmr layer {layer}: {trials[layer]:.4f} (recorded)")
-                continue
-            with reporter.trial(f"layer-{layer}") as trial:
+        _report_recorded(reporter, candidates, seeds, trials)
+        for layer, draw in pending_trials(candidates, seeds, trials):
+            with reporter.trial(trial_name(layer, draw)) as trial:
                 loss = score_layer(parent_model, teacher_model, stage_data, data, train_cfg, precision, seed, layer,
-                                   metrics_callback(trial, f"mmr layer {layer}"))
-            trials[layer] = loss
-            _record(work_dir, trials)
-            reporter.log_metrics({"mmr/loss": loss}, step=layer)
-            reporter.progress(f"  mmr layer {layer}: distillation loss {loss:.4f}")
-    ranking = rank_candidates(trials)
-    result = {"n_mamba": n_mamba, "steps": train_cfg.steps, "score_window": train_cfg.loss_window, "ranking": ranking}
+                                   metrics_callback(trial, f"mmr {trial_label(layer, draw)}"), draw=draw)
+            _finish_trial(work_dir, reporter, trials, seeds, layer, draw, loss)
+    ranking = rank_candidates({layer: draw_losses(trials, layer, seeds) for layer in candidates})
+    result = {"n_mamba": n_mamba, "steps": train_cfg.steps, "score_window": train_cfg.loss_window, "seeds": seeds,
+              "ranking": ranking}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MMR_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    bar_plot([trials[layer] for layer in candidates], [str(layer) for layer in candidates],
-             title=f"MMR: distillation loss after {train_cfg.steps} steps (from H-{n_mamba})",
+    scores = {entry["layer"]: entry for entry in ranking}
+    spread = f", mean of {seeds} initialisations, +- 1 std" if seeds > 1 else ""
+    bar_plot([scores[layer]["loss"] for layer in candidates], [str(layer) for layer in candidates],
+             errors=[scores[layer]["std"] or 0.0 for layer in candidates] if seeds > 1 else None,
+             points=[scores[layer]["losses"] for layer in candidates] if seeds > 1 else None,
+             title=f"MMR: distillation loss after {train_cfg.steps} steps (from H-{n_mamba}{spread})",
              ylabel="mean distillation loss", path=out_dir / "mmr.png")
     for name in (MMR_FILE, "mmr.png"):
         reporter.log_artifact(out_dir / name)
@@ -176,9 +249,9 @@ def _resolved_hardware(hardware: HardwareConfig) -> HardwareConfig:
 
 
 def _worker(job: _WorkerJob, index: int, tasks, results) -> None:
-    """One worker process: load teacher and parent once on its device, then score layers from `tasks`
-    until a None; every message to `results` is (kind, worker index, layer, payload)."""
-    layer = None
+    """One worker process: load teacher and parent once on its device, then run (layer, draw) trials from
+    `tasks` until a None; every message to `results` is (kind, worker index, (layer, draw), payload)."""
+    task = None
     stage_pid = os.getppid()
     try:
         import torch
@@ -195,15 +268,16 @@ def _worker(job: _WorkerJob, index: int, tasks, results) -> None:
         def callback(metrics) -> None:
             if os.getppid() != stage_pid:  # the stage's process is gone: stop, do not keep a GPU busy
                 raise SystemExit(1)
-            results.put(("metrics", index, layer, dataclasses.asdict(metrics)))
+            results.put(("metrics", index, task, dataclasses.asdict(metrics)))
 
-        while (layer := tasks.get()) is not None:
-            results.put(("start", index, layer, os.getpid()))
+        while (task := tasks.get()) is not None:
+            layer, draw = task
+            results.put(("start", index, task, os.getpid()))
             loss = score_layer(parent_model, teacher_model, stage_data, job.data, job.mmr.train, precision, job.seed,
-                               layer, callback)
-            results.put(("done", index, layer, loss))
+                               layer, callback, draw=draw)
+            results.put(("done", index, task, loss))
     except BaseException as exc:
-        results.put(("error", index, layer, f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"))
+        results.put(("error", index, task, f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"))
         raise SystemExit(1) from None
 
 
@@ -214,17 +288,14 @@ def _how_it_ended(exitcode: int | None) -> str:
 
 
 def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher, parent,
-             work_dir: Path, reporter: Reporter, candidates: list[int], trials: dict[int, float]) -> None:
-    """Score the candidates not in `trials` on hardware.nproc worker processes; `trials` is filled in (and
-    recorded in work_dir) as the scores arrive."""
+             work_dir: Path, reporter: Reporter, todo: list[tuple[int, int]],
+             trials: dict[int, dict[int, float]]) -> None:
+    """Run the (layer, draw) trials of `todo` on hardware.nproc worker processes; `trials` is filled in (and
+    recorded in work_dir) as the losses arrive."""
     import multiprocessing
 
     from pipeline.train.loop import StepMetrics
 
-    for layer in candidates:
-        if layer in trials:
-            reporter.progress(f"  mmr layer {layer}: {trials[layer]:.4f} (recorded)")
-    todo = [layer for layer in candidates if layer not in trials]
     if not todo:
         return
     hardware = _resolved_hardware(hardware)
@@ -233,8 +304,8 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
     job = _WorkerJob(mmr, data, hardware, seed, str(teacher), str(parent), threads)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the same on CPU
     tasks, results = context.Queue(), context.Queue()
-    for layer in todo:
-        tasks.put(layer)
+    for task in todo:
+        tasks.put(task)
     for _ in range(count):
         tasks.put(None)
     workers = [context.Process(target=_worker, args=(job, index, tasks, results), name=f"mmr-worker-{index}",
@@ -243,35 +314,36 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
                       f"({', '.join(_device_name(hardware, i) for i in range(count))})")
     for worker in workers:
         worker.start()
-    current: dict[int, int] = {}  # worker -> the layer it is on
-    curves: dict[int, list[dict]] = {layer: [] for layer in todo}
+    current: dict[int, tuple[int, int]] = {}  # worker -> the trial it is on
+    curves: dict[tuple[int, int], list[dict]] = {task: [] for task in todo}
+    finished: set[tuple[int, int]] = set()
 
     def handle(message) -> None:
-        kind, index, layer, payload = message
+        kind, index, task, payload = message
+        task = tuple(task) if task is not None else None
         where = f"mmr worker {index} ({_device_name(hardware, index)})"
         if kind == "error":
-            on = f"on layer {layer}" if layer is not None else "while loading the teacher and parent"
+            on = f"on {trial_label(*task)}" if task is not None else "while loading the teacher and parent"
             raise StageError(f"{where} failed {on}: {payload}")
+        layer, draw = task
         if kind == "start":
-            current[index] = layer
-            reporter.progress(f"  mmr layer {layer}: {where}, pid {payload}")
+            current[index] = task
+            reporter.progress(f"  mmr {trial_label(layer, draw)}: {where}, pid {payload}")
         elif kind == "metrics":
-            curves[layer].append(payload)
+            curves[task].append(payload)
             metrics = StepMetrics(**payload)
-            reporter.progress(f"  mmr layer {layer} step {metrics.step}: loss {metrics.loss:.4f} "
+            reporter.progress(f"  mmr {trial_label(layer, draw)} step {metrics.step}: loss {metrics.loss:.4f} "
                               f"lr {metrics.lr:.2e} {metrics.tokens_per_second:,.0f} tok/s ({where})")
         elif kind == "done":
             current.pop(index, None)
-            with reporter.trial(f"layer-{layer}") as trial:  # the curve, into the trial's own run
-                for record in curves.pop(layer):
+            with reporter.trial(trial_name(layer, draw)) as trial:  # the curve, into the trial's own run
+                for record in curves.pop(task):
                     trial.log_metrics(train_metrics(StepMetrics(**record)), step=record["step"])
-            trials[layer] = payload
-            _record(work_dir, trials)
-            reporter.log_metrics({"mmr/loss": payload}, step=layer)
-            reporter.progress(f"  mmr layer {layer}: distillation loss {payload:.4f} ({where})")
+            finished.add(task)
+            _finish_trial(work_dir, reporter, trials, mmr.seeds, layer, draw, payload, where=f" ({where})")
 
     try:
-        while any(layer not in trials for layer in todo):
+        while len(finished) < len(todo):
             try:
                 handle(results.get(timeout=0.5))
                 continue
@@ -285,12 +357,12 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
                         handle(results.get(timeout=0.5))
                     except queue.Empty:
                         break
-                on = f"during layer {current[index]}" if index in current else "before taking a layer"
+                on = f"during {trial_label(*current[index])}" if index in current else "before taking a trial"
                 raise StageError(f"mmr worker {index} ({_device_name(hardware, index)}) "
                                  f"{_how_it_ended(worker.exitcode)} {on}")
             if not any(worker.is_alive() for worker in workers):
-                missing = [layer for layer in todo if layer not in trials]
-                raise StageError(f"mmr workers all exited with layers {missing} unscored")
+                missing = [trial_label(*task) for task in todo if task not in finished]
+                raise StageError(f"mmr workers all exited with trials unfinished: {', '.join(missing)}")
     finally:
         for worker in workers:
             if worker.is_alive():
@@ -299,4 +371,5 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
             worker.join(timeout=30)
 
 
-__all__ = ["MMR_FILE", "TRIALS_FILE", "rank_candidates", "run_mmr", "score_layer"]
+__all__ = ["MMR_FILE", "TRIALS_FILE", "candidate_score", "draw_losses", "pending_trials", "rank_candidates",
+           "run_mmr", "score_layer", "trial_name"]

@@ -59,7 +59,7 @@ def fanned_out(workers: int = 2):
 def test_two_workers_resume_a_partial_record_with_the_sequential_scores(tiny_teacher, parent, sequential, tmp_path):
     assert sorted(sequential) == [1, 2, 3]
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / TRIALS_FILE).write_text(json.dumps({1: sequential[1]}))  # a killed stage's record
+    (tmp_path / "work" / TRIALS_FILE).write_text(json.dumps({1: {0: sequential[1]}}))  # a killed stage's record
     reporter = RecordingReporter()
     result = score(fanned_out(), tiny_teacher, parent, tmp_path / "mmr", tmp_path / "work", reporter)
     assert "  mmr layer 1: " + f"{sequential[1]:.4f} (recorded)" in reporter.lines

@@ -143,6 +143,45 @@ def test_killed_mmr_keeps_finished_trials(tiny_teacher, loo_dir, tmp_path):
     assert any("(recorded)" in line for line in reporter.lines)
 
 
+def test_mmr_averages_independent_initialisations_and_resumes_between_them(tiny_teacher, loo_dir, tmp_path):
+    cfg = tiny_config()
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
+    single = score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "one", tmp_path / "ow")
+    two = dataclasses.replace(cfg, mmr=dataclasses.replace(cfg.mmr, seeds=2))
+    # killed in the second initialisation of the first candidate (3 step metrics a trial)
+    with pytest.raises(KeyboardInterrupt):
+        score_mmr(two, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw",
+                  RecordingReporter(fail_at_metric=4))
+    recorded = json.loads((tmp_path / "mw" / "trials.json").read_text())
+    assert [list(draws) for draws in recorded.values()] == [["0"]]
+    reporter = RecordingReporter()
+    result = score_mmr(two, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", reporter)
+    first = next(iter(recorded))
+    assert f"  mmr layer {first}: 1 of 2 initialisations recorded" in reporter.lines
+    attention = sorted(entry["layer"] for entry in single["ranking"])
+    assert sorted(reporter.trials) == sorted([f"layer-{layer}" for layer in attention if str(layer) != first]
+                                             + [f"layer-{layer}-init-1" for layer in attention])
+    assert result["seeds"] == 2 and json.loads((tmp_path / "mmr" / MMR_FILE).read_text()) == result
+    by_layer = {entry["layer"]: entry for entry in single["ranking"]}
+    for entry in result["ranking"]:
+        losses = entry["losses"]
+        # draw 0 is the one-initialisation score (the same mixer, the same batches); draw 1 is another mixer
+        assert losses[0] == by_layer[entry["layer"]]["loss"] and losses[1] != losses[0]
+        assert entry["loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)
+        assert entry["std"] == pytest.approx(abs(losses[1] - losses[0]) / 2**0.5, rel=1e-9)
+    assert [entry["loss"] for entry in result["ranking"]] == sorted(entry["loss"] for entry in result["ranking"])
+    assert all(entry["std"] is None and len(entry["losses"]) == 1 for entry in single["ranking"])
+    assert (tmp_path / "mmr" / "mmr.png").stat().st_size > 0
+
+
+def test_mmr_seeds_must_be_a_positive_count():
+    from pipeline.config import MMRConfig
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="mmr.seeds must be an int >= 1"):
+            MMRConfig(seeds=bad)
+
+
 def test_sft_trains_on_assistant_tokens(tiny_teacher, loo_dir, tmp_path):
     cfg = tiny_config()
     convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
