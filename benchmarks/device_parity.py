@@ -346,24 +346,27 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def markdown(report: dict) -> str:
-    env = report["environment"]
+    env, ref = report["environment"], report["reference"]
     lines = [f"# Device parity: the chain on {env['device']} against the CPU reference", "",
-             f"Command: `{env['command']}`  ", f"Device: {env['device']}, date {env['date']}, torch {env['torch']}, "
-             f"transformers {env['transformers']}, TF32 {env['tf32']}  ",
-             f"Reference: `{report['reference']['path']}` ({report['reference']['device']}, "
-             f"{report['reference']['date']}, torch {report['reference']['torch']}); the parity chain: "
+             f"Command: `{env['command']}`  ",
+             f"Device: {env['device']}, date {env['date']}, torch {env['torch']}, transformers {env['transformers']}, "
+             f"TF32 {env['tf32']}  ",
+             f"Reference: `{ref['path']}` ({ref['device']}, {ref['date']}, torch {ref['torch']}); the parity chain: "
              f"`{json.dumps(report['chain'])}`", ""]
+    stage_header = ("| stage | kind | layers (this / CPU) | same | max rel. loss diff | first step "
+                    "| final loss (this / CPU) |")
     for result in report["comparisons"]:
-        spread_run = result["seed"] != report["reference"]["seed"]
-        verdict = ("Another seed than the reference's: a run for the seed spread below, compared for the record "
-                   "only." if spread_run else
-                   f"Initial weights bit-identical to the CPU's: {_fmt(result['initial_weights_identical'])}; "
-                   f"conversions take the CPU's layers: {_fmt(result['chooses_reference_layers'])}; largest relative "
-                   f"loss-curve difference {_fmt(result['max_rel_loss_diff'])}; largest accuracy difference "
-                   f"{_fmt(result['max_abs_accuracy_diff'])}.")
-        lines += [f"## {result['variant']}, seed {result['seed']} ({result['seconds']:.0f} s)", "", verdict, "",
-                  "| stage | kind | layers (this / CPU) | same | max rel. loss diff | first step | final loss (this / CPU) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        if result["seed"] != ref["seed"]:
+            verdict_line = ("Another seed than the reference's: a run for the seed spread below, compared for the "
+                            "record only.")
+        else:
+            verdict_line = (
+                f"Initial weights bit-identical to the CPU's: {_fmt(result['initial_weights_identical'])}; "
+                f"conversions take the CPU's layers: {_fmt(result['chooses_reference_layers'])}; largest relative "
+                f"loss-curve difference {_fmt(result['max_rel_loss_diff'])}; largest accuracy difference "
+                f"{_fmt(result['max_abs_accuracy_diff'])}.")
+        lines += [f"## {result['variant']}, seed {result['seed']} ({result['seconds']:.0f} s)", "", verdict_line, "",
+                  stage_header, "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in result["stages"]:
             if row["kind"] == "evaluate":
                 continue
@@ -376,20 +379,25 @@ def markdown(report: dict) -> str:
         lines += ["", "| checkpoint | accuracy (this / CPU) | NLL (this / CPU) | KL to teacher (this / CPU) |",
                   "| --- | --- | --- | --- |"]
         for q in result["quality"]:
-            lines.append(f"| {q['checkpoint']} | {_fmt(q['answer_accuracy'])} / {_fmt(q['reference_answer_accuracy'])} | "
-                         f"{_fmt(q['nll'], 4)} / {_fmt(q['reference_nll'], 4)} | "
-                         f"{_fmt(q['kl_to_teacher'], 4)} / {_fmt(q['reference_kl_to_teacher'], 4)} |")
+            lines.append(f"| {q['checkpoint']} | {_fmt(q['answer_accuracy'])} / {_fmt(q['reference_answer_accuracy'])} "
+                         f"| {_fmt(q['nll'], 4)} / {_fmt(q['reference_nll'], 4)} "
+                         f"| {_fmt(q['kl_to_teacher'], 4)} / {_fmt(q['reference_kl_to_teacher'], 4)} |")
         lines.append("")
-    if report.get("seed_spread"):
-        lines += ["## Seed spread (fp32, seeds " + ", ".join(map(str, next(iter(report["seed_spread"].values()))["seeds"]))
-                  + ") and bf16-mixed against it", "",
-                  "| checkpoint | fp32 accuracies | std | range | bf16-mixed - CPU | within one std |", "| --- | --- | --- | --- | --- | --- |"]
-        bf16 = next((r for r in report["comparisons"] if r["variant"] == "bf16-mixed" and r["seed"] == 0), None)
-        for checkpoint, spread in report["seed_spread"].items():
-            diff = None if bf16 is None else next(q["accuracy_diff"] for q in bf16["quality"] if q["checkpoint"] == checkpoint)
-            within = None if diff is None or spread["std"] is None else abs(diff) <= spread["std"]
-            lines.append(f"| {checkpoint} | {', '.join(_fmt(a) for a in spread['accuracies'])} | {_fmt(spread['std'])} | "
-                         f"{_fmt(spread['range'])} | {_fmt(diff)} | {_fmt(within)} |")
+    spread = report.get("seed_spread")
+    if spread:
+        seeds = ", ".join(map(str, next(iter(spread.values()))["seeds"]))
+        lines += [f"## Seed spread (fp32, seeds {seeds}) and bf16-mixed against it", "",
+                  "| checkpoint | fp32 accuracies | std | range | bf16-mixed - CPU | within one std |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        bf16 = next((r for r in report["comparisons"] if r["variant"] == "bf16-mixed" and r["seed"] == ref["seed"]),
+                    None)
+        for checkpoint, row in spread.items():
+            diff = None
+            if bf16 is not None:
+                diff = next((q["accuracy_diff"] for q in bf16["quality"] if q["checkpoint"] == checkpoint), None)
+            within = None if diff is None or row["std"] is None else abs(diff) <= row["std"] + 1e-12
+            lines.append(f"| {checkpoint} | {', '.join(_fmt(a) for a in row['accuracies'])} | {_fmt(row['std'])} "
+                         f"| {_fmt(row['range'])} | {_fmt(diff)} | {_fmt(within)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -445,7 +453,8 @@ def compare_command(args) -> None:
         command = [sys.executable, __file__, "run", "--variant", variant, "--seed", str(seed), "--device", args.device,
                    "--teacher", str(args.teacher), "--root", str(root / f"{variant}-seed{seed}"), "--out", str(out)] + (
                       ["--preset", preset] if preset else [])
-        children.append((variant, seed, out, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)))
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        children.append((variant, seed, out, log, process))
     runs, failed = [], []
     for variant, seed, out, log, process in children:
         code = process.wait()
@@ -470,13 +479,15 @@ def compare_command(args) -> None:
         "runs": runs,
     }
     report["verdict"] = verdict(report)
-    name = args.name or ("h200" if "H200" in environment_now["device"] else environment_now["device"].lower().replace(" ", "-"))
+    device_name = environment_now["device"]
+    name = args.name or ("h200" if "H200" in device_name else device_name.lower().replace(" ", "-"))
     (out_dir / f"device-parity-{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
     (out_dir / f"device-parity-{name}.md").write_text(text)
     print(text)
     if failed:
-        raise SystemExit(f"{len(failed)} run(s) failed: " + ", ".join(f"{f['variant']} seed {f['seed']}" for f in failed))
+        names = ", ".join(f"{f['variant']} seed {f['seed']}" for f in failed)
+        raise SystemExit(f"{len(failed)} run(s) failed: {names}")
 
 
 def main(argv=None) -> None:
@@ -484,8 +495,10 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("reference", help="the CPU reference (fp32)")
     p.add_argument("--teacher", default=str(TEACHER))
-    p.add_argument("--train-teacher", action="store_true", help="train the teacher here (the chain's teacher stage) into --teacher")
-    p.add_argument("--preset", default=None, help="a conf/experiment preset instead of the parity chain (a wiring check)")
+    p.add_argument("--train-teacher", action="store_true",
+                   help="train the teacher here (the chain's teacher stage) into --teacher")
+    p.add_argument("--preset", default=None,
+                   help="a conf/experiment preset instead of the parity chain (a wiring check)")
     p.add_argument("--root", default="/tmp/device-parity-reference")
     p.add_argument("--out", default=str(REFERENCE))
     p = sub.add_parser("compare", help="the variants on this device against the reference")

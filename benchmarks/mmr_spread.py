@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -80,8 +81,30 @@ def choices_agreement(losses: dict[int, list[float]], chosen: int) -> list[dict]
         counts: dict[tuple[int, ...], int] = {}
         for choice in picks:
             counts[choice] = counts.get(choice, 0) + 1
-        rows.append({"seeds": m, "subsets": len(picks), "same_as_all_draws": sum(p == reference for p in picks) / len(picks),
+        rows.append({"seeds": m, "subsets": len(picks),
+                     "same_as_all_draws": sum(p == reference for p in picks) / len(picks),
                      "choices": {",".join(map(str, choice)): count for choice, count in sorted(counts.items())}})
+    return rows
+
+
+# The recommended mmr.seeds: the fewest whose choice is the all-draws choice in at least AGREEMENT of the
+# subsets and whose deciding pair flips with at most FLIP probability (normal approximation).
+AGREEMENT, FLIP = 0.9, 0.05
+
+
+def boundary_flip(candidates: list[dict], chosen: int, draws: int) -> list[dict] | None:
+    """The pair that decides the choice (the last chosen and the first left out, by mean): for m seeds, the
+    gap in standard errors of the difference of their m-draw means, z = gap / sqrt((s_a^2 + s_b^2) / m),
+    and the chance that m draws put them the other way round (normal approximation, one-sided)."""
+    if len(candidates) <= chosen:
+        return None
+    inside, outside = candidates[chosen - 1], candidates[chosen]
+    gap, variance = outside["mean"] - inside["mean"], inside["std"] ** 2 + outside["std"] ** 2
+    rows = []
+    for m in range(1, draws + 1):
+        z = gap / math.sqrt(variance / m) if variance > 0 else math.inf
+        rows.append({"seeds": m, "layers": [inside["layer"], outside["layer"]], "z": z,
+                     "flip_probability": 0.5 * math.erfc(z / math.sqrt(2))})
     return rows
 
 
@@ -94,7 +117,8 @@ def analyse(table: dict, chosen: int) -> dict:
     means = [c["mean"] for c in candidates]  # ranking order: ascending
     gaps = [b - a for a, b in zip(means, means[1:])]
     stds = [c["std"] for c in candidates]
-    return {
+    agreement = choices_agreement(losses, chosen)
+    result = {
         "candidates": candidates,
         "gaps": gaps,
         "median_std": statistics.median(stds),
@@ -103,12 +127,19 @@ def analyse(table: dict, chosen: int) -> dict:
         # the gap that decides the step's choice: between the last chosen and the first left out
         "deciding_gap": gaps[chosen - 1] if len(gaps) >= chosen else None,
         "chosen_layers": sorted(c["layer"] for c in candidates[:chosen]),
-        "agreement": choices_agreement(losses, chosen),
+        "agreement": agreement,
+        "boundary_flip": boundary_flip(candidates, chosen, len(candidates[0]["losses"])),
     }
+    flips = {row["seeds"]: row["flip_probability"] for row in result["boundary_flip"] or []}
+    result["recommended_seeds"] = next(
+        (row["seeds"] for row in agreement if row["same_as_all_draws"] >= AGREEMENT
+         and flips.get(row["seeds"], 0.0) <= FLIP), None)
+    return result
 
 
 def markdown(record: dict) -> str:
     result, settings = record["result"], record["settings"]
+    recommended = result["recommended_seeds"] or f"more than {settings['draws']}"
     lines = [
         f"# MMR spread: {settings['preset']}, first MMR round (from {settings['parent']})",
         "",
@@ -132,12 +163,26 @@ def markdown(record: dict) -> str:
         f"{result['median_std']:.4f} (max {result['max_std']:.4f}). Chosen by the mean of all draws: "
         f"{result['chosen_layers']}.",
         "",
+        f"Recommended `mmr.seeds` (the fewest whose choice is the all-draws choice in at least {AGREEMENT:.0%} of "
+        f"the subsets and whose deciding pair below flips with at most {FLIP:.0%} probability): "
+        f"{recommended}. "
+        f"(Agreement with all {settings['draws']} draws overstates it for m near the draw count: the subsets "
+        "overlap.)",
+        "",
         "| mmr.seeds | subsets of the draws | same choice as all draws | choices (layers: subsets) |",
         "| --- | --- | --- | --- |",
     ]
     for row in result["agreement"]:
         choices = "; ".join(f"{k}: {v}" for k, v in row["choices"].items())
         lines.append(f"| {row['seeds']} | {row['subsets']} | {row['same_as_all_draws']:.2f} | {choices} |")
+    if result.get("boundary_flip"):
+        pair = result["boundary_flip"][0]["layers"]
+        lines += ["", f"The deciding pair, layers {pair[0]} (chosen) and {pair[1]}: the gap in standard errors of "
+                  "the difference of their means with m seeds, and the chance m seeds rank them the other way "
+                  "(normal approximation from the measured stds):", "",
+                  "| mmr.seeds | z | flip probability |", "| --- | --- | --- |"]
+        lines += [f"| {row['seeds']} | {row['z']:.2f} | {row['flip_probability']:.2g} |"
+                  for row in result["boundary_flip"]]
     return "\n".join(lines) + "\n"
 
 

@@ -278,7 +278,9 @@ def initialise_fresh(mixer: nn.Module, generator: torch.Generator, config: Hybri
 @contextmanager
 def _forked_rng(device: torch.device) -> Iterator[None]:
     """The CPU's and `device`'s global random states restored on exit."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         yield
 

@@ -13,8 +13,8 @@ error bars, each draw as a dot).
 
 Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker processes run them at once, each
 loading teacher and parent once on its own device (CUDA: one GPU a worker, `cuda:<i>`; CPU: N processes,
-which is what the tests use) and taking trials (a layer and draw) from a shared queue. Every trial is the same function with
-the same seed and batches as in the sequential path, so a layer's score does not depend on which worker ran
+which is what the tests use) and taking trials (a layer and draw) from a shared queue. Every trial is the
+same function with the same seed and batches as in the sequential path, so a layer's score does not depend on which worker ran
 it or how many there are (on CPU equal to the sequential scores within float32 noise, see
 tests/stages/test_mmr_fanout.py); hardware.nproc stays KEY_NEUTRAL. The stage's process only gathers:
 it records each score as it arrives, forwards the workers' progress lines, and logs each trial's curve
