@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import statistics
@@ -50,7 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gpu_pipeline import _merge, environment, preset_config  # noqa: E402
 
-from pipeline.config import RunConfig, checkpoint_name  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
 
 TEACHER = ROOT / "benchmarks" / "parity" / "teacher"
 REFERENCE = ROOT / "benchmarks" / "results" / "device-parity-cpu.json"

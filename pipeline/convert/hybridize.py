@@ -247,7 +247,8 @@ def mixer_generator(seed: int, layer: int, draw: int = 0) -> torch.Generator:
 
 def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
     """`tensor` <- N(0, std^2), drawn in fp32 on the CPU from `generator`, then copied to its device and dtype."""
-    tensor.copy_(torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
+    drawn = torch.empty(tensor.shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
+    tensor.copy_(drawn)
 
 
 @torch.no_grad()

@@ -130,14 +130,16 @@ class MambaMixer(nn.Module):
         then copied to the mixer's device, so a seed gives the same values on every device. Uses
         transformers' `initialization` helpers, which skip tensors already loaded from a checkpoint.
         """
-        init.copy_(self.A_log, torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32))
+        cpu = torch.device("cpu")  # explicit: models may be built under another device's context
+        init.copy_(self.A_log, torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=cpu))
                    .expand(self.d_inner, -1))
         init.ones_(self.D)
         std = self.dt_rank**-0.5
-        weight = torch.empty(self.dt_proj.weight.shape, dtype=torch.float32).uniform_(-std, std, generator=generator)
+        weight = torch.empty(self.dt_proj.weight.shape, dtype=torch.float32, device=cpu).uniform_(
+            -std, std, generator=generator)
         init.copy_(self.dt_proj.weight, weight)
         log_min, log_max = math.log(self._dt_min), math.log(self._dt_max)
-        dt = torch.exp(torch.rand(self.d_inner, generator=generator) * (log_max - log_min) + log_min)
+        dt = torch.exp(torch.rand(self.d_inner, generator=generator, device=cpu) * (log_max - log_min) + log_min)
         dt = dt.clamp(min=self._dt_floor)
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 

@@ -129,6 +129,23 @@ def test_fresh_mixers_depend_on_the_seed_and_layer_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_fresh_draws_are_made_on_the_cpu_whatever_the_ambient_device():
+    from pipeline.convert import initialise_fresh, mixer_generator
+
+    hybrid = hybridize(make_teacher("llama"), [1], seed=3)
+    expected = _mixer_state(hybrid, 1)
+    mixer = hybrid.model.layers[1].mixer
+    with torch.no_grad():
+        for parameter in mixer.parameters():
+            parameter.zero_()
+    with torch.device("meta"):  # a default device other than the CPU (on a GPU machine: cuda)
+        initialise_fresh(mixer, mixer_generator(3, 1), hybrid.config)
+    d_inner = mixer.d_inner
+    for key in ("dt_in_proj.weight", "dt_proj.weight", "dt_proj.bias", "conv1d.weight", "A_log", "D"):
+        assert torch.equal(mixer.state_dict()[key], expected[key]), key
+    assert torch.equal(mixer.in_proj.weight[:d_inner], expected["in_proj.weight"][:d_inner])
+
+
 def test_fresh_mixer_distributions():
     teacher = make_teacher("mistral", num_hidden_layers=2)
     mixer = hybridize(teacher, [0], seed=0).model.layers[0].mixer
