@@ -10,7 +10,8 @@ draws (over every subset of m draws, the same subset for every candidate, which 
 seeds is: draws are exchangeable). The layers chosen are the lowest `counts[1] - counts[0]`: what the
 next step converts.
 
-Writes JSON (--out) and a Markdown table beside it (.md): command, device, date, settings, the figures.
+Writes JSON (--out), a Markdown table beside it (.md: command, device, date, settings, the figures) and the
+stage's plot (.png).
 Bare: needs torch, transformers, datasets and this package (no prefect / mlflow / hydra / boto3).
 
 CPU, the default demo (with a store from `make pipeline` or any earlier run, the chain part is skipped):
@@ -26,6 +27,7 @@ import dataclasses
 import itertools
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -219,6 +221,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(record))
+    shutil.copyfile(out_dir / "mmr.png", out.with_suffix(".png"))  # the stage's plot: means, spread, draws
     print(markdown(record))
 
 

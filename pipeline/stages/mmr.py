@@ -200,11 +200,11 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MMR_FILE).write_text(json.dumps(result, indent=2) + "\n")
     scores = {entry["layer"]: entry for entry in ranking}
-    spread = f", mean of {seeds} initialisations, +- 1 std" if seeds > 1 else ""
+    spread = f"\nmean of {seeds} initialisations (dots) +- 1 std" if seeds > 1 else ""
     bar_plot([scores[layer]["loss"] for layer in candidates], [str(layer) for layer in candidates],
              errors=[scores[layer]["std"] or 0.0 for layer in candidates] if seeds > 1 else None,
              points=[scores[layer]["losses"] for layer in candidates] if seeds > 1 else None,
-             title=f"MMR: distillation loss after {train_cfg.steps} steps (from H-{n_mamba}{spread})",
+             title=f"MMR from H-{n_mamba}: loss after {train_cfg.steps} steps{spread}",
              ylabel="mean distillation loss", path=out_dir / "mmr.png")
     for name in (MMR_FILE, "mmr.png"):
         reporter.log_artifact(out_dir / name)
