@@ -135,7 +135,8 @@ def hybridize(
     mamba_options: d_state (16), dt_rank (16), d_conv (4), d_inner (n_heads x head_dim),
     gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max.
     For a hybrid source the listed layers are converted in addition to its existing Mamba layers, and
-    its Mamba options are kept.
+    its Mamba options are kept. `seed`: each new mixer's random parameters come from
+    `mixer_generator(seed, layer)` (on the CPU), so they are the same on every device.
     """
     check_teacher(teacher)
     unknown = sorted(set(mamba_options) - set(MAMBA_OPTIONS))
