@@ -331,8 +331,15 @@ class MMRConfig:
     # One trial per candidate layer: `train.steps` steps (the recipe's 100) training only that layer's new
     # mixer; its score is the mean distillation loss of the last `train.loss_window` steps.
     train: TrainConfig = field(default_factory=_mmr_defaults)
+    # Independent initialisations of each candidate's new mixer (draws of its random parameters), each
+    # trained as above on the same batches; a candidate's score is the mean of their losses (mmr.json
+    # lists each draw and the standard deviation). Cost: candidates x seeds x train.steps. A Gated DeltaNet
+    # candidate is trained once whatever this says (its initialisation from attention draws nothing).
+    seeds: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ConfigError(f"mmr.seeds must be an int >= 1 (initialisations per candidate), got {self.seeds!r}")
         if self.train.trainable != "mamba":
             raise ConfigError(f"mmr.train.trainable must be 'mamba' (a trial trains only its new mixer), got {self.train.trainable!r}")
         if not self.train.is_distillation:

@@ -135,6 +135,7 @@ def test_bad_group_option_lists_the_choices(group):
         ("schedule.counts=[3,2]", "schedule.counts must be strictly increasing"),
         ("hardware.device=tpu", "hardware.device must be one of"),
         ("hardware.nproc=0", "hardware.nproc must be an int >= 1"),
+        ("mmr.seeds=0", "mmr.seeds must be an int >= 1 (initialisations per candidate), got 0"),
         ("hardware.nnodes=2", "hardware.nnodes=2 needs hardware.rdzv_endpoint"),
         ("run_name=a/b", "run_name must be one name of letters, digits, '.', '_' or '-'"),
         ("run_name=..", "run_name must be one name of letters"),  # it made the run's root a user's folder
