@@ -194,10 +194,10 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
     checkpoints.append(sft_name)
     if until == "sft":
         return out
-    call("evaluate", run_evaluate, {"evaluate": cfg.evaluate, "data": cfg.data.view("eval", "generic"),
-                                    "hardware": hardware},
-         {"teacher": teacher_out, "checkpoints": {name: out[name] for name in checkpoints}, **generic},
-         is_checkpoint=False)
+    reads = ("eval", "generic") if cfg.evaluate.generic_nll else ("eval",)
+    call("evaluate", run_evaluate, {"evaluate": cfg.evaluate, "data": cfg.data.view(*reads), "hardware": hardware},
+         {"teacher": teacher_out, "checkpoints": {name: out[name] for name in checkpoints},
+          **(generic if cfg.evaluate.generic_nll else {})}, is_checkpoint=False)
     return out
 
 

@@ -393,6 +393,9 @@ class EvaluateConfig:
     throughput_new_tokens: int = 64
     throughput_repeats: int = 3
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    # NLL and KL also on `nll_examples` rows of the generic text's test split (data.generic): what the
+    # distillation kept of the teacher's general language modelling; false = the reasoning rows only
+    generic_nll: bool = added_field(True)
 
     def __post_init__(self) -> None:
         for name in ("num_examples", "batch_size", "max_new_tokens", "nll_examples", "throughput_batch",

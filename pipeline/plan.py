@@ -470,7 +470,7 @@ def data_reads(cfg: RunConfig, until: str = "evaluate") -> list[DataRead]:
         wanted.append(("sft", "train", False))
     if reaches("evaluate"):
         wanted.append(("eval", "test", True))
-        if not data.samples_teacher:  # the teacher's own samples are made by the run
+        if cfg.evaluate.generic_nll and not data.samples_teacher:  # the teacher's own samples are made by the run
             wanted.append(("generic", "test", False))
     reads: dict[tuple[str | None, str], DataRead] = {}
     for kind, split, scored in wanted:

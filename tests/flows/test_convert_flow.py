@@ -31,7 +31,7 @@ CANARY_ENV = {
     "HF_TOKEN": "hf_canaryTokenQ8v2xw",
     "MLFLOW_TRACKING_TOKEN": "canary-mlflow-token-91ab",
 }
-SECRET_URL = f"https://reader:{SECRET}@data.example.com/generic.jsonl"  # never read by the tiny run
+SECRET_URL = f"https://reader:{SECRET}@data.example.com/generic.jsonl"  # never read (evaluate.generic_nll=false)
 # output name -> stage, in the chain's order, for schedule.counts=[2, 3] (the tiny preset)
 STAGES = {"teacher": "teacher", "loo": "loo", "H-2": "convert", "mmr-H-2": "mmr", "H-3": "step",
           "H-3-SFT": "sft", "evaluate": "evaluate"}
@@ -68,6 +68,7 @@ def flow_overrides(bucket: str, run_name: str, endpoint_url: str, tracking_uri: 
         f"tracking.experiment={experiment}",
         f"teacher.path={teacher_uri}",
         f"data.generic={SECRET_URL}",
+        "evaluate.generic_nll=false",
     ]
 
 
