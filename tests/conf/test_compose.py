@@ -199,7 +199,7 @@ def test_teacher_path_alone_selects_pretrained_settings():
 def test_an_experiment_sets_its_own_settings_over_teacher_local():
     cfg = compose(["experiment=smollm2"])
     assert cfg.teacher.path and cfg.teacher.finetune.enabled
-    assert cfg.train.lr == 3e-4 and cfg.mmr.train.lr == 3e-4 and cfg.data.generic == "teacher"
+    assert cfg.train.lr == 1e-4 and cfg.mmr.train.lr == 3e-4 and cfg.data.generic == "teacher"
     assert cfg.schedule.counts == [15, 18, 21, 24] and cfg.sft.checkpoint == "H-18"
     smoke = compose(["experiment=smollm2_smoke"])
     assert smoke.hardware.device == "cpu" and smoke.teacher.path == cfg.teacher.path
