@@ -7,8 +7,10 @@ from pipeline.convert.hybridize import (
     check_teacher,
     hybrid_config_from_teacher,
     hybridize,
+    initialise_fresh,
     mamba_trial,
+    mixer_generator,
 )
 
 __all__ = ["SUPPORTED", "TEACHER_CLASSES", "ConversionError", "check_teacher", "hybrid_config_from_teacher", "hybridize",
-           "mamba_trial"]
+           "initialise_fresh", "mamba_trial", "mixer_generator"]

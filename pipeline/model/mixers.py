@@ -123,18 +123,21 @@ class MambaMixer(nn.Module):
 
     # --- initialisers (named, so MIL and fresh init share them) ---
     @torch.no_grad()
-    def init_ssm_parameters(self) -> None:
+    def init_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
         """A_log = log(1..d_state) per channel, D = 1, dt bias = softplus^-1 of log-uniform dt, dt_proj ~ U.
 
-        Uses transformers' `initialization` helpers, which skip tensors already loaded from a checkpoint.
+        The random values are drawn on the CPU (from `generator`, else torch's default CPU generator) and
+        then copied to the mixer's device, so a seed gives the same values on every device. Uses
+        transformers' `initialization` helpers, which skip tensors already loaded from a checkpoint.
         """
-        init.copy_(self.A_log, torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device))
+        init.copy_(self.A_log, torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32))
                    .expand(self.d_inner, -1))
         init.ones_(self.D)
         std = self.dt_rank**-0.5
-        init.uniform_(self.dt_proj.weight, -std, std)
+        weight = torch.empty(self.dt_proj.weight.shape, dtype=torch.float32).uniform_(-std, std, generator=generator)
+        init.copy_(self.dt_proj.weight, weight)
         log_min, log_max = math.log(self._dt_min), math.log(self._dt_max)
-        dt = torch.exp(torch.rand(self.d_inner, device=self.dt_proj.bias.device) * (log_max - log_min) + log_min)
+        dt = torch.exp(torch.rand(self.d_inner, generator=generator) * (log_max - log_min) + log_min)
         dt = dt.clamp(min=self._dt_floor)
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 

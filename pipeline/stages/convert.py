@@ -105,7 +105,7 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     return meta
 
 
-@stage("convert", version=3)
+@stage("convert", version=4)
 def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                 count: int, *, teacher: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
                 reporter: Reporter | None = None) -> dict:
@@ -129,7 +129,7 @@ def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardwa
                               settings=settings, extra={"selected_by": "loo"})
 
 
-@stage("step", version=3)
+@stage("step", version=4)
 def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int, *,
              teacher: str | Path, parent: str | Path, mmr: str | Path, out_dir: str | Path, work_dir: str | Path,
              reporter: Reporter | None = None) -> dict:
@@ -156,7 +156,7 @@ def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, see
                               settings=settings, extra={"selected_by": "mmr"})
 
 
-@stage("loo_step", version=1)
+@stage("loo_step", version=2)
 def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int, *,
                  teacher: str | Path, parent: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
                  reporter: Reporter | None = None) -> dict:

@@ -97,7 +97,7 @@ def _candidates(parent: str | Path) -> tuple[list[int], int]:
     return [i for i, kind in enumerate(kinds) if kind == ATTENTION], sum(kind == MAMBA for kind in kinds)
 
 
-@stage("mmr", version=4)
+@stage("mmr", version=5)
 def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher: str | Path,
             parent: str | Path, out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
     reporter = reporter or ConsoleReporter()
