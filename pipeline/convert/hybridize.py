@@ -122,21 +122,15 @@ def _source_key(key: str, is_hybrid: bool) -> str:
     return key if is_hybrid else key.replace(".mixer.", ".self_attn.")
 
 
-def hybridize(
+def conversion_config(
     teacher: nn.Module,
     mamba_layers: Iterable[int],
-    *,
     identity_layers: Iterable[int] = (),
-    seed: int = 0,
     **mamba_options,
-) -> HybridForCausalLM:
-    """Convert `mamba_layers` of `teacher` to MIL-initialised Mamba mixers (and `identity_layers` to no mixer).
-
-    mamba_options: d_state (16), dt_rank (16), d_conv (4), d_inner (n_heads x head_dim),
-    gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max.
-    For a hybrid source the listed layers are converted in addition to its existing Mamba layers, and
-    its Mamba options are kept.
-    """
+) -> tuple[HybridConfig, list[int], bool]:
+    """The checks and the config of `hybridize(teacher, mamba_layers, ...)`, without building the hybrid:
+    (the hybrid's config, the sorted new Mamba layers, whether the source is a hybrid). Reads only the
+    teacher's config, class and module structure, so a teacher on the meta device will do."""
     check_teacher(teacher)
     unknown = sorted(set(mamba_options) - set(MAMBA_OPTIONS))
     if unknown:
@@ -190,6 +184,25 @@ def hybridize(
             f"and d_xb = n_kv_heads x head_dim ({config.num_key_value_heads * config.head_dim}); "
             f"got d_inner={d_inner}, d_xb={d_xb}"
         )
+    return config, new_mamba, is_hybrid
+
+
+def hybridize(
+    teacher: nn.Module,
+    mamba_layers: Iterable[int],
+    *,
+    identity_layers: Iterable[int] = (),
+    seed: int = 0,
+    **mamba_options,
+) -> HybridForCausalLM:
+    """Convert `mamba_layers` of `teacher` to MIL-initialised Mamba mixers (and `identity_layers` to no mixer).
+
+    mamba_options: d_state (16), dt_rank (16), d_conv (4), d_inner (n_heads x head_dim),
+    gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max.
+    For a hybrid source the listed layers are converted in addition to its existing Mamba layers, and
+    its Mamba options are kept.
+    """
+    config, new_mamba, is_hybrid = conversion_config(teacher, mamba_layers, identity_layers, **mamba_options)
 
     parameter = next(teacher.parameters())
     # Every value the constructor draws is overwritten below (copied, MIL-mapped or drawn from each new
@@ -349,5 +362,5 @@ def _attention_of(teacher: nn.Module, index: int) -> nn.Module:
 
 
 __all__ = ["ConversionError", "FRESH_INITIALISERS", "SUPPORTED", "TEACHER_CLASSES", "check_teacher",
-           "hybrid_config_from_teacher", "hybridize", "initialise_fresh", "initialise_mamba", "mamba_trial",
-           "mixer_generator"]
+           "conversion_config", "hybrid_config_from_teacher", "hybridize", "initialise_fresh", "initialise_mamba",
+           "mamba_trial", "mixer_generator"]
