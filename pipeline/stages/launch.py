@@ -187,9 +187,9 @@ def _launch(job: TrainingJob, root: Path, hardware: HardwareConfig, reporter: Re
     measured = [entry for entry in memory if entry.get("peak_bytes") is not None]
     if measured:
         worst = max(measured, key=lambda entry: entry["peak_bytes"] / entry["model_bytes"])
-        reporter.progress(f"  {label}: building the models took at most {worst["peak_bytes"] / 2**20:,.1f} MiB of host "
+        reporter.progress(f"  {label}: building the models took at most {worst['peak_bytes'] / 2**20:,.1f} MiB of host "
                           f"memory a rank ({worst['peak_bytes'] / worst['model_bytes']:.2f} of the models' "
-                          f"{worst["model_bytes"] / 2**20:,.1f} MiB, rank {worst['rank']})")
+                          f"{worst['model_bytes'] / 2**20:,.1f} MiB, rank {worst['rank']})")
     result = json.loads((root / RESULT_DIR / "result.json").read_text())
     state_path = result.pop("state_path")
     return TrainResult(**result, state_path=Path(state_path) if state_path else None)
