@@ -7,15 +7,22 @@ of the last `mmr.train.loss_window` steps. Low loss = easy to replace. Each fini
 `work_dir` (trials.json, replaced atomically), so a killed MMR stage resumes at the missing layers. Writes
 mmr.json and mmr.png.
 
-Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker processes run them at once, each
-loading teacher and parent once on its own device (CUDA: one GPU a worker, `cuda:<i>`; CPU: N processes,
-which is what the tests use) and taking layers from a shared queue. Every trial is the same function with
-the same seed and batches as in the sequential path, so a layer's score does not depend on which worker ran
-it or how many there are (on CPU equal to the sequential scores within float32 noise, see
-tests/stages/test_mmr_fanout.py); hardware.nproc stays KEY_NEUTRAL. The stage's process only gathers:
-it records each score as it arrives, forwards the workers' progress lines, and logs each trial's curve
-into that trial's reporter when the trial has finished (MLflow: its nested run). A worker that raises or
-dies fails the stage in one line naming the worker, its device and the layer it was on.
+Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker processes run them at once
+(`pipeline.stages.workers`): started by the first MMR stage of the run and kept for the later ones, so
+only the first stage pays for starting processes, importing torch and initialising a device. For each
+stage every worker it uses loads teacher and parent once on its own device (CUDA: worker i on GPU i modulo
+the GPUs there are; CPU: N processes, which is what the tests use), takes trials from the stage's queue
+(longest first by their cost, steps x batch; equal costs, as today's trials all are, keep the candidates'
+order) and releases both models when the stage's trials are done (their GPU memory is back before the next
+step trains). Every trial is the same function with the same seed and batches as in the sequential path, so
+a layer's score does not depend on which worker ran it, how many there are, or what the worker ran before
+(on CPU equal to the sequential scores within float32 noise, see tests/stages/test_mmr_fanout.py);
+hardware.nproc stays KEY_NEUTRAL. The stage's process only gathers: it records each score as it arrives,
+forwards the workers' progress lines, logs each trial's curve into that trial's reporter when the trial has
+finished (MLflow: its nested run), and notes each worker's start-up (from the stage's start to its models
+loaded) in stage.json (`workers`) and as `mmr/worker_startup_s`. A worker that raises or dies fails the
+stage in one line naming the worker, its device and the layer it was on; the workers are then stopped, and
+the next stage starts new ones.
 Not done: one trial spread over a group of GPUs (a parent too large for one GPU); each worker holds a
 whole teacher and parent.
 """
@@ -25,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +112,10 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
     train_cfg = mmr.train
     if hardware.nproc > 1:
         candidates, n_mamba = _candidates(parent)
-        _fan_out(mmr, data, hardware, seed, teacher=teacher, parent=parent, work_dir=work_dir, reporter=reporter,
-                 candidates=candidates, trials=trials)
+        workers = _fan_out(mmr, data, hardware, seed, teacher=teacher, parent=parent, work_dir=work_dir,
+                           reporter=reporter, candidates=candidates, trials=trials)
     else:
+        workers = {}
         teacher_model = load_model(teacher, hardware, "teacher")  # frozen: bf16 under bf16-mixed
         parent_model = load_model(parent, hardware, "parent checkpoint", fp32=True)  # fp32: its trial mixers train
         stage_data = StageData(data, load_tokenizer(teacher))
@@ -136,15 +142,39 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
     for name in (MMR_FILE, "mmr.png"):
         reporter.log_artifact(out_dir / name)
     write_meta(out_dir, "mmr", {"mmr": mmr, "data": data, "hardware": hardware, "seed": seed},
-               parent=f"H-{n_mamba}", started=started, ranking=ranking)
+               parent=f"H-{n_mamba}", started=started, ranking=ranking, **({"workers": workers} if workers else {}))
     return result
 
 
-# --- fan-out over worker processes ---------------------------------------------------------------
+# --- fan-out over worker processes (kept for the run: pipeline.stages.workers) ----------------------
+
+@dataclass(frozen=True)
+class _WorkerSetup:
+    """How a worker process starts (equal setups share a pool): its device, or its CPU threads."""
+
+    devices: tuple[str, ...]  # worker i computes on devices[i] ("cpu" or "cuda:<k>")
+    threads: int | None  # CPU workers: torch threads each (the machine's cores shared out)
+
+    def setup(self, index: int) -> None:
+        import torch
+
+        if self.devices[index].startswith("cuda"):
+            torch.cuda.set_device(torch.device(self.devices[index]))  # "cuda" below is this worker's GPU
+        elif self.threads:
+            torch.set_num_threads(self.threads)
+
+
+@dataclass
+class _Loaded:
+    teacher: object
+    parent: object
+    data: StageData
+    precision: str
+
 
 @dataclass
 class _WorkerJob:
-    """What a worker needs (picklable: configs and paths)."""
+    """One MMR stage, as each worker runs it (picklable: configs and paths)."""
 
     mmr: MMRConfig
     data: DataConfig
@@ -152,73 +182,59 @@ class _WorkerJob:
     seed: int
     teacher: str
     parent: str
-    threads: int | None  # CPU workers: torch threads each (the machine's cores shared out)
+
+    def load(self, index: int) -> _Loaded:
+        """Teacher and parent once a stage, on this worker's device (the tokenised data the worker's
+        process already holds from an earlier stage is reused: `StageData`'s process-wide cache)."""
+        return _Loaded(teacher=load_model(self.teacher, self.hardware, "teacher"),
+                       parent=load_model(self.parent, self.hardware, "parent checkpoint", fp32=True),
+                       data=StageData(self.data, load_tokenizer(self.teacher)),
+                       precision=resolve_precision(self.hardware))
+
+    def run(self, loaded: _Loaded, task, report) -> float:
+        layer = task
+        return score_layer(loaded.parent, loaded.teacher, loaded.data, self.data, self.mmr.train, loaded.precision,
+                           self.seed, layer, lambda metrics: report("metrics", dataclasses.asdict(metrics)))
+
+    def release(self, loaded: _Loaded) -> None:
+        """The models go, and their device memory with them (the next stage trains on these GPUs)."""
+        import gc
+
+        import torch
+
+        loaded.teacher = loaded.parent = None
+        gc.collect()
+        if self.hardware.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def cost(self, task) -> int:
+        """What a trial costs, in sequences trained on (steps x batch): every trial of a stage costs the same
+        today, so the queue keeps the candidates' order."""
+        return self.mmr.train.steps * self.mmr.train.batch_size * self.mmr.train.grad_accum
 
 
-def _device_name(hardware: HardwareConfig, index: int) -> str:
-    return f"cuda:{index}" if hardware.device == "cuda" else "cpu"
-
-
-def _resolved_hardware(hardware: HardwareConfig) -> HardwareConfig:
-    """hardware with device "auto" resolved here, once, so every worker and the error lines agree."""
+def _resolved_hardware(hardware: HardwareConfig) -> tuple[HardwareConfig, tuple[str, ...]]:
+    """hardware with device "auto" resolved here, once, so every worker and the error lines agree, and each
+    worker's device: on CUDA, worker i on GPU i modulo the GPUs there are (more workers than GPUs share
+    them), on CPU all on "cpu"."""
     import torch
 
     if hardware.device == "auto":
         hardware = dataclasses.replace(hardware, device="cuda" if torch.cuda.is_available() else "cpu")
-    if hardware.device == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise StageError("hardware.device=cuda but no CUDA device is available")
-        if hardware.nproc > count:
-            raise StageError(f"hardware.nproc={hardware.nproc} but this machine has {count} CUDA devices "
-                             "(MMR runs one trial a GPU)")
-    return hardware
-
-
-def _worker(job: _WorkerJob, index: int, tasks, results) -> None:
-    """One worker process: load teacher and parent once on its device, then score layers from `tasks`
-    until a None; every message to `results` is (kind, worker index, layer, payload)."""
-    layer = None
-    stage_pid = os.getppid()
-    try:
-        import torch
-
-        if job.hardware.device == "cuda":
-            torch.cuda.set_device(index)  # "cuda" below is this worker's GPU
-        elif job.threads:
-            torch.set_num_threads(job.threads)
-        teacher_model = load_model(job.teacher, job.hardware, "teacher")
-        parent_model = load_model(job.parent, job.hardware, "parent checkpoint", fp32=True)
-        stage_data = StageData(job.data, load_tokenizer(job.teacher))
-        precision = resolve_precision(job.hardware)
-
-        def callback(metrics) -> None:
-            if os.getppid() != stage_pid:  # the stage's process is gone: stop, do not keep a GPU busy
-                raise SystemExit(1)
-            results.put(("metrics", index, layer, dataclasses.asdict(metrics)))
-
-        while (layer := tasks.get()) is not None:
-            results.put(("start", index, layer, os.getpid()))
-            loss = score_layer(parent_model, teacher_model, stage_data, job.data, job.mmr.train, precision, job.seed,
-                               layer, callback)
-            results.put(("done", index, layer, loss))
-    except BaseException as exc:
-        results.put(("error", index, layer, f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"))
-        raise SystemExit(1) from None
-
-
-def _how_it_ended(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        return f"was killed by signal {signal.Signals(-exitcode).name}"
-    return f"exited with code {exitcode}"
+    if hardware.device != "cuda":
+        return hardware, ("cpu",) * hardware.nproc
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise StageError("hardware.device=cuda but no CUDA device is available")
+    return hardware, tuple(f"cuda:{index % count}" for index in range(hardware.nproc))
 
 
 def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher, parent,
-             work_dir: Path, reporter: Reporter, candidates: list[int], trials: dict[int, float]) -> None:
-    """Score the candidates not in `trials` on hardware.nproc worker processes; `trials` is filled in (and
-    recorded in work_dir) as the scores arrive."""
-    import multiprocessing
-
+             work_dir: Path, reporter: Reporter, candidates: list[int], trials: dict[int, float]) -> dict:
+    """Score the candidates not in `trials` on the run's hardware.nproc worker processes (started by the first
+    stage that needs them, reused by the later ones); `trials` is filled in (and recorded in work_dir) as the
+    scores arrive. Returns the workers' start-up record (for stage.json), {} when nothing was left to score."""
+    from pipeline.stages.workers import WorkerFailure, pool_for
     from pipeline.train.loop import StepMetrics
 
     for layer in candidates:
@@ -226,77 +242,53 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
             reporter.progress(f"  mmr layer {layer}: {trials[layer]:.4f} (recorded)")
     todo = [layer for layer in candidates if layer not in trials]
     if not todo:
-        return
-    hardware = _resolved_hardware(hardware)
+        return {}
+    hardware, devices = _resolved_hardware(hardware)
     count = min(hardware.nproc, len(todo))
-    threads = hardware.threads or max(1, (os.cpu_count() or 1) // count)
-    job = _WorkerJob(mmr, data, hardware, seed, str(teacher), str(parent), threads)
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the same on CPU
-    tasks, results = context.Queue(), context.Queue()
-    for layer in todo:
-        tasks.put(layer)
-    for _ in range(count):
-        tasks.put(None)
-    workers = [context.Process(target=_worker, args=(job, index, tasks, results), name=f"mmr-worker-{index}",
-                               daemon=True) for index in range(count)]
-    reporter.progress(f"  mmr: {len(todo)} trials on {count} worker processes "
-                      f"({', '.join(_device_name(hardware, i) for i in range(count))})")
-    for worker in workers:
-        worker.start()
-    current: dict[int, int] = {}  # worker -> the layer it is on
+    threads = hardware.threads or max(1, (os.cpu_count() or 1) // hardware.nproc)
+    job = _WorkerJob(mmr, data, hardware, seed, str(teacher), str(parent))
+    pool = pool_for(hardware.nproc, _WorkerSetup(devices, threads if hardware.device != "cuda" else None))
+    reused = pool.stages_run > 0
+    shared = " (sharing GPUs)" if len(set(devices)) < len(devices) else ""
+    reporter.progress(f"  mmr: {len(todo)} trials on {count} worker processes ({', '.join(devices[:count])}){shared}, "
+                      f"{'reused from an earlier stage' if reused else 'started now'}")
     curves: dict[int, list[dict]] = {layer: [] for layer in todo}
 
-    def handle(message) -> None:
-        kind, index, layer, payload = message
-        where = f"mmr worker {index} ({_device_name(hardware, index)})"
-        if kind == "error":
-            on = f"on layer {layer}" if layer is not None else "while loading the teacher and parent"
-            raise StageError(f"{where} failed {on}: {payload}")
-        if kind == "start":
-            current[index] = layer
-            reporter.progress(f"  mmr layer {layer}: {where}, pid {payload}")
+    def where(index: int) -> str:
+        return f"mmr worker {index} ({devices[index]})"
+
+    def handle(kind: str, index: int, layer, payload) -> None:
+        if kind == "ready":
+            reporter.progress(f"  mmr: {where(index)} loaded teacher and parent in {payload:.1f} s")
+        elif kind == "start":
+            reporter.progress(f"  mmr layer {layer}: {where(index)}, pid {payload}")
         elif kind == "metrics":
             curves[layer].append(payload)
             metrics = StepMetrics(**payload)
             reporter.progress(f"  mmr layer {layer} step {metrics.step}: loss {metrics.loss:.4f} "
-                              f"lr {metrics.lr:.2e} {metrics.tokens_per_second:,.0f} tok/s ({where})")
+                              f"lr {metrics.lr:.2e} {metrics.tokens_per_second:,.0f} tok/s ({where(index)})")
         elif kind == "done":
-            current.pop(index, None)
             with reporter.trial(f"layer-{layer}") as trial:  # the curve, into the trial's own run
                 for record in curves.pop(layer):
                     trial.log_metrics(train_metrics(StepMetrics(**record)), step=record["step"])
             trials[layer] = payload
             _record(work_dir, trials)
             reporter.log_metrics({"mmr/loss": payload}, step=layer)
-            reporter.progress(f"  mmr layer {layer}: distillation loss {payload:.4f} ({where})")
+            reporter.progress(f"  mmr layer {layer}: distillation loss {payload:.4f} ({where(index)})")
 
     try:
-        while any(layer not in trials for layer in todo):
-            try:
-                handle(results.get(timeout=0.5))
-                continue
-            except queue.Empty:
-                pass
-            for index, worker in enumerate(workers):
-                if worker.is_alive() or worker.exitcode == 0:
-                    continue
-                while True:  # its last messages (an "error" names the exception) come first
-                    try:
-                        handle(results.get(timeout=0.5))
-                    except queue.Empty:
-                        break
-                on = f"during layer {current[index]}" if index in current else "before taking a layer"
-                raise StageError(f"mmr worker {index} ({_device_name(hardware, index)}) "
-                                 f"{_how_it_ended(worker.exitcode)} {on}")
-            if not any(worker.is_alive() for worker in workers):
-                missing = [layer for layer in todo if layer not in trials]
-                raise StageError(f"mmr workers all exited with layers {missing} unscored")
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-        for worker in workers:
-            worker.join(timeout=30)
+        timing = pool.run_stage(job, todo, handle, cost=job.cost, workers=count)
+    except WorkerFailure as failure:
+        if failure.message is not None:
+            on = f"on layer {failure.task}" if failure.task is not None else "while loading the teacher and parent"
+            raise StageError(f"{where(failure.index)} failed {on}: {failure.message}") from None
+        on = f"during layer {failure.task}" if failure.task is not None else "before taking a layer"
+        raise StageError(f"{where(failure.index)} {failure.how()} {on}") from None
+    startup = {str(index): round(seconds, 3) for index, seconds in sorted(timing.ready_s.items())}
+    reporter.progress(f"  mmr: worker start-up {', '.join(f'{s:.1f} s' for s in timing.ready_s.values())} "
+                      f"({'reused workers' if reused else 'started for this stage'})")
+    reporter.log_metrics({"mmr/worker_startup_s": max(timing.ready_s.values())})
+    return {"worker_startup_s": startup, "workers_reused": reused}
 
 
 __all__ = ["MMR_FILE", "TRIALS_FILE", "rank_candidates", "run_mmr", "score_layer"]
