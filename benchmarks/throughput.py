@@ -60,14 +60,16 @@ def spread(n_mamba: int, n_layers: int) -> list[int]:
     return sorted({round(i * n_layers / n_mamba) for i in range(n_mamba)}) if n_mamba else []
 
 
-def build(n_mamba: int) -> HybridForCausalLM:
-    layers = spread(n_mamba, APRIEL_15B["num_hidden_layers"])
-    types = ["mamba" if i in layers else "attention" for i in range(APRIEL_15B["num_hidden_layers"])]
-    config = HybridConfig(**APRIEL_15B, layer_types=types)
+def build(n_mamba: int, shape: dict = APRIEL_15B, device: str = "cuda",
+          dtype: torch.dtype = torch.bfloat16) -> HybridForCausalLM:
+    """A random-weight hybrid of `shape` with `n_mamba` Mamba layers spread over the depth (the teacher: 0)."""
+    layers = spread(n_mamba, shape["num_hidden_layers"])
+    types = ["mamba" if i in layers else "attention" for i in range(shape["num_hidden_layers"])]
+    config = HybridConfig(**shape, layer_types=types)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
-        with torch.device("cuda"):
+        with torch.device(device):
             model = HybridForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
@@ -155,9 +157,9 @@ def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, pr
     }
 
 
-def cache_bytes_per_sequence(n_mamba: int, total: int) -> int:
-    """Static cache bytes of one sequence (as GenerationEngine allocates them), without allocating."""
-    c = APRIEL_15B
+def cache_bytes_per_sequence(n_mamba: int, total: int, shape: dict = APRIEL_15B) -> int:
+    """Static cache bytes of one sequence (as GenerationEngine allocates them, bf16), without allocating."""
+    c = shape
     n_attention = c["num_hidden_layers"] - n_mamba
     kv = n_attention * 2 * c["num_key_value_heads"] * c["head_dim"] * total * 2
     states = n_mamba * (c["mamba_d_inner"] * c["mamba_d_conv"] * 2 + c["mamba_d_inner"] * c["mamba_d_state"] * 4)

@@ -249,7 +249,7 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
     job = _WorkerJob(mmr, data, hardware, seed, str(teacher), str(parent))
     pool = pool_for(hardware.nproc, _WorkerSetup(devices, threads if hardware.device != "cuda" else None))
     reused = pool.stages_run > 0
-    shared = " (sharing GPUs)" if len(set(devices)) < len(devices) else ""
+    shared = " (sharing GPUs)" if hardware.device == "cuda" and len(set(devices[:count])) < count else ""
     reporter.progress(f"  mmr: {len(todo)} trials on {count} worker processes ({', '.join(devices[:count])}){shared}, "
                       f"{'reused from an earlier stage' if reused else 'started now'}")
     curves: dict[int, list[dict]] = {layer: [] for layer in todo}
@@ -285,7 +285,7 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
         on = f"during layer {failure.task}" if failure.task is not None else "before taking a layer"
         raise StageError(f"{where(failure.index)} {failure.how()} {on}") from None
     startup = {str(index): round(seconds, 3) for index, seconds in sorted(timing.ready_s.items())}
-    reporter.progress(f"  mmr: worker start-up {', '.join(f'{s:.1f} s' for s in timing.ready_s.values())} "
+    reporter.progress(f"  mmr: worker start-up {', '.join(f'{timing.ready_s[i]:.1f} s' for i in sorted(timing.ready_s))} "
                       f"({'reused workers' if reused else 'started for this stage'})")
     reporter.log_metrics({"mmr/worker_startup_s": max(timing.ready_s.values())})
     return {"worker_startup_s": startup, "workers_reused": reused}
