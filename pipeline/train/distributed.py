@@ -156,21 +156,40 @@ def row_range(param: Tensor) -> tuple[int, int]:
     return start, stop
 
 
+def _buffers_built_again(module: nn.Module) -> dict[str, Tensor] | None:
+    """The buffers of a module that keeps its config (transformers' rotary embeddings do), as its
+    constructor computes them: a copy of it built on the CPU from that config. None for other modules."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    try:
+        with torch.device("cpu"):
+            fresh = type(module)(config=config)
+    except TypeError:
+        return None
+    buffers = dict(fresh.named_buffers(recurse=False))
+    own = {name for name, buffer in module._buffers.items() if buffer is not None}
+    return buffers if set(buffers) == own else None
+
+
 @torch.no_grad()
 def materialise(model: nn.Module, device: torch.device, fill: Callable[[str, Tensor, int, int], None], *,
                 parameter_device: torch.device | None = None) -> None:
     """Give a model built on the meta device (and sharded) real storage and values: each parameter's local
     shard is allocated on `parameter_device` (default `device`; the CPU under CPU offload) and filled by
     `fill(name, local_shard, start, stop)` (rows [start, stop) of the full tensor); the non-persistent
-    buffers (rotary frequencies) are computed again on `device` as `from_pretrained` does
-    (`_init_weights` of the modules holding them). Tied parameters are filled once, by their first name."""
+    buffers (rotary frequencies) are computed again, on the CPU then moved to `device`: by the module's own
+    constructor from its config where it keeps one, else as `from_pretrained` does (`_init_weights` of the
+    module). Tied parameters are filled once, by their first name."""
     model.to_empty(device=parameter_device or device)
     for module in model.modules():
         if any(True for _ in module.buffers(recurse=False)):
-            model._init_weights(module)
+            fresh = _buffers_built_again(module)
+            if fresh is None:  # what from_pretrained does for the buffers a checkpoint lacks
+                model._init_weights(module)
             for name, buffer in list(module._buffers.items()):
                 if buffer is not None:
-                    module._buffers[name] = buffer.to(device)
+                    module._buffers[name] = (fresh[name] if fresh is not None else buffer).to(device)
     for name, param in model.named_parameters():
         start, stop = row_range(param)
         fill(name, param.to_local() if hasattr(param, "to_local") else param.data, start, stop)

@@ -67,6 +67,7 @@ def test_sharded_models_on_the_gpu_hold_and_train_as_the_unsharded_ones(tmp_path
     device = torch.device("cuda", 0)
     plain_student = hybridize(load_model(teacher_dir, CUDA, "teacher", fp32=True), [1, 2], seed=3)
     initial = {name: param.detach().cpu().clone() for name, param in plain_student.named_parameters()}
+    buffers = {name: buffer.cpu() for name, buffer in plain_student.named_buffers()}
     plain = curve(plain_student, load_model(teacher_dir, CUDA, "teacher"))  # the plain loop: no process group
     with nccl_group(tmp_path):
         student = build_sharded(ModelSource(str(teacher_dir), (1, 2), 3), dtype=torch.float32, device=device,
@@ -74,6 +75,8 @@ def test_sharded_models_on_the_gpu_hold_and_train_as_the_unsharded_ones(tmp_path
         for name, param in initial.items():
             built = gathered_tensor(student, name)
             assert built.dtype == param.dtype and torch.equal(built, param), name
+        assert {name: torch.equal(buffer.cpu(), buffers[name]) for name, buffer in student.named_buffers()} == \
+            {name: True for name in buffers}
         teacher = build_sharded(ModelSource(str(teacher_dir)), dtype=torch.bfloat16, device=device, role="teacher")
         assert all(buffer.device.type == "cuda" for buffer in student.buffers())
         sharded = curve(student, teacher)
