@@ -108,6 +108,8 @@ def plan_weights(model: nn.Module, files: SafetensorsFolder, new_mamba: list[int
     copies: dict[str, str] = {}
     converted: dict[str, int] = {}
     used: set[str] = set()
+    missing: list[str] = []
+    mismatched: list[str] = []
     for name, tensor in state.items():
         if name in tied:
             continue
@@ -117,13 +119,20 @@ def plan_weights(model: nn.Module, files: SafetensorsFolder, new_mamba: list[int
             continue
         source = _source_key(name, is_hybrid)
         if source not in files:
-            raise ConversionError(f"{what} at {files.folder}: weight {name} has no tensor {source} in its "
-                                  "safetensors files")
-        if tuple(files.shape(source)) != tuple(tensor.shape):
-            raise ConversionError(f"{what} at {files.folder}: {source} has shape {tuple(files.shape(source))}, "
-                                  f"its config.json says {tuple(tensor.shape)}")
+            missing.append(source)
+        elif tuple(files.shape(source)) != tuple(tensor.shape):
+            mismatched.append(f"{source} {tuple(files.shape(source))} vs {tuple(tensor.shape)}")
         copies[name] = source
         used.add(source)
+    # the lines load_model gives for the same files
+    if mismatched:
+        raise ConversionError(f"{what} at {files.folder}: {len(mismatched)} weights have other shapes than its "
+                              f"config.json says (e.g. {'; '.join(mismatched[:2])}); the weights do not belong to "
+                              "this config")
+    if missing:
+        raise ConversionError(f"{what} at {files.folder}: {len(missing)} weights its config.json needs are not in "
+                              f"its safetensors files (e.g. {', '.join(sorted(missing)[:3])}); the checkpoint is "
+                              "incomplete")
     for layer in new_mamba:
         prefix = f"model.layers.{layer}.{'mixer' if is_hybrid else 'self_attn'}."
         for part in ("q_proj", "k_proj", "v_proj", "o_proj"):

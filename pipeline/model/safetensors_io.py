@@ -68,12 +68,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         except ValueError as exc:
             raise SafetensorsError(f"{path}: the header does not parse ({exc})") from None
     metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
+    tensors, end = {}, 0
     for name, info in header.items():
         if info["dtype"] not in _DTYPES:
             raise SafetensorsError(f"{path}: tensor {name} has dtype {info['dtype']}, not one this reader knows")
-        begin, _ = info["data_offsets"]
+        begin, stop = info["data_offsets"]
         tensors[name] = TensorEntry(path, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + length + begin)
+        end = max(end, stop)
+    size = path.stat().st_size
+    if size < 8 + length + end:
+        raise SafetensorsError(f"{path} is truncated: its header describes {8 + length + end} bytes, the file has "
+                               f"{size}")
     return tensors, metadata
 
 

@@ -153,9 +153,10 @@ def check_source(source: ModelSource, dtype, what: str):
         model, _, _ = prepare(source, dtype, what)
     except ConversionError as exc:
         raise StageError(str(exc)) from None
-    except (SafetensorsError, OSError, ValueError, KeyError) as exc:
+    except (SafetensorsError, OSError, ValueError, KeyError) as exc:  # load_model's line for the same files
         reason = " ".join(str(exc).split())[:300]
-        raise StageError(f"{what} at {folder} cannot be built sharded ({type(exc).__name__}: {reason})") from None
+        raise StageError(f"{what} at {folder} cannot be loaded ({type(exc).__name__}: {reason}); the files are "
+                         "truncated, corrupt or not a transformers checkpoint") from None
     return model
 
 

@@ -132,7 +132,7 @@ def test_the_sharded_teacher_holds_the_loaded_teachers_tensors(group, tmp_path):
     assert not any(param.requires_grad for param in teacher.parameters())
 
 
-def test_bad_sources_are_refused_from_their_headers(tmp_path):
+def test_bad_sources_are_refused_from_their_headers_with_load_models_lines(tmp_path):
     from safetensors.torch import load_file, save_file
 
     folder = save_teacher(tmp_path / "teacher")
@@ -142,13 +142,21 @@ def test_bad_sources_are_refused_from_their_headers(tmp_path):
     weights["model.layers.1.mlp.up_proj.weight"] = weights["model.layers.1.mlp.up_proj.weight"][:-1].clone()
     del weights["model.layers.2.self_attn.k_proj.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(StageError, match=r"model.layers.1.mlp.up_proj.weight has shape \(63, 32\), its config.json "
-                                         r"says \(64, 32\)"):
+    with pytest.raises(StageError, match=r"^teacher at .*: 1 weights have other shapes than its config.json says "
+                                         r"\(e.g. model.layers.1.mlp.up_proj.weight \(63, 32\) vs \(64, 32\)\); the "
+                                         r"weights do not belong to this config$"):
         check_source(ModelSource(str(folder)), torch.float32, "teacher")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(StageError, match="weight model.layers.1.mlp.up_proj.weight has no tensor"):
-        check_source(ModelSource(str(folder), (2,)), torch.float32, "teacher")
+    with pytest.raises(StageError, match=r"^teacher at .*: 2 weights its config.json needs are not in its "
+                                         r"safetensors files \(e.g. model.layers.1.mlp.up_proj.weight, "
+                                         r"model.layers.2.self_attn.k_proj.weight\); the checkpoint is incomplete$"):
+        check_source(ModelSource(str(folder), (3,)), torch.float32, "teacher")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-100])  # a copy cut short: the header is whole
+    with pytest.raises(StageError, match=r"^teacher at .* cannot be loaded \(SafetensorsError: .* is truncated: its "
+                                         r"header describes \d+ bytes, the file has \d+\); the files are truncated"):
+        check_source(ModelSource(str(folder)), torch.float32, "teacher")
 
 
 def test_two_ranks_build_a_200mb_pair_in_half_the_memory_with_the_unsharded_weights(tmp_path):
