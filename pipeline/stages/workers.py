@@ -16,7 +16,8 @@ worker that raises, dies, or whose stage is interrupted fails the stage (`Worker
 shut down: the next stage starts fresh workers. A worker whose parent process is gone exits.
 
 `pool_for(size, setup)` keeps one pool a process (the stages of a chain run in one process), started on
-first use and replaced when the setup or size asked for changes; it is shut down when the process exits.
+first use and replaced when the setup or size asked for changes; `shutdown()` stops it (the chain and the
+ablation call it when their run ends, and it runs when the process exits).
 """
 
 from __future__ import annotations
