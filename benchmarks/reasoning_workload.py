@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens a sequence (16384; smoke: 48)")
     parser.add_argument("--levels", type=int, default=None, help="fill levels the decode step is timed at (9; smoke: 3)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps a fill level (6; smoke: 2)")
-    parser.add_argument("--prefill-batch", type=int, default=8, help="sequences a prefill forward")
+    parser.add_argument("--prefill-batch", type=int, default=8, help="sequences a prefill forward (at most)")
     parser.add_argument("--margin", type=float, default=0.10, help="memory kept free, as a share of the card")
     parser.add_argument("--memory-gib", type=float, default=0.004,
                         help="smoke: the memory budget the batch search works against (the CPU has no card)")
@@ -145,9 +145,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def new_engine(model, batch: int, args) -> GenerationEngine:
+def new_engine(model, batch: int, args, prefill_batch: int) -> GenerationEngine:
     return GenerationEngine(model, batch_size=batch, max_length=args.prompt + args.new_tokens,
-                            prefill_batch=min(args.prefill_batch, batch))
+                            prefill_batch=min(prefill_batch, batch))
 
 
 def set_fill(engine: GenerationEngine, fill: int) -> None:
@@ -165,10 +165,10 @@ def prompts(model, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids)
 
 
-def probe(model, batch: int, args, memory: Memory) -> float:
+def probe(model, batch: int, args, memory: Memory, prefill_batch: int) -> float:
     """Peak memory of a batch's worst moments: its caches, a prefill micro-batch, decode steps at a full cache."""
     memory.start()
-    engine = new_engine(model, batch, args)
+    engine = new_engine(model, batch, args, prefill_batch)
     ids, mask = prompts(model, engine.prefill_batch, args.prompt)
     engine._prefill(ids, mask)
     set_fill(engine, args.prompt + args.new_tokens - 4)
@@ -184,19 +184,23 @@ def largest_batch(model, args, memory: Memory, n_mamba: int) -> dict:
     """Two probes, a linear fit of peak memory in the batch, the largest batch under the budget."""
     per_sequence = cache_bytes_per_sequence(n_mamba, args.prompt + args.new_tokens, shape_of(args))
     guess = max(int(memory.budget // per_sequence), 2)
-    small = max(1, min(2, guess // 4))
-    large = max(small + 1, min(guess // 4, 64))
-    peaks = {small: probe(model, small, args, memory), large: probe(model, large, args, memory)}
+    # both probes and the measurement prefill the same micro-batch (its workspace is part of the peak)
+    prefill_batch = max(1, min(args.prefill_batch, guess // 4))
+    small = prefill_batch
+    large = max(small + 1, min(guess // 2, 8 * prefill_batch))
+    peaks = {small: probe(model, small, args, memory, prefill_batch),
+             large: probe(model, large, args, memory, prefill_batch)}
     slope = (peaks[large] - peaks[small]) / (large - small)
     intercept = peaks[small] - slope * small
     batch = max(1, int((memory.budget - intercept) // slope)) if slope > 0 else guess
-    return {"batch": batch, "probes": {str(b): p for b, p in peaks.items()}, "bytes_per_sequence": slope,
-            "fixed_bytes": intercept, "budget_bytes": memory.budget, "cache_bytes_per_sequence": per_sequence}
+    return {"batch": batch, "prefill_batch": prefill_batch, "probes": {str(b): p for b, p in peaks.items()},
+            "bytes_per_sequence": slope, "fixed_bytes": intercept, "budget_bytes": memory.budget,
+            "cache_bytes_per_sequence": per_sequence}
 
 
-def measure(model, batch: int, args) -> dict:
+def measure(model, batch: int, args, prefill_batch: int) -> dict:
     """Prefill scaled from one micro-batch; the decode step timed at fill levels and integrated."""
-    engine = new_engine(model, batch, args)
+    engine = new_engine(model, batch, args, prefill_batch)
     sample = engine.prefill_batch
     warm_ids, warm_mask = prompts(model, 1, min(args.prompt, 256))
     engine._prefill(warm_ids, warm_mask)  # warm-up
@@ -251,7 +255,7 @@ def single(name: str, args) -> dict:
     for _ in range(args.shrink):  # earlier attempts at this model ran out of memory (each in its own process)
         batch = max(1, int(batch * 0.9))
     try:
-        record = measure(model, batch, args)
+        record = measure(model, batch, args, search["prefill_batch"])
     except torch.OutOfMemoryError as error:  # a failed capture can leave CUDA unusable: the caller retries
         print(f"out of memory at batch {batch}: {str(error).splitlines()[0][:200]}", file=sys.stderr)
         sys.exit(3)
