@@ -18,6 +18,14 @@ Two measurements, each writing a JSON record:
       "frozen-bf16" (fp32 training, frozen models held in bf16); and "fp32-reference": fp32 with the
       PyTorch reference kernels (the CPU's code path on the GPU), to separate the CUDA kernels from the device.
 
+  mixers     --mixers mamba gdn --counts 4 6 --seeds 0 1 2 --out gdn-quality.json
+      H-K with each mixer against the other at the same K (schedule.counts=[K], schedule.mixers=[mixer]:
+      the K least LOO-important layers, the first conversion's distillation) on one teacher trained once
+      (gpu_demo's, `--teacher-steps` of its 2000, then copied into every run), one concurrent process per
+      (mixer, K, seed); each scores its H-K on gpu_demo's held-out problems (answer accuracy, NLL, KL to the
+      teacher; held in fp32 as the evaluate stage holds them). Seeds set `seed` and `train.seed`. Prints
+      mean +- sample sd per (mixer, K). A CPU smoke run: --preset tiny --device cpu --counts 2 --seeds 0.
+
 Usage on a GPU machine: PYTHONPATH=. python benchmarks/gpu_pipeline.py chain --experiment gpu_demo --out x.json
 """
 
@@ -73,9 +81,10 @@ class MeasuringReporter:
 
 
 def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, prefix: str = "",
-                       teacher_folder: Path | None = None) -> dict:
+                       teacher_folder: Path | None = None, until: str = "evaluate") -> dict:
     """The chain through the one executor over a folder store `<root>/<run_name>` (as `run_local`), each
-    stage timed. `teacher_folder`: a committed teacher adopted as this run's teacher output (not trained)."""
+    stage timed, up to `until`. `teacher_folder`: a committed teacher adopted as this run's teacher output
+    (not trained)."""
     import torch
 
     from pipeline.chain import run_chain
@@ -126,9 +135,11 @@ def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, pre
         return out
 
     started = time.perf_counter()
-    run_chain(cfg, execute)
+    run_chain(cfg, execute, until=until)
     record["total_seconds"] = round(time.perf_counter() - started, 1)
-    record["summary"] = json.loads((store.root / "evaluate" / "summary.json").read_text())
+    record["store"] = str(store.root)
+    if until == "evaluate":
+        record["summary"] = json.loads((store.root / "evaluate" / "summary.json").read_text())
     if record_path is not None:
         record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
@@ -248,12 +259,172 @@ def precision(args) -> None:
     Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
+def chain_markdown(record: dict) -> str:
+    """The chain record as the results page: per stage and per checkpoint, with command, device and date."""
+    env = record["environment"]
+    lines = [f"# experiment={record['experiment']} on {env['device']}", "",
+             f"Command: `{env['command']}`; date {env['date']}; torch {env['torch']}; kernels {env['kernels']}; "
+             f"whole chain {record['total_seconds']} s.", "",
+             "| stage | output | seconds | tokens/s (training) | peak GPU memory GiB | note |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in record["stages"]:
+        meta = row.get("meta", {})
+        note = meta.get("layer_pattern") or ""
+        if meta.get("final_loss") is not None:
+            note += f" final loss {meta['final_loss']:.4f}"
+        if row["skipped"]:
+            note += " (found in the store)"
+        lines.append(f"| {row['kind']} | {row['stage']} | {row['seconds']} | {row['tokens_per_s'] or '-'} | "
+                     f"{row['peak_memory_gib'] if row['peak_memory_gib'] is not None else '-'} | {note.strip()} |")
+    lines += ["", "| checkpoint | pattern | accuracy | NLL | KL to teacher | generic NLL | generic KL | tokens/s | "
+              "throughput ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in record["summary"]:
+        generic = (f"{r['nll_generic']:.4f} | {r['kl_generic']:.4f}" if r.get("nll_generic") is not None
+                   else "- | -")
+        lines.append(f"| {r['checkpoint']} | {r['layer_pattern']} | {r['answer_accuracy']:.3f} | {r['nll']:.4f} | "
+                     f"{r['kl_to_teacher']:.4f} | {generic} | {r['tokens_per_s']:,.0f} | {r['throughput_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the mixer comparison: H-K with Mamba-1 against H-K with Gated DeltaNet ----------------------------
+
+def mixer_config(preset: str, mixer: str, count: int, seed: int, device: str, teacher_steps: int | None) -> RunConfig:
+    cfg = _merge(preset_config(preset), {
+        "run_name": f"{mixer}-H{count}-seed{seed}", "seed": seed,
+        "schedule": {"counts": [count], "mixers": [mixer]},
+        "hardware": {"device": device}, "train": {"seed": seed},
+    })
+    if teacher_steps:
+        cfg = _merge(cfg, {"teacher": {"demo": {"train": {"steps": teacher_steps}}}})
+    return cfg
+
+
+def score_checkpoint(cfg: RunConfig, teacher: Path, folder: Path, score_teacher: bool = False) -> dict:
+    """Answer accuracy, NLL and KL to the teacher of one checkpoint on the held-out problems, both models
+    held in fp32 (as the evaluate stage holds them for quality); `score_teacher`: the teacher's accuracy too."""
+    import torch
+
+    from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
+    from pipeline.stages.common import StageData, load_model, load_tokenizer
+
+    data = StageData(cfg.data.view("eval"), load_tokenizer(teacher))
+    problems = data.eval_problems(cfg.evaluate.num_examples, ("evaluate.max_new_tokens", cfg.evaluate.max_new_tokens))
+    batches = data.eval_batches(cfg.evaluate.nll_examples)
+    teacher_model = load_model(teacher, cfg.hardware, "teacher", fp32=True)
+    with torch.no_grad():
+        model = load_model(folder, cfg.hardware, "checkpoint", fp32=True)
+        accuracy, _ = answer_accuracy(model, data.tokenizer, problems, batch_size=cfg.evaluate.batch_size,
+                                      max_new_tokens=cfg.evaluate.max_new_tokens)
+        quality = nll_and_kl(model, batches, teacher=teacher_model)
+        extra = {}
+        if score_teacher:
+            extra["teacher_answer_accuracy"], _ = answer_accuracy(
+                teacher_model, data.tokenizer, problems, batch_size=cfg.evaluate.batch_size,
+                max_new_tokens=cfg.evaluate.max_new_tokens)
+    return {"answer_accuracy": accuracy, "nll": quality["nll"], "kl_to_teacher": quality.get("kl_to_teacher"),
+            "examples": len(problems), "layer_pattern": model.config.layer_pattern, **extra}
+
+
+def one_mixer_run(args) -> None:
+    """A child process: one (mixer, K, seed) from the shared teacher: LOO, the conversion, its quality."""
+    cfg = mixer_config(args.preset, args.mixer, args.count, args.seed, args.device, args.teacher_steps)
+    record = {"mixer": args.mixer, "count": args.count, "seed": args.seed}
+    try:
+        chain_record = run_measured_chain(cfg, Path(args.root), None, prefix=f"[{cfg.run_name}] ",
+                                          teacher_folder=Path(args.teacher), until="convert")
+        folder = Path(chain_record["store"]) / f"H-{args.count}"
+        record.update(stages=chain_record["stages"],
+                      **score_checkpoint(cfg, Path(args.teacher), folder, score_teacher=args.score_teacher))
+        print(f"[{cfg.run_name}] accuracy {record['answer_accuracy']:.3f} NLL {record['nll']:.4f} "
+              f"KL {record['kl_to_teacher']:.4f} ({record['layer_pattern']})", flush=True)
+    except Exception as error:  # one failed run is a record, not the end of the comparison
+        import traceback
+
+        record["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    record["environment"] = environment()
+    Path(args.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def mixers(args) -> None:
+    from pipeline.chain import run_local
+
+    root = Path(args.root)
+    started = time.perf_counter()
+    teacher_cfg = _merge(mixer_config(args.preset, args.mixers[0], args.counts[0], 0, args.device, args.teacher_steps),
+                         {"run_name": "shared"})
+    teacher = run_local(teacher_cfg, root, until="teacher", work_root=root / ".cache" / "work" / "shared")["teacher"]
+    teacher_s = time.perf_counter() - started
+    print(f"teacher: {teacher_s:.0f} s", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    children = []
+    for mixer in args.mixers:
+        for count in args.counts:
+            for seed in args.seeds:
+                name = f"{mixer}-H{count}-seed{seed}"
+                out, log = root / f"{name}.json", open(root / f"{name}.log", "w")
+                command = [sys.executable, __file__, "one-mixer", "--mixer", mixer, "--count", str(count), "--seed",
+                           str(seed), "--teacher", str(teacher), "--root", str(root), "--out", str(out), "--device",
+                           args.device, "--preset", args.preset] + (
+                    ["--teacher-steps", str(args.teacher_steps)] if args.teacher_steps else []) + (
+                    ["--score-teacher"] if not children else [])
+                children.append((name, out, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
+                                 log))
+    runs = []
+    for name, out, process, log in children:
+        try:
+            code = process.wait(timeout=max(args.timeout - (time.perf_counter() - started), 1))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = "timeout"
+        log.close()
+        record = json.loads(out.read_text()) if out.exists() else {"error": f"no record (exit {code})"}
+        record["exit_code"] = code
+        runs.append(record)
+        tail = (root / f"{name}.log").read_text().strip().splitlines()[-1:] if code != 0 else []
+        print(f"{name}: exit {code} {record.get('error', '')} {' '.join(tail)[:300]}", flush=True)
+    summary = []
+    for mixer in args.mixers:
+        for count in args.counts:
+            mine = [r for r in runs if r.get("mixer") == mixer and r.get("count") == count and "error" not in r]
+            row = {"mixer": mixer, "count": count, "seeds": sorted(r["seed"] for r in mine)}
+            for key in ("answer_accuracy", "nll", "kl_to_teacher"):
+                row[key], row[f"{key}_sd"] = mean_sd([r[key] for r in mine])
+            row["patterns"] = sorted({r["layer_pattern"] for r in mine})
+            summary.append(row)
+    teacher_meta = json.loads((Path(teacher) / "stage.json").read_text())
+    result = {"teacher": {"seconds": round(teacher_s, 1), "final_loss": teacher_meta.get("final_loss"),
+                          "steps": teacher_meta.get("steps"),
+                          "answer_accuracy": next((r["teacher_answer_accuracy"] for r in runs
+                                                   if "teacher_answer_accuracy" in r), None)},
+              "preset": args.preset, "summary": summary, "runs": runs, "environment": environment(),
+              "total_seconds": round(time.perf_counter() - started, 1), "concurrent_processes": len(children)}
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(f"\nteacher accuracy {result['teacher']['answer_accuracy']}; {len(children)} runs in "
+          f"{result['total_seconds']} s")
+    print(f"{'mixer':<7}{'K':>3}{'seeds':>8}{'accuracy':>18}{'NLL':>20}{'KL to teacher':>20}")
+    for row in summary:
+        cells = [f"{row[k]:.4f} +- {row[k + '_sd']:.4f}" if row[k] is not None else "-"
+                 for k in ("answer_accuracy", "nll", "kl_to_teacher")]
+        print(f"{row['mixer']:<7}{row['count']:>3}{len(row['seeds']):>8}{cells[0]:>18}{cells[1]:>20}{cells[2]:>20}")
+
+
 def chain(args) -> None:
     cfg = preset_config(args.experiment)
     out = Path(args.out)
     record = run_measured_chain(cfg, Path(args.root), out)
     record["experiment"], record["environment"] = args.experiment, environment()
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(chain_markdown(record))
     for row in record["summary"]:
         print({k: row.get(k) for k in ("checkpoint", "answer_accuracy", "nll", "kl_to_teacher", "tokens_per_s")})
     print(f"whole chain: {record['total_seconds']} s", flush=True)
@@ -266,6 +437,7 @@ def main() -> None:
     p.add_argument("--experiment", default="gpu_demo")
     p.add_argument("--root", default="/tmp/gpu-pipeline")
     p.add_argument("--out", default="gpu-chain.json")
+    p.add_argument("--markdown", default=None, help="also write the results page (markdown) here")
     p = sub.add_parser("precision")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["bf16-mixed", "fp32"])
@@ -281,8 +453,30 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--preset", default=None)
     p.add_argument("--device", default="cuda")
+    p = sub.add_parser("mixers")
+    p.add_argument("--mixers", nargs="+", default=["mamba", "gdn"])
+    p.add_argument("--counts", type=int, nargs="+", default=[4, 6])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--teacher-steps", type=int, default=None, help="the demo teacher's steps (default: the preset's)")
+    p.add_argument("--preset", default="gpu_demo")
+    p.add_argument("--root", default="/tmp/gpu-mixers")
+    p.add_argument("--out", default="gdn-quality.json")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole comparison")
+    p = sub.add_parser("one-mixer")
+    p.add_argument("--mixer", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", default="gpu_demo")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--teacher-steps", type=int, default=None)
+    p.add_argument("--score-teacher", action="store_true", help="also the teacher's accuracy (one child does it)")
     args = parser.parse_args()
-    {"chain": chain, "precision": precision, "one": one_run}[args.command](args)
+    {"chain": chain, "precision": precision, "one": one_run, "mixers": mixers,
+     "one-mixer": one_mixer_run}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -48,18 +48,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# with --smoke on the command line, throughput.py itself takes its tiny CPU shape (APRIEL_15B) and device
 from throughput import APRIEL_15B, build, cache_bytes_per_sequence  # noqa: E402
 
 from pipeline.evaluate.engine import GenerationEngine  # noqa: E402
 
-# The recipe's checkpoints at the 50-layer shape (Mamba layers); a smoke shape keeps their share.
+# The recipe's checkpoints at the 50-layer shape (Mamba layers); the smoke shape (throughput.py's, six
+# layers: `--smoke` there too) keeps their share.
 MODELS = {"teacher": 0, "H-25": 25, "H-30": 30, "H-40": 40}
-SMOKE_SHAPE = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 1e4},
-    mamba_d_state=16, mamba_dt_rank=8, mamba_d_conv=4, mamba_d_inner=64, mamba_d_xb=32,
-)
+RECIPE_LAYERS = 50
 DEFINITIONS = {
     "total_tokens_per_s": "batch * new_tokens / (prefill_s + decode_s): generated tokens a second over the whole "
                           "workload (every sequence: a prompt of prompt_tokens, then new_tokens generated)",
@@ -82,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps a fill level (6; smoke: 2)")
     parser.add_argument("--prefill-batch", type=int, default=8, help="sequences a prefill forward (at most)")
     parser.add_argument("--margin", type=float, default=0.10, help="memory kept free, as a share of the card")
-    parser.add_argument("--memory-gib", type=float, default=0.004,
+    parser.add_argument("--memory-gib", type=float, default=0.006,
                         help="smoke: the memory budget the batch search works against (the CPU has no card)")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one model, in its own process
     parser.add_argument("--shrink", type=int, default=0, help=argparse.SUPPRESS)  # 90% of the batch, this many times
@@ -100,13 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def shape_of(args) -> dict:
-    return SMOKE_SHAPE if args.smoke else APRIEL_15B
-
-
-def mamba_layers(name: str, shape: dict) -> int:
-    """The model's Mamba layers at this shape: the recipe's share of the 50 layers."""
-    return round(MODELS[name] * shape["num_hidden_layers"] / APRIEL_15B["num_hidden_layers"])
+def mamba_layers(name: str) -> int:
+    """The model's Mamba layers at the shape measured: the recipe's share of its 50 layers."""
+    return round(MODELS[name] * APRIEL_15B["num_hidden_layers"] / RECIPE_LAYERS)
 
 
 class Memory:
@@ -182,7 +175,7 @@ def probe(model, batch: int, args, memory: Memory, prefill_batch: int) -> float:
 
 def largest_batch(model, args, memory: Memory, n_mamba: int) -> dict:
     """Two probes, a linear fit of peak memory in the batch, the largest batch under the budget."""
-    per_sequence = cache_bytes_per_sequence(n_mamba, args.prompt + args.new_tokens, shape_of(args))
+    per_sequence = cache_bytes_per_sequence(str(n_mamba), args.prompt + args.new_tokens)
     guess = max(int(memory.budget // per_sequence), 2)
     # both probes and the measurement prefill the same micro-batch (its workspace is part of the peak)
     prefill_batch = max(1, min(args.prefill_batch, guess // 4))
@@ -244,11 +237,9 @@ def single(name: str, args) -> dict:
     """One model: build, find its batch, measure (in this process)."""
     from pipeline.model import kernels
 
-    shape = shape_of(args)
-    n_mamba = mamba_layers(name, shape)
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    n_mamba = mamba_layers(name)
     started = time.perf_counter()
-    model = build(n_mamba, shape, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    model = build(str(n_mamba))  # random bf16 weights, on the GPU (smoke: the CPU)
     memory = Memory(args, model)
     search = largest_batch(model, args, memory, n_mamba)
     batch = search["batch"]
@@ -300,8 +291,7 @@ def main(argv=None) -> None:
     result = {
         "workload": {"prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "levels": args.levels,
                      "steps_per_level": args.steps, "prefill_batch": args.prefill_batch, "margin": args.margin,
-                     "shape": "smoke" if args.smoke else "Apriel-15B", "weights": "random, bf16" if device != "cpu"
-                     else "random, fp32"},
+                     "shape": "smoke (throughput.py's)" if args.smoke else "Apriel-15B", "weights": "random, bf16"},
         "method": "integrated over fill levels (prefill scaled from one micro-batch); see definitions",
         "definitions": DEFINITIONS, "records": records,
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device,

@@ -6,7 +6,16 @@ tokens/s, total throughput, the ratio to the teacher, and the decode step's achi
 (bytes of weights + caches the step must move / step time) as a fraction of the card's peak. Also
 transformers' `generate()` on the teacher (MistralForCausalLM at the same shape) as today's baseline.
 
+Models (`--models`): 0 = the teacher; K = H-K with Mamba-1 layers; gdnK = H-K with Gated DeltaNet layers;
+mixK = H-K with both, alternating over the converted layers (the per-layer choice: for speed only how
+many of each kind counts, not which layers). Each model runs in a process of its own, which measures every
+length (a batch that runs out of memory is retried 10% smaller in the same process); a process that fails
+is reported and the next model runs. `--decode-steps N` times N decode steps in the middle of the 512 (the
+mean cache length of the whole decode) and scales them to 511; the default times all 511.
+
 Usage: python benchmarks/throughput.py --out results.json [--lengths 4096,16384] [--models 0,25,30,40]
+       python benchmarks/throughput.py --models 0,25,30,40,gdn25,gdn30,gdn40,mix25,mix30,mix40 \
+           --decode-steps 64 --prefill-sample 1 --skip-baseline --out gdn-throughput.json
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import argparse
 import datetime
 import gc
 import json
+import re
 import sys
 import time
 
@@ -31,6 +41,13 @@ APRIEL_15B = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     mamba_d_state=16, mamba_dt_rank=16, mamba_d_conv=4, mamba_d_inner=4096, mamba_d_xb=1024,
 )
+# `--smoke`: the same code on the CPU at a tiny shape with the PyTorch reference kernels (a check that the
+# script runs before GPU time is spent on it; its figures mean nothing).
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    APRIEL_15B = dict(APRIEL_15B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, mamba_d_inner=128, mamba_d_xb=64)
+DEVICE = "cpu" if SMOKE else "cuda"
 NEW_TOKENS = 512
 PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet HBM bandwidth (SXM parts)
 
@@ -47,7 +64,24 @@ DEFINITIONS = {
 }
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
+
+
 def peak_bytes_per_s() -> float:
+    if SMOKE:
+        return 1.0
     name = torch.cuda.get_device_name()
     for key, value in PEAK_BYTES_PER_S.items():
         if key in name:
@@ -60,16 +94,35 @@ def spread(n_mamba: int, n_layers: int) -> list[int]:
     return sorted({round(i * n_layers / n_mamba) for i in range(n_mamba)}) if n_mamba else []
 
 
-def build(n_mamba: int, shape: dict = APRIEL_15B, device: str = "cuda",
-          dtype: torch.dtype = torch.bfloat16) -> HybridForCausalLM:
-    """A random-weight hybrid of `shape` with `n_mamba` Mamba layers spread over the depth (the teacher: 0)."""
-    layers = spread(n_mamba, shape["num_hidden_layers"])
-    types = ["mamba" if i in layers else "attention" for i in range(shape["num_hidden_layers"])]
-    config = HybridConfig(**shape, layer_types=types)
+def parse_model(spec: str) -> tuple[str, int]:
+    """"0" -> ("mamba", 0) the teacher; "30" -> Mamba H-30; "gdn30" -> Gated DeltaNet H-30; "mix30" -> both."""
+    match = re.fullmatch(r"(gdn|mix)?(\d+)", spec.strip())
+    if match is None:
+        raise SystemExit(f"--models: {spec!r} is not K, gdnK or mixK")
+    return match.group(1) or "mamba", int(match.group(2))
+
+
+def layer_types(spec: str) -> list[str]:
+    kind, count = parse_model(spec)
+    layers = spread(count, APRIEL_15B["num_hidden_layers"])
+    mixers = {layer: ("gdn" if kind == "gdn" or (kind == "mix" and position % 2 == 0) else "mamba")
+              for position, layer in enumerate(layers)}
+    return [mixers.get(i, "attention") for i in range(APRIEL_15B["num_hidden_layers"])]
+
+
+def model_name(spec: str) -> str:
+    kind, count = parse_model(spec)
+    if count == 0:
+        return "teacher"
+    return f"H-{count}" + {"mamba": "", "gdn": "-GDN", "mix": "-mix"}[kind]
+
+
+def build(spec) -> HybridForCausalLM:
+    config = HybridConfig(**APRIEL_15B, layer_types=layer_types(str(spec)))
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(torch.bfloat16)
     try:
-        with torch.device(device):
+        with torch.device(DEVICE):
             model = HybridForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
@@ -78,7 +131,9 @@ def build(n_mamba: int, shape: dict = APRIEL_15B, device: str = "cuda",
 
 def measured_copy_bandwidth() -> float:
     """Device-to-device copy of 4 GiB, bytes read + written per second (the practical ceiling)."""
-    src = torch.empty(2**31, dtype=torch.int16, device="cuda").random_()
+    if SMOKE:
+        return 1.0
+    src = torch.empty(2**31, dtype=torch.int16, device=DEVICE).random_()
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
@@ -95,26 +150,31 @@ def measured_copy_bandwidth() -> float:
     return 2 * 2**32 / sorted(times)[len(times) // 2]
 
 
-def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, profile: bool,
-            plain: bool = False) -> dict:
+def measure(model, spec, total: int, batch: int, prefill_sample: int, profile: bool,
+            plain: bool = False, decode_steps: int = NEW_TOKENS - 1, full_warmup: bool = False) -> dict:
+    spec = str(spec)
+    n_mamba = parse_model(spec)[1]
     prompt = total - NEW_TOKENS
     engine = GenerationEngine(model, batch_size=batch, max_length=total, prefill_batch=1,
                               fused=False if plain else None)
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device="cuda")
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=DEVICE)
     # Prefill is compute-bound and linear in the batch: it runs for real on `prefill_sample` sequences
     # and its time is scaled to the batch; the other rows' caches keep zeros (decode speed does not
     # depend on cache values). Decode runs for real on the whole batch.
     sample = min(prefill_sample, batch)
-    engine._prefill(ids[:1, :256], torch.ones(1, 256, dtype=torch.long, device="cuda"))  # warm-up
-    torch.cuda.synchronize()
+    warm = prompt if full_warmup else 256  # full: Triton kernels tuned for the measured length stay out of it
+    engine._prefill(ids[:1, :warm], torch.ones(1, warm, dtype=torch.long, device=DEVICE))  # warm-up
+    sync()
     start = time.perf_counter()
-    first = engine._prefill(ids[:sample], torch.ones(sample, prompt, dtype=torch.long, device="cuda"))
-    torch.cuda.synchronize()
+    first = engine._prefill(ids[:sample], torch.ones(sample, prompt, dtype=torch.long, device=DEVICE))
+    sync()
     prefill_s = (time.perf_counter() - start) * batch / sample
     engine.tokens[:sample] = first
-    engine.positions.fill_(prompt)
-    engine.slot.fill_(prompt)
-    engine.key_valid[:, :prompt] = True
+    # Fewer steps than 511: the middle ones, so the cache length they see is the whole decode's mean.
+    start_at = prompt + max((NEW_TOKENS - 1 - decode_steps) // 2, 0)
+    engine.positions.fill_(start_at)
+    engine.slot.fill_(start_at)
+    engine.key_valid[:, :start_at] = True
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -122,23 +182,28 @@ def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, pr
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 engine._decode_step()
-            torch.cuda.synchronize()
+            sync()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=80), flush=True)
-        engine.positions.fill_(prompt)  # the profiled steps advanced the state: start again
-        engine.slot.fill_(prompt)
-        engine.key_valid[:, prompt:] = False
-    torch.cuda.synchronize()
+        engine.positions.fill_(start_at)  # the profiled steps advanced the state: start again
+        engine.slot.fill_(start_at)
+        engine.key_valid[:, start_at:] = False
+    sync()
     start = time.perf_counter()
-    for _ in range(NEW_TOKENS - 1):
+    for _ in range(decode_steps):
         engine._run_step()
-    torch.cuda.synchronize()
-    decode_s = time.perf_counter() - start
-    step_s = decode_s / (NEW_TOKENS - 1)
+    sync()
+    step_s = (time.perf_counter() - start) / decode_steps
+    decode_s = step_s * (NEW_TOKENS - 1)  # the 511 steps of a 512-token generation
     # The K/V columns a step must read grow from prompt + 1 to total - 1: count their mean.
     step_bytes = engine.bytes_per_decode_step(length=prompt + NEW_TOKENS / 2)
+    kinds = model.config.layer_types
     return {
-        "model": "teacher" if n_mamba == 0 else f"H-{n_mamba}",
-        "n_mamba": n_mamba,
+        "model": model_name(spec),
+        "spec": spec,
+        "n_mamba": n_mamba,  # converted layers (Mamba and Gated DeltaNet): the K of H-K
+        "n_mamba_layers": kinds.count("linear_attention"),
+        "n_gdn_layers": kinds.count("gated_delta_net"),
+        "decode_steps_timed": decode_steps,
         "total_len": total,
         "prompt_len": prompt,
         "new_tokens": NEW_TOKENS,
@@ -157,52 +222,101 @@ def measure(model, n_mamba: int, total: int, batch: int, prefill_sample: int, pr
     }
 
 
-def cache_bytes_per_sequence(n_mamba: int, total: int, shape: dict = APRIEL_15B) -> int:
-    """Static cache bytes of one sequence (as GenerationEngine allocates them, bf16), without allocating."""
-    c = shape
-    n_attention = c["num_hidden_layers"] - n_mamba
-    kv = n_attention * 2 * c["num_key_value_heads"] * c["head_dim"] * total * 2
-    states = n_mamba * (c["mamba_d_inner"] * c["mamba_d_conv"] * 2 + c["mamba_d_inner"] * c["mamba_d_state"] * 4)
+def cache_bytes_per_sequence(spec, total: int) -> int:
+    """Static cache bytes of one sequence (as GenerationEngine allocates them), without allocating."""
+    c = APRIEL_15B
+    kinds = layer_types(str(spec))
+    kv = kinds.count("attention") * 2 * c["num_key_value_heads"] * c["head_dim"] * total * 2
+    states = kinds.count("mamba") * (c["mamba_d_inner"] * c["mamba_d_conv"] * 2
+                                     + c["mamba_d_inner"] * c["mamba_d_state"] * 4)
+    heads, kv_heads, dim = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    states += kinds.count("gdn") * ((heads + 2 * kv_heads) * dim * 4 * 2 + heads * dim * dim * 4)  # conv + state
     return kv + states
 
 
-def run_engine(n_mamba: int, total: int, args) -> dict:
-    """Each attempt in a fresh process (an out-of-memory attempt leaves nothing behind); the batch starts
-    from free memory / per-sequence cache and shrinks by 10% until it fits."""
-    import subprocess
-    import sys
-
-    weights = 31e9  # bf16 weights of either model, rounded up
-    free = torch.cuda.mem_get_info()[0]
-    batch = max(int((free - weights - args.reserve_gib * 2**30) // cache_bytes_per_sequence(n_mamba, total)), 1)
+def first_batch(spec, total: int, args) -> int:
+    """The largest batch the free memory holds beside the weights and a reserve (or --batch)."""
     if args.batch:
-        batch = args.batch
-    while batch >= 1:
-        print(f"  {'teacher' if n_mamba == 0 else f'H-{n_mamba}'} at {total}: trying batch {batch}", flush=True)
-        command = [sys.executable, __file__, "--single", f"{n_mamba},{total},{batch}",
-                   "--prefill-sample", str(args.prefill_sample)] + (["--profile"] if args.profile else []) + (
-                   ["--plain"] if args.plain else [])
-        done = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode == 0 and lines:
-            print("\n".join(l for l in done.stdout.splitlines() if not l.startswith("{")), flush=True)
-            return json.loads(lines[-1])
-        if done.returncode != 3:
-            raise RuntimeError(f"measurement failed (exit {done.returncode}): {done.stderr[-2000:]}")
-        batch = int(batch * 0.9)
-    raise RuntimeError("not even one sequence fits")
+        return args.batch
+    if SMOKE:
+        return 4
+    weights = 31e9  # bf16 weights of any of these models, rounded up
+    free = torch.cuda.mem_get_info()[0]
+    return max(int((free - weights - args.reserve_gib * 2**30) // cache_bytes_per_sequence(spec, total)), 1)
+
+
+def run_model(spec: str, lengths: list[int], args) -> list[dict]:
+    """One model at every length in a fresh process; a process that fails is one line, and its missing
+    lengths are records with an `error`, so the models after it still run."""
+    import subprocess
+
+    batches = ",".join(str(first_batch(spec, total, args)) for total in lengths)
+    command = [sys.executable, __file__, "--model-process", spec, "--lengths", ",".join(map(str, lengths)),
+               "--batches", batches, "--prefill-sample", str(args.prefill_sample),
+               "--decode-steps", str(args.decode_steps)]
+    command += (["--profile"] if args.profile else []) + (["--plain"] if args.plain else [])
+    command += ["--full-warmup"] if args.full_warmup else []
+    command += ["--smoke"] if SMOKE else []
+    print(f"  {model_name(spec)}: batches {batches} at lengths {lengths}", flush=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.model_timeout)
+    except subprocess.TimeoutExpired as expired:  # what it measured before the limit still counts
+        def text(value):
+            return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+
+        done = subprocess.CompletedProcess(command, "timeout", text(expired.stdout),
+                                           text(expired.stderr) + f"\nran past --model-timeout {args.model_timeout} s")
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    print("\n".join(line for line in done.stdout.splitlines() if not line.startswith("{")), flush=True)
+    if done.returncode != 0:
+        print(f"  FAILED {model_name(spec)} (exit {done.returncode}): {done.stderr.strip()[-1500:]}", flush=True)
+    measured = {record["total_len"] for record in records}
+    last_line = done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else ""
+    records += [{"model": model_name(spec), "spec": spec, "total_len": total, "n_mamba": parse_model(spec)[1],
+                 "error": f"exit {done.returncode}: {last_line}"} for total in lengths if total not in measured]
+    return records
+
+
+def model_process(spec: str, lengths: list[int], batches: list[int], args) -> None:
+    """The child: build the model once, measure each length, shrinking a batch that runs out of memory."""
+    model = build(spec)
+    for total, batch in zip(lengths, batches):
+        while True:
+            try:
+                record = measure(model, spec, total, batch, args.prefill_sample, args.profile, args.plain,
+                                 args.decode_steps, args.full_warmup)
+                break
+            except torch.OutOfMemoryError as error:
+                print(f"  {model_name(spec)} at {total}: batch {batch} out of memory "
+                      f"({str(error).splitlines()[0][:120]}); retrying at {int(batch * 0.9)}", flush=True)
+                empty_cache()
+                batch = int(batch * 0.9)
+                if batch < 1:
+                    raise
+        record["kernel_paths"] = kernels.paths_used()
+        empty_cache()
+        print(json.dumps(record), flush=True)
 
 
 def single(spec: str, prefill_sample: int, profile: bool, plain: bool) -> None:
-    n_mamba, total, batch = (int(v) for v in spec.split(","))
+    n_mamba, total, batch = (v for v in spec.split(","))
     model = build(n_mamba)
     try:
-        record = measure(model, n_mamba, total, batch, prefill_sample, profile, plain)
+        record = measure(model, n_mamba, int(total), int(batch), prefill_sample, profile, plain)
     except torch.OutOfMemoryError as error:
         print(f"out of memory: {str(error).splitlines()[0][:200]}", file=sys.stderr)
         sys.exit(3)
     record["kernel_paths"] = kernels.paths_used()
     print(json.dumps(record), flush=True)
+
+
+def check_kernels(record: dict) -> None:
+    """A loud line when a model ran a PyTorch reference where a CUDA kernel was meant to run."""
+    fallbacks = {op: paths for op, paths in (record.get("kernel_paths") or {}).items()
+                 if any("reference" in path or "PyTorch" in path for path in paths)
+                 and op in ("gated_delta_rule", "gated_delta_rule_step", "selective_scan", "mamba_decode_step")}
+    if fallbacks:
+        print(f"  WARNING {record['model']} at {record['total_len']}: reference kernels ran: {fallbacks}", flush=True)
 
 
 def run_transformers_baseline(total: int, batch: int, new_tokens: int) -> dict:
@@ -219,7 +333,7 @@ def run_transformers_baseline(total: int, batch: int, new_tokens: int) -> dict:
     finally:
         torch.set_default_dtype(previous)
     prompt = total - NEW_TOKENS
-    ids = torch.randint(3, config.vocab_size, (batch, prompt), device="cuda")
+    ids = torch.randint(3, config.vocab_size, (batch, prompt), device=DEVICE)
     settings = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.no_grad():
         torch.cuda.synchronize()
@@ -253,26 +367,40 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of a decode step")
     parser.add_argument("--plain", action="store_true", help="the engine's plain-PyTorch decode step (no Triton)")
     parser.add_argument("--batch", type=int, default=None, help="this batch for every model instead of the largest")
-    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # n_mamba,total,batch: one attempt
+    parser.add_argument("--decode-steps", type=int, default=NEW_TOKENS - 1,
+                        help="decode steps timed (the middle of the 512), scaled to 511")
+    parser.add_argument("--full-warmup", action="store_true",
+                        help="warm the prefill up at the measured length (Triton autotuning out of the timing)")
+    parser.add_argument("--model-timeout", type=float, default=600.0, help="seconds a model's process may take")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shape, reference kernels: the script runs")
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # model,total,batch: one attempt
+    parser.add_argument("--model-process", default=None, help=argparse.SUPPRESS)  # one model, every length
+    parser.add_argument("--batches", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.single:
         single(args.single, args.prefill_sample, args.profile, args.plain)
         return
     lengths = [int(v) for v in args.lengths.split(",")]
+    if args.model_process:
+        model_process(args.model_process, lengths, [int(v) for v in args.batches.split(",")], args)
+        return
     records, baselines = [], []
     copy_bw = measured_copy_bandwidth()
-    gc.collect()
-    torch.cuda.empty_cache()
-    print(f"device {torch.cuda.get_device_name()}, measured copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
-    for n_mamba in (int(v) for v in args.models.split(",")):
-        for total in lengths:
-            record = run_engine(n_mamba, total, args)
-            record["hbm_fraction_of_measured_copy"] = record["bytes_per_step"] / (record["decode_step_ms"] / 1e3) / copy_bw
+    empty_cache()
+    print(f"device {device_name()}, measured copy bandwidth {copy_bw / 1e12:.2f} TB/s", flush=True)
+    for spec in args.models.split(","):
+        parse_model(spec)
+        for record in run_model(spec, lengths, args):
+            if "error" not in record:
+                record["hbm_fraction_of_measured_copy"] = (record["bytes_per_step"] / (record["decode_step_ms"] / 1e3)
+                                                           / copy_bw)
+                check_kernels(record)
             records.append(record)
             print(json.dumps({k: v for k, v in record.items() if k != "kernel_paths"}), flush=True)
     for record in records:
-        teacher = next((r for r in records if r["n_mamba"] == 0 and r["total_len"] == record["total_len"]), None)
-        if teacher is None:  # --models without 0: no ratios
+        teacher = next((r for r in records if r["n_mamba"] == 0 and r["total_len"] == record["total_len"]
+                        and "error" not in r), None)
+        if teacher is None or "error" in record:  # --models without 0, or a failed measurement: no ratios
             record["ratio_to_teacher"] = record["total_ratio_to_teacher"] = float("nan")
             continue
         record["ratio_to_teacher"] = record["tokens_per_s"] / teacher["tokens_per_s"]
@@ -283,16 +411,22 @@ def main() -> None:
                 baselines.append(run_transformers_baseline(total, batch, args.baseline_new_tokens))
                 print(json.dumps(baselines[-1]), flush=True)
     result = {
-        "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+        "device": device_name(), "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "transformers": transformers.__version__, "measured_copy_bytes_per_s": copy_bw,
         "peak_bytes_per_s": peak_bytes_per_s(),
         "kernel_paths": records[0].get("kernel_paths") if records else None,
         "definitions": DEFINITIONS, "records": records, "transformers_baseline": baselines,
+        "command": " ".join(sys.argv),
     }
-    print(f"\n{'model':<8}{'len':>7}{'batch':>7}{'prefill s':>11}{'decode tok/s':>14}{'total':>10}{'ratio':>8}{'hbm':>7}")
+    print(f"\n{'model':<11}{'len':>7}{'batch':>7}{'prefill s':>11}{'decode tok/s':>14}{'ratio':>7}{'total':>9}"
+          f"{'total ratio':>12}{'hbm':>6}")
     for r in records:
-        print(f"{r['model']:<8}{r['total_len']:>7}{r['batch']:>7}{r['prefill_s']:>11.2f}{r['tokens_per_s']:>14.0f}"
-              f"{r['total_tokens_per_s']:>10.0f}{r['ratio_to_teacher']:>8.2f}{r['hbm_fraction']:>7.2f}")
+        if "error" in r:
+            print(f"{r['model']:<11}{r['total_len']:>7}  FAILED: {r['error']}")
+            continue
+        print(f"{r['model']:<11}{r['total_len']:>7}{r['batch']:>7}{r['prefill_s']:>11.2f}{r['tokens_per_s']:>14.0f}"
+              f"{r['ratio_to_teacher']:>7.2f}{r['total_tokens_per_s']:>9.0f}{r['total_ratio_to_teacher']:>12.2f}"
+              f"{r['hbm_fraction']:>6.2f}")
     for b in baselines:
         print(f"transformers generate: len {b['total_len']} batch {b['batch']}: decode {b['decode_tokens_per_s']:.0f} tok/s")
     if args.out:

@@ -76,15 +76,17 @@ def loo_markdown(folder: Path, first: int | None, run_link: str) -> str:
 
 def mmr_markdown(folder: Path, name: str, run_link: str) -> str:
     mmr = read_json(folder / MMR_FILE)
+    mixers = "mixers" in mmr  # (layer, mixer) pairs: schedule.mixers other than [mamba]
     lines = [
-        f"### MMR scores from H-{mmr['n_mamba']} ({name})",
+        f"### MMR scores from H-{mmr['n_mamba'] + mmr.get('n_gdn', 0)} ({name})",
         f"Mean distillation loss of the last {mmr['score_window']} of {mmr['steps']} steps per candidate; "
         f"lowest first (easiest to replace). MLflow run {run_link}.",
         "",
-        "| rank | layer | loss |",
-        "| --- | --- | --- |",
+        "| rank | layer | mixer | loss |" if mixers else "| rank | layer | loss |",
+        "| --- | --- | --- | --- |" if mixers else "| --- | --- | --- |",
     ]
-    lines += [f"| {rank} | {entry['layer']} | {entry['loss']:.4f} |"
+    lines += [f"| {rank} | {entry['layer']} | {entry['mixer']} | {entry['loss']:.4f} |" if mixers
+              else f"| {rank} | {entry['layer']} | {entry['loss']:.4f} |"
               for rank, entry in enumerate(mmr["ranking"], start=1)]
     return "\n".join(lines)
 

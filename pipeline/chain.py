@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig, checkpoint_name
+from pipeline.config import DEFAULT_MIXERS, ConfigError, RunConfig, checkpoint_name
 from pipeline.executor import Executor, Output, Source, StageCall, local_source
 from pipeline.stages.common import Reporter
 from pipeline.stages.start import START
@@ -27,6 +27,21 @@ UNTIL = ("teacher", "loo", "convert", "mmr", "steps", "sft", "evaluate")
 def distill_view(cfg: RunConfig):
     """The data a distillation (conversion, step, MMR trial) reads: the source data.distill_on names."""
     return cfg.data.distillation_view()
+
+
+def mixer_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """What a conversion stage reads of schedule.mixers and the gdn section, beyond its usual settings:
+    nothing with the default mixers [mamba] (so Mamba-only runs keep their keys). The first conversion reads
+    the first mixer (and gdn when that is "gdn"), MMR all mixers (and gdn when listed), a step gdn when
+    listed (the settings of its new Gated DeltaNet layers)."""
+    mixers = list(cfg.schedule.mixers)
+    if mixers == DEFAULT_MIXERS:
+        return {}
+    if stage == "convert":
+        return {"mixer": mixers[0], "gdn": cfg.gdn} if mixers[0] != "mamba" else {}
+    if stage == "mmr":
+        return {"mixers": mixers, **({"gdn": cfg.gdn} if "gdn" in mixers else {})}
+    return {"gdn": cfg.gdn} if "gdn" in mixers else {}
 
 
 def teacher_call(cfg: RunConfig, source: Source | None) -> StageCall:
@@ -96,7 +111,8 @@ def start_call(cfg: RunConfig, source: Source | None, teacher: Output) -> StageC
 
 
 def check_start_counts(cfg: RunConfig, n_mamba: int | None) -> None:
-    """Every schedule count adds Mamba layers to the start checkpoint's `n_mamba` (None: not known yet)."""
+    """Every schedule count adds converted layers to the start checkpoint's `n_mamba` (its Mamba and Gated
+    DeltaNet layers; None: not known yet)."""
     if n_mamba is not None and cfg.schedule.counts[0] <= n_mamba:
         raise ConfigError(f"schedule.counts {list(cfg.schedule.counts)}: start.path={cfg.start.path} already has "
                           f"{n_mamba} Mamba layers; every count must be larger")
@@ -162,20 +178,22 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
             return out
         previous = checkpoint_name(counts[0])
         call(previous, run_convert, {"train": cfg.train, "mamba": cfg.mamba, "data": distill_view(cfg),
-                                     "hardware": hardware, "seed": seed, "count": counts[0]},
+                                     "hardware": hardware, "seed": seed, "count": counts[0],
+                                     **mixer_settings(cfg, "convert")},
              {"teacher": teacher_out, "loo": out["loo"]})
         if until == "convert":
             return out
         checkpoints, later = [previous], counts[1:]
     for count in later:
         mmr_name = f"mmr-{previous}"
-        call(mmr_name, run_mmr, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed},
+        call(mmr_name, run_mmr, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
+                                 **mixer_settings(cfg, "mmr")},
              {"teacher": teacher_out, "parent": out[previous]}, is_checkpoint=False)
         if until == "mmr":
             return out
         name = checkpoint_name(count)
         call(name, run_step, {"train": cfg.train, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
-                              "count": count},
+                              "count": count, **mixer_settings(cfg, "step")},
              {"teacher": teacher_out, "parent": out[previous], "mmr": out[mmr_name]})
         checkpoints.append(name)
         previous = name
@@ -195,8 +213,9 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
 
 
 def local_teacher_source(path: str, key: str = "teacher.path") -> Source:
-    """A checkpoint folder on this machine (a path or file:// URI) given as `key` (teacher.path,
-    start.path), digested by content."""
+    """A checkpoint given as `key` (teacher.path, start.path) that is not in a store: a folder on this
+    machine (a path or file:// URI) or a GGUF file (teacher.path), digested by content, or a Hugging Face
+    hub id (`pipeline.hub`), digested by its commit sha."""
     from urllib.parse import unquote, urlparse
 
     parsed = urlparse(path)
@@ -214,8 +233,13 @@ def local_teacher_source(path: str, key: str = "teacher.path") -> Source:
         if gguf is not None:
             return gguf_source(path, gguf)
     if not folder.is_dir():
+        from pipeline.hub import hub_source, parse_hub_id
+
+        if not parsed.scheme and parse_hub_id(path) is not None:  # org/name[@revision][/file.gguf]
+            return hub_source(path, key)
         raise ConfigError(f"{key}={path!r} does not exist (a folder with config.json, weights and tokenizer"
-                          + (", or a .gguf file)" if key == "teacher.path" else ")"))
+                          + (", or a .gguf file" if key == "teacher.path" else "")
+                          + ", or a hub id org/name[@revision])")
     return local_source(path, folder)
 
 
@@ -246,6 +270,6 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
     return {name: store.root / name for name in outputs}
 
 
-__all__ = ["UNTIL", "StageCall", "check_start_counts", "local_teacher_source", "run_chain", "run_local",
+__all__ = ["UNTIL", "StageCall", "check_start_counts", "local_teacher_source", "mixer_settings", "run_chain", "run_local",
            "gguf_source", "sft_input", "start_call", "teacher_call", "teacher_output", "TEACHER_FINETUNED",
            "SAMPLES", "generic_input"]

@@ -19,6 +19,8 @@ DISTILL_ON = ("distill", "generic", "mix")
 LOO_MODES = ("mixer", "block")
 LOO_METRICS = ("accuracy", "nll")
 DEVICES = ("auto", "cpu", "cuda")
+MIXERS = ("mamba", "gdn")  # the recurrent mixers a conversion can choose (schedule.mixers)
+DEFAULT_MIXERS = ["mamba"]
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 
 
@@ -192,12 +194,38 @@ class MambaConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    # Number of Mamba layers after each conversion: counts[0] by LOO (the first distillation), every
-    # later one by MMR from the previous checkpoint. The recipe: [25, 27, 30, 34, 37, 40] of 50 layers.
-    counts: list[int] = field(default_factory=lambda: [4, 5, 6])
+class GDNConfig:
+    """Gated DeltaNet mixers (read only where `schedule.mixers` lists "gdn"). Their heads and head dim are the
+    teacher's attention's (the initialisation copies q/k/v/o_proj), so the conv is the one free setting."""
+
+    d_conv: int = 4  # the causal depthwise conv over q, k and v
 
     def __post_init__(self) -> None:
+        if not isinstance(self.d_conv, int) or self.d_conv < 1:
+            raise ConfigError(f"gdn.d_conv must be an int >= 1, got {self.d_conv!r}")
+
+
+@dataclass
+class ScheduleConfig:
+    # Number of converted (Mamba or Gated DeltaNet) layers after each conversion: counts[0] by LOO (the
+    # first distillation), every later one by MMR from the previous checkpoint. The recipe: [25, 27, 30,
+    # 34, 37, 40] of 50 layers.
+    counts: list[int] = field(default_factory=lambda: [4, 5, 6])
+    # The mixers a conversion chooses from: "mamba" (Mamba-1, MIL) and "gdn" (Gated DeltaNet). The first
+    # conversion gives all its layers mixers[0]; MMR scores every (remaining attention layer, mixer) pair
+    # and each step converts the lowest-scoring pairs, one mixer a layer. The default [mamba] is the recipe
+    # as it always was (and leaves every cache key as it was).
+    mixers: list[str] = field(default_factory=lambda: list(DEFAULT_MIXERS))
+
+    def __post_init__(self) -> None:
+        mixers = list(self.mixers)
+        if not mixers or isinstance(self.mixers, str):
+            raise ConfigError(f"schedule.mixers is a non-empty list of {', '.join(MIXERS)}, got {self.mixers!r}")
+        unknown = [mixer for mixer in mixers if mixer not in MIXERS]
+        if unknown:
+            raise ConfigError(f"schedule.mixers: unknown mixer(s) {unknown}; valid: {', '.join(MIXERS)}")
+        if len(set(mixers)) != len(mixers):
+            raise ConfigError(f"schedule.mixers has duplicates: {mixers}")
         counts = list(self.counts)
         if not counts:
             raise ConfigError("schedule.counts is empty: give at least the first conversion's Mamba layer count")
@@ -405,6 +433,7 @@ class RunConfig:
     start: StartConfig = field(default_factory=StartConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
+    gdn: GDNConfig = field(default_factory=GDNConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loo: LOOConfig = field(default_factory=LOOConfig)
     train: TrainConfig = field(default_factory=_distill_defaults)  # the distillation of every conversion
@@ -444,7 +473,8 @@ class RunConfig:
 
 
 def checkpoint_name(n_mamba: int, sft: bool = False) -> str:
-    """H-K names, as in the recipe (H-0 = the teacher converted with no Mamba layer)."""
+    """H-K names, as in the recipe, K the converted (Mamba or Gated DeltaNet) layers (H-0 = the teacher
+    converted with none)."""
     return f"H-{n_mamba}" + ("-SFT" if sft else "")
 
 
@@ -490,9 +520,11 @@ __all__ = [
     "DISTILL_ON",
     "DataConfig",
     "EvaluateConfig",
+    "GDNConfig",
     "HardwareConfig",
     "LMEvalConfig",
     "LOOConfig",
+    "MIXERS",
     "MMRConfig",
     "MambaConfig",
     "RunConfig",

@@ -96,7 +96,7 @@ class Output:
     cache_key: str
     mlflow_run_id: str | None = None
     layer_pattern: str | None = None
-    n_mamba: int | None = None
+    n_mamba: int | None = None  # converted layers (Mamba + Gated DeltaNet): the K of H-K
     ran: bool = False  # computed by this run (False: found complete in the store)
 
     def ref(self) -> CheckpointRef:
@@ -305,12 +305,16 @@ def _input_names(value: Input) -> Any:
 
 
 def layer_pattern(meta: Mapping[str, Any]) -> tuple[str | None, int | None]:
-    """(layer pattern, Mamba layer count) from a stage.json; a teacher is all attention."""
+    """(layer pattern, converted layer count: Mamba + Gated DeltaNet, the K of H-K) from a stage.json; a
+    teacher is all attention."""
+    count = meta.get("n_mamba")
+    if count is not None and meta.get("n_gdn"):
+        count += meta["n_gdn"]
     if meta.get("layer_pattern") is not None:
-        return meta["layer_pattern"], meta.get("n_mamba")
+        return meta["layer_pattern"], count
     if meta.get("stage") in ("teacher", "teacher_finetune") and isinstance(meta.get("layers"), int):
         return "A" * meta["layers"], 0
-    return None, meta.get("n_mamba")
+    return None, count
 
 
 __all__ = ["Executor", "Output", "Source", "local_source", "StageCall", "cache_key", "content_digest", "folder_digest",

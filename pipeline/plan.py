@@ -156,12 +156,13 @@ def read_config(where: str, source: Source, problems: list[str]) -> tuple[dict, 
 
 
 def mamba_count(where: str, config: dict, mamba: dict | None, problems: list[str]) -> int | None:
-    """How many Mamba layers a checkpoint's config files declare (0 for a plain teacher)."""
-    from pipeline.model.config import MAMBA
+    """How many converted (Mamba or Gated DeltaNet) layers a checkpoint's config files declare (0 for a
+    plain teacher)."""
+    from pipeline.model.config import RECURRENT_KINDS
     from pipeline.model.layouts import LayoutError, layer_kinds
 
     try:
-        return layer_kinds(config, mamba).count(MAMBA)
+        return sum(kind in RECURRENT_KINDS for kind in layer_kinds(config, mamba))
     except LayoutError as error:
         problems.append(f"{where}: {str(error).splitlines()[0]}")
         return None
@@ -614,6 +615,10 @@ def check_device(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
     else:
         notes.append(f"device: cuda ({torch.cuda.get_device_name()}), kernels: "
                      f"{'reference' if mode == 'reference' else 'mamba_ssm + causal_conv1d'}")
+    if "gdn" in cfg.schedule.mixers and mode != "reference" and kernels._fla()[0] is None:
+        problems.append(f"schedule.mixers lists gdn on a CUDA device without the Gated DeltaNet kernels "
+                        f"({kernels._fla()[1]}): install fla-core (DEVELOPERS.md), or set HYBRID_KERNELS=reference "
+                        "to run the slow reference")
 
 
 def check_precision(cfg: RunConfig, problems: list[str], notes: list[str]) -> None:
@@ -696,7 +701,9 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
         try:
             source = teacher()
         except (ConfigError, StoreError, OSError) as error:
-            problems.append(f"teacher.path={cfg.teacher.path}: {str(error).splitlines()[0]}")
+            message = str(error).splitlines()[0]
+            problems.append(message if message.startswith("teacher.path=")
+                            else f"teacher.path={cfg.teacher.path}: {message}")
     shape = teacher_shape(cfg, source, problems)
     demo_settings = cfg.uses_demo_settings() if cfg.teacher.path else []
     if demo_settings:

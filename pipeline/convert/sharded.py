@@ -3,12 +3,13 @@
 `build_sharded(source, ...)` builds the model on the meta device (shapes only), shards it as the
 training loop would (`fully_shard` per decoder block, then the root), gives each rank storage for its
 shards alone and fills them, row range by row range, from the checkpoint's safetensors files
-(`SafetensorsFolder.read_rows`: plain reads of exactly those rows). With `source.convert` it is the
-student of a conversion: the weights `hybridize(parent, convert, seed=seed)` gives, built the same way:
-every copied tensor read from the parent's files under its source name, and each converted layer's new
-mixer made whole on the CPU, one layer at a time, by the very initialisers `hybridize` calls
-(`initialise_fresh` from `mixer_generator(seed, layer)`, then `_mil_initialise` from that layer's
-attention weights, read whole), then sliced into this rank's rows. So the gathered weights are
+(`SafetensorsFolder.read_rows`: plain reads of exactly those rows). With `source.convert` (and
+`source.gdn`) it is the student of a conversion: the weights `hybridize(parent, convert, gdn_layers=gdn,
+seed=seed)` gives, built the same way: every copied tensor read from the parent's files under its source
+name, and each converted layer's new mixer made whole on the CPU, one layer at a time, by the very
+initialisers `hybridize` calls (Mamba: `initialise_fresh` from `mixer_generator(seed, layer)`, then
+`_mil_initialise`; Gated DeltaNet: `gdn_from_attention`; both from that layer's attention weights, read
+whole), then sliced into this rank's rows. So the gathered weights are
 bit-identical to the unsharded path's (tests/train/test_sharded_build.py compares them).
 
 A rank's peak host memory is then about its share of the model (1/W of it) plus one layer's new mixer and
@@ -35,9 +36,11 @@ from torch import Tensor, nn
 from pipeline.convert.hybridize import (
     MAMBA_OPTIONS,
     ConversionError,
+    GDN_OPTIONS,
     _mil_initialise,
     _source_key,
     conversion_config,
+    gdn_from_attention,
     initialise_fresh,
     mixer_generator,
 )
@@ -46,13 +49,16 @@ from pipeline.model.safetensors_io import SafetensorsFolder, TensorSpec
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What a rank builds: the checkpoint at `folder`, or with `convert` the conversion of those attention
-    layers of it (`hybridize(load(folder), convert, seed=seed, **mamba_options)`)."""
+    """What a rank builds: the checkpoint at `folder`, or with `convert` / `gdn` the conversion of those
+    attention layers of it to Mamba / Gated DeltaNet (`hybridize(load(folder), convert, gdn_layers=gdn,
+    gdn_options=gdn_options, seed=seed, **mamba_options)`)."""
 
     folder: str
     convert: tuple[int, ...] = ()
     seed: int = 0
     mamba_options: dict = field(default_factory=dict)
+    gdn: tuple[int, ...] = ()
+    gdn_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -83,20 +89,21 @@ def skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def converted_skeleton(parent: nn.Module, layers, dtype: torch.dtype, **mamba_options) -> tuple[nn.Module, list[int], bool]:
-    """The hybrid `hybridize(parent, layers, **mamba_options)` builds, on the meta device:
-    (model, the new Mamba layers, whether the parent is a hybrid)."""
+def converted_skeleton(parent: nn.Module, source: ModelSource, dtype: torch.dtype) -> tuple[nn.Module, list[int], bool]:
+    """The hybrid `hybridize` builds from `parent` for `source`, on the meta device: (model, the new mixers'
+    layers, Mamba and Gated DeltaNet, whether the parent is a hybrid)."""
     from pipeline.model.modeling import HybridForCausalLM
 
-    config, new_mamba, is_hybrid = conversion_config(parent, layers, **mamba_options)
+    config, new_mamba, new_gdn, is_hybrid = conversion_config(
+        parent, list(source.convert), (), list(source.gdn), source.gdn_options, **source.mamba_options)
     with torch.device("meta"):
         hybrid = HybridForCausalLM(config)
     hybrid.to(dtype)
     hybrid.generation_config = parent.generation_config
-    return hybrid.eval(), new_mamba, is_hybrid
+    return hybrid.eval(), sorted(new_mamba + new_gdn), is_hybrid
 
 
-def plan_weights(model: nn.Module, files: SafetensorsFolder, new_mamba: list[int], is_hybrid: bool,
+def plan_weights(model: nn.Module, files: SafetensorsFolder, new_layers: list[int], is_hybrid: bool,
                  what: str) -> WeightPlan:
     """Each tensor's source, with the weight surgery's checks as `hybridize` and `load_model` make them:
     every parameter (once: a tied lm_head is the embedding) and persistent buffer of `model` has a source
@@ -114,7 +121,7 @@ def plan_weights(model: nn.Module, files: SafetensorsFolder, new_mamba: list[int
         if name in tied:
             continue
         layer = _layer_of(name)
-        if layer in new_mamba and ".mixer." in name:
+        if layer in new_layers and ".mixer." in name:
             converted[name] = layer
             continue
         source = _source_key(name, is_hybrid)
@@ -133,14 +140,14 @@ def plan_weights(model: nn.Module, files: SafetensorsFolder, new_mamba: list[int
         raise ConversionError(f"{what} at {files.folder}: {len(missing)} weights its config.json needs are not in "
                               f"its safetensors files (e.g. {', '.join(sorted(missing)[:3])}); the checkpoint is "
                               "incomplete")
-    for layer in new_mamba:
+    for layer in new_layers:
         prefix = f"model.layers.{layer}.{'mixer' if is_hybrid else 'self_attn'}."
         for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
             if f"{prefix}{part}.weight" not in files:
                 raise ConversionError(f"{what} at {files.folder}: layer {layer} has no {prefix}{part}.weight "
-                                      "to initialise its Mamba mixer from")
+                                      "to initialise its new mixer from")
         used.update(key for key in files.keys() if key.startswith(prefix))
-    if new_mamba:
+    if new_layers:
         leftover = sorted(key for key in files.keys() if key not in used and key not in tied
                           and ".self_attn." not in key and ".mixer." not in key)
         if leftover:
@@ -153,13 +160,15 @@ def prepare(source: ModelSource, dtype: torch.dtype, what: str) -> tuple[nn.Modu
     calls it to check its inputs before starting ranks; every rank calls it again)."""
     files = SafetensorsFolder(source.folder)
     parent = skeleton(source.folder, dtype)
-    if not source.convert:
+    if not source.convert and not source.gdn:
         return parent, plan_weights(parent, files, [], isinstance(parent, _hybrid_class()), what), files
-    unknown = sorted(set(source.mamba_options) - set(MAMBA_OPTIONS))
-    if unknown:
-        raise ConversionError(f"unknown Mamba option(s) {unknown}; valid: {sorted(MAMBA_OPTIONS)}")
-    model, new_mamba, is_hybrid = converted_skeleton(parent, list(source.convert), dtype, **source.mamba_options)
-    return model, plan_weights(model, files, new_mamba, is_hybrid, what), files
+    for options, valid, kind in ((source.mamba_options, MAMBA_OPTIONS, "Mamba"),
+                                 (source.gdn_options, GDN_OPTIONS, "Gated DeltaNet")):
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConversionError(f"unknown {kind} option(s) {unknown}; valid: {sorted(valid)}")
+    model, new_layers, is_hybrid = converted_skeleton(parent, source, dtype)
+    return model, plan_weights(model, files, new_layers, is_hybrid, what), files
 
 
 def _hybrid_class():
@@ -186,19 +195,24 @@ class _NewMixers:
 
     @torch.no_grad()
     def _build(self, layer: int) -> dict[str, Tensor]:
+        from pipeline.model.config import GDN
         from pipeline.model.mixers import build_mixer
 
         prefix = f"model.layers.{layer}.mixer."
         with torch.device("meta"):
             mixer = build_mixer(self.config, layer)
-        # the dtype of the hybrid's mixer when hybridize initialises it (A_log and D stay fp32)
+        # the dtype of the hybrid's mixer when hybridize initialises it (A_log, D, dt_bias stay fp32)
         mixer.to_empty(device="cpu").to(self.dtype[f"{prefix}in_proj.weight"])
-        initialise_fresh(mixer, mixer_generator(self.seed, layer), self.config)
-        _mil_initialise(mixer, self._attention(layer, mixer.in_proj.weight.dtype))
+        attention = self._attention(layer, mixer.in_proj.weight.dtype)
+        if self.config.layer_types[layer] == GDN:
+            gdn_from_attention(mixer, attention)  # sets every parameter; draws nothing
+        else:
+            initialise_fresh(mixer, mixer_generator(self.seed, layer), self.config)
+            _mil_initialise(mixer, attention)
         return {prefix + name: tensor for name, tensor in mixer.state_dict().items()}
 
     def _attention(self, layer: int, dtype: torch.dtype) -> types.SimpleNamespace:
-        """The layer's q/k/v/o projections as `_mil_initialise` reads them (weights and biases, whole), in
+        """The layer's q/k/v/o projections as `_mil_initialise` and `gdn_from_attention` read them (weights and biases, whole), in
         the dtype the parent is held in."""
         prefix = f"model.layers.{layer}.{'mixer' if self.plan.is_hybrid else 'self_attn'}."
 

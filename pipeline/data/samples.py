@@ -106,39 +106,44 @@ def opening_order(count: int, seed: int) -> list[str]:
 def sample_texts(model, tokenizer, count: int, *, max_new_tokens: int = 128, temperature: float = 1.0,
                  batch_size: int = 32, seed: int = 0) -> list[SampledText]:
     """`count` texts: each an opening continued by `model` with ancestral sampling at `temperature` for at
-    most `max_new_tokens` tokens (stopping at eos), as `bos + opening` without a chat template. Rows are
-    generated in batches of one opening each (no padding); draws come from a CPU generator seeded by `seed`.
-    """
+    most `max_new_tokens` tokens (stopping at eos), as `bos + opening` without a chat template. Rows go in
+    batches of `batch_size`, left-padded (masked, with positions counted from each row's first token);
+    draws come from a CPU generator seeded by `seed`, one per row and step, in row order."""
     if count < 0 or max_new_tokens < 1 or batch_size < 1 or not temperature > 0:
         raise ValueError("sample_texts needs count >= 0, max_new_tokens >= 1, batch_size >= 1, temperature > 0")
-    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     openings = opening_order(count, seed)
-    groups: dict[str, int] = {}
-    for opening in openings:  # rows of one opening together, in first-seen order
-        groups[opening] = groups.get(opening, 0) + 1
-    eos = tokenizer.eos_token_id
     prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
     texts: list[SampledText] = []
     model.eval()
-    for opening, rows in groups.items():
-        prompt = prefix + tokenizer(opening, add_special_tokens=False)["input_ids"]
-        for start in range(0, rows, batch_size):
-            size = min(batch_size, rows - start)
-            tokens = _sample(model, prompt, size, max_new_tokens, temperature, eos, generator, device)
-            for row in tokens:
-                ended = row.index(eos) if eos is not None and eos in row else len(row)
-                continuation = tokenizer.decode(row[:ended], skip_special_tokens=True)
-                texts.append(SampledText(opening + continuation, opening, ended))
+    for start in range(0, count, batch_size):
+        chunk = openings[start:start + batch_size]
+        prompts = [prefix + tokenizer(opening, add_special_tokens=False)["input_ids"] for opening in chunk]
+        for opening, row in zip(chunk, _sample(model, prompts, max_new_tokens, temperature, eos, generator)):
+            ended = row.index(eos) if eos is not None and eos in row else len(row)
+            texts.append(SampledText(opening + tokenizer.decode(row[:ended], skip_special_tokens=True), opening,
+                                     ended))
     return texts
 
 
-def _sample(model, prompt: list[int], size: int, max_new_tokens: int, temperature: float, eos: int | None,
-            generator: torch.Generator, device: torch.device) -> list[list[int]]:
-    """`size` continuations of one prompt, token by token with the model's KV cache."""
-    input_ids = torch.tensor([prompt] * size, device=device)
-    out = model(input_ids=input_ids, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+def _prefill(model, prompts: list[list[int]], pad: int):
+    """(cache, next-token logits, attention mask, last positions) of left-padded `prompts`."""
+    device = next(model.parameters()).device
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    return out.past_key_values, out.logits[:, -1], mask, positions
+
+
+def _sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, eos: int | None,
+            generator: torch.Generator) -> list[list[int]]:
+    """Continuations of left-padded `prompts`, token by token with the model's KV cache."""
+    device = next(model.parameters()).device
+    size = len(prompts)
+    cache, logits, mask, positions = _prefill(model, prompts, eos if eos is not None else 0)
     done = torch.zeros(size, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []
     for step in range(max_new_tokens):
@@ -152,8 +157,10 @@ def _sample(model, prompt: list[int], size: int, max_new_tokens: int, temperatur
         generated.append(token)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        position = torch.full((size, 1), len(prompt) + step, device=device)
-        out = model(input_ids=token[:, None], past_key_values=cache, position_ids=position, use_cache=True)
+        mask = torch.cat([mask, torch.ones(size, 1, dtype=mask.dtype, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
     return torch.stack(generated, dim=1).tolist()
 

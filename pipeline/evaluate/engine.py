@@ -6,7 +6,8 @@ so a throughput ratio measures the architecture, not two code paths.
 - Caches, allocated once for (batch, max_length): K and V (b, h_kv, max_length, e) per attention layer in
   the model dtype; per Mamba layer the conv window (b, d_inner, d_conv) in the model dtype (it holds
   projections the model computed in that dtype, so nothing is lost) and the SSM state (b, d_inner, d_state)
-  in fp32.
+  in fp32; per Gated DeltaNet layer its conv window (b, (h + 2 g) e, k) in the model dtype and its
+  delta-rule state (b, h, e, e) in fp32.
 - Prefill: the model's own forward (fast kernels: SDPA / flash-attn, mamba_ssm's selective scan,
   causal_conv1d) on micro-batches of sequences, logits of the last position only; the transformers
   cache it fills is copied into the static buffers.
@@ -19,8 +20,9 @@ so a throughput ratio measures the architecture, not two code paths.
   Elsewhere (CPU, fp32) the same step in plain PyTorch: attention over the whole static buffer under a
   mask, the query heads of each KV head folded into the query rows so K/V are never expanded, and
   `MambaMixer.step` (causal_conv1d_update + selective_state_update where installed). Both paths, and
-  `generate()`, run the one Mamba step (`kernels.mamba_decode_step`). On CUDA the step is captured once
-  in a CUDA graph and replayed.
+  `generate()`, run the one Mamba step (`kernels.mamba_decode_step`). Gated DeltaNet layers run their
+  mixer's own `GatedDeltaNetMixer.step` on both paths (fla-core's fused recurrent kernel on CUDA, PyTorch
+  elsewhere). On CUDA the step is captured once in a CUDA graph and replayed.
 - Left-padded prompts are supported (padding masked in attention, zeroed in Mamba states), so the
   `evaluate` stage uses the engine for answers as well as for speed (`generate(..., eos_token_id=)` stops
   once every sequence has written its end-of-sequence token).
@@ -39,8 +41,8 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.evaluate import decode_kernels
-from pipeline.model.config import ATTENTION, MAMBA
-from pipeline.model.cache import MambaCacheView
+from pipeline.model.config import ATTENTION, GDN, MAMBA
+from pipeline.model.cache import MambaCacheView, RecurrentCacheView
 
 
 @dataclass
@@ -81,6 +83,8 @@ class GenerationEngine:
         self.values: dict[int, torch.Tensor] = {}
         self.conv: dict[int, torch.Tensor] = {}
         self.ssm: dict[int, torch.Tensor] = {}
+        self.gdn_conv: dict[int, torch.Tensor] = {}  # Gated DeltaNet layers: conv window, delta-rule state
+        self.gdn_state: dict[int, torch.Tensor] = {}
         for index, kind in enumerate(config.layer_types):
             if kind == ATTENTION:
                 shape = (b, config.num_key_value_heads, L, config.head_dim)
@@ -90,6 +94,12 @@ class GenerationEngine:
                 d = config.mamba_d_inner
                 self.conv[index] = torch.zeros(b, d, config.mamba_d_conv, dtype=self.dtype, device=self.device)
                 self.ssm[index] = torch.zeros(b, d, config.mamba_d_state, dtype=torch.float32, device=self.device)
+            elif kind == GDN:
+                mixer = model.model.layers[index].mixer
+                self.gdn_conv[index] = torch.zeros(b, mixer.conv_width, mixer.d_conv, dtype=self.dtype,
+                                                   device=self.device)
+                self.gdn_state[index] = torch.zeros(b, mixer.num_heads, mixer.head_dim, mixer.head_dim,
+                                                    dtype=torch.float32, device=self.device)
         # decode-step inputs and outputs (static addresses for the CUDA graph)
         self.tokens = torch.zeros(b, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(b, dtype=torch.long, device=self.device)  # RoPE position of the next token
@@ -157,17 +167,21 @@ class GenerationEngine:
         ) if self.keys else None
 
     # --- sizes ---------------------------------------------------------------------------------
+    def _recurrent_states(self) -> list[torch.Tensor]:
+        return [*self.conv.values(), *self.ssm.values(), *self.gdn_conv.values(), *self.gdn_state.values()]
+
     def cache_bytes(self) -> int:
-        buffers = [*self.keys.values(), *self.values.values(), *self.conv.values(), *self.ssm.values()]
+        buffers = [*self.keys.values(), *self.values.values(), *self._recurrent_states()]
         return sum(t.numel() * t.element_size() for t in buffers)
 
     def bytes_per_decode_step(self, length: float | None = None) -> int:
         """Bytes a decode step must read or write at least: weights once, the K/V columns filled so far
-        (`length` of them, default the whole buffer) once, Mamba states read and written back."""
+        (`length` of them, default the whole buffer) once, recurrent (Mamba, Gated DeltaNet) states read and
+        written back."""
         weights = sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()
                       if "embed_tokens" not in name)
         embed_rows = self.batch_size * self.config.hidden_size * self.dtype.itemsize
-        mamba_states = sum(t.numel() * t.element_size() for t in [*self.conv.values(), *self.ssm.values()])
+        mamba_states = sum(t.numel() * t.element_size() for t in self._recurrent_states())
         kv = sum(t.numel() * t.element_size() for t in [*self.keys.values(), *self.values.values()])
         if length is not None:
             kv = kv * min(length, self.max_length) / self.max_length
@@ -234,7 +248,7 @@ class GenerationEngine:
             torch.cuda.synchronize(self.device)
 
     def _reset(self) -> None:
-        for buffer in [*self.keys.values(), *self.values.values(), *self.conv.values(), *self.ssm.values()]:
+        for buffer in [*self.keys.values(), *self.values.values(), *self._recurrent_states()]:
             buffer.zero_()
         self.key_valid.zero_()
 
@@ -258,6 +272,10 @@ class GenerationEngine:
                 view = MambaCacheView(cache, index)
                 self.conv[index][rows] = view.conv.to(self.dtype)
                 self.ssm[index][rows] = view.ssm
+            for index in self.gdn_conv:
+                view = RecurrentCacheView(cache, index)
+                self.gdn_conv[index][rows] = view.conv.to(self.dtype)
+                self.gdn_state[index][rows] = view.state
             del cache, out
         return torch.cat(firsts)
 
@@ -300,6 +318,9 @@ class GenerationEngine:
                 hidden = hidden + self._attention(layer.mixer, normed, cos, sin, index, attend)
             elif kind == MAMBA:
                 hidden = hidden + layer.mixer.step(normed[:, 0], self.conv[index], self.ssm[index])[:, None, :]
+            elif kind == GDN:
+                update = layer.mixer.step(normed[:, 0], self.gdn_conv[index], self.gdn_state[index])
+                hidden = hidden + update[:, None, :]
             hidden = hidden + self._mlp(index, layer.mlp, layer.post_attention_layernorm(hidden))
         self._advance(self.model.lm_head(model.norm(hidden[:, 0])))
 
@@ -321,6 +342,8 @@ class GenerationEngine:
                 update = self._attention_fused(layer.mixer, normed, cos, sin, index)
             elif kind == MAMBA:
                 update = self._mamba_fused(layer.mixer, normed, index)
+            elif kind == GDN:
+                update = layer.mixer.step(normed, self.gdn_conv[index], self.gdn_state[index])
             post = layer.post_attention_layernorm
             decode_kernels.add_rms_norm(hidden, update, post.weight, post.variance_epsilon, normed)
             update = self._mlp(index, layer.mlp, normed)

@@ -27,12 +27,31 @@ def bar_plot(values: Sequence[float], labels: Sequence[str], *, title: str, ylab
     return Path(path)
 
 
+def grouped_bar_plot(series: dict[str, Sequence[float | None]], labels: Sequence[str], *, title: str, ylabel: str,
+                     path: str | Path) -> Path:
+    """Side-by-side bars, one series a colour (e.g. one MMR score per mixer at each layer); None = no bar."""
+    figure, axis = plt.subplots(figsize=(max(4.0, 0.3 * len(labels) * len(series) + 2), 3.2))
+    width = 0.8 / max(len(series), 1)
+    for index, (name, values) in enumerate(series.items()):
+        positions = [i + (index - (len(series) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
+        axis.bar(positions, [v for v in values if v is not None], width=width, label=name)
+    axis.set_xticks(range(len(labels)), labels, rotation=0 if len(labels) < 20 else 90)
+    axis.set_title(title)
+    axis.set_ylabel(ylabel)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
 def frontier_plot(records: Sequence[dict], path: str | Path, *, quality_key: str = "answer_accuracy") -> Path:
     """One point per checkpoint: throughput ratio to the teacher (x) against answer accuracy (y)."""
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for record in records:
         x, y = record["throughput_ratio"], record[quality_key]
-        axis.scatter([x], [y], s=40, color="tab:red" if record["n_mamba"] == 0 else "tab:blue")
+        axis.scatter([x], [y], s=40, color=_color(record))
         axis.annotate(record["checkpoint"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     axis.set_xlabel("throughput / teacher throughput")
     axis.set_ylabel(quality_key.replace("_", " "))
@@ -54,7 +73,7 @@ def tokens_frontier_plot(records: Sequence[dict], path: str | Path, *,
                              (axes[1], "throughput_ratio", "throughput / teacher throughput")):
         for record in records:
             x, y = record.get("cumulative_train_tokens", 0), record[key]
-            axis.scatter([x], [y], s=40, color="tab:red" if record["n_mamba"] == 0 else "tab:blue")
+            axis.scatter([x], [y], s=40, color=_color(record))
             axis.annotate(record["checkpoint"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         axis.set_xlabel("cumulative training tokens")
         axis.set_ylabel(label)
@@ -66,4 +85,11 @@ def tokens_frontier_plot(records: Sequence[dict], path: str | Path, *,
     return Path(path)
 
 
-__all__ = ["bar_plot", "frontier_plot", "tokens_frontier_plot"]
+def _color(record: dict) -> str:
+    """The teacher red, hybrids blue (green where they hold Gated DeltaNet layers)."""
+    if record["n_mamba"] + record.get("n_gdn", 0) == 0:
+        return "tab:red"
+    return "tab:green" if record.get("n_gdn") else "tab:blue"
+
+
+__all__ = ["bar_plot", "frontier_plot", "grouped_bar_plot", "tokens_frontier_plot"]

@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.model.config import (
     ATTENTION,
+    GDN,
     IDENTITY,
     LAYER_KINDS,
     MAMBA,
@@ -30,6 +31,7 @@ register()
 
 __all__ = [
     "ATTENTION",
+    "GDN",
     "IDENTITY",
     "LAYER_KINDS",
     "MAMBA",

@@ -1,21 +1,29 @@
-"""`HybridConfig`: a decoder whose layers each hold one mixer (attention, Mamba or none).
+"""`HybridConfig`: a decoder whose layers each hold one mixer (attention, Mamba, Gated DeltaNet or none).
 
-Layer kinds follow transformers' own vocabulary for `config.layer_types`, so that
-`DynamicCache(config=...)` builds the right per-layer cache without any code of ours:
+Layer kinds follow transformers' own vocabulary for `config.layer_types` where it has one, so that
+`DynamicCache(config=...)` builds the right per-layer cache:
 
-| our name  | `layer_types` entry  | mixer                              | cache layer (transformers)       |
-| --------- | -------------------- | ---------------------------------- | -------------------------------- |
+| our name  | `layer_types` entry  | mixer                               | cache layer (transformers)       |
+| --------- | -------------------- | ----------------------------------- | -------------------------------- |
 | attention | `"full_attention"`   | the teacher's attention (GQA, RoPE) | K/V (`DynamicLayer`)             |
-| mamba     | `"linear_attention"` | Mamba-1 with the MIL layout        | conv + SSM state (`LinearAttentionLayer`) |
+| mamba     | `"linear_attention"` | Mamba-1 with the MIL layout         | conv + SSM state (`LinearAttentionLayer`) |
+| gdn       | `"gated_delta_net"`  | Gated DeltaNet in the teacher's GQA shape | conv + delta-rule state (`LinearAttentionLayer`, registered by `pipeline.model.cache`) |
 | identity  | `"mlp"`              | none: the block is norm -> MLP only | none (dummy / empty layer)       |
 
 `"mlp"` is the name NemotronH uses for a block without a token mixer; transformers maps it to a cache
-layer that stores nothing. The short names (`attention`, `mamba`, `identity`) are accepted on input
-and rewritten to the canonical ones.
+layer that stores nothing. The short names (`attention`, `mamba`, `gdn`, `identity`) are accepted on
+input and rewritten to the canonical ones. Beware one clash of vocabularies: transformers' Qwen3-Next
+calls its Gated DeltaNet layers `"linear_attention"`; here that entry has always meant Mamba-1 (every
+checkpoint written so far says so and loads unchanged), and Gated DeltaNet is `"gated_delta_net"`
+(Fast-LLM's name for it in `layer_types`).
 
 Glossary where our names meet Mamba's / HF's: d_inner = "intermediate_size" of Jamba's mixer =
 n_heads x head_dim; d_xb = n_kv_heads x head_dim (width of x and B before the GQA expansion);
 d_state = "ssm_state_size"; dt_rank = "time_step_rank"; d_conv = "conv_kernel".
+Gated DeltaNet: gdn_num_heads = Qwen3-Next's linear_num_value_heads (heads of q, of the state and of the
+gates); gdn_num_kv_heads = the heads of k and v before their GQA expansion (Fast-LLM / Qwen3-Next have
+no counterpart: their q and k share one head count); gdn_head_dim = linear_key_head_dim =
+linear_value_head_dim; gdn_conv_kernel = linear_conv_kernel_dim.
 """
 
 from __future__ import annotations
@@ -25,16 +33,25 @@ from transformers import PretrainedConfig
 
 ATTENTION = "full_attention"
 MAMBA = "linear_attention"
+GDN = "gated_delta_net"
 IDENTITY = "mlp"
-LAYER_KINDS = (ATTENTION, MAMBA, IDENTITY)
+LAYER_KINDS = (ATTENTION, MAMBA, GDN, IDENTITY)
+RECURRENT_KINDS = (MAMBA, GDN)  # the kinds a conversion creates (each holds a conv window and a state)
 LAYER_KIND_ALIASES = {
     "attention": ATTENTION,
     "full_attention": ATTENTION,
     "mamba": MAMBA,
     "linear_attention": MAMBA,
+    "gdn": GDN,
+    "gated_delta_net": GDN,
+    "gated_deltanet": GDN,
     "identity": IDENTITY,
     "mlp": IDENTITY,
 }
+KIND_NAMES = {ATTENTION: "attention", MAMBA: "mamba", GDN: "gdn", IDENTITY: "identity"}  # short names
+PATTERN_CHARS = {ATTENTION: "A", MAMBA: "M", GDN: "G", IDENTITY: "I"}
+GDN_FIELDS = ("gdn_num_heads", "gdn_num_kv_heads", "gdn_head_dim", "gdn_conv_kernel", "gdn_in_proj_bias",
+              "gdn_out_proj_bias")
 GQA_EXPANSIONS = ("chunk", "head_aligned")
 
 
@@ -101,6 +118,15 @@ class HybridConfig(PretrainedConfig):
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
 
+    # Gated DeltaNet mixers (defaults: the teacher's attention shape, so attention weights copy over).
+    # Written to config.json only by a config with Gated DeltaNet layers (see `to_dict`).
+    gdn_num_heads: int | None = None  # heads of q, z, beta, the decay and the state; default num_attention_heads
+    gdn_num_kv_heads: int | None = None  # heads of k and v, each shared by gdn_num_heads / this; default num_key_value_heads
+    gdn_head_dim: int | None = None  # key and value head dim; default head_dim
+    gdn_conv_kernel: int = 4  # the causal depthwise conv over q, k, v
+    gdn_in_proj_bias: bool = False  # True when the teacher's q/k/v have biases (Qwen2)
+    gdn_out_proj_bias: bool = False  # True when the teacher's o_proj has a bias
+
     def __post_init__(self, **kwargs):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -113,6 +139,12 @@ class HybridConfig(PretrainedConfig):
             self.mamba_d_inner = self.num_attention_heads * self.head_dim
         if self.mamba_d_xb is None:
             self.mamba_d_xb = self.num_key_value_heads * self.head_dim
+        if self.gdn_num_heads is None:
+            self.gdn_num_heads = self.num_attention_heads
+        if self.gdn_num_kv_heads is None:
+            self.gdn_num_kv_heads = self.num_key_value_heads
+        if self.gdn_head_dim is None:
+            self.gdn_head_dim = self.head_dim
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         # Our own checks first, so a user sees one plain line rather than the strict-dataclass wrapper.
@@ -155,6 +187,20 @@ class HybridConfig(PretrainedConfig):
             )
         if self.mamba_d_conv < 1 or self.mamba_dt_rank < 1:
             raise HybridConfigError("mamba_d_conv and mamba_dt_rank must be >= 1")
+        if min(self.gdn_num_heads, self.gdn_num_kv_heads, self.gdn_head_dim, self.gdn_conv_kernel) < 1:
+            raise HybridConfigError("gdn_num_heads, gdn_num_kv_heads, gdn_head_dim and gdn_conv_kernel must be >= 1")
+        if self.gdn_num_heads % self.gdn_num_kv_heads != 0:
+            raise HybridConfigError(f"gdn_num_heads ({self.gdn_num_heads}) is not a multiple of gdn_num_kv_heads "
+                                    f"({self.gdn_num_kv_heads})")
+
+    def to_dict(self) -> dict:
+        """transformers' to_dict, without the Gated DeltaNet settings when no layer is Gated DeltaNet: configs
+        without such layers (every Mamba-only checkpoint) serialise exactly as before those settings existed."""
+        out = super().to_dict()
+        if GDN not in (self.layer_types or []):
+            for name in GDN_FIELDS:
+                out.pop(name, None)
+        return out
 
     # --- derived views ---
     @property
@@ -166,22 +212,36 @@ class HybridConfig(PretrainedConfig):
         return [i for i, kind in enumerate(self.layer_types) if kind == ATTENTION]
 
     @property
+    def gdn_layers(self) -> list[int]:
+        return [i for i, kind in enumerate(self.layer_types) if kind == GDN]
+
+    @property
+    def recurrent_layers(self) -> list[int]:
+        """Layers a conversion made (Mamba or Gated DeltaNet): the K of a checkpoint's name H-K."""
+        return [i for i, kind in enumerate(self.layer_types) if kind in RECURRENT_KINDS]
+
+    @property
     def identity_layers(self) -> list[int]:
         return [i for i, kind in enumerate(self.layer_types) if kind == IDENTITY]
 
     @property
     def layer_pattern(self) -> str:
-        """One character a layer: A attention, M Mamba, I identity (for tags and logs)."""
-        return "".join({ATTENTION: "A", MAMBA: "M", IDENTITY: "I"}[k] for k in self.layer_types)
+        """One character a layer: A attention, M Mamba, G Gated DeltaNet, I identity (for tags and logs)."""
+        return "".join(PATTERN_CHARS[k] for k in self.layer_types)
 
 
 __all__ = [
     "ATTENTION",
+    "GDN",
+    "GDN_FIELDS",
     "GQA_EXPANSIONS",
     "HybridConfig",
     "HybridConfigError",
     "IDENTITY",
+    "KIND_NAMES",
     "LAYER_KINDS",
     "MAMBA",
+    "PATTERN_CHARS",
+    "RECURRENT_KINDS",
     "canonical_layer_types",
 ]

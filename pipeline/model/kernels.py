@@ -7,7 +7,12 @@ and logged once per op. Modes (environment variable `HYBRID_KERNELS`, or `set_ke
 - "cuda": CUDA kernels required; a missing package is an error that says what to install.
 
 Shapes, one notation throughout: b batch, d channels (d_inner), n state size (d_state), g groups of B/C,
-l sequence length, k conv width, h heads, t query length, s key length, e head dim.
+l sequence length, k conv width, h heads, t query length, s key length, e head dim (e_v: of values).
+
+Ops: the Mamba-1 selective scan and its decode step (mamba_ssm), the causal depthwise conv and its step
+(causal_conv1d), attention (flash-attn / SDPA), and the gated delta rule of Gated DeltaNet with its
+decode step (flash-linear-attention's `fla-core`: `chunk_gated_delta_rule`,
+`fused_recurrent_gated_delta_rule`).
 """
 
 from __future__ import annotations
@@ -103,6 +108,15 @@ def _flash_attn():
     return _opaque(flash_attn_func), ""
 
 
+@functools.cache
+def _fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except Exception as error:  # ImportError (fla-core, or its einops / triton), or a failing Triton set-up
+        return None, f"fla-core unavailable ({type(error).__name__}: {error})"
+    return (_opaque(chunk_gated_delta_rule), fused_recurrent_gated_delta_rule), ""
+
+
 def _opaque(function):
     """`function` hidden from torch.compile: the extension kernels (mamba_ssm, causal_conv1d, flash-attn)
     are autograd Functions over C++ calls that dynamo cannot trace; a compiled block breaks its graph
@@ -124,7 +138,8 @@ def _use_cuda(op: str, tensor: torch.Tensor, loader, *, required_by_mode: bool =
     if functions is None:
         if mode == "cuda" and required_by_mode:
             raise KernelUnavailableError(
-                f"HYBRID_KERNELS=cuda but {reason}; install the GPU extras: pip install 'hybrid-distill[gpu]'"
+                f"HYBRID_KERNELS=cuda but {reason}; install the GPU extras: pip install 'hybrid-distill[gpu]' "
+                "(DEVELOPERS.md: bringing the wheels to a machine without a package index)"
             )
         _announce(op, f"reference ({reason})")
         return None
@@ -387,6 +402,146 @@ def causal_conv_step(
     return F.silu(out).to(x.dtype)
 
 
+# --- gated delta rule (Gated DeltaNet) ------------------------------------------------------------
+#
+# Per head, with the state S of shape (e, e_v) (the key dim first, as fla-core stores it):
+#     S_t = exp(g_t) S_(t-1) + k_t w_t^T,   w_t = beta_t (v_t - exp(g_t) S_(t-1)^T k_t),   o_t = scale S_t^T q_t
+# q and k are L2-normalised per head first (x / sqrt(|x|^2 + 1e-6), fla-core's in-kernel normalisation);
+# g <= 0 is the log decay, beta in [0, 1] the write strength; scale is usually e^-0.5.
+
+QK_NORM_EPS = 1e-6
+DELTA_CHUNK = 32  # tokens a chunk of the reference (fla-core uses 64; any size gives the same result)
+
+
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + 1e-6) over the last dim, in fp32."""
+    x = x.float()
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + QK_NORM_EPS)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,  # (b, l, h, e) before L2 normalisation
+    k: torch.Tensor,  # (b, l, h, e) before L2 normalisation
+    v: torch.Tensor,  # (b, l, h, e_v)
+    g: torch.Tensor,  # (b, l, h) fp32 log decay, <= 0
+    beta: torch.Tensor,  # (b, l, h) in [0, 1]
+    scale: float,
+    initial_state: torch.Tensor | None = None,  # (b, h, e, e_v) fp32
+    return_last_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule over a sequence; returns (o (b, l, h, e_v) in v's dtype, S_l (b, h, e, e_v) fp32 or None).
+
+    CUDA: fla-core's `chunk_gated_delta_rule` (forward and backward, an initial state and the last state
+    included); elsewhere the chunked PyTorch reference.
+    """
+    functions = _use_cuda("gated_delta_rule", q, _fla)
+    if functions is not None:
+        _announce("gated_delta_rule", "fla-core chunk_gated_delta_rule (Triton)")
+        o, last = functions[0](
+            q, k, v, g.float(), beta.to(q.dtype), scale=scale,
+            initial_state=None if initial_state is None else initial_state.float(),
+            output_final_state=return_last_state, use_qk_l2norm_in_kernel=True,
+        )
+        return o.to(v.dtype), last
+    _announce("gated_delta_rule", "PyTorch chunked reference")
+    o, last = gated_delta_rule_reference(q, k, v, g, beta, scale, initial_state)
+    return o, (last if return_last_state else None)
+
+
+def gated_delta_rule_reference(q, k, v, g, beta, scale: float, initial_state=None, chunk: int = DELTA_CHUNK):
+    """Chunked gated delta rule in fp32, vectorised inside chunks, a loop over chunks (not tokens).
+
+    Inside a chunk, with G_t the cumulative log decay from the chunk's start, D[t, s] = exp(G_t - G_s) for
+    s <= t, and S_0 the entering state, the writes w_t solve the unit lower-triangular system
+    (I + diag(beta) (D o K K^T)_strict) W = diag(beta) (V - diag(exp G) K S_0), i.e. W = U - Wk S_0 with
+    U = T diag(beta) V and Wk = T diag(beta exp G) K (T the system's inverse, the same for every S_0: all
+    chunks at once). Then, chunk by chunk: O = scale (diag(exp G) Q S_0 + (D o Q K^T) W) and
+    S_next = exp(G_last) S_0 + (K o exp(G_last - G))^T W. No exponent is positive, so nothing overflows.
+    """
+    batch, length, heads, _ = q.shape
+    out_dtype = v.dtype
+    q = l2_normalise(q).transpose(1, 2) * scale  # (b, h, l, e)
+    k = l2_normalise(k).transpose(1, 2)
+    v = v.float().transpose(1, 2)  # (b, h, l, e_v)
+    g = g.float().transpose(1, 2)  # (b, h, l)
+    beta = beta.float().transpose(1, 2)
+    pad = (-length) % chunk  # padded tokens: decay 1, no write, so the state passes through unchanged
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
+    n = (length + pad) // chunk
+    q, k, v = (x.reshape(batch, heads, n, chunk, x.shape[-1]) for x in (q, k, v))  # (b, h, n, c, e)
+    g, beta = g.reshape(batch, heads, n, chunk), beta.reshape(batch, heads, n, chunk)
+    cum = g.cumsum(-1)  # (b, h, n, c), <= 0 and falling
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # s <= t
+    exponent = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf"))
+    decay = exponent.exp()  # D: (b, h, n, c, c), zero above the diagonal
+    strict = (k @ k.transpose(-1, -2)) * decay * beta[..., :, None]
+    system = torch.eye(chunk, device=q.device) + strict.tril(-1)  # unit lower-triangular
+    U = torch.linalg.solve_triangular(system, beta[..., None] * v, upper=False, unitriangular=True)
+    Wk = torch.linalg.solve_triangular(system, (beta * cum.exp())[..., None] * k, upper=False, unitriangular=True)
+    scores = (q @ k.transpose(-1, -2)) * decay  # (b, h, n, c, c)
+    entry = cum.exp()[..., None]  # (b, h, n, c, 1): decay from the chunk's start
+    tail = (cum[..., -1:] - cum).exp()[..., None]  # (b, h, n, c, 1): decay to the chunk's end
+    state = (initial_state.float() if initial_state is not None
+             else q.new_zeros(batch, heads, q.shape[-1], v.shape[-1]))
+    outputs = []
+    # unbind (not indexing in the loop): its backward is one stack, not a zero-filled full tensor a chunk
+    for parts in zip(*(x.unbind(2) for x in (q, k, U, Wk, scores, entry, tail, cum[..., -1:]))):
+        qc, kc, Uc, Wkc, scores_c, entry_c, tail_c, last_c = parts
+        writes = Uc - Wkc @ state  # (b, h, c, e_v)
+        outputs.append(entry_c * (qc @ state) + scores_c @ writes)
+        state = last_c.exp()[..., None] * state + (kc * tail_c).transpose(-1, -2) @ writes
+    o = torch.stack(outputs, dim=2).reshape(batch, heads, n * chunk, -1)[:, :, :length]
+    return o.transpose(1, 2).to(out_dtype), state
+
+
+def gated_delta_rule_naive(q, k, v, g, beta, scale: float, initial_state=None):
+    """Per-token recurrence, the definition itself: only for tests."""
+    batch, length, heads, _ = q.shape
+    q, k = l2_normalise(q) * scale, l2_normalise(k)
+    state = (initial_state.float().clone() if initial_state is not None
+             else q.new_zeros(batch, heads, q.shape[-1], v.shape[-1]))
+    outputs = []
+    for t in range(length):
+        state = g[:, t, :, None, None].float().exp() * state
+        writes = beta[:, t, :, None].float() * (v[:, t].float() - torch.einsum("bhkv,bhk->bhv", state, k[:, t]))
+        state = state + k[:, t, :, :, None] * writes[:, :, None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
+    return torch.stack(outputs, dim=1).to(v.dtype), state
+
+
+def gated_delta_rule_step(
+    state: torch.Tensor,  # (b, h, e, e_v) fp32, updated in place
+    q: torch.Tensor,  # (b, h, e) before L2 normalisation
+    k: torch.Tensor,  # (b, h, e)
+    v: torch.Tensor,  # (b, h, e_v)
+    g: torch.Tensor,  # (b, h) fp32 log decay
+    beta: torch.Tensor,  # (b, h)
+    scale: float,
+) -> torch.Tensor:
+    """One token of the gated delta rule; returns o (b, h, e_v) in v's dtype and advances `state` in place.
+
+    CUDA: fla-core's `fused_recurrent_gated_delta_rule` (one Triton kernel; its new state is copied back into
+    `state`, so the step keeps static addresses for a CUDA graph); elsewhere PyTorch. No host syncs either way.
+    """
+    functions = _use_cuda("gated_delta_rule_step", q, _fla)
+    if functions is not None:
+        _announce("gated_delta_rule_step", "fla-core fused_recurrent_gated_delta_rule (Triton)")
+        o, last = functions[1](
+            q[:, None], k[:, None], v[:, None], g=g.float()[:, None], beta=beta.to(q.dtype)[:, None], scale=scale,
+            initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=True,
+        )
+        state.copy_(last)
+        return o[:, 0].to(v.dtype)
+    _announce("gated_delta_rule_step", "PyTorch reference")
+    q, k = l2_normalise(q) * scale, l2_normalise(k)
+    state.mul_(g.float().exp()[..., None, None])
+    writes = beta.float()[..., None] * (v.float() - torch.einsum("bhkv,bhk->bhv", state, k))
+    state.add_(k[..., :, None] * writes[..., None, :])
+    return torch.einsum("bhkv,bhk->bhv", state, q).to(v.dtype)
+
+
 # --- attention -----------------------------------------------------------------------------------
 
 def attention(
@@ -425,7 +580,12 @@ __all__ = [
     "attention",
     "causal_conv",
     "causal_conv_step",
+    "gated_delta_rule",
+    "gated_delta_rule_naive",
+    "gated_delta_rule_reference",
+    "gated_delta_rule_step",
     "kernel_mode",
+    "l2_normalise",
     "mamba_decode_step",
     "paths_used",
     "selective_scan",

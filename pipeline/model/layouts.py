@@ -6,12 +6,18 @@ Llama/Mistral block around it, so a conversion is renames, concatenations and on
 below were read from the public modeling code of each project.
 
 Apriel-H1 (`model_type: apriel_hybrid_ssm`, ServiceNow; a MistralConfig plus `hybrid_block_layout` and
-`ssm_cfg`): layer kinds "t" (Mistral attention layer, `self_attn.{q,k,v,o}_proj`) and "m2" (our Mamba:
-`mixer.{in_proj, dt_in_proj, dt_proj, conv1d, A_log, D, out_proj}`, the same names and shapes as ours).
-`ssm_cfg` holds d_inner, d_xb, d_state, d_conv, dt_rank ("auto" = ceil(hidden / 16)),
-repeat_kv_before_conv (False: the conv runs on the d_xb channels before the repeat), conv_bias, bias
-(in_proj / dt_in_proj / out_proj biases), dt_proj_bias. Other kinds ("m2d" discrete Mamba-2, "i" a
-whole-block identity, "gdn", "kl", ...) have no counterpart here.
+`ssm_cfg`): layer kinds "t" (Mistral attention layer, `self_attn.{q,k,v,o}_proj`), "m2" (our Mamba:
+`mixer.{in_proj, dt_in_proj, dt_proj, conv1d, A_log, D, out_proj}`, the same names and shapes as ours) and
+"gdn" (Gated DeltaNet as Fast-LLM's `GatedDeltaNet` writes it: `mixer.in_proj_qkvz` rows [q | k | v | z]
+of all heads each, `mixer.in_proj_ba` rows [beta | alpha], `mixer.convolution` (depthwise, no bias) over
+[q | k | v], `mixer.{A_log, dt_bias, norm, out_proj}`; q and k have `gdn_num_key_heads` heads, v, z, the
+gates and the state `gdn_num_value_heads`, in `linear_attn_config` with the head dims and
+`gdn_linear_conv_kernel_size`). `ssm_cfg` holds d_inner, d_xb, d_state, d_conv, dt_rank ("auto" =
+ceil(hidden / 16)), repeat_kv_before_conv (False: the conv runs on the d_xb channels before the repeat),
+conv_bias, bias (in_proj / dt_in_proj / out_proj biases), dt_proj_bias. Other kinds ("m2d" discrete
+Mamba-2, "i" a whole-block identity, "kl", ...) have no counterpart here. ServiceNow's own
+`modeling_apriel_hybrid_ssm.py` builds no "gdn" block: Fast-LLM reads those checkpoints, transformers
+with that file does not.
 
 MambaInLlama (jxiw/MambaInLlama; served by the `qwerky-vllm-models` vLLM plugin): the teacher's
 LlamaConfig in `config.json` plus `mamba_config.json` (d_model, d_inner, d_xb, ssm_cfg, attn_layers,
@@ -36,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.config import ATTENTION, MAMBA, HybridConfig
+from pipeline.model.config import ATTENTION, GDN, MAMBA, HybridConfig
 from pipeline.model.mixers import gqa_expansion_index
 
 NATIVE = "native"
@@ -47,7 +53,7 @@ TRANSFORMERS = "transformers"  # a plain transformers checkpoint (a teacher): no
 
 APRIEL_MODEL_TYPE = "apriel_hybrid_ssm"
 APRIEL_ARCHITECTURE = "AprielHybridSSMForCausalLM"
-APRIEL_KINDS = {"t": ATTENTION, "m2": MAMBA}
+APRIEL_KINDS = {"t": ATTENTION, "m2": MAMBA, "gdn": GDN}
 MIL_CONFIG = "mamba_config.json"
 MIL_ARCHITECTURE = "MambaInLlamaMambaForCausalLM"  # the name the qwerky-vllm-models plugin registers
 WEIGHTS = "model.safetensors"
@@ -101,7 +107,7 @@ def layer_kinds(body: dict, mamba: dict | None = None) -> list[str]:
         unknown = sorted({kind for kind in layout if kind not in APRIEL_KINDS})
         if unknown or not layout:
             raise LayoutError(f"Apriel-H1 layer kinds {unknown or 'none'} have no counterpart here "
-                              "(hybrid_block_layout of 't' attention and 'm2' Mamba)")
+                              "(hybrid_block_layout of 't' attention, 'm2' Mamba and 'gdn' Gated DeltaNet)")
         return [APRIEL_KINDS[kind] for kind in layout]
     if mamba is not None:
         attention = set(mamba.get("attn_layers") or [])
@@ -219,6 +225,8 @@ def _refuse_inexpressible(config: HybridConfig, layout: str) -> None:
     biases = [name for name in ("attention_bias", "attention_out_bias", "mlp_bias") if getattr(config, name)]
     if config.mamba_layers:
         biases += [name for name in ("mamba_in_proj_bias", "mamba_out_proj_bias") if getattr(config, name)]
+    if config.gdn_layers:
+        biases += [name for name in ("gdn_in_proj_bias", "gdn_out_proj_bias") if getattr(config, name)]
     if biases:
         raise LayoutError(f"{layout} cannot express biases ({', '.join(biases)})")
     if config.hidden_act != "silu":
@@ -227,15 +235,49 @@ def _refuse_inexpressible(config: HybridConfig, layout: str) -> None:
 
 # --- Apriel-H1 -------------------------------------------------------------------------------------
 
+APRIEL_CODES = {ATTENTION: "t", MAMBA: "m2", GDN: "gdn"}
+
+
+def _gdn_expansion(config: HybridConfig) -> torch.Tensor:
+    """Rows of our k (or v) projection, g heads of e, read by each of the h heads Apriel-H1 writes (head i
+    reads KV head i // (h / g), as our mixer expands them)."""
+    heads, kv_heads, dim = config.gdn_num_heads, config.gdn_num_kv_heads, config.gdn_head_dim
+    head = torch.arange(heads) // (heads // kv_heads)
+    return (head[:, None] * dim + torch.arange(dim)[None, :]).reshape(-1)
+
+
+def _gdn_to_apriel(config: HybridConfig, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One Gated DeltaNet layer in Fast-LLM's names: k and v written for every head (q's head count)."""
+    heads, dim = config.gdn_num_heads, config.gdn_head_dim
+    q_width, kv_width = heads * dim, config.gdn_num_kv_heads * dim
+    index = _gdn_expansion(config)
+    q, k, v, z, beta, alpha = state[prefix + "in_proj.weight"].split(
+        [q_width, kv_width, kv_width, q_width, heads, heads])
+    conv = state[prefix + "conv1d.weight"]  # (q | k | v channels, 1, kernel)
+    conv_q, conv_k, conv_v = conv.split([q_width, kv_width, kv_width])
+    return {
+        prefix + "in_proj_qkvz.weight": torch.cat([q, k.index_select(0, index), v.index_select(0, index), z]),
+        prefix + "in_proj_ba.weight": torch.cat([beta, alpha]),
+        prefix + "convolution.weight": torch.cat([conv_q, conv_k.index_select(0, index), conv_v.index_select(0, index)]),
+        prefix + "A_log": state[prefix + "A_log"], prefix + "dt_bias": state[prefix + "dt_bias"],
+        prefix + "norm.weight": state[prefix + "norm.weight"], prefix + "out_proj.weight": state[prefix + "out_proj.weight"],
+    }
+
+
 def to_apriel_h1(config: HybridConfig, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json, tensors) of the hybrid in the Apriel-H1 layout."""
     _refuse_inexpressible(config, "the Apriel-H1 layout")
-    layout = ["t" if kind == ATTENTION else "m2" for kind in config.layer_types]
+    layout = [APRIEL_CODES[kind] for kind in config.layer_types]
     tensors = {}
+    for layer in config.gdn_layers:
+        tensors.update({key: tensor.contiguous() for key, tensor in
+                        _gdn_to_apriel(config, f"model.layers.{layer}.mixer.", state).items()})
     for key, tensor in state.items():
         layer = _layer_of(key)
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
+        if layer is not None and ".mixer." in key and config.layer_types[layer] == GDN:
+            continue  # written above
         if layer is not None and ".mixer." in key and config.layer_types[layer] == ATTENTION:
             key = key.replace(".mixer.", ".self_attn.")
         elif key.endswith(".mixer.dt_proj.bias"):
@@ -251,7 +293,71 @@ def to_apriel_h1(config: HybridConfig, state: dict[str, torch.Tensor]) -> tuple[
     }
     body = {"architectures": [APRIEL_ARCHITECTURE], "model_type": APRIEL_MODEL_TYPE, **_decoder_json(config),
             "sliding_window": config.sliding_window, "hybrid_block_layout": layout, "ssm_cfg": ssm_cfg}
+    if config.gdn_layers:  # Fast-LLM's keys (fast_llm/models/gpt/conversion/apriel.py GatedDeltaNetConverter)
+        body["linear_attn_config"] = {
+            "gdn_num_value_heads": config.gdn_num_heads, "gdn_num_key_heads": config.gdn_num_heads,
+            "gdn_key_head_dim": config.gdn_head_dim, "gdn_value_head_dim": config.gdn_head_dim,
+            "gdn_linear_conv_kernel_size": config.gdn_conv_kernel,
+        }
     return body, tensors
+
+
+def _gdn_from_apriel(body: dict, layers: list[int], tensors: dict[str, torch.Tensor], kv_heads: int) -> dict:
+    """HybridConfig's Gated DeltaNet fields from Apriel-H1's `linear_attn_config`, with k and v read back at
+    `kv_heads` heads where every group of heads holds the same k and v rows (as our export writes them), else
+    at one a head. A q shared by several value heads has no counterpart here."""
+    gdn = dict(body.get("linear_attn_config") or {})
+    missing = [key for key in ("gdn_num_value_heads", "gdn_num_key_heads", "gdn_key_head_dim", "gdn_value_head_dim",
+                               "gdn_linear_conv_kernel_size") if key not in gdn]
+    if missing:
+        raise LayoutError(f"Apriel-H1 'gdn' layers need linear_attn_config keys {missing}")
+    heads, key_heads = gdn["gdn_num_value_heads"], gdn["gdn_num_key_heads"]
+    if key_heads != heads:
+        raise LayoutError(f"Apriel-H1 'gdn' layers with {key_heads} query/key heads for {heads} value heads have no "
+                          "counterpart here (our q has one head a value head; only k and v are shared)")
+    if gdn["gdn_key_head_dim"] != gdn["gdn_value_head_dim"]:
+        raise LayoutError(f"Apriel-H1 'gdn' layers with key head dim {gdn['gdn_key_head_dim']} != value head dim "
+                          f"{gdn['gdn_value_head_dim']} have no counterpart here")
+    dim = gdn["gdn_key_head_dim"]
+    fields = {"gdn_num_heads": heads, "gdn_head_dim": dim, "gdn_conv_kernel": gdn["gdn_linear_conv_kernel_size"],
+              "gdn_num_kv_heads": heads}
+    if kv_heads and heads % kv_heads == 0 and kv_heads < heads:
+        shared = True
+        for layer in layers:
+            prefix = f"model.layers.{layer}.mixer."
+            qkvz = tensors.get(prefix + "in_proj_qkvz.weight")
+            conv = tensors.get(prefix + "convolution.weight")
+            if qkvz is None or conv is None:
+                break
+            width = heads * dim
+            for rows in (qkvz[width: 3 * width], conv[width: 3 * width]):
+                grouped = rows.reshape(2, kv_heads, heads // kv_heads, dim, *rows.shape[1:])
+                shared = shared and bool((grouped == grouped[:, :, :1]).all())
+        if shared:
+            fields["gdn_num_kv_heads"] = kv_heads
+    return fields
+
+
+def _gdn_state_from_apriel(config: HybridConfig, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """One Apriel-H1 'gdn' layer's tensors -> ours (k and v rows of every head -> those of the KV heads)."""
+    heads, dim = config.gdn_num_heads, config.gdn_head_dim
+    width, repeat = heads * dim, heads // config.gdn_num_kv_heads
+    keep = (torch.arange(config.gdn_num_kv_heads)[:, None] * repeat * dim + torch.arange(dim)[None, :]).reshape(-1)
+
+    def shared(rows):
+        return rows.index_select(0, keep)
+
+    try:
+        q, k, v, z = tensors[prefix + "in_proj_qkvz.weight"].split([width] * 4)
+        conv_q, conv_k, conv_v = tensors[prefix + "convolution.weight"].split([width] * 3)
+        beta_alpha = tensors[prefix + "in_proj_ba.weight"]
+        return {
+            prefix + "in_proj.weight": torch.cat([q, shared(k), shared(v), z, beta_alpha]),
+            prefix + "conv1d.weight": torch.cat([conv_q, shared(conv_k), shared(conv_v)]),
+            **{prefix + name: tensors[prefix + name] for name in ("A_log", "dt_bias", "norm.weight", "out_proj.weight")},
+        }
+    except (KeyError, RuntimeError) as error:
+        raise LayoutError(f"Apriel-H1 'gdn' layer {prefix}: {type(error).__name__}: {error}") from None
 
 
 def from_apriel_h1(body: dict, tensors: dict[str, torch.Tensor]) -> tuple[HybridConfig, dict[str, torch.Tensor]]:
@@ -270,8 +376,11 @@ def from_apriel_h1(body: dict, tensors: dict[str, torch.Tensor]) -> tuple[Hybrid
     hidden = body["hidden_size"]
     dt_rank = ssm.get("dt_rank", "auto")
     fields = _decoder_fields(body)
+    gdn_layers = [index for index, kind in enumerate(layout) if APRIEL_KINDS[kind] == GDN]
+    gdn = _gdn_from_apriel(body, gdn_layers, tensors, fields["num_key_value_heads"]) if gdn_layers else {}
     config = HybridConfig(
         **fields,
+        **gdn,
         layer_types=[APRIEL_KINDS[kind] for kind in layout],
         mamba_d_state=ssm.get("d_state", 16),
         mamba_d_conv=ssm.get("d_conv", 4),
@@ -285,9 +394,13 @@ def from_apriel_h1(body: dict, tensors: dict[str, torch.Tensor]) -> tuple[Hybrid
         mamba_dt_init_floor=ssm.get("dt_init_floor", 1e-4),
     )
     state = {}
+    for layer in gdn_layers:
+        state.update(_gdn_state_from_apriel(config, f"model.layers.{layer}.mixer.", tensors))
     for key, tensor in tensors.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue  # a buffer some older checkpoints saved
+        if _layer_of(key) in gdn_layers and ".mixer." in key:
+            continue  # read above
         key = key.replace(".self_attn.", ".mixer.")
         if key.endswith(".mixer.dt_proj.bias"):
             tensor = tensor * 2
@@ -313,6 +426,9 @@ def _expand_conv(config: HybridConfig, state: dict[str, torch.Tensor]) -> None:
 def to_mambainllama(config: HybridConfig, state: dict[str, torch.Tensor]
                     ) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """(config.json, mamba_config.json, tensors) in MambaInLlama's served layout."""
+    if config.gdn_layers:
+        raise LayoutError(f"the MambaInLlama layout cannot express Gated DeltaNet layers (layers {config.gdn_layers}: "
+                          "it knows attention and Mamba-1 only); export them with --format apriel_h1 or native")
     _refuse_inexpressible(config, "the MambaInLlama layout")
     if config.head_dim * config.num_attention_heads != config.hidden_size:
         raise LayoutError(f"the MambaInLlama layout cannot express head_dim={config.head_dim} with hidden_size="

@@ -1,4 +1,5 @@
-"""Token mixers: one interface, three implementations (attention, Mamba-1 with the MIL layout, identity).
+"""Token mixers: one interface, four implementations (attention, Mamba-1 with the MIL layout, Gated DeltaNet
+in the teacher's GQA shape, identity).
 
 A mixer is called as `mixer(hidden, context)` with hidden (b, l, H) already normalised and returns the
 residual update (b, l, H), or None when it contributes nothing (identity). `MixerContext` carries what
@@ -18,8 +19,8 @@ from transformers import initialization as init
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pipeline.model import kernels
-from pipeline.model.cache import MambaCacheView
-from pipeline.model.config import ATTENTION, IDENTITY, MAMBA, HybridConfig
+from pipeline.model.cache import MambaCacheView, RecurrentCacheView
+from pipeline.model.config import ATTENTION, GDN, IDENTITY, MAMBA, HybridConfig
 
 
 @dataclass
@@ -213,6 +214,159 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2).to(hidden.dtype))
 
 
+GDN_NORM_EPS = 1e-5  # the gated norm's epsilon: Fast-LLM's (its GDN norm takes no epsilon from the config)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each head's e_v channels, scaled, times silu(gate): rms(o) * weight * silu(z) (fp32 inside)."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32 * F.silu(gate.float())).to(x.dtype)
+
+
+class GatedDeltaNetMixer(nn.Module):
+    """Gated DeltaNet (Yang et al., as in Qwen3-Next and Fast-LLM) in the GQA shape of the teacher's attention.
+
+    in_proj gives q (h e), k (g e), v (g e), z (h e), beta (h) and alpha (h), with h = gdn_num_heads, g =
+    gdn_num_kv_heads, e = gdn_head_dim; q, k, v go through a causal depthwise conv and silu; q and k are
+    L2-normalised per head; k and v are expanded to h heads (head i reads KV head i // (h / g), as attention
+    pairs them); beta = sigmoid(beta), decay g_t = -exp(A_log) softplus(alpha + dt_bias); the gated delta rule
+    (`kernels.gated_delta_rule`) gives o (h heads of e), then rms(o) * norm.weight * silu(z) per head, out_proj.
+    With h, g, e the teacher's heads and head dim, q/k/v/o have the shapes of q_proj/k_proj/v_proj/o_proj:
+    `pipeline.convert.hybridize` initialises the mixer from them. A_log and dt_bias stay fp32.
+    Cache: the conv window (b, (h + 2 g) e, k) of the last conv inputs and the state (b, h, e, e) fp32.
+    """
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.gdn_num_heads, config.gdn_num_kv_heads
+        self.head_dim, self.d_conv = config.gdn_head_dim, config.gdn_conv_kernel
+        self.q_width = self.num_heads * self.head_dim
+        self.kv_width = self.num_kv_heads * self.head_dim
+        self.conv_width = self.q_width + 2 * self.kv_width  # channels of the conv: q | k | v
+        self.scale = self.head_dim**-0.5
+        hidden = config.hidden_size
+        # rows: q (h e) | k (g e) | v (g e) | z (h e) | beta (h) | alpha (h)
+        self.in_proj = nn.Linear(hidden, self.conv_width + self.q_width + 2 * self.num_heads,
+                                 bias=config.gdn_in_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_width, self.conv_width, self.d_conv, groups=self.conv_width, padding=0,
+                                bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.norm = GatedRMSNorm(self.head_dim, GDN_NORM_EPS)
+        self.out_proj = nn.Linear(self.q_width, hidden, bias=config.gdn_out_proj_bias)
+        for parameter in (self.A_log, self.dt_bias):  # read by the optimiser set-up and `_apply`
+            parameter._no_weight_decay = True
+            parameter._keep_fp32 = True
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bfloat16)` and friends move A_log and dt_bias but keep them fp32 (the decay's precision)
+        super()._apply(fn, recurse)
+        for parameter in (self.A_log, self.dt_bias):
+            if parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+        return self
+
+    @torch.no_grad()
+    def init_gdn_parameters(self) -> None:
+        """A = U(1, 16) per head (A_log = log A), dt_bias = softplus^-1 of a log-uniform dt in [1e-3, 0.1], as in
+        Mamba-2 / Qwen3-Next; the norm's weight 1. (A conversion from attention overwrites these, see
+        `pipeline.convert.hybridize.gdn_from_attention`.) transformers' `initialization` helpers skip tensors
+        already loaded from a checkpoint."""
+        device = self.A_log.device
+        init.copy_(self.A_log, torch.empty(self.num_heads, device=device).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand(self.num_heads, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        init.ones_(self.norm.weight)
+
+    def _split(self, proj: torch.Tensor):
+        """in_proj's output (..., W) -> qkv (..., (h + 2 g) e), z (..., h e), beta logits (..., h), alpha (..., h)."""
+        return proj[..., : self.conv_width + self.q_width + 2 * self.num_heads].split(
+            [self.conv_width, self.q_width, self.num_heads, self.num_heads], dim=-1)
+
+    def _heads(self, u: torch.Tensor):
+        """Conv output (..., (h + 2 g) e) -> q (..., h, e), k and v (..., h, e) expanded from their g heads."""
+        q, k, v = u.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+        shape = u.shape[:-1]
+        repeat = self.num_heads // self.num_kv_heads
+        q = q.reshape(*shape, self.num_heads, self.head_dim)
+        k = k.reshape(*shape, self.num_kv_heads, self.head_dim).repeat_interleave(repeat, dim=-2)
+        v = v.reshape(*shape, self.num_kv_heads, self.head_dim).repeat_interleave(repeat, dim=-2)
+        return q, k, v
+
+    def _gates(self, beta_logit: torch.Tensor, alpha: torch.Tensor):
+        """(beta in [0, 1], log decay g <= 0), both fp32, shaped like their inputs (..., h)."""
+        beta = torch.sigmoid(beta_logit.float())
+        g = -torch.exp(self.A_log.float()) * F.softplus(alpha.float() + self.dt_bias.float())
+        return beta, g
+
+    def _output(self, o: torch.Tensor, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """o (..., h, e_v), z (..., h e) -> out_proj(gated norm) (..., H)."""
+        gated = self.norm(o, z.reshape(o.shape))
+        return self.out_proj(gated.reshape(*o.shape[:-2], self.q_width).to(dtype))
+
+    def step(
+        self,
+        hidden: torch.Tensor,  # (b, H) one token per sequence
+        conv_state: torch.Tensor,  # (b, (h + 2 g) e, k) updated in place
+        state: torch.Tensor,  # (b, h, e, e) fp32, updated in place
+        token_mask: torch.Tensor | None = None,  # (b,) 0 where this token is padding
+        *,
+        projected: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One decode token: returns the mixer output (b, H) and advances both states in place (no host syncs:
+        the engine captures it in a CUDA graph). `projected`: in_proj(hidden) when the caller has it."""
+        qkv, z, beta_logit, alpha = self._split(self.in_proj(hidden) if projected is None else projected)
+        mask = None if token_mask is None else token_mask[:, None].to(qkv.dtype)
+        if mask is not None:
+            qkv = qkv * mask
+        u = kernels.causal_conv_step(qkv, conv_state, self.conv1d.weight.view(self.conv_width, -1), None)  # (b, C)
+        q, k, v = self._heads(u)
+        beta, g = self._gates(beta_logit, alpha)
+        if mask is not None:  # a padding token neither decays nor writes the state
+            beta, g = beta * mask, g * mask
+        o = kernels.gated_delta_rule_step(state, q, k, v, g, beta, self.scale)  # (b, h, e)
+        return self._output(o, z, hidden.dtype)
+
+    def forward(self, hidden: torch.Tensor, context: MixerContext) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        cache = RecurrentCacheView(context.cache, self.layer_idx) if context.cache is not None else None
+        if cache is not None and cache.has_previous and length == 1:  # decode step
+            token_mask = None if context.token_mask is None else context.token_mask[:, 0]
+            return self.step(hidden[:, 0], cache.conv, cache.state, token_mask)[:, None, :]
+
+        qkv, z, beta_logit, alpha = self._split(self.in_proj(hidden))
+        x = qkv.contiguous().transpose(1, 2)  # (b, C, l), channels innermost (causal_conv1d's channel-last layout)
+        mask = None if context.token_mask is None else context.token_mask[:, None, :].to(x.dtype)  # (b, 1, l)
+        if mask is not None:
+            x = x * mask  # padding must not enter the conv window ...
+        previous = cache is not None and cache.has_previous
+        window = cache.conv if previous else None
+        u = kernels.causal_conv(x, self.conv1d.weight.squeeze(1), None, window)  # silu(conv): (b, C, l)
+        if mask is not None:
+            u = u * mask
+        q, k, v = self._heads(u.transpose(1, 2))  # (b, l, h, e)
+        beta, g = self._gates(beta_logit, alpha)  # (b, l, h)
+        if mask is not None:  # ... nor decay or write the state
+            beta, g = beta * mask[:, 0, :, None], g * mask[:, 0, :, None]
+        o, last = kernels.gated_delta_rule(q, k, v, g, beta, self.scale,
+                                           initial_state=cache.state if previous else None,
+                                           return_last_state=cache is not None)
+        if cache is not None:
+            inputs = torch.cat([window.to(x.dtype), x], dim=-1) if previous else F.pad(
+                x, (max(self.d_conv - length, 0), 0))
+            cache.write(inputs[..., -self.d_conv:], last)
+        return self._output(o, z, hidden.dtype)
+
+
 class IdentityMixer(nn.Module):
     """No token mixing: the block reduces to its MLP (used by leave-one-out)."""
 
@@ -224,11 +378,13 @@ class IdentityMixer(nn.Module):
         return None
 
 
-MIXERS: dict[str, type[nn.Module]] = {ATTENTION: AttentionMixer, MAMBA: MambaMixer, IDENTITY: IdentityMixer}
+MIXERS: dict[str, type[nn.Module]] = {ATTENTION: AttentionMixer, MAMBA: MambaMixer, GDN: GatedDeltaNetMixer,
+                                      IDENTITY: IdentityMixer}
 
 
 def build_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
     return MIXERS[config.layer_types[layer_idx]](config, layer_idx)
 
 
-__all__ = ["AttentionMixer", "IdentityMixer", "MambaMixer", "MixerContext", "build_mixer", "gqa_expansion_index"]
+__all__ = ["AttentionMixer", "GatedDeltaNetMixer", "GatedRMSNorm", "IdentityMixer", "MambaMixer", "MixerContext",
+           "build_mixer", "gqa_expansion_index"]

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 
 from pipeline.model.cache import advance, cached_length, new_cache
 from pipeline.model.config import HybridConfig
-from pipeline.model.mixers import MambaMixer, MixerContext, build_mixer
+from pipeline.model.mixers import GatedDeltaNetMixer, MambaMixer, MixerContext, build_mixer
 
 # transformers 5.24 renamed the cache field of model outputs from `past_key_values` to `cache`.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -51,13 +51,15 @@ class HybridPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridDecoderLayer"]
     _supports_sdpa = True
-    _is_stateful = True  # Mamba states cannot be rolled back (no assisted decoding / contrastive search)
+    _is_stateful = True  # recurrent states cannot be rolled back (no assisted decoding / contrastive search)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # linears, embeddings, norms, rotary buffers
         if isinstance(module, MambaMixer):
             module.init_ssm_parameters()
+        elif isinstance(module, GatedDeltaNetMixer):
+            module.init_gdn_parameters()
 
 
 class HybridModel(HybridPreTrainedModel):
@@ -160,9 +162,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return result
 
     def mamba_parameters(self):
-        """(name, parameter) of every Mamba mixer: the trainable set of `trainable: mamba`."""
+        """(name, parameter) of every recurrent mixer a conversion made (Mamba and Gated DeltaNet): the
+        trainable set of `trainable: mamba`."""
         for name, module in self.named_modules():
-            if isinstance(module, MambaMixer):
+            if isinstance(module, (MambaMixer, GatedDeltaNetMixer)):
                 for sub, parameter in module.named_parameters():
                     yield f"{name}.{sub}", parameter
 

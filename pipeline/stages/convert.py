@@ -1,11 +1,12 @@
-"""Conversions: the first (K least LOO-important layers -> Mamba) and each progressive step (next MMR group).
+"""Conversions: the first (K least LOO-important layers -> Mamba, or `schedule.mixers[0]`) and each
+progressive step (the next MMR group, each layer with the mixer its lowest MMR score was for).
 
-Both MIL-initialise the chosen layers in the parent (the teacher, or the previous hybrid) and distil the
-result end to end from the teacher (`train`: reverse KL at T=1 by default). Training state lives in
-`work_dir` and is saved every `train.save_every` steps, so a killed conversion resumes where it stopped.
-Under torchrun (hardware.nproc > 1) this process loads no model: the ranks build the student (the same
-initial weights) and the teacher sharded from the files and write the checkpoint
-(`pipeline.stages.launch.train_sharded_under_torchrun`).
+Both initialise the chosen layers from their attention in the parent (the teacher, or the previous
+hybrid: MIL for Mamba, `gdn_from_attention` for Gated DeltaNet) and distil the result end to end from the
+teacher (`train`: reverse KL at T=1 by default). Training state lives in `work_dir` and is saved every
+`train.save_every` steps, so a killed conversion resumes where it stopped. Under torchrun (hardware.nproc
+> 1) this process loads no model: the ranks build the student (the same initial weights) and the teacher
+sharded from the files and write the checkpoint (`pipeline.stages.launch.train_sharded_under_torchrun`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import DataConfig, HardwareConfig, MambaConfig, checkpoint_name, to_plain
+from pipeline.config import DataConfig, GDNConfig, HardwareConfig, MambaConfig, checkpoint_name, to_plain
 from pipeline.convert import hybridize
 from pipeline.stages.common import (
     ConsoleReporter,
@@ -49,15 +50,16 @@ from pipeline.train import TrainConfig, train
 
 
 def layer_kinds_of(folder: Path) -> dict[str, list[int]]:
-    """{"attention": [...], "mamba": [...]}: the layers of a checkpoint folder by kind, from its config files."""
-    from pipeline.model.config import ATTENTION, MAMBA
+    """{"attention": [...], "mamba": [...], "gdn": [...]}: the layers of a checkpoint folder by kind, from its
+    config files."""
+    from pipeline.model.config import ATTENTION, GDN, MAMBA
     from pipeline.model.layouts import MIL_CONFIG, layer_kinds
 
     body = json.loads((folder / "config.json").read_text())
     mil = folder / MIL_CONFIG
     kinds = layer_kinds(body, json.loads(mil.read_text()) if mil.is_file() else None)
     return {name: [i for i, kind in enumerate(kinds) if kind == value]
-            for name, value in (("attention", ATTENTION), ("mamba", MAMBA))}
+            for name, value in (("attention", ATTENTION), ("mamba", MAMBA), ("gdn", GDN))}
 
 
 def mamba_options(mamba: MambaConfig) -> dict:
@@ -65,12 +67,24 @@ def mamba_options(mamba: MambaConfig) -> dict:
             "gqa_expansion": mamba.gqa_expansion}
 
 
+def gdn_options(gdn: GDNConfig | None) -> dict:
+    """hybridize's gdn_options from the gdn section (None: not read by this stage, the defaults)."""
+    return {} if gdn is None else {"conv_kernel": gdn.d_conv}
+
+
+def converted_count(config) -> int:
+    """K of H-K: the layers a conversion made (Mamba and Gated DeltaNet)."""
+    return len(getattr(config, "recurrent_layers", None) or getattr(config, "mamba_layers", None) or [])
+
+
 def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                        mamba: MambaConfig | None, teacher_dir: Path, parent_dir: Path | None, new_layers: list[int],
                        out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, settings: dict,
-                       extra: dict) -> dict:
+                       extra: dict, mixers: dict[int, str] | None = None, gdn: GDNConfig | None = None) -> dict:
     """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings, unless the teacher is
-    already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones."""
+    already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones.
+    `mixers`: layer -> "mamba" or "gdn" for each of `new_layers` (None: all Mamba); new Gated DeltaNet layers
+    take `gdn`'s settings unless the parent has some already."""
     started = time.time()
     state_dir = work_dir / "train_state"
     distributed = uses_torchrun(hardware, state_dir, train_cfg)
@@ -90,16 +104,27 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
                          "layers are converted")
     # a hybrid (a step's parent, or a teacher that is already a hybrid) keeps its own Mamba settings
     fresh = parent_dir is None and not getattr(parent.config, "mamba_layers", None)
+    kinds = {layer: (mixers or {}).get(layer, "mamba") for layer in new_layers}
+    new_mamba = [layer for layer in new_layers if kinds[layer] == "mamba"]
+    new_gdn = [layer for layer in new_layers if kinds[layer] == "gdn"]
     options = mamba_options(mamba) if fresh else {}
     if sharded:
-        source = ModelSource(str(source_dir), tuple(new_layers), seed, options)
+        source = ModelSource(str(source_dir), tuple(new_mamba), seed, options, tuple(new_gdn),
+                             gdn_options(gdn) if new_gdn else {})
         student = check_source(source, torch.float32, what)  # the meta student: its config, no weights
     else:
-        student = hybridize(parent, new_layers, seed=seed, **options)
+        student = hybridize(parent, new_mamba, seed=seed, **options,
+                            **({"gdn_layers": new_gdn, "gdn_options": gdn_options(gdn)} if new_gdn else {}))
     del parent
-    n_mamba = len(student.config.mamba_layers)
-    name = checkpoint_name(n_mamba)
-    reporter.progress(f"  {name}: layers {new_layers} -> Mamba, pattern {student.config.layer_pattern}")
+    n_mamba, n_gdn = len(student.config.mamba_layers), len(getattr(student.config, "gdn_layers", []))
+    name = checkpoint_name(converted_count(student.config))
+    if new_gdn:
+        reporter.progress(f"  {name}: layers {new_mamba} -> Mamba, {new_gdn} -> Gated DeltaNet, pattern "
+                          f"{student.config.layer_pattern}")
+    else:
+        reporter.progress(f"  {name}: layers {new_layers} -> Mamba, pattern {student.config.layer_pattern}")
+    if n_gdn:  # recorded only where there is Gated DeltaNet: a Mamba-only stage.json is as it always was
+        extra = {**extra, "n_gdn": n_gdn, "converted_mixers": {str(layer): kinds[layer] for layer in new_layers}}
     tokenizer = load_tokenizer(teacher_dir)
     stage_data = StageData(data, tokenizer)
     if distributed:
@@ -124,7 +149,7 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
         save_checkpoint(student, tokenizer, out_dir, train_cfg.save_dtype)
     meta = write_meta(
         out_dir, stage_name, settings, parent="teacher" if parent_dir is None
-        else read_meta(parent_dir).get("checkpoint") or checkpoint_name(n_mamba - len(new_layers)),
+        else read_meta(parent_dir).get("checkpoint") or checkpoint_name(converted_count(student.config) - len(new_layers)),
         started=started, checkpoint=name, n_mamba=n_mamba,
         layer_types=student.config.layer_types, layer_pattern=student.config.layer_pattern,
         converted_layers=new_layers, train=to_plain(train_cfg), steps=result.steps_done,
@@ -137,11 +162,12 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
 
 @stage("convert", version=4)
 def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
-                count: int, *, teacher: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
-                reporter: Reporter | None = None) -> dict:
-    """H-first: the least important attention layers by LOO become Mamba, as many as make `count` Mamba
-    layers (all `count` for a plain teacher; a hybrid teacher's own Mamba layers count and stay), then
-    distillation."""
+                count: int, mixer: str = "mamba", gdn: GDNConfig | None = None, *, teacher: str | Path,
+                loo: str | Path, out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+    """H-first: the least important attention layers by LOO become `mixer` (Mamba, or "gdn": Gated DeltaNet
+    with `gdn`'s settings), as many as make `count` converted layers (all `count` for a plain teacher; a
+    hybrid teacher's own converted layers count and stay), then distillation. `mixer` and `gdn` are given
+    only by a run whose first mixer is not Mamba (`schedule.mixers[0]`), so Mamba runs keep their keys."""
     from pipeline.stages.loo import LOO_FILE, rank_layers
 
     table = json.loads((Path(loo) / LOO_FILE).read_text())
@@ -154,36 +180,46 @@ def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardwa
         raise StageError(f"schedule.counts[0]={count} exceeds the teacher's {len(ranking) + already} layers")
     layers = sorted(ranking[:count - already])
     settings = {"train": train, "mamba": mamba, "data": data, "hardware": hardware, "seed": seed, "count": count}
+    if mixer != "mamba":
+        settings.update(mixer=mixer, gdn=gdn)
     return convert_and_distil(train, data, hardware, seed, mamba, Path(teacher), None, layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="convert",
-                              settings=settings, extra={"selected_by": "loo"})
+                              settings=settings, extra={"selected_by": "loo"},
+                              mixers={layer: mixer for layer in layers}, gdn=gdn)
 
 
 @stage("step", version=4)
-def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int, *,
-             teacher: str | Path, parent: str | Path, mmr: str | Path, out_dir: str | Path, work_dir: str | Path,
-             reporter: Reporter | None = None) -> dict:
-    """H-K -> H-count: the lowest-MMR attention layers of the parent become Mamba, then distillation."""
-    from pipeline.stages.mmr import MMR_FILE
+def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int,
+             gdn: GDNConfig | None = None, *, teacher: str | Path, parent: str | Path, mmr: str | Path,
+             out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+    """H-K -> H-count: the lowest-MMR attention layers of the parent become the mixer of their lowest
+    (layer, mixer) pair (`pipeline.stages.mmr.choose_conversions`), then distillation. `gdn`: the settings
+    of new Gated DeltaNet layers in a parent without any (given only by a run whose schedule.mixers lists
+    "gdn")."""
+    from pipeline.stages.mmr import MMR_FILE, choose_conversions
 
     table = json.loads((Path(mmr) / MMR_FILE).read_text())
-    current = table["n_mamba"]
+    current = table["n_mamba"] + table.get("n_gdn", 0)
     if count <= current:
-        raise StageError(f"step to {count} Mamba layers from a checkpoint that already has {current}")
+        raise StageError(f"step to {count} converted layers from a checkpoint that already has {current}")
     needed = count - current
     ranked = [entry["layer"] for entry in table["ranking"]]
     attention = set(layer_kinds_of(Path(parent))["attention"])
-    stale = [layer for layer in ranked if layer not in attention]
+    stale = sorted({layer for layer in ranked if layer not in attention})
     if stale:
         raise StageError(f"step to {count}: MMR scored layers {stale}, which are not attention layers of the "
                          "parent checkpoint (the MMR table belongs to another checkpoint)")
-    if needed > len(ranked):
-        raise StageError(f"step to {count} Mamba layers needs {needed} more but only {len(ranked)} attention layers remain")
-    layers = sorted(ranked[:needed])
+    chosen = choose_conversions(table["ranking"], needed)
+    if needed > len(chosen):
+        raise StageError(f"step to {count} converted layers needs {needed} more but only {len(chosen)} attention "
+                         "layers remain")
+    layers = sorted(chosen)
     settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
+    if gdn is not None:
+        settings["gdn"] = gdn
     return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="step",
-                              settings=settings, extra={"selected_by": "mmr"})
+                              settings=settings, extra={"selected_by": "mmr"}, mixers=chosen, gdn=gdn)
 
 
 @stage("loo_step", version=2)
@@ -195,8 +231,9 @@ def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig,
     the recipe replaces by MMR past about 50% conversion (the ablation's comparison)."""
     from pipeline.stages.loo import LOO_FILE, rank_layers
 
-    attention = set(layer_kinds_of(Path(parent))["attention"])
-    current = len(layer_kinds_of(Path(parent))["mamba"])
+    kinds = layer_kinds_of(Path(parent))
+    attention = set(kinds["attention"])
+    current = len(kinds["mamba"]) + len(kinds["gdn"])
     if count <= current:
         raise StageError(f"step to {count} Mamba layers from a checkpoint that already has {current}")
     ranked = [layer for layer in rank_layers(json.loads((Path(loo) / LOO_FILE).read_text())) if layer in attention]
@@ -211,4 +248,5 @@ def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig,
                               settings=settings, extra={"selected_by": "loo"})
 
 
-__all__ = ["convert_and_distil", "layer_kinds_of", "mamba_options", "run_convert", "run_loo_step", "run_step"]
+__all__ = ["convert_and_distil", "converted_count", "gdn_options", "layer_kinds_of", "mamba_options", "run_convert",
+           "run_loo_step", "run_step"]

@@ -19,7 +19,7 @@ from pipeline.evaluate.lm_harness import LMEvalError, check_tasks, run_lm_eval
 from pipeline.evaluate.plots import frontier_plot, tokens_frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
-from pipeline.model.config import ATTENTION, MAMBA
+from pipeline.model.config import ATTENTION, GDN, MAMBA, PATTERN_CHARS
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
@@ -58,11 +58,13 @@ def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, dat
     extra = {}
     if evaluate.lm_eval.tasks:  # lm-evaluation-harness tasks, same metric names on every checkpoint
         extra["lm_eval"] = run_lm_eval(model, data.tokenizer, evaluate.lm_eval)["scores"]
+    if GDN in layer_types:  # only then: a Mamba-only summary is as it always was
+        extra["n_gdn"] = layer_types.count(GDN)
     return {
         "checkpoint": name,
         "n_mamba": layer_types.count(MAMBA),
         "layer_types": layer_types,
-        "layer_pattern": "".join({ATTENTION: "A", MAMBA: "M"}.get(kind, "I") for kind in layer_types),
+        "layer_pattern": "".join(PATTERN_CHARS.get(kind, "I") for kind in layer_types),
         "answer_accuracy": accuracy,
         "nll": quality["nll"],
         "kl_to_teacher": quality.get("kl_to_teacher", 0.0),
@@ -136,13 +138,16 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
 
 def summary_table(records: list[dict]) -> str:
     """A markdown table of the summary (README, logs, Prefect artifacts)."""
-    lines = ["| checkpoint | Mamba layers | accuracy | NLL | KL to teacher | generic NLL | generic KL | tokens/s | ratio |",
+    gdn = any(r.get("n_gdn") for r in records)  # then the pattern says which layer holds which mixer
+    lines = [f"| checkpoint | {'pattern' if gdn else 'Mamba layers'} | accuracy | NLL | KL to teacher | generic NLL | "
+             "generic KL | tokens/s | ratio |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         generic = (f"{r['nll_generic']:.4f} | {r['kl_generic']:.4f}" if r.get("nll_generic") is not None
                    else "- | -")
-        lines.append(f"| {r['checkpoint']} | {r['n_mamba']} | {r['answer_accuracy']:.3f} | {r['nll']:.4f} | "
-                     f"{r['kl_to_teacher']:.4f} | {generic} | {r['tokens_per_s']:,.0f} | {r['throughput_ratio']:.2f} |")
+        lines.append(f"| {r['checkpoint']} | {r['layer_pattern'] if gdn else r['n_mamba']} | {r['answer_accuracy']:.3f} | "
+                     f"{r['nll']:.4f} | {r['kl_to_teacher']:.4f} | {generic} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['throughput_ratio']:.2f} |")
     return "\n".join(lines)
 
 

@@ -116,7 +116,7 @@ def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_co
         reporter.progress(f"  loo layer {index}: {loo.metric} {value:.4f} (importance {importance:+.4f})")
     result = {"metric": loo.metric, "mode": loo.mode, "scored_on": scored_on, "baseline": baseline,
               "layers": entries}
-    mamba = model.config.mamba_layers
+    mamba = model.config.recurrent_layers  # its converted layers, Mamba or Gated DeltaNet
     if mamba:  # a hybrid teacher (absent otherwise: a plain teacher's table is as it always was)
         result["mamba_layers"] = mamba
     result["ranking"] = rank_layers(result)

@@ -76,6 +76,8 @@ def _fine_tune(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, c
     if hasattr(config, "layer_types") and hasattr(config, "mamba_layers"):  # a hybrid
         pattern = {"n_mamba": len(config.mamba_layers), "layer_types": list(config.layer_types),
                    "layer_pattern": config.layer_pattern}
+        if getattr(config, "gdn_layers", None):  # only then: a Mamba-only stage.json is as it always was
+            pattern["n_gdn"] = len(config.gdn_layers)
     return write_meta(
         out_dir, stage_name, {"train": train, "data": data, "hardware": hardware}, parent=parent,
         started=started, checkpoint=name, **pattern, train=to_plain(train),

@@ -45,7 +45,7 @@ def import_start(hardware: HardwareConfig, *, source: str | Path, teacher: str |
     started, source, out_dir = time.time(), Path(source), Path(out_dir)
     layout = detect_layout(source) if (source / "config.json").is_file() else None
     model = load_model(source, hardware, "start checkpoint")
-    if not isinstance(model, HybridForCausalLM) or not model.config.mamba_layers:
+    if not isinstance(model, HybridForCausalLM) or not model.config.recurrent_layers:
         raise StageError(f"start checkpoint at {source} is not a hybrid (no Mamba layer): start.path continues "
                          "a hybrid's conversion; a plain transformer is a teacher (teacher.path)")
     start_shape = model.config.to_dict()
@@ -58,6 +58,7 @@ def import_start(hardware: HardwareConfig, *, source: str | Path, teacher: str |
     config = model.config
     return write_meta(out_dir, "start", {"hardware": hardware}, parent=None, started=started, checkpoint=START,
                       source="start.path", layout=layout, n_mamba=len(config.mamba_layers),
+                      **({"n_gdn": len(config.gdn_layers)} if config.gdn_layers else {}),
                       layer_types=config.layer_types, layer_pattern=config.layer_pattern,
                       tokenizer="its own" if has_tokenizer else "the teacher's", cumulative_train_tokens=0)
 

@@ -74,8 +74,10 @@ def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str
         model, tokenizer = load_model(source, hardware, "teacher"), load_tokenizer(source)
     check_teacher(model)
     save_checkpoint(model, tokenizer, out_dir)
-    if getattr(model.config, "mamba_layers", None):  # a hybrid as the teacher (a released one): its own pattern
+    if getattr(model.config, "recurrent_layers", None):  # a hybrid as the teacher (a released one): its own pattern
         extra.update(layer_pattern=model.config.layer_pattern, n_mamba=len(model.config.mamba_layers))
+        if model.config.gdn_layers:
+            extra["n_gdn"] = len(model.config.gdn_layers)
     return write_meta(out_dir, "teacher", {"hardware": hardware}, parent=None, started=started,
                       checkpoint="teacher", source="gguf" if "gguf" in extra else "user",
                       architecture=type(model).__name__, layers=model.config.num_hidden_layers, **extra)

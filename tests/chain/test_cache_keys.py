@@ -40,18 +40,24 @@ READERS = {
     "hardware": ALL,
     "seed": {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # MIL initialisation of the fresh Mamba parameters
     "teacher.demo": {"teacher"},
+    # the teacher fine-tuned first: a new teacher-ft output that every stage after the teacher reads instead
+    "teacher.finetune.enabled": ALL - {"teacher", "H-6-SFT"},  # (SFT reads only its checkpoint)
+    "teacher.finetune.train": set(),  # read only by that fine-tuning
+    "data.samples": set(),  # read only with data.generic=teacher (test_generic_samples_enter_only_their_readers)
     "data.max_length": ALL,
     "data.demo": ALL,
-    "data.demo.n_text": set(),  # the generic corpus: read by nothing unless the teacher mixes it in
-    "data.demo.min_sentences": set(),
-    "data.demo.max_sentences": set(),
+    "data.demo.n_text": {"evaluate"},  # the generic corpus: the evaluation's generic NLL (and a mixing teacher)
+    "data.demo.min_sentences": {"evaluate"},
+    "data.demo.max_sentences": {"evaluate"},
     "data.distill": {"teacher", "loo", *DISTILLATIONS},  # LOO: its validation split, or a held-out share
     "data.validation_share": set(),  # only for a user's data.distill without validation files
     "data.sft": {"H-6-SFT"},
     "data.eval": {"loo", "evaluate"},
-    "data.generic": set(),
+    "data.generic": {"evaluate"},
     "data.distill_on": DISTILLATIONS,
     "mamba": {"H-4"},  # later steps take their parent's mixer settings
+    "gdn": set(),  # read only where schedule.mixers lists "gdn" (test_mixers_enter_only_the_keys_that_read_them)
+    "schedule.mixers": {"mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # [mamba, gdn]: the first conversion is still Mamba
     "loo": {"loo"},
     "train": {"H-4", "H-5", "H-6"},
     "mmr": {"mmr-H-4", "mmr-H-5"},
@@ -64,7 +70,8 @@ for prefix in ("data.max_length", "data.demo", "data.distill"):
 
 CHOICES = {"loss": ["reverse_kl", "forward_kl"], "trainable": ["all", "mamba"], "mode": ["mixer", "block"],
            "metric": ["accuracy", "nll"], "gqa_expansion": ["chunk", "head_aligned"], "device": ["auto", "cpu"],
-           "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic", "mix"]}
+           "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic", "mix"],
+           "mixers": [["mamba"], ["mamba", "gdn"]]}
 
 
 class KeyRecorder:
@@ -207,3 +214,32 @@ def test_the_start_checkpoint_is_an_input_of_every_stage_after_it():
     run_chain(set_field(cfg, "start.path", None), no_start, None)
     assert "loo" in no_start.keys and "start" not in no_start.keys
     assert no_start.keys["teacher"] == recorder.keys["teacher"]
+
+
+def test_mixers_enter_only_the_keys_that_read_them():
+    """The default schedule.mixers [mamba] adds nothing to any key (above: Mamba-only keys as they always were);
+    otherwise the first conversion reads the first mixer, MMR every mixer, and the gdn section reaches the
+    stages that can create Gated DeltaNet layers."""
+    base = keys(BASE)
+    only_gdn = set_field(BASE, "schedule.mixers", ["gdn"])
+    both = set_field(BASE, "schedule.mixers", ["mamba", "gdn"])
+    differ = lambda new: {name for name in ALL if new[name] != base[name]}  # noqa: E731
+    assert differ(keys(only_gdn)) == {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"}
+    assert differ(keys(both)) == {"mmr-H-4", "H-5", "mmr-H-5", "H-6"}
+    for cfg, readers_of_gdn in ((only_gdn, {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"}),
+                                (both, {"mmr-H-4", "H-5", "mmr-H-5", "H-6"})):
+        before, after = keys(cfg), keys(set_field(cfg, "gdn.d_conv", 3))
+        assert {name for name in ALL if after[name] != before[name]} == readers_of_gdn
+
+
+def test_generic_samples_enter_only_their_readers():
+    """data.generic=teacher adds the samples stage after the teacher; its settings reach it and, through its
+    output, the evaluation; nothing else."""
+    cfg = set_field(BASE, "data.generic", "teacher")
+    recorder = ContentRecorder()
+    run_chain(cfg, recorder, None)
+    assert list(recorder.keys)[:3] == ["teacher", "teacher-samples", "loo"]
+    assert recorder.inputs["evaluate"]["generic"].name == "teacher-samples"
+    more = ContentRecorder()
+    run_chain(set_field(cfg, "data.samples.test", 7), more, None)
+    assert {name for name in recorder.keys if more.keys[name] != recorder.keys[name]} == {"teacher-samples", "evaluate"}

@@ -152,7 +152,8 @@ def wider(teacher, tmp_path_factory) -> Path:
                          "be larger"),
     ("wider", [3], "start.path={start} does not fit the teacher: hidden_size 64 vs the teacher's 32"),
     ("teacher", [3], "start.path={start} is not a hybrid (no Mamba layer; layout transformers)"),
-    ("missing", [3], "start.path='{start}' does not exist (a folder with config.json, weights and tokenizer)"),
+    ("missing", [3], "start.path='{start}' does not exist (a folder with config.json, weights and tokenizer, "
+                     "or a hub id org/name[@revision])"),
 ])
 def test_a_start_that_cannot_work_is_one_line_in_the_plan(teacher, released, wider, tmp_path, start, counts, culprit):
     folder = {"released": released, "wider": wider, "teacher": teacher, "missing": tmp_path / "nope"}[start]

@@ -55,3 +55,34 @@ def test_fine_tuned_teacher_and_its_samples_feed_the_chain(tmp_path, monkeypatch
             cfg.teacher.finetune.train, steps=4))))
     run_local(cfg, until="loo")
     assert calls == ["run_teacher_finetune", "run_samples", "run_loo"]  # the import is kept, the rest follow
+
+
+def test_a_user_teacher_on_the_demo_settings_is_refused_by_the_plan(tmp_path):
+    from pipeline.chain import local_teacher_source
+    from pipeline.config import RunConfig
+    from pipeline.plan import plan
+    from pipeline.store import open_store
+
+    teacher = save_tiny_teacher(tmp_path / "user-teacher")
+    cfg = RunConfig(teacher=TeacherConfig(path=str(teacher)), schedule=tiny_config().schedule)
+    checked = plan(cfg, store=open_store(str(tmp_path / "store")), work_root=tmp_path / "work",
+                   teacher=lambda: local_teacher_source(cfg.teacher.path), until="teacher")
+    assert [p for p in checked.problems if "demo's settings" in p] == [
+        "teacher.path is your teacher, but train, mmr.train, sft.train are the demo's settings (calibrated for a "
+        "1M-parameter model trained here from scratch; lr 2e-3 diverges on a pretrained model): use "
+        "teacher=local, which selects the settings for pretrained models (RunConfig.with_pretrained_settings() in "
+        "Python), or set them"]
+    fixed = plan(cfg.with_pretrained_settings(), store=open_store(str(tmp_path / "store")),
+                 work_root=tmp_path / "work", teacher=lambda: local_teacher_source(cfg.teacher.path), until="teacher")
+    assert not [p for p in fixed.problems if "demo's settings" in p]
+
+
+def test_a_missing_gguf_teacher_names_both_forms(tmp_path):
+    import pytest
+
+    from pipeline.chain import local_teacher_source
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"does not exist \(a folder with config.json, weights and tokenizer, "
+                                          r"or a .gguf file, or a hub id org/name\[@revision\]\)"):
+        local_teacher_source(str(tmp_path / "model.gguf"))

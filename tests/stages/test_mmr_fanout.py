@@ -147,3 +147,21 @@ def test_trials_are_queued_longest_first_and_equal_costs_keep_their_order():
     costs = {"a": 2, "b": 5, "c": 2, "d": 9, "e": 5}
     assert longest_first("abcde", costs.__getitem__) == ["d", "b", "e", "a", "c"]
     assert longest_first([3, 1, 2], lambda task: 100) == [3, 1, 2]
+
+
+def test_workers_score_layer_mixer_pairs_as_the_sequential_path(tiny_teacher, parent, sequential, tmp_path):
+    """Gated DeltaNet trials fan out too: the Mamba trials' scores are the sequential ones, the pairs are all
+    there (two recorded beforehand, so the workers run one Mamba and two Gated DeltaNet trials)."""
+    from pipeline.config import GDNConfig
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / TRIALS_FILE).write_text(json.dumps({"1": sequential[1], "2": sequential[2]}))
+    cfg, reporter = fanned_out(), RecordingReporter()
+    result = run_mmr(cfg.mmr, cfg.data.view(cfg.data.distill_on), cfg.hardware, cfg.seed, ["mamba", "gdn"],
+                     GDNConfig(), teacher=tiny_teacher, parent=parent, out_dir=tmp_path / "mmr",
+                     work_dir=tmp_path / "work", reporter=reporter)
+    pairs = {(entry["layer"], entry["mixer"]): entry["loss"] for entry in result["ranking"]}
+    assert sorted(pairs) == [(layer, mixer) for layer in (1, 2, 3) for mixer in ("gdn", "mamba")]
+    assert pairs[(3, "mamba")] == pytest.approx(sequential[3], rel=SCORE_RTOL)
+    assert sorted(reporter.trials) == ["layer-1-gdn", "layer-2-gdn", "layer-3", "layer-3-gdn"]
+    assert json.loads((tmp_path / "mmr" / MMR_FILE).read_text())["mixers"] == ["mamba", "gdn"]
