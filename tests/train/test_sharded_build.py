@@ -4,8 +4,8 @@ unsharded path, and a rank's host memory well below the models' size.
 In this process (a gloo group of one): the student of a conversion, built sharded and written back
 (gathered through rank 0, or through DCP shards consolidated), gives the files `save_checkpoint` writes for
 `hybridize`'s student, byte for byte, for a Llama teacher, a Qwen2 teacher (attention biases, untied
-embeddings), a hybrid parent and a save split over several files; the sharded teacher holds
-`load_model`'s tensors and buffers. Under torchrun (two gloo processes, the stage's real launcher): a
+embeddings), a hybrid parent, a Gated DeltaNet layer beside a Mamba one and a save split over several
+files; the sharded teacher holds `load_model`'s tensors and buffers. Under torchrun (two gloo processes, the stage's real launcher): a
 200 MB teacher and its student are built with every rank's peak host memory measured (Linux's high-water
 mark of the resident set, reset just before the building: see `HostMemory`) and the untrained student
 written back is, again, the unsharded path's checkpoint byte for byte.
@@ -78,21 +78,24 @@ def same_files(left, right, names=CHECKPOINT_FILES) -> dict[str, bool]:
     return {name: filecmp.cmp(left / name, right / name, shallow=False) for name in names}
 
 
-@pytest.mark.parametrize("kind,parent_layers,layers,save_dtype", [
-    ("llama", None, (1, 2), "bfloat16"),
-    ("qwen2", None, (0, 3), "float32"),
-    ("llama", (1,), (2,), "float32"),  # a hybrid parent: its Mamba layer is copied, one more converted
+@pytest.mark.parametrize("kind,parent_layers,layers,gdn,save_dtype", [
+    ("llama", None, (1, 2), (), "bfloat16"),
+    ("qwen2", None, (0, 3), (), "float32"),
+    ("llama", (1,), (2,), (), "float32"),  # a hybrid parent: its Mamba layer is copied, one more converted
+    ("qwen2", None, (1,), (2,), "bfloat16"),  # a Mamba and a Gated DeltaNet layer, from attention with biases
 ])
 def test_the_sharded_student_writes_the_unsharded_checkpoint_byte_for_byte(group, tmp_path, kind, parent_layers,
-                                                                         layers, save_dtype):
+                                                                         layers, gdn, save_dtype):
     folder = save_teacher(tmp_path / "teacher", kind)
     if parent_layers is not None:  # a step's parent: H-1, saved as the convert stage saves it
         parent = hybridize(load_model(folder, CPU, "teacher", fp32=True), parent_layers, seed=5)
         save_checkpoint(parent, load_tokenizer(folder), tmp_path / "parent", "bfloat16")
         folder = tmp_path / "parent"
-    reference = hybridize(load_model(folder, CPU, "parent", fp32=True), layers, seed=3)
-    student = build_sharded(ModelSource(str(folder), layers, 3), dtype=torch.float32, device=torch.device("cpu"),
-                            role="student")
+    gdn_options = {"conv_kernel": 4} if gdn else {}
+    reference = hybridize(load_model(folder, CPU, "parent", fp32=True), layers, seed=3,
+                          **({"gdn_layers": gdn, "gdn_options": gdn_options} if gdn else {}))
+    student = build_sharded(ModelSource(str(folder), layers, 3, {}, gdn, gdn_options), dtype=torch.float32,
+                            device=torch.device("cpu"), role="student")
     buffers = dict(reference.named_buffers())
     assert {name: torch.equal(buffer, buffers[name]) for name, buffer in student.named_buffers()} == \
         {name: True for name in buffers}
