@@ -12,7 +12,8 @@ Randomness: a converted Mamba mixer's fresh parameters are drawn on the CPU from
 seeded from (seed, layer, draw) (`mixer_generator`), and only then copied to the model's device. So the
 same seed gives bit-identical initial weights on every device, whatever else drew random numbers before,
 and `hybridize(model, [layer], seed=s)` and `mamba_trial(model, layer, seed=s)` start layer `layer` from
-the same mixer. A Gated DeltaNet mixer from attention draws nothing (`gdn_from_attention`).
+the same mixer. A Gated DeltaNet mixer from attention draws nothing: `gdn_from_attention` sets every one
+of its parameters, so it is the same for every seed and device (and `gdn_trial` builds it without values).
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def conversion_config(
     """The checks and the config of `hybridize(teacher, mamba_layers, ...)`, without building the hybrid:
     (the hybrid's config, the sorted new Mamba layers, the sorted new Gated DeltaNet layers, whether the
     source is a hybrid). Reads only the teacher's config, class and module structure, so a teacher on the
-    meta device will do."""
+    meta device will do (`pipeline.convert.sharded`)."""
     check_teacher(teacher)
     unknown = sorted(set(mamba_options) - set(MAMBA_OPTIONS))
     if unknown:
@@ -230,14 +231,16 @@ def hybridize(
     gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max.
     gdn_options: conv_kernel (4). For a hybrid source the listed layers are converted in addition to its
     existing recurrent layers, and its Mamba options (and, once it has Gated DeltaNet layers, its Gated
-    DeltaNet options) are kept.
+    DeltaNet options) are kept. `seed`: each new Mamba mixer's random parameters come from
+    `mixer_generator(seed, layer)` (on the CPU), so they are the same on every device; new Gated DeltaNet
+    mixers draw nothing.
     """
     config, new_mamba, new_gdn, is_hybrid = conversion_config(teacher, mamba_layers, identity_layers, gdn_layers,
                                                               gdn_options, **mamba_options)
 
     parameter = next(teacher.parameters())
-    # Every value the constructor draws is overwritten below (copied, MIL-mapped, drawn from each new
-    # mixer's own generator, or set from attention); the fork keeps it from using up the caller's streams.
+    # Every value the constructor draws is overwritten below (copied, MIL-mapped or drawn from each new
+    # mixer's own generator); the fork keeps it from using up the caller's random streams.
     with _forked_rng(parameter.device), torch.device(parameter.device):
         hybrid = HybridForCausalLM(config)
     hybrid.to(parameter.dtype)
@@ -277,7 +280,7 @@ def check_gdn_shape(config: HybridConfig) -> None:
 
 @torch.no_grad()
 def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list[int], is_hybrid: bool,
-                  new_gdn: list[int] = (), seed: int = 0) -> None:
+                  new_gdn: list[int], seed: int) -> None:
     source = teacher.state_dict()
     target = hybrid.state_dict()
     used: set[str] = set()
@@ -325,7 +328,8 @@ def mixer_generator(seed: int, layer: int, draw: int = 0) -> torch.Generator:
 
 def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
     """`tensor` <- N(0, std^2), drawn in fp32 on the CPU from `generator`, then copied to its device and dtype."""
-    tensor.copy_(torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
+    drawn = torch.empty(tensor.shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
+    tensor.copy_(drawn)
 
 
 @torch.no_grad()
@@ -356,7 +360,9 @@ def initialise_fresh(mixer: nn.Module, generator: torch.Generator, config: Hybri
 @contextmanager
 def _forked_rng(device: torch.device) -> Iterator[None]:
     """The CPU's and `device`'s global random states restored on exit."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         yield
 
@@ -416,12 +422,13 @@ def gdn_from_attention(mixer: nn.Module, attention: nn.Module) -> None:
 
 
 @contextmanager
-def gdn_trial(model: HybridForCausalLM, layer: int, *, gdn_options: dict | None = None,
-              seed: int = 0) -> Iterator[HybridForCausalLM]:
+def gdn_trial(model: HybridForCausalLM, layer: int, *,
+              gdn_options: dict | None = None) -> Iterator[HybridForCausalLM]:
     """`model` itself with attention layer `layer` swapped for a Gated DeltaNet mixer initialised from it (an
     MMR trial of that kind), the attention mixer, the layer pattern and the Gated DeltaNet settings put back on
-    exit, whatever happens inside. Only the new mixer is allocated. `gdn_from_attention` draws nothing, so
-    `seed` only fixes the throw-away values the mixer is built with."""
+    exit, whatever happens inside. Only the new mixer is allocated. Nothing is random: the mixer is built
+    without values and `gdn_from_attention` sets every parameter, so a trial takes no seed, draws from no
+    generator, and gives the same mixer as `hybridize(model, gdn_layers=[layer])`."""
     if not isinstance(model, HybridForCausalLM):
         raise ConversionError(f"an MMR trial swaps a mixer of a hybrid, got {type(model).__name__}")
     unknown = sorted(set(gdn_options or {}) - set(GDN_OPTIONS))
@@ -441,12 +448,10 @@ def gdn_trial(model: HybridForCausalLM, layer: int, *, gdn_options: dict | None 
                           config.attention_bias, config.attention_out_bias)
         config.layer_types = [GDN if index == layer else kind for index, kind in enumerate(layer_types)]
         check_gdn_shape(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with torch.device(parameter.device):
-                mixer = build_mixer(config, layer)
-            mixer.apply(model._init_weights)
-        mixer.to(parameter.dtype)
+        with torch.device("meta"):  # shapes only: gdn_from_attention sets every value
+            mixer = build_mixer(config, layer)
+        # cast before initialising, as hybridize does (A_log and dt_bias stay fp32)
+        mixer.to_empty(device=parameter.device).to(parameter.dtype)
         gdn_from_attention(mixer, attention)
         block.mixer = mixer
         yield model
@@ -503,6 +508,6 @@ def _attention_of(teacher: nn.Module, index: int) -> nn.Module:
     return layer.mixer if isinstance(teacher, HybridForCausalLM) else layer.self_attn
 
 
-__all__ = ["ConversionError", "FRESH_INITIALISERS", "GDN_OPTIONS", "SUPPORTED", "TEACHER_CLASSES", "check_teacher",
-           "conversion_config", "gdn_from_attention", "gdn_trial", "hybrid_config_from_teacher", "hybridize",
-           "initialise_fresh", "initialise_mamba", "mamba_trial", "mixer_generator"]
+__all__ = ["ConversionError", "FRESH_INITIALISERS", "GDN_OPTIONS", "SUPPORTED", "TEACHER_CLASSES", "check_gdn_shape",
+           "check_teacher", "conversion_config", "gdn_from_attention", "gdn_trial", "hybrid_config_from_teacher",
+           "hybridize", "initialise_fresh", "initialise_mamba", "mamba_trial", "mixer_generator"]

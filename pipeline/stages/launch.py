@@ -1,9 +1,9 @@
 """A stage's training under `torchrun` (hardware.nproc > 1): the launcher the stage calls, and the worker.
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.stages.launch <job>
+    python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.stages.launch <job.json>
 
-(multi-node: `--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` instead of `--standalone`). Each
-rank builds the same batch source as the stage would and calls the one training loop
+(multi-node: `--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` instead of `--standalone`); the
+`TrainingJob` is JSON (the ranks unpickle nothing from a work folder). Each rank builds the same batch source as the stage would and calls the one training loop
 (`pipeline.train.train`), which trains the FSDP2-sharded models and keeps its state through DCP in the
 stage's state directory. Rank 0 prints its progress as `@@metrics <json>` lines, which the launcher turns
 into the stage's reporter calls.
@@ -38,7 +38,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -46,14 +45,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import DataConfig, HardwareConfig
+from pipeline.config import DataConfig, HardwareConfig, from_plain, to_plain
 from pipeline.convert.sharded import ModelSource
 from pipeline.stages.common import Reporter, StageError, metrics_callback
 from pipeline.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "job.pkl"
+JOB_FILE = "job.json"
 RESULT_DIR = "result"
 CHECKPOINT_DIR = "checkpoint"  # in RESULT_DIR: the trained student, gathered
 SHARDS_DIR = "shards"  # in RESULT_DIR: the trained student's weights, each rank's shards (train.save_sharded)
@@ -64,7 +63,8 @@ _METRICS_PREFIX = "@@metrics "
 
 @dataclass
 class TrainingJob:
-    """What every rank needs to rebuild the stage's training (picklable: configs and paths only)."""
+    """What every rank needs to rebuild the stage's training: configs and paths only, written as JSON
+    (`to_json` / `from_json`), so a rank loads data, never code, from the work folder."""
 
     train: TrainConfig
     data: DataConfig
@@ -78,6 +78,20 @@ class TrainingJob:
     max_steps: int | None = None  # stop after this many steps in this launch (the state lets the next continue)
     student: ModelSource | None = None  # built sharded on the ranks; None: the student the launcher saved
     tokenizer_dir: str | None = None  # with `student`: where the tokenizer is (the batches need it)
+
+    def to_json(self) -> str:
+        return json.dumps(to_plain(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingJob:
+        plain = json.loads(text)
+        if not isinstance(plain, dict):
+            raise StageError("the training job file is not a JSON object")
+        if isinstance(plain.get("student"), dict):  # a union field, which from_plain leaves as it is
+            source = plain["student"]
+            plain["student"] = ModelSource(**{**source, "convert": tuple(source.get("convert", ())),
+                                              "gdn": tuple(source.get("gdn", ()))})
+        return from_plain(cls, plain)
 
 
 def uses_torchrun(hardware: HardwareConfig, state_dir: Path, train: TrainConfig | None = None) -> bool:
@@ -176,7 +190,7 @@ def _fresh_root(job: TrainingJob, hardware: HardwareConfig, work_dir: Path) -> P
 def _launch(job: TrainingJob, root: Path, hardware: HardwareConfig, reporter: Reporter, label: str):
     from pipeline.train.loop import TrainResult
 
-    (root / JOB_FILE).write_bytes(pickle.dumps(job))
+    (root / JOB_FILE).write_text(job.to_json())
     command = torchrun_command(hardware, [str(root / JOB_FILE)])
     if hardware.nnodes > 1:
         reporter.progress(f"  {label}: waiting for {hardware.nnodes - 1} more node(s) at {hardware.rdzv_endpoint}; "
@@ -354,7 +368,7 @@ def main(job_path: str) -> None:
     from pipeline.train.distributed import init_process_group, rank_and_world
 
     root = Path(job_path).parent
-    job: TrainingJob = pickle.loads(Path(job_path).read_bytes())
+    job = TrainingJob.from_json(Path(job_path).read_text())
     init_process_group(job.device)
     try:
         rank, _ = rank_and_world()
@@ -388,5 +402,5 @@ def main(job_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m torch.distributed.run ... -m pipeline.stages.launch <job.pkl>")
+        raise SystemExit("usage: python -m torch.distributed.run ... -m pipeline.stages.launch <job.json>")
     main(sys.argv[1])

@@ -4,28 +4,38 @@ For each attention layer of the parent hybrid, and each mixer of `schedule.mixer
 initialise that layer alone as that mixer from its attention (swapped into the parent in place: one mixer,
 not a copy of the model; `pipeline.convert.mamba_trial` / `gdn_trial`), train only its new mixer for
 `mmr.train.steps` steps of distillation from the teacher, and record the mean distillation loss of the last
-`mmr.train.loss_window` steps. Low loss = easy to replace. Each finished trial is recorded in `work_dir`
-(trials.json, replaced atomically), so a killed MMR stage resumes at the missing trials. Writes mmr.json
-(the (layer, mixer) pairs from easiest to hardest; `choose_conversions` turns them into a step's layers
-and their mixers) and mmr.png (one bar a pair). With the default mixers both files are exactly what they
-were before Gated DeltaNet existed.
+`mmr.train.loss_window` steps. Low score = easy to replace.
+
+Initialisations (`mmr.seeds`): each Mamba pair is trained `mmr.seeds` times from independent
+initialisations of the new mixer's random parameters (draws 0, 1, ... of `mixer_generator`; draw 0 is the
+one a conversion of that layer starts from), on the same batches; its score is the mean of those losses,
+and mmr.json lists each draw's loss and their standard deviation beside it. A Gated DeltaNet pair is
+trained once whatever `mmr.seeds` says: its initialisation from attention draws nothing (`gdn_trial`), so
+further draws would repeat the same trial bit for bit; its entry has one loss and std None.
+
+Each finished trial (a layer, mixer and draw) is recorded in `work_dir` (trials.json:
+{trial_key(layer, mixer): {draw: loss}}, replaced atomically), so a killed MMR stage resumes at the missing
+trials. Writes mmr.json (the (layer, mixer) pairs from easiest to hardest; `choose_conversions` turns them
+into a step's layers and their mixers) and mmr.png (the means, the spread of several draws as error bars;
+one bar a pair, grouped by layer, when more mixers than Mamba are listed). With the default mixers both
+files are the Mamba-only ones: no "mixer" fields, trials.json keyed by the layer alone.
 
 Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker processes run them at once
 (`pipeline.stages.workers`): started by the first MMR stage of the run and kept for the later ones, so
 only the first stage pays for starting processes, importing torch and initialising a device. For each
 stage every worker it uses loads teacher and parent once on its own device (CUDA: worker i on GPU i modulo
-the GPUs there are; CPU: N processes, which is what the tests use), takes trials from the stage's queue
-(longest first by their cost, steps x batch; equal costs, as today's trials all are, keep the candidates'
-order) and releases both models when the stage's trials are done (their GPU memory is back before the next
-step trains). Every trial is the same function with the same seed and batches as in the sequential path, so
-a trial's score does not depend on which worker ran it, how many there are, or what the worker ran before
-(on CPU equal to the sequential scores within float32 noise, see tests/stages/test_mmr_fanout.py);
-hardware.nproc stays KEY_NEUTRAL. The stage's process only gathers: it records each score as it arrives,
-forwards the workers' progress lines, logs each trial's curve into that trial's reporter when the trial has
-finished (MLflow: its nested run), and notes each worker's start-up (from the stage's start to its models
-loaded) in stage.json (`workers`) and as `mmr/worker_startup_s`. A worker that raises or dies fails the
-stage in one line naming the worker, its device and the trial it was on; the workers are then stopped, and
-the next stage starts new ones.
+the GPUs there are; CPU: N processes, which is what the tests use), takes trials (a layer, mixer and draw)
+from the stage's queue (longest first by their cost, steps x batch; equal costs, as today's trials all are,
+keep the order of `pending_trials`) and releases both models when the stage's trials are done (their GPU
+memory is back before the next step trains). Every trial is the same function with the same seed and
+batches as in the sequential path, so a pair's score does not depend on which worker ran it, how many
+there are, or what the worker ran before (on CPU equal to the sequential scores within float32 noise, see
+tests/stages/test_mmr_fanout.py); hardware.nproc stays KEY_NEUTRAL. The stage's process only gathers: it
+records each loss as it arrives, forwards the workers' progress lines, logs each trial's curve into that
+trial's reporter when the trial has finished (MLflow: its nested run), and notes each worker's start-up
+(from the stage's start to its models loaded) in stage.json (`workers`) and as `mmr/worker_startup_s`. A
+worker that raises or dies fails the stage in one line naming the worker, its device and the trial it was
+on; the workers are then stopped, and the next stage starts new ones.
 Not done: one trial spread over a group of GPUs (a parent too large for one GPU); each worker holds a
 whole teacher and parent.
 """
@@ -59,41 +69,85 @@ from pipeline.stages.common import (
 from pipeline.train import TrainConfig, train
 
 MMR_FILE = "mmr.json"
-TRIALS_FILE = "trials.json"  # in work_dir: {layer: score} of the finished trials
+TRIALS_FILE = "trials.json"  # in work_dir: {trial_key(layer, mixer): {draw: loss}} of the finished trials
+
+# Mixers whose initialisation from attention draws nothing random: one trial a pair, whatever mmr.seeds says.
+DETERMINISTIC_MIXERS = frozenset({"gdn"})
+
+Pair = tuple[int, str]  # (attention layer, mixer)
+Trial = tuple[int, str, int]  # (attention layer, mixer, draw)
 
 
-def rank_candidates(trials: dict[int, float]) -> list[dict]:
-    """Trials sorted from easiest (lowest loss) to hardest; ties by layer index."""
-    return [{"layer": layer, "loss": loss} for layer, loss in sorted(trials.items(), key=lambda kv: (kv[1], kv[0]))]
+def candidate_score(losses: list[float] | float) -> dict:
+    """A candidate's entry from its trials' losses (one per draw; a float is one draw): the mean (`loss`,
+    what ranks it), the sample standard deviation of the draws (`std`; None for a single draw) and the
+    losses themselves."""
+    losses = [float(losses)] if isinstance(losses, (int, float)) else [float(loss) for loss in losses]
+    mean = sum(losses) / len(losses)
+    std = (sum((loss - mean) ** 2 for loss in losses) / (len(losses) - 1)) ** 0.5 if len(losses) > 1 else None
+    return {"loss": mean, "std": std, "losses": losses}
 
 
-# --- (layer, mixer) pairs: what MMR scores when schedule.mixers lists more than Mamba ---------------------
+def rank_candidates(trials: dict[int, list[float] | float]) -> list[dict]:
+    """Mamba candidates sorted from easiest (lowest mean loss) to hardest, ties by layer index; each entry is
+    {"layer", "loss" (the mean), "std", "losses"} (`candidate_score`): the Mamba-only table's ranking."""
+    scored = {layer: candidate_score(losses) for layer, losses in trials.items()}
+    return [{"layer": layer, **entry} for layer, entry in sorted(scored.items(), key=lambda kv: (kv[1]["loss"], kv[0]))]
 
-def mmr_candidates(layers: list[int], mixers: list[str]) -> list[tuple[int, str]]:
+
+def rank_pairs(trials: dict[Pair, list[float] | float], mixers: list[str]) -> list[dict]:
+    """(layer, mixer) pairs from easiest (lowest mean loss) to hardest; ties by layer, then the order of
+    `mixers`; each entry is {"layer", "mixer", "loss" (the mean), "std", "losses"}."""
+    order = {mixer: index for index, mixer in enumerate(mixers)}
+    scored = {pair: candidate_score(losses) for pair, losses in trials.items()}
+    ranked = sorted(scored.items(), key=lambda kv: (kv[1]["loss"], kv[0][0], order.get(kv[0][1], len(order))))
+    return [{"layer": layer, "mixer": mixer, **entry} for (layer, mixer), entry in ranked]
+
+
+def mmr_candidates(layers: list[int], mixers: list[str]) -> list[Pair]:
     """Every (attention layer, mixer) pair a stage scores, layer by layer in the order of `mixers`."""
     return [(layer, mixer) for layer in layers for mixer in mixers]
 
 
+def draws_of(mixer: str, seeds: int) -> int:
+    """How many initialisations a pair of `mixer` is trained from: `seeds` (mmr.seeds), or one for a mixer
+    whose initialisation draws nothing (DETERMINISTIC_MIXERS)."""
+    return 1 if mixer in DETERMINISTIC_MIXERS else seeds
+
+
 def trial_key(layer: int, mixer: str) -> str:
-    """The key of a trial in trials.json: the layer alone for Mamba (as it always was), "layer:mixer" else."""
+    """A pair's key in trials.json: the layer alone for Mamba (as with Mamba only), "layer:mixer" else."""
     return str(layer) if mixer == "mamba" else f"{layer}:{mixer}"
 
 
-def parse_trial_key(key: str) -> tuple[int, str]:
+def parse_trial_key(key: str) -> Pair:
     layer, _, mixer = str(key).partition(":")
     return int(layer), mixer or "mamba"
 
 
-def trial_label(layer: int, mixer: str) -> str:
-    """How progress lines and tracking runs name a trial ("layer 3", "layer 3 gdn")."""
-    return f"layer {layer}" if mixer == "mamba" else f"layer {layer} {mixer}"
+def trial_name(layer: int, mixer: str = "mamba", draw: int = 0) -> str:
+    """A trial's name (its reporter; MLflow: its nested run): `layer-<i>` for draw 0 of Mamba, as with Mamba
+    alone and one draw; `-<mixer>` and `-init-<draw>` added otherwise."""
+    return trial_label(layer, mixer, draw).replace(" initialisation ", "-init-").replace(" ", "-")
 
 
-def rank_pairs(trials: dict[tuple[int, str], float], mixers: list[str]) -> list[dict]:
-    """(layer, mixer) trials from easiest (lowest loss) to hardest; ties by layer, then the order of `mixers`."""
-    order = {mixer: index for index, mixer in enumerate(mixers)}
-    ranked = sorted(trials.items(), key=lambda kv: (kv[1], kv[0][0], order.get(kv[0][1], len(order))))
-    return [{"layer": layer, "mixer": mixer, "loss": loss} for (layer, mixer), loss in ranked]
+def trial_label(layer: int, mixer: str = "mamba", draw: int = 0) -> str:
+    """How progress lines name a trial ("layer 3", "layer 3 gdn", "layer 3 initialisation 1")."""
+    return (f"layer {layer}" + ("" if mixer == "mamba" else f" {mixer}")
+            + (f" initialisation {draw}" if draw else ""))
+
+
+def pending_trials(pairs: list[Pair], seeds: int, trials: dict[Pair, dict[int, float]]) -> list[Trial]:
+    """The (layer, mixer, draw) trials still to run, pair by pair: draws 0..draws_of(mixer, seeds)-1 of every
+    pair, less those recorded in `trials`."""
+    return [(layer, mixer, draw) for layer, mixer in pairs for draw in range(draws_of(mixer, seeds))
+            if draw not in trials.get((layer, mixer), {})]
+
+
+def draw_losses(trials: dict[Pair, dict[int, float]], pair: Pair, seeds: int) -> list[float] | None:
+    """A pair's losses in draw order, once all its draws are recorded (else None)."""
+    recorded, count = trials.get(pair, {}), draws_of(pair[1], seeds)
+    return [recorded[draw] for draw in range(count)] if all(draw in recorded for draw in range(count)) else None
 
 
 def choose_conversions(ranking: list[dict], needed: int) -> dict[int, str]:
@@ -108,17 +162,18 @@ def choose_conversions(ranking: list[dict], needed: int) -> dict[int, str]:
 
 
 def score_layer(parent_model, teacher_model, stage_data: StageData, data: DataConfig, train_cfg: TrainConfig,
-                precision: str, seed: int, layer: int, callback, mixer: str = "mamba",
-                gdn: GDNConfig | None = None) -> float:
-    """One MMR trial: the parent with `layer` swapped for a new mixer initialised from its attention (MIL
-    Mamba, or Gated DeltaNet with `gdn`'s settings; no copy of the model), only that mixer trained; returns
-    the trial's score (its final distillation loss)."""
+                precision: str, seed: int, layer: int, callback, *, mixer: str = "mamba",
+                gdn: GDNConfig | None = None, draw: int = 0) -> float:
+    """One MMR trial: the parent with `layer` swapped for a new mixer initialised from its attention (no copy
+    of the model), only that mixer trained; returns the trial's final distillation loss. Mamba: MIL with
+    initialisation `draw` of `mixer_generator(seed, layer, draw)`. Gated DeltaNet (`gdn`'s settings): its
+    initialisation draws nothing, so `seed` and `draw` do not change it (the stage runs draw 0 alone).
+    Every trial of every pair trains on the same batches (`train_cfg.seed`)."""
     prefix = f"model.layers.{layer}.mixer."
     if mixer == "gdn":
-        trial = gdn_trial(parent_model, layer, gdn_options=None if gdn is None else {"conv_kernel": gdn.d_conv},
-                          seed=seed)
+        trial = gdn_trial(parent_model, layer, gdn_options=None if gdn is None else {"conv_kernel": gdn.d_conv})
     else:
-        trial = mamba_trial(parent_model, layer, seed=seed)
+        trial = mamba_trial(parent_model, layer, seed=seed, draw=draw)
     with trial as student:
         result = train(
             student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
@@ -128,12 +183,49 @@ def score_layer(parent_model, teacher_model, stage_data: StageData, data: DataCo
     return result.final_distill_loss
 
 
-def _record(work_dir: Path, trials: dict[tuple[int, str], float]) -> None:
+def _read_trials(path: Path) -> dict[Pair, dict[int, float]]:
+    if not path.exists():
+        return {}
+    return {parse_trial_key(key): {int(draw): float(loss) for draw, loss in draws.items()}
+            for key, draws in json.loads(path.read_text()).items()}
+
+
+def _record(work_dir: Path, trials: dict[Pair, dict[int, float]]) -> None:
     """trials.json replaced atomically: a kill leaves the previous record or this one, never half of one."""
     work_dir.mkdir(parents=True, exist_ok=True)
     temporary = work_dir / f".{TRIALS_FILE}.tmp"
-    temporary.write_text(json.dumps({trial_key(*pair): loss for pair, loss in trials.items()}))
+    temporary.write_text(json.dumps({trial_key(*pair): draws for pair, draws in trials.items()}))
     os.replace(temporary, work_dir / TRIALS_FILE)
+
+
+def _report_recorded(reporter: Reporter, pairs: list[Pair], seeds: int, trials: dict[Pair, dict[int, float]]) -> None:
+    for pair in pairs:
+        losses, label = draw_losses(trials, pair, seeds), trial_label(*pair)
+        if losses is not None:
+            reporter.progress(f"  mmr {label}: {candidate_score(losses)['loss']:.4f} (recorded)")
+        elif trials.get(pair):
+            count = draws_of(pair[1], seeds)
+            done = sum(draw in trials[pair] for draw in range(count))
+            reporter.progress(f"  mmr {label}: {done} of {count} initialisations recorded")
+
+
+def _finish_trial(work_dir: Path, reporter: Reporter, trials: dict[Pair, dict[int, float]], seeds: int,
+                  task: Trial, loss: float, where: str = "") -> None:
+    """Record one finished trial and report it; a pair whose last missing draw this is gets its score logged
+    as `mmr/loss` (and `mmr/loss_std` with several draws) at step = its layer, `mmr/loss_<mixer>` (and
+    `mmr/loss_std_<mixer>`) for mixers other than Mamba."""
+    layer, mixer, draw = task
+    trials.setdefault((layer, mixer), {})[draw] = loss
+    _record(work_dir, trials)
+    reporter.progress(f"  mmr {trial_label(layer, mixer, draw)}: distillation loss {loss:.4f}{where}")
+    losses = draw_losses(trials, (layer, mixer), seeds)
+    if losses is not None:
+        score, suffix, count = candidate_score(losses), "" if mixer == "mamba" else f"_{mixer}", len(losses)
+        reporter.log_metrics({f"mmr/loss{suffix}": score["loss"],
+                              **({f"mmr/loss_std{suffix}": score["std"]} if count > 1 else {})}, step=layer)
+        if count > 1:
+            reporter.progress(f"  mmr {trial_label(layer, mixer)}: mean distillation loss {score['loss']:.4f} "
+                              f"+- {score['std']:.4f} over {count} initialisations")
 
 
 def _candidates(parent: str | Path) -> tuple[list[int], int, int]:
@@ -153,16 +245,21 @@ def _candidates(parent: str | Path) -> tuple[list[int], int, int]:
             sum(kind == GDN for kind in kinds))
 
 
-def mmr_table(trials: dict[tuple[int, str], float], mixers: list[str], n_mamba: int, n_gdn: int,
-              train_cfg: TrainConfig) -> dict:
-    """mmr.json: with the default mixers and a parent without Gated DeltaNet, exactly the Mamba-only table
-    (no "mixer" fields); else each entry names its mixer and the table its mixers and Gated DeltaNet count."""
+def mmr_table(trials: dict[Pair, dict[int, float]], layers: list[int], mixers: list[str], seeds: int,
+              n_mamba: int, n_gdn: int, train_cfg: TrainConfig) -> dict:
+    """mmr.json from the complete trials: with the default mixers exactly the Mamba-only table
+    {"n_mamba", "steps", "score_window", "seeds", "ranking": [{"layer", "loss", "std", "losses"}]} ("n_gdn"
+    added only for a parent with Gated DeltaNet layers); else each entry names its mixer too and the table
+    lists its mixers and Gated DeltaNet count. "seeds" is mmr.seeds: the draws of each Mamba pair (a Gated
+    DeltaNet pair has one)."""
     default = list(mixers) == DEFAULT_MIXERS
+    losses = {pair: draw_losses(trials, pair, seeds) for pair in mmr_candidates(layers, mixers)}
     if default:
-        ranking = rank_candidates({layer: loss for (layer, _mixer), loss in trials.items()})
+        ranking = rank_candidates({layer: pair_losses for (layer, _mixer), pair_losses in losses.items()})
     else:
-        ranking = rank_pairs(trials, mixers)
-    result = {"n_mamba": n_mamba, "steps": train_cfg.steps, "score_window": train_cfg.loss_window, "ranking": ranking}
+        ranking = rank_pairs(losses, mixers)
+    result = {"n_mamba": n_mamba, "steps": train_cfg.steps, "score_window": train_cfg.loss_window, "seeds": seeds,
+              "ranking": ranking}
     if not default:
         result["mixers"] = list(mixers)
     if n_gdn or not default:
@@ -170,32 +267,47 @@ def mmr_table(trials: dict[tuple[int, str], float], mixers: list[str], n_mamba: 
     return result
 
 
-def _plot(trials: dict[tuple[int, str], float], layers: list[int], mixers: list[str], title: str, path: Path) -> None:
-    if list(mixers) == DEFAULT_MIXERS:  # the Mamba-only plot, as it always was
-        bar_plot([trials[(layer, "mamba")] for layer in layers], [str(layer) for layer in layers], title=title,
-                 ylabel="mean distillation loss", path=path)
+def _plot(ranking: list[dict], layers: list[int], mixers: list[str], seeds: int, title: str, path: Path) -> None:
+    """Mean loss bars, one a layer (Mamba only, as mmr.png always was) or one a pair grouped by layer; with
+    several draws, +- 1 std error bars (Mamba only: and each draw a dot)."""
+    scores = {(entry["layer"], entry.get("mixer", "mamba")): entry for entry in ranking}
+    labels = [str(layer) for layer in layers]
+    if list(mixers) == DEFAULT_MIXERS:
+        entries = [scores[(layer, "mamba")] for layer in layers]
+        spread = f"\nmean of {seeds} initialisations (dots) +- 1 std" if seeds > 1 else ""
+        bar_plot([entry["loss"] for entry in entries], labels,
+                 errors=[entry["std"] or 0.0 for entry in entries] if seeds > 1 else None,
+                 points=[entry["losses"] for entry in entries] if seeds > 1 else None,
+                 title=title + spread, ylabel="mean distillation loss", path=path)
         return
-    grouped_bar_plot({mixer: [trials.get((layer, mixer)) for layer in layers] for mixer in mixers},
-                     [str(layer) for layer in layers], title=title, ylabel="mean distillation loss", path=path)
+    spread = ""
+    if seeds > 1:
+        single = [mixer for mixer in mixers if draws_of(mixer, seeds) == 1]
+        spread = f"\nmean +- 1 std of {seeds} draws" + (f" ({', '.join(single)}: 1)" if single else "")
+    grouped_bar_plot({mixer: [scores[(layer, mixer)]["loss"] for layer in layers] for mixer in mixers}, labels,
+                     errors={mixer: [scores[(layer, mixer)]["std"] for layer in layers] for mixer in mixers}
+                     if seeds > 1 else None,
+                     title=title + spread, ylabel="mean distillation loss", path=path)
 
 
 @stage("mmr", version=5)
 def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, mixers: list[str] | None = None,
             gdn: GDNConfig | None = None, *, teacher: str | Path, parent: str | Path, out_dir: str | Path,
             work_dir: str | Path, reporter: Reporter | None = None) -> dict:
-    """`mixers` (schedule.mixers) and `gdn` are given only by a run whose mixers are not the default [mamba],
-    so Mamba-only runs keep their keys (and write what they always wrote)."""
+    """Score every (attention layer, mixer) pair of `parent` (see the module's docstring). `mixers`
+    (schedule.mixers) and `gdn` are given only by a run whose mixers are not the default [mamba], so
+    Mamba-only runs keep their keys (and write the Mamba-only files)."""
     reporter = reporter or ConsoleReporter()
     mixers = list(mixers or DEFAULT_MIXERS)
     started, out_dir, work_dir = time.time(), Path(out_dir), Path(work_dir)
-    done_path = work_dir / TRIALS_FILE
-    trials = ({parse_trial_key(k): v for k, v in json.loads(done_path.read_text()).items()}
-              if done_path.exists() else {})
-    train_cfg = mmr.train
+    trials = _read_trials(work_dir / TRIALS_FILE)
+    train_cfg, seeds = mmr.train, mmr.seeds
     if hardware.nproc > 1:
         layers, n_mamba, n_gdn = _candidates(parent)
+        pairs = mmr_candidates(layers, mixers)
+        _report_recorded(reporter, pairs, seeds, trials)
         workers = _fan_out(mmr, data, hardware, seed, teacher=teacher, parent=parent, work_dir=work_dir,
-                           reporter=reporter, candidates=mmr_candidates(layers, mixers), trials=trials, gdn=gdn)
+                           reporter=reporter, todo=pending_trials(pairs, seeds, trials), trials=trials, gdn=gdn)
     else:
         workers = {}
         teacher_model = load_model(teacher, hardware, "teacher")  # frozen: bf16 under bf16-mixed
@@ -203,24 +315,21 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
         stage_data = StageData(data, load_tokenizer(teacher))
         config = parent_model.config
         layers, n_mamba, n_gdn = config.attention_layers, len(config.mamba_layers), len(config.gdn_layers)
+        pairs = mmr_candidates(layers, mixers)
         precision = resolve_precision(hardware)
-        for layer, mixer in mmr_candidates(layers, mixers):
-            label = trial_label(layer, mixer)
-            if (layer, mixer) in trials:
-                reporter.progress(f"  mmr {label}: {trials[(layer, mixer)]:.4f} (recorded)")
-                continue
-            with reporter.trial(label.replace(" ", "-")) as trial:
+        _report_recorded(reporter, pairs, seeds, trials)
+        for task in pending_trials(pairs, seeds, trials):
+            layer, mixer, draw = task
+            with reporter.trial(trial_name(*task)) as trial:
                 loss = score_layer(parent_model, teacher_model, stage_data, data, train_cfg, precision, seed, layer,
-                                   metrics_callback(trial, f"mmr {label}"), mixer=mixer, gdn=gdn)
-            trials[(layer, mixer)] = loss
-            _record(work_dir, trials)
-            reporter.log_metrics({"mmr/loss" if mixer == "mamba" else f"mmr/loss_{mixer}": loss}, step=layer)
-            reporter.progress(f"  mmr {label}: distillation loss {loss:.4f}")
-    result = mmr_table(trials, mixers, n_mamba, n_gdn, train_cfg)
+                                   metrics_callback(trial, f"mmr {trial_label(*task)}"), mixer=mixer, gdn=gdn,
+                                   draw=draw)
+            _finish_trial(work_dir, reporter, trials, seeds, task, loss)
+    result = mmr_table(trials, layers, mixers, seeds, n_mamba, n_gdn, train_cfg)
     ranking = result["ranking"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MMR_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    _plot(trials, layers, mixers, f"MMR: distillation loss after {train_cfg.steps} steps (from H-{n_mamba + n_gdn})",
+    _plot(ranking, layers, mixers, seeds, f"MMR from H-{n_mamba + n_gdn}: loss after {train_cfg.steps} steps",
           out_dir / "mmr.png")
     for name in (MMR_FILE, "mmr.png"):
         reporter.log_artifact(out_dir / name)
@@ -278,11 +387,11 @@ class _WorkerJob:
                        data=StageData(self.data, load_tokenizer(self.teacher)),
                        precision=resolve_precision(self.hardware))
 
-    def run(self, loaded: _Loaded, task: tuple[int, str], report) -> float:
-        layer, mixer = task
+    def run(self, loaded: _Loaded, task: Trial, report) -> float:
+        layer, mixer, draw = task
         return score_layer(loaded.parent, loaded.teacher, loaded.data, self.data, self.mmr.train, loaded.precision,
                            self.seed, layer, lambda metrics: report("metrics", dataclasses.asdict(metrics)),
-                           mixer=mixer, gdn=self.gdn)
+                           mixer=mixer, gdn=self.gdn, draw=draw)
 
     def release(self, loaded: _Loaded) -> None:
         """The models go, and their device memory with them (the next stage trains on these GPUs)."""
@@ -318,19 +427,15 @@ def _resolved_hardware(hardware: HardwareConfig) -> tuple[HardwareConfig, tuple[
 
 
 def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher, parent,
-             work_dir: Path, reporter: Reporter, candidates: list[tuple[int, str]],
-             trials: dict[tuple[int, str], float], gdn: GDNConfig | None = None) -> dict:
-    """Score the (layer, mixer) candidates not in `trials` on the run's hardware.nproc worker processes
-    (started by the first stage that needs them, reused by the later ones); `trials` is filled in (and
-    recorded in work_dir) as the scores arrive. Returns the workers' start-up record (for stage.json), {}
-    when nothing was left to score."""
+             work_dir: Path, reporter: Reporter, todo: list[Trial], trials: dict[Pair, dict[int, float]],
+             gdn: GDNConfig | None = None) -> dict:
+    """Run the (layer, mixer, draw) trials of `todo` on the run's hardware.nproc worker processes (started by
+    the first stage that needs them, reused by the later ones); `trials` is filled in (and recorded in
+    work_dir) as the losses arrive. Returns the workers' start-up record (for stage.json), {} when nothing
+    was left to run."""
     from pipeline.stages.workers import WorkerFailure, pool_for
     from pipeline.train.loop import StepMetrics
 
-    for pair in candidates:
-        if pair in trials:
-            reporter.progress(f"  mmr {trial_label(*pair)}: {trials[pair]:.4f} (recorded)")
-    todo = [pair for pair in candidates if pair not in trials]
     if not todo:
         return {}
     hardware, devices = _resolved_hardware(hardware)
@@ -342,32 +447,29 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
     shared = " (sharing GPUs)" if hardware.device == "cuda" and len(set(devices[:count])) < count else ""
     reporter.progress(f"  mmr: {len(todo)} trials on {count} worker processes ({', '.join(devices[:count])}){shared}, "
                       f"{'reused from an earlier stage' if reused else 'started now'}")
-    curves: dict[tuple[int, str], list[dict]] = {pair: [] for pair in todo}
+    curves: dict[Trial, list[dict]] = {task: [] for task in todo}
 
     def where(index: int) -> str:
         return f"mmr worker {index} ({devices[index]})"
 
-    def handle(kind: str, index: int, pair, payload) -> None:
+    def handle(kind: str, index: int, task, payload) -> None:
         if kind == "ready":
             reporter.progress(f"  mmr: {where(index)} loaded teacher and parent in {payload:.1f} s")
             return
-        pair = tuple(pair)  # (layer, mixer)
-        label = trial_label(*pair)
+        task = tuple(task)  # (layer, mixer, draw)
+        label = trial_label(*task)
         if kind == "start":
             reporter.progress(f"  mmr {label}: {where(index)}, pid {payload}")
         elif kind == "metrics":
-            curves[pair].append(payload)
+            curves[task].append(payload)
             metrics = StepMetrics(**payload)
             reporter.progress(f"  mmr {label} step {metrics.step}: loss {metrics.loss:.4f} "
                               f"lr {metrics.lr:.2e} {metrics.tokens_per_second:,.0f} tok/s ({where(index)})")
         elif kind == "done":
-            with reporter.trial(label.replace(" ", "-")) as trial:  # the curve, into the trial's own run
-                for record in curves.pop(pair):
+            with reporter.trial(trial_name(*task)) as trial:  # the curve, into the trial's own run
+                for record in curves.pop(task):
                     trial.log_metrics(train_metrics(StepMetrics(**record)), step=record["step"])
-            trials[pair] = payload
-            _record(work_dir, trials)
-            reporter.log_metrics({"mmr/loss" if pair[1] == "mamba" else f"mmr/loss_{pair[1]}": payload}, step=pair[0])
-            reporter.progress(f"  mmr {label}: distillation loss {payload:.4f} ({where(index)})")
+            _finish_trial(work_dir, reporter, trials, mmr.seeds, task, payload, where=f" ({where(index)})")
 
     try:
         timing = pool.run_stage(job, todo, handle, cost=job.cost, workers=count)
@@ -376,7 +478,7 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
         if failure.message is not None:
             on = f"on {label}" if label is not None else "while loading the teacher and parent"
             raise StageError(f"{where(failure.index)} failed {on}: {failure.message}") from None
-        on = f"during {label}" if label is not None else "before taking a layer"
+        on = f"during {label}" if label is not None else "before taking a trial"
         raise StageError(f"{where(failure.index)} {failure.how()} {on}") from None
     startup = {str(index): round(seconds, 3) for index, seconds in sorted(timing.ready_s.items())}
     reporter.progress(f"  mmr: worker start-up {', '.join(f'{timing.ready_s[i]:.1f} s' for i in sorted(timing.ready_s))} "
@@ -385,5 +487,6 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
     return {"worker_startup_s": startup, "workers_reused": reused}
 
 
-__all__ = ["MMR_FILE", "TRIALS_FILE", "choose_conversions", "mmr_candidates", "mmr_table", "parse_trial_key",
-           "rank_candidates", "rank_pairs", "run_mmr", "score_layer", "trial_key", "trial_label"]
+__all__ = ["DETERMINISTIC_MIXERS", "MMR_FILE", "TRIALS_FILE", "candidate_score", "choose_conversions", "draw_losses",
+           "draws_of", "mmr_candidates", "mmr_table", "parse_trial_key", "pending_trials", "rank_candidates",
+           "rank_pairs", "run_mmr", "score_layer", "trial_key", "trial_label", "trial_name"]

@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from pipeline.evaluate import decode_kernels
 from pipeline.evaluate.engine import GenerationEngine
 from pipeline.model import HybridConfig, HybridForCausalLM
+from pipeline.model.config import MAMBA
 from pipeline.model.kernels import use_kernels
 
 if torch.cuda.is_available():
@@ -128,24 +129,36 @@ def test_silu_mul_matches_torch():
     torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, atol=0, rtol=1e-2)  # to the last bit
 
 
-def tiny_hybrid(in_proj_bias: bool = False) -> HybridForCausalLM:
+def tiny_hybrid(in_proj_bias: bool = False, shape: str = "tiny") -> HybridForCausalLM:
+    """`shape` "smollm2": SmolLM2-135M's layer shapes (hidden 576, GQA 9/3: three query heads a KV head,
+    not a power of two; head_dim 64; tied embeddings) on four layers."""
     torch.manual_seed(0)
-    config = HybridConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=16, layer_types=["attention", "mamba", "identity", "attention"],
-        mamba_d_inner=128, mamba_d_xb=32, mamba_d_state=8, mamba_dt_rank=8, attention_bias=True,
-        mamba_in_proj_bias=in_proj_bias,
-    )
+    if shape == "smollm2":
+        config = HybridConfig(
+            vocab_size=128, hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
+            num_key_value_heads=3, head_dim=64, layer_types=["attention", "mamba", "attention", "mamba"],
+            mamba_d_inner=576, mamba_d_xb=192, mamba_d_state=16, mamba_dt_rank=16, tie_word_embeddings=True,
+            mamba_in_proj_bias=in_proj_bias)
+    else:
+        config = HybridConfig(
+            vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=16, layer_types=["attention", "mamba", "identity", "attention"],
+            mamba_d_inner=128, mamba_d_xb=32, mamba_d_state=8, mamba_dt_rank=8, attention_bias=True,
+            mamba_in_proj_bias=in_proj_bias,
+        )
     model = HybridForCausalLM(config)
     with torch.no_grad():  # Mamba weights large enough that a wrong input to its step shows in the states
-        for parameter in model.model.layers[1].mixer.parameters():
-            parameter.normal_(0.0, 0.3)
+        for index, kind in enumerate(config.layer_types):
+            if kind == MAMBA:
+                for parameter in model.model.layers[index].mixer.parameters():  # (std 0.3 at width 128)
+                    parameter.normal_(0.0, 0.3 * (128 / config.hidden_size) ** 0.5)
     return model.to(DEVICE, DTYPE).eval()
 
 
-@pytest.mark.parametrize("in_proj_bias", [False, True])  # in_proj and dt_in_proj fused in one GEMM, or not
-def test_fused_engine_matches_the_plain_engine_step_by_step(in_proj_bias):
-    model = tiny_hybrid(in_proj_bias)
+@pytest.mark.parametrize(("in_proj_bias", "shape"), [(False, "tiny"), (True, "tiny"), (False, "smollm2")])
+def test_fused_engine_matches_the_plain_engine_step_by_step(in_proj_bias, shape):
+    # in_proj and dt_in_proj fused in one GEMM, or not; and the real teacher's shapes
+    model = tiny_hybrid(in_proj_bias, shape)
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 128, (3, 20), generator=generator).to(DEVICE)
     mask = torch.ones_like(ids)
