@@ -17,7 +17,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-gdn bench-attention bench-train clean smollm2 pipeline teacher loo convert mmr steps sft eval ablation ui serve stack stack-down infra-up infra-down
+.PHONY: setup test test-gpu lm-eval bench-kernels bench-throughput bench-reasoning bench-gdn bench-attention bench-train clean smollm2 pipeline teacher loo convert mmr steps sft eval ablation ui serve stack stack-down infra-up infra-down
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-kernels: setup
 
 bench-throughput: setup  ## teacher vs H-25/H-30/H-40 at the Apriel-15B shape, 4k and 16k tokens
 	$(PY) benchmarks/throughput.py --out benchmarks/results/throughput.json $(ARGS)
+
+bench-reasoning: setup  ## 1k-token prompts, 16k generated: teacher vs H-25/H-30/H-40 at their largest batches
+	$(PY) benchmarks/reasoning_workload.py --out benchmarks/results/reasoning-workload.json $(ARGS)
 
 bench-gdn: setup  ## Gated DeltaNet vs Mamba-1: GPU tests, throughput, gpu_demo quality, report (benchmarks/gdn_gpu.sh)
 	OUT=benchmarks/results bash benchmarks/gdn_gpu.sh

@@ -95,7 +95,17 @@ class Result:
 
 
 def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None) -> list[Result]:
-    """Every stage call of the ablation, through `execute` (the executor, or the plan's walker)."""
+    """Every stage call of the ablation, through `execute` (the executor, or the plan's walker). The MMR
+    stages' worker processes (hardware.nproc > 1) serve every arm and are stopped when it ends."""
+    from pipeline.stages.workers import shutdown
+
+    try:
+        return _walk(cfg, execute, teacher)
+    finally:
+        shutdown()
+
+
+def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None) -> list[Result]:
     from pipeline.chain import teacher_output
     from pipeline.stages import run_convert, run_loo, run_loo_step, run_mmr, run_quality, run_step
 

@@ -133,7 +133,18 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
     """Walk the recipe up to and including `until` (`mmr` = the first MMR scoring, `steps` = every
     progressive step; with a start checkpoint `loo` and `convert` end at its registration); returns every
     output by name. `teacher`: the user's teacher (cfg.teacher.path); `start`: the start checkpoint
-    (cfg.start.path)."""
+    (cfg.start.path). The MMR stages' worker processes (hardware.nproc > 1) live as long as the run: they
+    are stopped when it ends, however it ends."""
+    from pipeline.stages.workers import shutdown
+
+    try:
+        return _walk(cfg, execute, teacher, until, start)
+    finally:
+        shutdown()
+
+
+def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None, until: str,
+          start: Source | None) -> dict[str, Output]:
     from pipeline.stages import run_convert, run_evaluate, run_loo, run_mmr, run_sft, run_step
 
     if until not in UNTIL:

@@ -130,27 +130,18 @@ def _source_key(key: str, is_hybrid: bool) -> str:
     return key if is_hybrid else key.replace(".mixer.", ".self_attn.")
 
 
-def hybridize(
+def conversion_config(
     teacher: nn.Module,
     mamba_layers: Iterable[int],
-    *,
     identity_layers: Iterable[int] = (),
     gdn_layers: Iterable[int] = (),
     gdn_options: dict | None = None,
-    seed: int = 0,
     **mamba_options,
-) -> HybridForCausalLM:
-    """Convert `mamba_layers` of `teacher` to MIL-initialised Mamba mixers, `gdn_layers` to Gated DeltaNet
-    mixers initialised from their attention (`gdn_from_attention`), and `identity_layers` to no mixer.
-
-    mamba_options: d_state (16), dt_rank (16), d_conv (4), d_inner (n_heads x head_dim),
-    gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max.
-    gdn_options: conv_kernel (4). For a hybrid source the listed layers are converted in addition to its
-    existing recurrent layers, and its Mamba options (and, once it has Gated DeltaNet layers, its Gated
-    DeltaNet options) are kept. `seed`: each new Mamba mixer's random parameters come from
-    `mixer_generator(seed, layer)` (on the CPU), so they are the same on every device; new Gated DeltaNet
-    mixers draw nothing.
-    """
+) -> tuple[HybridConfig, list[int], list[int], bool]:
+    """The checks and the config of `hybridize(teacher, mamba_layers, ...)`, without building the hybrid:
+    (the hybrid's config, the sorted new Mamba layers, the sorted new Gated DeltaNet layers, whether the
+    source is a hybrid). Reads only the teacher's config, class and module structure, so a teacher on the
+    meta device will do (`pipeline.convert.sharded`)."""
     check_teacher(teacher)
     unknown = sorted(set(mamba_options) - set(MAMBA_OPTIONS))
     if unknown:
@@ -220,6 +211,32 @@ def hybridize(
             f"and d_xb = n_kv_heads x head_dim ({config.num_key_value_heads * config.head_dim}); "
             f"got d_inner={d_inner}, d_xb={d_xb}"
         )
+    return config, new_mamba, new_gdn, is_hybrid
+
+
+def hybridize(
+    teacher: nn.Module,
+    mamba_layers: Iterable[int],
+    *,
+    identity_layers: Iterable[int] = (),
+    gdn_layers: Iterable[int] = (),
+    gdn_options: dict | None = None,
+    seed: int = 0,
+    **mamba_options,
+) -> HybridForCausalLM:
+    """Convert `mamba_layers` of `teacher` to MIL-initialised Mamba mixers, `gdn_layers` to Gated DeltaNet
+    mixers initialised from their attention (`gdn_from_attention`), and `identity_layers` to no mixer.
+
+    mamba_options: d_state (16), dt_rank (16), d_conv (4), d_inner (n_heads x head_dim),
+    gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max.
+    gdn_options: conv_kernel (4). For a hybrid source the listed layers are converted in addition to its
+    existing recurrent layers, and its Mamba options (and, once it has Gated DeltaNet layers, its Gated
+    DeltaNet options) are kept. `seed`: each new Mamba mixer's random parameters come from
+    `mixer_generator(seed, layer)` (on the CPU), so they are the same on every device; new Gated DeltaNet
+    mixers draw nothing.
+    """
+    config, new_mamba, new_gdn, is_hybrid = conversion_config(teacher, mamba_layers, identity_layers, gdn_layers,
+                                                              gdn_options, **mamba_options)
 
     parameter = next(teacher.parameters())
     # Every value the constructor draws is overwritten below (copied, MIL-mapped or drawn from each new
@@ -492,5 +509,5 @@ def _attention_of(teacher: nn.Module, index: int) -> nn.Module:
 
 
 __all__ = ["ConversionError", "FRESH_INITIALISERS", "GDN_OPTIONS", "SUPPORTED", "TEACHER_CLASSES", "check_gdn_shape",
-           "check_teacher", "gdn_from_attention", "gdn_trial", "hybrid_config_from_teacher", "hybridize",
-           "initialise_fresh", "initialise_mamba", "mamba_trial", "mixer_generator"]
+           "check_teacher", "conversion_config", "gdn_from_attention", "gdn_trial", "hybrid_config_from_teacher",
+           "hybridize", "initialise_fresh", "initialise_mamba", "mamba_trial", "mixer_generator"]

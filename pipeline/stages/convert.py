@@ -4,14 +4,19 @@ progressive step (the next MMR group, each layer with the mixer its lowest MMR s
 Both initialise the chosen layers from their attention in the parent (the teacher, or the previous
 hybrid: MIL for Mamba, `gdn_from_attention` for Gated DeltaNet) and distil the result end to end from the
 teacher (`train`: reverse KL at T=1 by default). Training state lives in `work_dir` and is saved every
-`train.save_every` steps, so a killed conversion resumes where it stopped.
+`train.save_every` steps, so a killed conversion resumes where it stopped. Under torchrun (hardware.nproc
+> 1) this process loads no model: the ranks build the student (the same initial weights) and the teacher
+sharded from the files and write the checkpoint (`pipeline.stages.launch.train_sharded_under_torchrun`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from pipeline.config import DataConfig, GDNConfig, HardwareConfig, MambaConfig, checkpoint_name, to_plain
 from pipeline.convert import hybridize
@@ -32,7 +37,15 @@ from pipeline.stages.common import (
     stage,
     write_meta,
 )
-from pipeline.stages.launch import TrainingJob, train_under_torchrun, uses_torchrun
+from pipeline.convert.sharded import ModelSource
+from pipeline.stages.launch import (
+    TrainingJob,
+    builds_sharded,
+    check_source,
+    train_sharded_under_torchrun,
+    train_under_torchrun,
+    uses_torchrun,
+)
 from pipeline.train import TrainConfig, train
 
 
@@ -75,10 +88,14 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     started = time.time()
     state_dir = work_dir / "train_state"
     distributed = uses_torchrun(hardware, state_dir, train_cfg)
-    # frozen: bf16 under bf16-mixed (under torchrun each rank loads its own)
+    source_dir = teacher_dir if parent_dir is None else parent_dir
+    what = "teacher" if parent_dir is None else "parent checkpoint"
+    # under torchrun the ranks build teacher and student sharded from the files: this process loads neither
+    sharded = distributed and builds_sharded(source_dir)
+    # frozen: bf16 under bf16-mixed (under torchrun each rank builds its own)
     teacher = None if distributed else load_model(teacher_dir, hardware, "teacher")
-    parent = load_model(teacher_dir if parent_dir is None else parent_dir, hardware,
-                        "teacher" if parent_dir is None else "parent checkpoint", fp32=True)  # fp32 masters
+    parent = (check_source(ModelSource(str(source_dir)), torch.float32, what) if sharded
+              else load_model(source_dir, hardware, what, fp32=True))  # fp32 masters
     attention = getattr(parent.config, "attention_layers", None)  # None: a plain teacher, all attention
     occupied = [] if attention is None else [layer for layer in new_layers if layer not in attention]
     if occupied:  # hybridize would refuse too; this names the stage's inputs
@@ -90,8 +107,14 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     kinds = {layer: (mixers or {}).get(layer, "mamba") for layer in new_layers}
     new_mamba = [layer for layer in new_layers if kinds[layer] == "mamba"]
     new_gdn = [layer for layer in new_layers if kinds[layer] == "gdn"]
-    student = hybridize(parent, new_mamba, seed=seed, **(mamba_options(mamba) if fresh else {}),
-                        **({"gdn_layers": new_gdn, "gdn_options": gdn_options(gdn)} if new_gdn else {}))
+    options = mamba_options(mamba) if fresh else {}
+    if sharded:
+        source = ModelSource(str(source_dir), tuple(new_mamba), seed, options, tuple(new_gdn),
+                             gdn_options(gdn) if new_gdn else {})
+        student = check_source(source, torch.float32, what)  # the meta student: its config, no weights
+    else:
+        student = hybridize(parent, new_mamba, seed=seed, **options,
+                            **({"gdn_layers": new_gdn, "gdn_options": gdn_options(gdn)} if new_gdn else {}))
     del parent
     n_mamba, n_gdn = len(student.config.mamba_layers), len(getattr(student.config, "gdn_layers", []))
     name = checkpoint_name(converted_count(student.config))
@@ -108,15 +131,22 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
         job = TrainingJob(train=train_cfg, data=data, batches=distill_kind(data), state_dir=str(state_dir),
                           precision=resolve_precision(hardware), device=resolve_device(hardware).type,
                           teacher_dir=str(teacher_dir))
-        result = train_under_torchrun(student, tokenizer, job, hardware=hardware, work_dir=work_dir,
-                                      reporter=reporter, label=name)
+        if sharded:
+            job = dataclasses.replace(job, student=source, tokenizer_dir=str(teacher_dir))
+            result = train_sharded_under_torchrun(job, hardware=hardware, work_dir=work_dir, out_dir=out_dir,
+                                                  reporter=reporter, label=name, what=what)
+            tokenizer.save_pretrained(out_dir)
+        else:
+            result = train_under_torchrun(student, tokenizer, job, hardware=hardware, work_dir=work_dir,
+                                          reporter=reporter, label=name)
     else:
         result = train(
             student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
             teacher=teacher, state_dir=state_dir, callback=metrics_callback(reporter, name),
             precision=resolve_precision(hardware),
         )
-    save_checkpoint(student, tokenizer, out_dir, train_cfg.save_dtype)
+    if not sharded:
+        save_checkpoint(student, tokenizer, out_dir, train_cfg.save_dtype)
     meta = write_meta(
         out_dir, stage_name, settings, parent="teacher" if parent_dir is None
         else read_meta(parent_dir).get("checkpoint") or checkpoint_name(converted_count(student.config) - len(new_layers)),

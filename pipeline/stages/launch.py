@@ -1,18 +1,31 @@
 """A stage's training under `torchrun` (hardware.nproc > 1): the launcher the stage calls, and the worker.
 
-The stage builds its student as always, then `train_under_torchrun` saves it (save_pretrained, fp32) with a
-`TrainingJob` (JSON: the ranks unpickle nothing from a work folder) into `<work_dir>/torchrun/` and runs
-
     python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.stages.launch <job.json>
 
-(multi-node: `--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` instead of `--standalone`). Each
-rank loads the student and the teacher, builds the same batch source as the stage would, and calls the
-one training loop (`pipeline.train.train`), which shards with FSDP2 and keeps its state through DCP in
-the stage's state directory. Rank 0 prints its progress as `@@metrics <json>` lines, which the launcher
-turns into the stage's reporter calls; at the end every rank joins in gathering the full weights
-(`get_model_state_dict(full_state_dict, cpu_offload)`) and rank 0 alone writes them, with the
-TrainResult, to `<work_dir>/torchrun/result/`. The launcher loads them into the stage's student, which the
-stage then saves with save_pretrained as always: everything downstream is unchanged.
+(multi-node: `--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` instead of `--standalone`); the
+`TrainingJob` is JSON (the ranks unpickle nothing from a work folder). Each rank builds the same batch source as the stage would and calls the one training loop
+(`pipeline.train.train`), which trains the FSDP2-sharded models and keeps its state through DCP in the
+stage's state directory. Rank 0 prints its progress as `@@metrics <json>` lines, which the launcher turns
+into the stage's reporter calls.
+
+Two ways in, one out:
+- `train_sharded_under_torchrun` (conversions and SFT: `TrainingJob.student` is a `ModelSource`): no
+  process ever holds a whole model. Every rank builds the student and the teacher on the meta device,
+  shards them and reads only its own shards from the checkpoints' safetensors files (the student of a
+  conversion: the parent's weights plus the MIL initialisation, bit-identical to `hybridize`'s;
+  `pipeline.convert.sharded`). At the end the ranks write the trained student as `save_checkpoint` would
+  (the same bytes, in train.save_dtype): gathered, one tensor at a time through rank 0 (the default), or,
+  with train.save_sharded, each rank its own shards through DCP, which the launcher then turns into the same
+  files, one tensor at a time (key-neutral: the output is the same either way). The stage adds the
+  tokenizer. Before any rank starts, the launcher checks the sources (every weight present and of its
+  shape) from their headers alone.
+- `train_under_torchrun` (a model only the stage has, e.g. the demo teacher trained from scratch): the
+  stage's student is saved (save_pretrained, fp32) into `<work_dir>/torchrun/student/`, every rank loads
+  it whole, and at the end the ranks gather the full weights to rank 0, which writes them for the
+  launcher to load into the stage's student.
+The frozen teacher is built sharded in both, unless it is an imported layout (Apriel-H1, MambaInLlama),
+which loads whole. Each rank's peak host memory while building its models is written to
+`result/memory-rank-<r>.json` and reported in one progress line.
 
 A failure is one line naming the rank: the rank that failed first (torchrun's root cause), with its
 exception when it raised one (each rank writes `rank-<r>.error`), else its exit code or signal;
@@ -33,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import DataConfig, HardwareConfig, from_plain, to_plain
+from pipeline.convert.sharded import ModelSource
 from pipeline.stages.common import Reporter, StageError, metrics_callback
 from pipeline.train import TrainConfig
 
@@ -40,6 +54,9 @@ log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 RESULT_DIR = "result"
+CHECKPOINT_DIR = "checkpoint"  # in RESULT_DIR: the trained student, gathered
+SHARDS_DIR = "shards"  # in RESULT_DIR: the trained student's weights, each rank's shards (train.save_sharded)
+MEMORY_FILE = "memory-rank-{rank}.json"  # in RESULT_DIR: a rank's peak host memory while building its models
 LOG_FILE = "torchrun.log"
 _METRICS_PREFIX = "@@metrics "
 
@@ -59,6 +76,8 @@ class TrainingJob:
     generic_every: int = 0  # batches="teacher": every this many batches from the generic corpus
     trainable_prefix: str | None = None  # train only parameters under this name (an MMR trial's mixer)
     max_steps: int | None = None  # stop after this many steps in this launch (the state lets the next continue)
+    student: ModelSource | None = None  # built sharded on the ranks; None: the student the launcher saved
+    tokenizer_dir: str | None = None  # with `student`: where the tokenizer is (the batches need it)
 
     def to_json(self) -> str:
         return json.dumps(to_plain(self), indent=1)
@@ -68,6 +87,10 @@ class TrainingJob:
         plain = json.loads(text)
         if not isinstance(plain, dict):
             raise StageError("the training job file is not a JSON object")
+        if isinstance(plain.get("student"), dict):  # a union field, which from_plain leaves as it is
+            source = plain["student"]
+            plain["student"] = ModelSource(**{**source, "convert": tuple(source.get("convert", ())),
+                                              "gdn": tuple(source.get("gdn", ()))})
         return from_plain(cls, plain)
 
 
@@ -83,10 +106,76 @@ def uses_torchrun(hardware: HardwareConfig, state_dir: Path, train: TrainConfig 
 def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: HardwareConfig, work_dir: Path,
                          reporter: Reporter, label: str):
     """Train `student` in place under torchrun (see the module docstring); returns the TrainResult."""
-    import torch
     from safetensors.torch import load_file
 
-    from pipeline.train.loop import TrainResult
+    root = _fresh_root(job, hardware, work_dir)
+    (root / "student").mkdir(parents=True)
+    student.save_pretrained(root / "student", safe_serialization=True)
+    tokenizer.save_pretrained(root / "student")
+    result = _launch(job, root, hardware, reporter, label)
+    student.load_state_dict(load_file(str(root / RESULT_DIR / "model.safetensors")))
+    return result
+
+
+def train_sharded_under_torchrun(job: TrainingJob, *, hardware: HardwareConfig, work_dir: Path, out_dir: Path,
+                                 reporter: Reporter, label: str, what: str = "checkpoint"):
+    """Train the student `job.student` describes, built sharded on the ranks, and write it into `out_dir` as
+    `save_checkpoint` would in train.save_dtype, tokenizer aside (see the module docstring); returns the
+    TrainResult. `what` names the student's source in error lines."""
+    import torch
+
+    from pipeline.convert.sharded import consolidate, save_plan
+
+    if job.student is None:
+        raise ValueError("train_sharded_under_torchrun needs a job whose student is a ModelSource")
+    meta = check_source(job.student, torch.float32, what)  # before any rank starts
+    if job.teacher_dir is not None and builds_sharded(job.teacher_dir):
+        check_source(ModelSource(job.teacher_dir), torch.float32, "teacher")
+    root = _fresh_root(job, hardware, work_dir)
+    result = _launch(job, root, hardware, reporter, label)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if job.train.save_sharded:
+        reporter.progress(f"  {label}: writing the checkpoint from each rank's shards")
+        consolidate(save_plan(meta, job.train.save_dtype), root / RESULT_DIR / SHARDS_DIR, out_dir)
+    else:
+        for path in sorted((root / RESULT_DIR / CHECKPOINT_DIR).iterdir()):
+            shutil.move(str(path), out_dir / path.name)
+    return result
+
+
+def builds_sharded(folder: str | os.PathLike[str]) -> bool:
+    """Whether the ranks can build this checkpoint sharded: this project's layout or a transformers one
+    (the imported Apriel-H1 and MambaInLlama layouts are converted while loading, whole)."""
+    from pipeline.model.layouts import APRIEL_H1, MAMBAINLLAMA, detect_layout
+
+    return detect_layout(folder) not in (APRIEL_H1, MAMBAINLLAMA)
+
+
+def check_source(source: ModelSource, dtype, what: str):
+    """The meta model of `source` after the checks a load makes (safetensors only, no code from the folder,
+    every weight present in its shape; a conversion's surgery checks), without reading a tensor; a bad
+    source is one StageError line."""
+    from pipeline.convert import ConversionError
+    from pipeline.convert.sharded import prepare
+    from pipeline.model.safetensors_io import SafetensorsError
+    from pipeline.stages.common import check_safe_to_load, require_folder
+
+    folder = require_folder(source.folder, what)
+    check_safe_to_load(folder, what)
+    try:
+        model, _, _ = prepare(source, dtype, what)
+    except ConversionError as exc:
+        raise StageError(str(exc)) from None
+    except (SafetensorsError, OSError, ValueError, KeyError) as exc:  # load_model's line for the same files
+        reason = " ".join(str(exc).split())[:300]
+        raise StageError(f"{what} at {folder} cannot be loaded ({type(exc).__name__}: {reason}); the files are "
+                         "truncated, corrupt or not a transformers checkpoint") from None
+    return model
+
+
+def _fresh_root(job: TrainingJob, hardware: HardwareConfig, work_dir: Path) -> Path:
+    import torch
 
     if job.device == "cuda" and hardware.nproc > torch.cuda.device_count():
         raise StageError(f"hardware.nproc={hardware.nproc} but this machine has {torch.cuda.device_count()} CUDA "
@@ -94,9 +183,13 @@ def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: Hard
     root = Path(work_dir) / "torchrun"
     if root.exists():  # what a killed launch left: the training state lives in job.state_dir, not here
         shutil.rmtree(root)
-    (root / "student").mkdir(parents=True)
-    student.save_pretrained(root / "student", safe_serialization=True)
-    tokenizer.save_pretrained(root / "student")
+    root.mkdir(parents=True)
+    return root
+
+
+def _launch(job: TrainingJob, root: Path, hardware: HardwareConfig, reporter: Reporter, label: str):
+    from pipeline.train.loop import TrainResult
+
     (root / JOB_FILE).write_text(job.to_json())
     command = torchrun_command(hardware, [str(root / JOB_FILE)])
     if hardware.nnodes > 1:
@@ -105,8 +198,14 @@ def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: Hard
     else:
         reporter.progress(f"  {label}: training under torchrun, {hardware.nproc} process(es)")
     run_torchrun(command, root, reporter, metrics_callback(reporter, label))
+    memory = [json.loads(path.read_text()) for path in sorted((root / RESULT_DIR).glob(MEMORY_FILE.format(rank="*")))]
+    measured = [entry for entry in memory if entry.get("peak_bytes") is not None]
+    if measured:
+        worst = max(measured, key=lambda entry: entry["peak_bytes"] / entry["model_bytes"])
+        reporter.progress(f"  {label}: building the models took at most {worst['peak_bytes'] / 2**20:,.1f} MiB of host "
+                          f"memory a rank ({worst['peak_bytes'] / worst['model_bytes']:.2f} of the models' "
+                          f"{worst['model_bytes'] / 2**20:,.1f} MiB, rank {worst['rank']})")
     result = json.loads((root / RESULT_DIR / "result.json").read_text())
-    student.load_state_dict(load_file(str(root / RESULT_DIR / "model.safetensors")))
     state_path = result.pop("state_path")
     return TrainResult(**result, state_path=Path(state_path) if state_path else None)
 
@@ -219,11 +318,52 @@ def _save_full_weights(student, folder: Path) -> None:
     save_file(tensors, str(folder / "model.safetensors"))
 
 
+def model_bytes(model) -> int:
+    """The bytes of a model's parameters, whole (each once), whatever its sharding."""
+    return sum(param.numel() * param.element_size() for param in model.parameters())
+
+
+def build_models(job: TrainingJob, root: Path, hardware: HardwareConfig):
+    """(student, teacher or None, tokenizer) of this rank: built sharded where they can be (the module
+    docstring), with this rank's peak host memory over the building written to the result folder."""
+    import torch
+
+    from pipeline.convert.sharded import build_sharded
+    from pipeline.stages.common import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from pipeline.train.distributed import HostMemory, rank_and_world
+
+    device = resolve_device(hardware)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    memory = HostMemory().start()
+    if job.student is not None:
+        student = build_sharded(job.student, dtype=torch.float32, device=device, role="student",
+                                cpu_offload=job.train.cpu_offload, what="student")
+    else:
+        student = load_model(root / "student", hardware, "student", fp32=True)
+    teacher = None
+    if job.teacher_dir is not None:
+        if builds_sharded(job.teacher_dir):
+            teacher = build_sharded(ModelSource(job.teacher_dir), dtype=resolve_dtype(hardware, device), device=device,
+                                    role="teacher", what="teacher")
+        else:
+            teacher = load_model(job.teacher_dir, hardware, "teacher")
+    peak = memory.peak_increase()
+    rank, _ = rank_and_world()
+    folder = root / RESULT_DIR
+    folder.mkdir(exist_ok=True)
+    sizes = model_bytes(student) + (model_bytes(teacher) if teacher is not None else 0)
+    (folder / MEMORY_FILE.format(rank=rank)).write_text(json.dumps({"rank": rank, "peak_bytes": peak,
+                                                                    "model_bytes": sizes}))
+    tokenizer = load_tokenizer(job.tokenizer_dir if job.student is not None else root / "student")
+    return student, teacher, tokenizer
+
+
 def main(job_path: str) -> None:
     """One rank of a stage's training (run by torchrun)."""
     import torch.distributed as dist
 
-    from pipeline.stages.common import load_model, load_tokenizer
+    from pipeline.convert.sharded import save_gathered, save_sharded
     from pipeline.train import train
     from pipeline.train.distributed import init_process_group, rank_and_world
 
@@ -233,9 +373,7 @@ def main(job_path: str) -> None:
     try:
         rank, _ = rank_and_world()
         hardware = HardwareConfig(device=job.device, precision=job.precision)
-        student = load_model(root / "student", hardware, "student", fp32=True)
-        teacher = load_model(job.teacher_dir, hardware, "teacher") if job.teacher_dir else None
-        tokenizer = load_tokenizer(root / "student")
+        student, teacher, tokenizer = build_models(job, root, hardware)
         prefix = job.trainable_prefix
         result = train(
             student, _batch_source(job, tokenizer), job.train, teacher=teacher, state_dir=job.state_dir,
@@ -244,9 +382,12 @@ def main(job_path: str) -> None:
             max_steps_this_call=job.max_steps,
         )
         folder = root / RESULT_DIR
-        if rank == 0:
-            folder.mkdir(exist_ok=True)
-        _save_full_weights(student, folder)
+        if job.student is None:
+            _save_full_weights(student, folder)
+        elif job.train.save_sharded:
+            save_sharded(student, folder / SHARDS_DIR)
+        else:
+            save_gathered(student, folder / CHECKPOINT_DIR, job.train.save_dtype, rank=rank)
         if rank == 0:
             plain = dataclasses.asdict(result)
             plain["state_path"] = str(result.state_path) if result.state_path else None

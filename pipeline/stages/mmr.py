@@ -20,15 +20,22 @@ into a step's layers and their mixers) and mmr.png (the means, the spread of sev
 one bar a pair, grouped by layer, when more mixers than Mamba are listed). With the default mixers both
 files are the Mamba-only ones: no "mixer" fields, trials.json keyed by the layer alone.
 
-Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker processes run them at once, each
-loading teacher and parent once on its own device (CUDA: one GPU a worker, `cuda:<i>`; CPU: N processes,
-which is what the tests use) and taking trials (a layer, mixer and draw) from a shared queue. Every trial is
-the same function with the same seed and batches as in the sequential path, so a pair's score does not
-depend on which worker ran it or how many there are (on CPU equal to the sequential scores within float32
-noise, see tests/stages/test_mmr_fanout.py); hardware.nproc stays KEY_NEUTRAL. The stage's process only
-gathers: it records each loss as it arrives, forwards the workers' progress lines, and logs each trial's
-curve into that trial's reporter when the trial has finished (MLflow: its nested run). A worker that raises
-or dies fails the stage in one line naming the worker, its device and the trial it was on.
+Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker processes run them at once
+(`pipeline.stages.workers`): started by the first MMR stage of the run and kept for the later ones, so
+only the first stage pays for starting processes, importing torch and initialising a device. For each
+stage every worker it uses loads teacher and parent once on its own device (CUDA: worker i on GPU i modulo
+the GPUs there are; CPU: N processes, which is what the tests use), takes trials (a layer, mixer and draw)
+from the stage's queue (longest first by their cost, steps x batch; equal costs, as today's trials all are,
+keep the order of `pending_trials`) and releases both models when the stage's trials are done (their GPU
+memory is back before the next step trains). Every trial is the same function with the same seed and
+batches as in the sequential path, so a pair's score does not depend on which worker ran it, how many
+there are, or what the worker ran before (on CPU equal to the sequential scores within float32 noise, see
+tests/stages/test_mmr_fanout.py); hardware.nproc stays KEY_NEUTRAL. The stage's process only gathers: it
+records each loss as it arrives, forwards the workers' progress lines, logs each trial's curve into that
+trial's reporter when the trial has finished (MLflow: its nested run), and notes each worker's start-up
+(from the stage's start to its models loaded) in stage.json (`workers`) and as `mmr/worker_startup_s`. A
+worker that raises or dies fails the stage in one line naming the worker, its device and the trial it was
+on; the workers are then stopped, and the next stage starts new ones.
 Not done: one trial spread over a group of GPUs (a parent too large for one GPU); each worker holds a
 whole teacher and parent.
 """
@@ -38,8 +45,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import queue
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,9 +306,10 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
         layers, n_mamba, n_gdn = _candidates(parent)
         pairs = mmr_candidates(layers, mixers)
         _report_recorded(reporter, pairs, seeds, trials)
-        _fan_out(mmr, data, hardware, seed, teacher=teacher, parent=parent, work_dir=work_dir, reporter=reporter,
-                 todo=pending_trials(pairs, seeds, trials), trials=trials, gdn=gdn)
+        workers = _fan_out(mmr, data, hardware, seed, teacher=teacher, parent=parent, work_dir=work_dir,
+                           reporter=reporter, todo=pending_trials(pairs, seeds, trials), trials=trials, gdn=gdn)
     else:
+        workers = {}
         teacher_model = load_model(teacher, hardware, "teacher")  # frozen: bf16 under bf16-mixed
         parent_model = load_model(parent, hardware, "parent checkpoint", fp32=True)  # fp32: its trial mixers train
         stage_data = StageData(data, load_tokenizer(teacher))
@@ -330,15 +336,40 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
     settings = {"mmr": mmr, "data": data, "hardware": hardware, "seed": seed}
     if mixers != DEFAULT_MIXERS:
         settings.update(mixers=mixers, gdn=gdn)
-    write_meta(out_dir, "mmr", settings, parent=f"H-{n_mamba + n_gdn}", started=started, ranking=ranking)
+    write_meta(out_dir, "mmr", settings, parent=f"H-{n_mamba + n_gdn}", started=started, ranking=ranking,
+               **({"workers": workers} if workers else {}))
     return result
 
 
-# --- fan-out over worker processes ---------------------------------------------------------------
+# --- fan-out over worker processes (kept for the run: pipeline.stages.workers) ----------------------
+
+@dataclass(frozen=True)
+class _WorkerSetup:
+    """How a worker process starts (equal setups share a pool): its device, or its CPU threads."""
+
+    devices: tuple[str, ...]  # worker i computes on devices[i] ("cpu" or "cuda:<k>")
+    threads: int | None  # CPU workers: torch threads each (the machine's cores shared out)
+
+    def setup(self, index: int) -> None:
+        import torch
+
+        if self.devices[index].startswith("cuda"):
+            torch.cuda.set_device(torch.device(self.devices[index]))  # "cuda" below is this worker's GPU
+        elif self.threads:
+            torch.set_num_threads(self.threads)
+
+
+@dataclass
+class _Loaded:
+    teacher: object
+    parent: object
+    data: StageData
+    precision: str
+
 
 @dataclass
 class _WorkerJob:
-    """What a worker needs (picklable: configs and paths)."""
+    """One MMR stage, as each worker runs it (picklable: configs and paths)."""
 
     mmr: MMRConfig
     data: DataConfig
@@ -346,150 +377,114 @@ class _WorkerJob:
     seed: int
     teacher: str
     parent: str
-    threads: int | None  # CPU workers: torch threads each (the machine's cores shared out)
     gdn: GDNConfig | None = None  # the settings of Gated DeltaNet trials
 
+    def load(self, index: int) -> _Loaded:
+        """Teacher and parent once a stage, on this worker's device (the tokenised data the worker's
+        process already holds from an earlier stage is reused: `StageData`'s process-wide cache)."""
+        return _Loaded(teacher=load_model(self.teacher, self.hardware, "teacher"),
+                       parent=load_model(self.parent, self.hardware, "parent checkpoint", fp32=True),
+                       data=StageData(self.data, load_tokenizer(self.teacher)),
+                       precision=resolve_precision(self.hardware))
 
-def _device_name(hardware: HardwareConfig, index: int) -> str:
-    return f"cuda:{index}" if hardware.device == "cuda" else "cpu"
+    def run(self, loaded: _Loaded, task: Trial, report) -> float:
+        layer, mixer, draw = task
+        return score_layer(loaded.parent, loaded.teacher, loaded.data, self.data, self.mmr.train, loaded.precision,
+                           self.seed, layer, lambda metrics: report("metrics", dataclasses.asdict(metrics)),
+                           mixer=mixer, gdn=self.gdn, draw=draw)
+
+    def release(self, loaded: _Loaded) -> None:
+        """The models go, and their device memory with them (the next stage trains on these GPUs)."""
+        import gc
+
+        import torch
+
+        loaded.teacher = loaded.parent = None
+        gc.collect()
+        if self.hardware.device == "cuda":
+            torch.cuda.empty_cache()
+
+    def cost(self, task) -> int:
+        """What a trial costs, in sequences trained on (steps x batch): every trial of a stage costs the same
+        today, so the queue keeps the candidates' order."""
+        return self.mmr.train.steps * self.mmr.train.batch_size * self.mmr.train.grad_accum
 
 
-def _resolved_hardware(hardware: HardwareConfig) -> HardwareConfig:
-    """hardware with device "auto" resolved here, once, so every worker and the error lines agree."""
+def _resolved_hardware(hardware: HardwareConfig) -> tuple[HardwareConfig, tuple[str, ...]]:
+    """hardware with device "auto" resolved here, once, so every worker and the error lines agree, and each
+    worker's device: on CUDA, worker i on GPU i modulo the GPUs there are (more workers than GPUs share
+    them), on CPU all on "cpu"."""
     import torch
 
     if hardware.device == "auto":
         hardware = dataclasses.replace(hardware, device="cuda" if torch.cuda.is_available() else "cpu")
-    if hardware.device == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise StageError("hardware.device=cuda but no CUDA device is available")
-        if hardware.nproc > count:
-            raise StageError(f"hardware.nproc={hardware.nproc} but this machine has {count} CUDA devices "
-                             "(MMR runs one trial a GPU)")
-    return hardware
-
-
-def _worker(job: _WorkerJob, index: int, tasks, results) -> None:
-    """One worker process: load teacher and parent once on its device, then run (layer, mixer, draw) trials
-    from `tasks` until a None; every message to `results` is (kind, worker index, trial, payload)."""
-    task = None
-    stage_pid = os.getppid()
-    try:
-        import torch
-
-        if job.hardware.device == "cuda":
-            torch.cuda.set_device(index)  # "cuda" below is this worker's GPU
-        elif job.threads:
-            torch.set_num_threads(job.threads)
-        teacher_model = load_model(job.teacher, job.hardware, "teacher")
-        parent_model = load_model(job.parent, job.hardware, "parent checkpoint", fp32=True)
-        stage_data = StageData(job.data, load_tokenizer(job.teacher))
-        precision = resolve_precision(job.hardware)
-
-        def callback(metrics) -> None:
-            if os.getppid() != stage_pid:  # the stage's process is gone: stop, do not keep a GPU busy
-                raise SystemExit(1)
-            results.put(("metrics", index, task, dataclasses.asdict(metrics)))
-
-        while (task := tasks.get()) is not None:
-            layer, mixer, draw = task
-            results.put(("start", index, task, os.getpid()))
-            loss = score_layer(parent_model, teacher_model, stage_data, job.data, job.mmr.train, precision, job.seed,
-                               layer, callback, mixer=mixer, gdn=job.gdn, draw=draw)
-            results.put(("done", index, task, loss))
-    except BaseException as exc:
-        results.put(("error", index, task, f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"))
-        raise SystemExit(1) from None
-
-
-def _how_it_ended(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        return f"was killed by signal {signal.Signals(-exitcode).name}"
-    return f"exited with code {exitcode}"
+    if hardware.device != "cuda":
+        return hardware, ("cpu",) * hardware.nproc
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise StageError("hardware.device=cuda but no CUDA device is available")
+    return hardware, tuple(f"cuda:{index % count}" for index in range(hardware.nproc))
 
 
 def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher, parent,
              work_dir: Path, reporter: Reporter, todo: list[Trial], trials: dict[Pair, dict[int, float]],
-             gdn: GDNConfig | None = None) -> None:
-    """Run the (layer, mixer, draw) trials of `todo` on hardware.nproc worker processes; `trials` is filled in
-    (and recorded in work_dir) as the losses arrive."""
-    import multiprocessing
-
+             gdn: GDNConfig | None = None) -> dict:
+    """Run the (layer, mixer, draw) trials of `todo` on the run's hardware.nproc worker processes (started by
+    the first stage that needs them, reused by the later ones); `trials` is filled in (and recorded in
+    work_dir) as the losses arrive. Returns the workers' start-up record (for stage.json), {} when nothing
+    was left to run."""
+    from pipeline.stages.workers import WorkerFailure, pool_for
     from pipeline.train.loop import StepMetrics
 
     if not todo:
-        return
-    hardware = _resolved_hardware(hardware)
+        return {}
+    hardware, devices = _resolved_hardware(hardware)
     count = min(hardware.nproc, len(todo))
-    threads = hardware.threads or max(1, (os.cpu_count() or 1) // count)
-    job = _WorkerJob(mmr, data, hardware, seed, str(teacher), str(parent), threads, gdn)
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the same on CPU
-    tasks, results = context.Queue(), context.Queue()
-    for task in todo:
-        tasks.put(task)
-    for _ in range(count):
-        tasks.put(None)
-    workers = [context.Process(target=_worker, args=(job, index, tasks, results), name=f"mmr-worker-{index}",
-                               daemon=True) for index in range(count)]
-    reporter.progress(f"  mmr: {len(todo)} trials on {count} worker processes "
-                      f"({', '.join(_device_name(hardware, i) for i in range(count))})")
-    for worker in workers:
-        worker.start()
-    current: dict[int, Trial] = {}  # worker -> the trial it is on
+    threads = hardware.threads or max(1, (os.cpu_count() or 1) // hardware.nproc)
+    job = _WorkerJob(mmr, data, hardware, seed, str(teacher), str(parent), gdn)
+    pool = pool_for(hardware.nproc, _WorkerSetup(devices, threads if hardware.device != "cuda" else None))
+    reused = pool.stages_run > 0
+    shared = " (sharing GPUs)" if hardware.device == "cuda" and len(set(devices[:count])) < count else ""
+    reporter.progress(f"  mmr: {len(todo)} trials on {count} worker processes ({', '.join(devices[:count])}){shared}, "
+                      f"{'reused from an earlier stage' if reused else 'started now'}")
     curves: dict[Trial, list[dict]] = {task: [] for task in todo}
-    finished: set[Trial] = set()
 
-    def handle(message) -> None:
-        kind, index, task, payload = message
-        task = tuple(task) if task is not None else None  # (layer, mixer, draw)
-        where = f"mmr worker {index} ({_device_name(hardware, index)})"
-        if kind == "error":
-            on = f"on {trial_label(*task)}" if task is not None else "while loading the teacher and parent"
-            raise StageError(f"{where} failed {on}: {payload}")
+    def where(index: int) -> str:
+        return f"mmr worker {index} ({devices[index]})"
+
+    def handle(kind: str, index: int, task, payload) -> None:
+        if kind == "ready":
+            reporter.progress(f"  mmr: {where(index)} loaded teacher and parent in {payload:.1f} s")
+            return
+        task = tuple(task)  # (layer, mixer, draw)
+        label = trial_label(*task)
         if kind == "start":
-            current[index] = task
-            reporter.progress(f"  mmr {trial_label(*task)}: {where}, pid {payload}")
+            reporter.progress(f"  mmr {label}: {where(index)}, pid {payload}")
         elif kind == "metrics":
             curves[task].append(payload)
             metrics = StepMetrics(**payload)
-            reporter.progress(f"  mmr {trial_label(*task)} step {metrics.step}: loss {metrics.loss:.4f} "
-                              f"lr {metrics.lr:.2e} {metrics.tokens_per_second:,.0f} tok/s ({where})")
+            reporter.progress(f"  mmr {label} step {metrics.step}: loss {metrics.loss:.4f} "
+                              f"lr {metrics.lr:.2e} {metrics.tokens_per_second:,.0f} tok/s ({where(index)})")
         elif kind == "done":
-            current.pop(index, None)
             with reporter.trial(trial_name(*task)) as trial:  # the curve, into the trial's own run
                 for record in curves.pop(task):
                     trial.log_metrics(train_metrics(StepMetrics(**record)), step=record["step"])
-            finished.add(task)
-            _finish_trial(work_dir, reporter, trials, mmr.seeds, task, payload, where=f" ({where})")
+            _finish_trial(work_dir, reporter, trials, mmr.seeds, task, payload, where=f" ({where(index)})")
 
     try:
-        while len(finished) < len(todo):
-            try:
-                handle(results.get(timeout=0.5))
-                continue
-            except queue.Empty:
-                pass
-            for index, worker in enumerate(workers):
-                if worker.is_alive() or worker.exitcode == 0:
-                    continue
-                while True:  # its last messages (an "error" names the exception) come first
-                    try:
-                        handle(results.get(timeout=0.5))
-                    except queue.Empty:
-                        break
-                on = f"during {trial_label(*current[index])}" if index in current else "before taking a trial"
-                raise StageError(f"mmr worker {index} ({_device_name(hardware, index)}) "
-                                 f"{_how_it_ended(worker.exitcode)} {on}")
-            if not any(worker.is_alive() for worker in workers):
-                missing = [trial_label(*task) for task in todo if task not in finished]
-                raise StageError(f"mmr workers all exited with trials unfinished: {', '.join(missing)}")
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-        for worker in workers:
-            worker.join(timeout=30)
+        timing = pool.run_stage(job, todo, handle, cost=job.cost, workers=count)
+    except WorkerFailure as failure:
+        label = trial_label(*failure.task) if failure.task is not None else None
+        if failure.message is not None:
+            on = f"on {label}" if label is not None else "while loading the teacher and parent"
+            raise StageError(f"{where(failure.index)} failed {on}: {failure.message}") from None
+        on = f"during {label}" if label is not None else "before taking a trial"
+        raise StageError(f"{where(failure.index)} {failure.how()} {on}") from None
+    startup = {str(index): round(seconds, 3) for index, seconds in sorted(timing.ready_s.items())}
+    reporter.progress(f"  mmr: worker start-up {', '.join(f'{timing.ready_s[i]:.1f} s' for i in sorted(timing.ready_s))} "
+                      f"({'reused workers' if reused else 'started for this stage'})")
+    reporter.log_metrics({"mmr/worker_startup_s": max(timing.ready_s.values())})
+    return {"worker_startup_s": startup, "workers_reused": reused}
 
 
 __all__ = ["DETERMINISTIC_MIXERS", "MMR_FILE", "TRIALS_FILE", "candidate_score", "choose_conversions", "draw_losses",

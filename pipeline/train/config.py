@@ -98,6 +98,11 @@ class TrainConfig:
     # in CPU memory and AdamW steps there (FSDP2's CPUOffloadPolicy): less GPU memory, slower steps; the
     # same arithmetic up to the CPU AdamW's rounding (noise), hence key-neutral
     cpu_offload: bool = field(default=False, metadata={"key_neutral": True})
+    # FSDP path only: how the trained model leaves the ranks. False: gathered, one tensor at a time, through
+    # rank 0, which writes the checkpoint; True: every rank writes its own shards (torch.distributed.checkpoint)
+    # and the stage's process turns them into the checkpoint, one tensor at a time. The checkpoint is the same
+    # file for file, hence key-neutral.
+    save_sharded: bool = field(default=False, metadata={"key_neutral": True})
 
     def __post_init__(self) -> None:
         _require_int("steps", self.steps, 1)
@@ -164,6 +169,7 @@ class TrainConfig:
         _require(isinstance(self.activation_checkpointing, bool),
                  f"activation_checkpointing must be a bool, got {self.activation_checkpointing!r}")
         _require(isinstance(self.cpu_offload, bool), f"cpu_offload must be a bool, got {self.cpu_offload!r}")
+        _require(isinstance(self.save_sharded, bool), f"save_sharded must be a bool, got {self.save_sharded!r}")
 
     @property
     def is_distillation(self) -> bool:

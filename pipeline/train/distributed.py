@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,26 @@ def _hidden_states(self: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
     return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+def shard_model(model: nn.Module, role: str, *, cpu_offload: bool = False) -> None:
+    """`fully_shard` each decoder block, then the root, of one model (in place; see `shard_models`). `role`
+    "teacher": frozen (no gradients). Works on a model whose parameters are on the meta device too (then
+    `materialise` gives each rank its shards)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
+
+    if role == "teacher":
+        for param in model.parameters():
+            param.requires_grad_(False)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    for block in _decoder_blocks(model, role):
+        fully_shard(block, offload_policy=offload)
+    fully_shard(model, offload_policy=offload)
+    model.hidden_states = types.MethodType(_hidden_states, model)
+    register_fsdp_forward_method(model, "hidden_states")
+
+
 def shard_models(student: nn.Module, teacher: nn.Module | None, *, cpu_offload: bool = False) -> None:
-    """`fully_shard` each decoder block, then the root, of the student and the teacher (in place).
+    """`fully_shard` each decoder block, then the root, of the student and the teacher (in place); a model
+    already sharded (built sharded, `pipeline.convert.sharded`) is left as it is.
 
     No FSDP mixed-precision cast: parameters are gathered in their own dtype (the student's fp32 masters,
     the teacher's load dtype) and the loop's bf16 autocast computes as in the plain path. (FSDP's
@@ -95,21 +113,86 @@ def shard_models(student: nn.Module, teacher: nn.Module | None, *, cpu_offload: 
     Mamba's A_log, D and dt bias, the norm scales, the embeddings and with them the fp32 residual stream.)
     Gradients are reduced in fp32 (their dtype). `cpu_offload`: the student's sharded parameters, gradients
     and AdamW state live in CPU memory and the optimiser steps there (FSDP2's `CPUOffloadPolicy`)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
-
     for model, role in ((student, "student"), (teacher, "teacher")):
-        if model is None:
-            continue
-        if role == "teacher":
-            for param in model.parameters():
-                param.requires_grad_(False)
-        offload = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload and role == "student"
-                   else OffloadPolicy())
-        for block in _decoder_blocks(model, role):
-            fully_shard(block, offload_policy=offload)
-        fully_shard(model, offload_policy=offload)
-        model.hidden_states = types.MethodType(_hidden_states, model)
-        register_fsdp_forward_method(model, "hidden_states")
+        if model is not None and not is_sharded(model):
+            shard_model(model, role, cpu_offload=cpu_offload and role == "student")
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `fully_shard` has been applied to this model (its root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """Where a model computes: its parameters' device, or for a sharded model its mesh's device (with
+    CPU offload its shards live on the CPU, yet it computes on the GPU)."""
+    from torch.distributed.tensor import DTensor
+
+    param = next(model.parameters())
+    if isinstance(param, DTensor) and param.device_mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return param.device
+
+
+def row_range(param: Tensor) -> tuple[int, int]:
+    """[start, stop) of dimension 0 that this rank's shard of an FSDP2 parameter holds (the whole tensor
+    for a plain one). FSDP2 shards dimension 0 as `torch.chunk` does: ceil(n / W) rows a rank, the last
+    ranks fewer or none."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return 0, (param.shape[0] if param.dim() else 1)
+    if param.dim() == 0 or len(param.placements) != 1 or param.placements[0] != Shard(0):
+        raise ValueError(f"expected a parameter sharded on dimension 0 over one mesh dimension, got {param.placements}")
+    rows, world = param.shape[0], param.device_mesh.size()
+    chunk = -(-rows // world)
+    start = min(param.device_mesh.get_local_rank() * chunk, rows)
+    stop = min(start + chunk, rows)
+    local = param.to_local().shape[0]
+    if local != stop - start:
+        raise ValueError(f"a shard of {local} rows where dimension 0 chunking gives [{start}, {stop})")
+    return start, stop
+
+
+def _buffers_built_again(module: nn.Module) -> dict[str, Tensor] | None:
+    """The buffers of a module that keeps its config (transformers' rotary embeddings do), as its
+    constructor computes them: a copy of it built on the CPU from that config. None for other modules."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return None
+    try:
+        with torch.device("cpu"):
+            fresh = type(module)(config=config)
+    except TypeError:
+        return None
+    buffers = dict(fresh.named_buffers(recurse=False))
+    own = {name for name, buffer in module._buffers.items() if buffer is not None}
+    return buffers if set(buffers) == own else None
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, device: torch.device, fill: Callable[[str, Tensor, int, int], None], *,
+                parameter_device: torch.device | None = None) -> None:
+    """Give a model built on the meta device (and sharded) real storage and values: each parameter's local
+    shard is allocated on `parameter_device` (default `device`; the CPU under CPU offload) and filled by
+    `fill(name, local_shard, start, stop)` (rows [start, stop) of the full tensor); the non-persistent
+    buffers (rotary frequencies) are computed again, on the CPU then moved to `device`: by the module's own
+    constructor from its config where it keeps one, else as `from_pretrained` does (`_init_weights` of the
+    module). Tied parameters are filled once, by their first name."""
+    model.to_empty(device=parameter_device or device)
+    for module in model.modules():
+        if any(True for _ in module.buffers(recurse=False)):
+            fresh = _buffers_built_again(module)
+            if fresh is None:  # what from_pretrained does for the buffers a checkpoint lacks
+                model._init_weights(module)
+            for name, buffer in list(module._buffers.items()):
+                if buffer is not None:
+                    module._buffers[name] = (fresh[name] if fresh is not None else buffer).to(device)
+    for name, param in model.named_parameters():
+        start, stop = row_range(param)
+        fill(name, param.to_local() if hasattr(param, "to_local") else param.data, start, stop)
 
 
 def release(model: nn.Module) -> None:
@@ -151,6 +234,39 @@ def sum_over_ranks(values: Tensor) -> Tensor:
         dist.all_reduce(reduced)
         return reduced
     return values
+
+
+class HostMemory:
+    """This process's peak resident set over a stretch of code, from Linux's high-water mark (VmHWM in
+    /proc/self/status, reset by writing 5 to /proc/self/clear_refs): `start()` resets it and notes the
+    resident set, `peak_increase()` is the high-water mark since, less that. Anonymous and file pages both
+    count, so reading files through a memory map would count the pages touched; the builders read with
+    plain reads. None where the kernel offers neither file."""
+
+    def __init__(self) -> None:
+        self.baseline: int | None = None
+
+    @staticmethod
+    def _status(field_name: str) -> int | None:
+        try:
+            text = Path("/proc/self/status").read_text()
+        except OSError:
+            return None
+        match = re.search(rf"^{field_name}:\s+(\d+) kB", text, re.MULTILINE)
+        return int(match.group(1)) * 1024 if match else None
+
+    def start(self) -> HostMemory:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.baseline = None
+            return self
+        self.baseline = self._status("VmRSS")
+        return self
+
+    def peak_increase(self) -> int | None:
+        peak = self._status("VmHWM")
+        return None if peak is None or self.baseline is None else peak - self.baseline
 
 
 # --- training state through torch.distributed.checkpoint ------------------------------------------
@@ -235,16 +351,22 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 __all__ = [
+    "HostMemory",
+    "compute_device",
     "full_model_state",
     "full_value",
     "init_process_group",
     "is_distributed",
+    "is_sharded",
     "latest_distributed_state",
     "load_distributed_state",
+    "materialise",
     "rank_and_world",
     "read_distributed_trainer_state",
     "release",
+    "row_range",
     "save_distributed_state",
+    "shard_model",
     "shard_models",
     "step_share",
     "sum_over_ranks",

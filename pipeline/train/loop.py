@@ -19,8 +19,9 @@ the demo chain (benchmarks/results/gpu-pipeline-h200.md) while costing the 1B be
 its throughput, so it is not used. The frozen teacher may be held in any dtype (bf16 saves memory).
 
 Processes: called in a process group (a worker under `torchrun`, any number of processes, one included),
-the loop shards student and teacher with FSDP2, trains on this rank's share of each step and keeps its
-state through `torch.distributed.checkpoint` (`pipeline.train.distributed`); bf16-mixed computes there
+the loop shards student and teacher with FSDP2 (a model already built sharded, `pipeline.convert.sharded`,
+as it is), trains on this rank's share of each step and keeps its state through
+`torch.distributed.checkpoint` (`pipeline.train.distributed`); bf16-mixed computes there
 under the same autocast over fp32 parameters (no FSDP cast policy), so both paths compute alike.
 Without a process group it is the plain single-process loop.
 """
@@ -157,6 +158,8 @@ def train(
     compiled: list[nn.Module] = []
     checkpointed: list[nn.Module] = []
     sharded = distributed.is_distributed()
+    if not sharded and (distributed.is_sharded(student) or (teacher is not None and distributed.is_sharded(teacher))):
+        raise ValueError("a model built sharded (fully_shard) needs its process group: this call has none")
     if cfg.cpu_offload and not sharded:
         raise ValueError("cpu_offload offloads FSDP's shards: it needs the torchrun path (a process group), "
                          "this is a plain single-process call")
@@ -431,10 +434,12 @@ def _objective(cfg: TrainConfig, teacher: nn.Module | None) -> _Objective:
 
 
 def _device_of(model: nn.Module, role: str) -> torch.device:
+    """Where the model computes (a model built sharded: its mesh's device, wherever its shards live)."""
     try:
-        return next(model.parameters()).device
+        next(model.parameters())
     except StopIteration:
         raise ValueError(f"{role} has no parameters") from None
+    return distributed.compute_device(model)
 
 
 def _head_weight(model: nn.Module, role: str) -> Tensor:

@@ -37,6 +37,10 @@ READERS = {
     "mmr.train.cpu_offload": set(),
     "sft.train.cpu_offload": set(),
     "teacher.demo.train.cpu_offload": set(),
+    "train.save_sharded": set(),  # how the trained weights leave the ranks: the same checkpoint files
+    "mmr.train.save_sharded": set(),
+    "sft.train.save_sharded": set(),
+    "teacher.demo.train.save_sharded": set(),
     "hardware": ALL,
     "seed": {"H-4", "mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # MIL initialisation of the fresh Mamba parameters
     "teacher.demo": {"teacher"},

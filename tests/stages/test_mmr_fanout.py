@@ -1,9 +1,10 @@
 """The MMR stage's trials fanned out over worker processes (hardware.nproc = 2, CPU): the same scores as the
 sequential path, resume from a partial record, a dying worker named in one line.
 
-Each fan-out spawns two processes that import torch and transformers (seconds each), so there are two:
-one resumes a partial record with two initialisations a candidate (five trials over the two workers, draw
-0 of each compared with the sequential scores) and one has a worker killed.
+Spawning two processes that import torch and transformers costs seconds, so the stages here are few: one
+resumes a partial record with two initialisations a candidate (five trials over the two workers, draw 0 of
+each compared with the sequential scores), one has a worker killed, and two consecutive stages (as in a
+chain) run on the same worker processes, the second one scoring another parent as the sequential path does.
 """
 
 from __future__ import annotations
@@ -109,6 +110,49 @@ def test_a_killed_worker_fails_the_stage_in_one_line(tiny_teacher, parent, tmp_p
     recorded = tmp_path / "work" / TRIALS_FILE  # what the other worker finished, if anything, is kept whole
     if recorded.exists():
         assert layer not in json.loads(recorded.read_text())
+
+
+@pytest.fixture(scope="module")
+def parent_h2(tiny_teacher, tmp_path_factory):
+    """H-2 of the tiny teacher (layers 0 and 1 Mamba): the next stage's parent, two attention layers."""
+    folder = tmp_path_factory.mktemp("H-2")
+    cfg = tiny_config()
+    hybridize(load_model(tiny_teacher, cfg.hardware, "teacher", fp32=True), [0, 1], seed=0).save_pretrained(folder)
+    load_tokenizer(tiny_teacher).save_pretrained(folder)
+    return folder
+
+
+def test_a_later_stage_reuses_the_workers_with_the_sequential_scores(tiny_teacher, parent, parent_h2, sequential,
+                                                                   tmp_path):
+    from pipeline.stages import workers
+
+    workers.shutdown()  # this test's first stage starts the run's workers
+    expected = score(tiny_config(), tiny_teacher, parent_h2, tmp_path / "seq" / "mmr", tmp_path / "seq" / "work",
+                     RecordingReporter())
+    (tmp_path / "a" / "work").mkdir(parents=True)
+    (tmp_path / "a" / "work" / TRIALS_FILE).write_text(json.dumps({1: {0: sequential[1]}, 2: {0: sequential[2]}}))
+    pids = []
+    for stage, folder in (("a", parent), ("b", parent_h2)):
+        reporter = RecordingReporter()
+        score(fanned_out(), tiny_teacher, folder, tmp_path / stage / "mmr", tmp_path / stage / "work", reporter)
+        pids.append([process.pid for process in workers._POOL.processes])
+        meta = json.loads((tmp_path / stage / "mmr" / "stage.json").read_text())
+        assert meta["workers"]["workers_reused"] == (stage == "b")
+        # stage a has one trial left (one worker used), stage b two
+        assert set(meta["workers"]["worker_startup_s"]) == ({"0"} if stage == "a" else {"0", "1"})
+        assert any(("reused from an earlier stage" if stage == "b" else "started now") in line for line in reporter.lines)
+    assert pids[0] == pids[1]  # the same two processes served both stages
+    result = json.loads((tmp_path / "b" / "mmr" / MMR_FILE).read_text())
+    assert {entry["layer"]: entry["loss"] for entry in result["ranking"]} == pytest.approx(
+        {entry["layer"]: entry["loss"] for entry in expected["ranking"]}, rel=SCORE_RTOL)
+
+
+def test_trials_are_queued_longest_first_and_equal_costs_keep_their_order():
+    from pipeline.stages.workers import longest_first
+
+    costs = {"a": 2, "b": 5, "c": 2, "d": 9, "e": 5}
+    assert longest_first("abcde", costs.__getitem__) == ["d", "b", "e", "a", "c"]
+    assert longest_first([3, 1, 2], lambda task: 100) == [3, 1, 2]
 
 
 def test_workers_score_layer_mixer_pairs_as_the_sequential_path(tiny_teacher, parent, sequential, tmp_path):
