@@ -289,7 +289,13 @@ def reading(row: Mapping[str, Any]) -> str:
     verdict = ("holds" if better > 0 else "is reversed") if row["spread"] is not None and \
         abs(row["difference"]) > 2 * row["spread"] else None
     spread = "" if row["spread"] is None else f" ± {row['spread']:.4f}"
-    direction = "better" if better > 0 else "worse" if better < 0 else "no different"
+    same = ""
+    if row.get("same_layers") is not None:
+        same = (f" (the two converted the same layers on {row['same_layers']} of {row['seeds_compared']} seeds"
+                + (": there the difference is run-to-run noise" if row["same_layers"] else "") + ")")
+    if better == 0:
+        return f"{row['claim']} ({row['metric']}): {row['arm']} and {row['versus']} are equal{same}."
+    direction = "better" if better > 0 else "worse"
     if row["spread"] is None:
         verdict_text = "one seed on a side: no spread to judge it by"
     elif verdict is None:
@@ -297,7 +303,19 @@ def reading(row: Mapping[str, Any]) -> str:
     else:
         verdict_text = f"{verdict} (beyond 2 s.e.)"
     return (f"{row['claim']} ({row['metric']}): {row['arm']} is {direction} than {row['versus']} by "
-            f"{abs(row['difference']):.4f}{spread}: {verdict_text}.")
+            f"{abs(row['difference']):.4f}{spread}{same}: {verdict_text}.")
+
+
+def same_layers(records: Sequence[Mapping[str, Any]], arm: str, other: str) -> tuple[int, int] | None:
+    """(seeds on which two continued arms ended with the same layer pattern, seeds both ran), None unless both
+    are orderings (continued arms): when they chose the same layers, their difference is training noise."""
+    continued = {a.name for a in ARMS if a.continued}
+    if arm not in continued or other not in continued:
+        return None
+    mine = {r["seed"]: r["layer_pattern"] for r in records if r["arm"] == arm}
+    theirs = {r["seed"]: r["layer_pattern"] for r in records if r["arm"] == other}
+    seeds = sorted(set(mine) & set(theirs))
+    return sum(mine[seed] == theirs[seed] for seed in seeds), len(seeds)
 
 
 # --- the report --------------------------------------------------------------------------------------------
@@ -393,6 +411,10 @@ def write_report(teacher: Mapping[str, Any], records: Sequence[Mapping[str, Any]
         row["values"] = {name: [float(record[name]) for record in records if record["arm"] == row["arm"]]
                          for name in METRICS}
     comparisons = [row for pair in zip(compare(summary), compare(summary, "kl_to_teacher")) for row in pair]
+    for row in comparisons:
+        found = same_layers(records, row["arm"], row["versus"])
+        if found is not None:
+            row["same_layers"], row["seeds_compared"] = found
     ordered = sorted(records, key=lambda r: ([arm.name for arm in ARMS].index(r["arm"]), r["seed"]))
     paths["json"].write_text(json.dumps({"command": command, "device": device, "date": date, "settings": settings,
                                          "teacher": teacher, "records": ordered, "summary": summary,
