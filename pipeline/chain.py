@@ -1,10 +1,11 @@
 """The recipe's order of stages, once, for every way of running it.
 
 `run_chain(cfg, execute, teacher, start=...)` walks the recipe: teacher -> LOO -> first conversion ->
-(MMR -> step) for each later count -> SFT -> evaluate (`schedule.selection`: "mmr" the recipe's MMR -> step,
-"kl" a KL-guided scoring -> kl_step, "loo" a loo_step by the teacher's LOO ranking). With a start checkpoint (`start.path`: a hybrid,
-released or ours) it continues that hybrid's conversion instead: teacher -> start -> (MMR -> step) for
-every count -> SFT -> evaluate (the start evaluated as `start` beside the new checkpoints). Each stage is a
+(MMR -> step) for each later count -> SFT -> evaluate (`schedule.selection`: "mmr" the recipe's MMR ->
+step, "kl" a KL-guided scoring -> kl_step, "loo" a loo_step by the teacher's LOO ranking). With a start
+checkpoint (`start.path`: a hybrid, released or ours) it continues that hybrid's conversion instead:
+teacher -> start -> (MMR -> step) for every count -> SFT -> evaluate (the start evaluated as `start` beside
+the new checkpoints). Each stage is a
 `StageCall`: the stage function, the config sections it reads (taken here from the RunConfig, the only
 place that knows which section feeds which argument) and its inputs. `execute(call)` runs it and returns
 its Output (`pipeline.executor.Executor`, which flows/ wraps in Prefect tasks and MLflow runs).
@@ -303,6 +304,7 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
     return {name: store.root / name for name in outputs}
 
 
-__all__ = ["UNTIL", "StageCall", "check_selection", "check_start_counts", "local_teacher_source", "mixer_settings", "run_chain", "run_local",
+__all__ = ["UNTIL", "StageCall", "check_selection", "check_start_counts", "local_teacher_source", "mixer_settings",
+           "run_chain", "run_local",
            "gguf_source", "sft_input", "start_call", "teacher_call", "teacher_output", "TEACHER_FINETUNED",
            "SAMPLES", "generic_input"]

@@ -213,8 +213,8 @@ class GDNConfig:
 @dataclass
 class ScheduleConfig:
     # Number of converted (Mamba or Gated DeltaNet) layers after each conversion: counts[0] by LOO (the
-    # first distillation), every later one from the previous checkpoint by `selection` (MMR by default). The recipe: [25, 27, 30,
-    # 34, 37, 40] of 50 layers.
+    # first distillation), every later one from the previous checkpoint by `selection` (MMR by default). The
+    # recipe: [25, 27, 30, 34, 37, 40] of 50 layers.
     counts: list[int] = field(default_factory=lambda: [4, 5, 6])
     # The mixers a conversion chooses from: "mamba" (Mamba-1, MIL) and "gdn" (Gated DeltaNet). The first
     # conversion gives all its layers mixers[0]; MMR scores every (remaining attention layer, mixer) pair
