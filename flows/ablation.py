@@ -31,12 +31,12 @@ from prefect.runtime import flow_run
 from flows.config import ConfigCompositionError, compose
 from flows.console import progress, quiet_console
 from flows.convert import (
-    USER_ERRORS,
     TeacherResolver,
     cache_root_of,
     check_tracking,
     open_run_store,
     prefect_location,
+    print_failure,
     run_flow_command,
 )
 from flows.executor import StoreExecutor
@@ -51,7 +51,9 @@ from pipeline.ablation import (
     write_report,
 )
 from pipeline.config import ConfigError, RunConfig, to_plain
+from pipeline.executor import work_root_for
 from pipeline.plan import Plan, plan
+from pipeline.redaction import redact_text
 from pipeline.tracking import NullTracker, Tracker
 
 TRACKER_LEASE = "ablation-tracking"  # a store lease: one process at a time finds or creates the parent run
@@ -70,7 +72,8 @@ def check_ablation(cfg: RunConfig, teacher: TeacherResolver | None = None) -> Pl
         check_schedule(cfg)
     except ConfigError as error:
         return Plan(problems=[str(error)])
-    return plan(cfg, store=open_run_store(cfg, cache_root), work_root=cache_root / "work" / cfg.run_name,
+    store = open_run_store(cfg, cache_root)
+    return plan(cfg, store=store, work_root=work_root_for(cache_root, store, cfg.run_name),
                 teacher=teacher or TeacherResolver(cfg, cache_root), tracking=lambda: check_tracking(cfg),
                 until="steps", chain=lambda execute, source, _start: run_ablation(cfg, execute, source))
 
@@ -125,7 +128,7 @@ def run_ablation_flow(cfg: RunConfig, command: str) -> dict[str, Any]:
     store.check()
     store.lease_wait_seconds = cfg.ablation.lease_wait_s  # wait for a stage another process is computing
     tracker = open_parent(cfg, store)
-    executor = StoreExecutor(store, tracker, cache_root / "work" / cfg.run_name, parent_run_name(cfg),
+    executor = StoreExecutor(store, tracker, work_root_for(cache_root, store, cfg.run_name), parent_run_name(cfg),
                              first_count=cfg.schedule.counts[0])
     progress(f"ablation '{cfg.run_name}', seeds {list(cfg.ablation.seeds)}: store {store.uri}")
     progress(checked.render())
@@ -135,7 +138,8 @@ def run_ablation_flow(cfg: RunConfig, command: str) -> dict[str, Any]:
         tracker.set_tags({"storage.uri": store.uri, "prefect.flow_run_id": flow_run.id or "",
                           "ablation.seeds": str(list(cfg.ablation.seeds))})
         results = run_ablation(cfg, executor, teacher())
-        teacher_quality, records = collect_records(results, lambda output: store.get_checkpoint(output.name))
+        teacher_quality, records = collect_records(
+            results, lambda output: store.get_checkpoint(output.name, digest=output.manifest_digest))
         # the date the results were computed (the newest scoring), so the same store gives the same report
         computed = max(store.manifest(result.quality.name)["created"] for result in results)
         paths = write_report(teacher_quality, records, cfg.ablation.results_dir, command=command,
@@ -181,19 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides)
     except ConfigCompositionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(redact_text(f"error: {error}"), file=sys.stderr)
         return 2
     try:
         checked = check_ablation(cfg)
-    except USER_ERRORS as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 1
+    except Exception as error:
+        return print_failure(error)
     if args.plan:
         print(checked.render())
         print(f"arms: {', '.join(arm.name for arm in ARMS)}; seeds {list(cfg.ablation.seeds)}; report into "
               f"{Path(cfg.ablation.results_dir).resolve()}")
     for problem in checked.problems:
-        print(f"error: {problem}", file=sys.stderr)
+        print(redact_text(f"error: {problem}"), file=sys.stderr)
     if args.plan or checked.problems:
         return 1 if checked.problems else 0
     command = shlex.join(["python", "-m", "flows.ablation", *args.overrides])

@@ -2,13 +2,18 @@
 
 Prefect's own console output (state changes, temporary-server notices, tracebacks of failed runs) is
 turned down: the flow prints its progress itself, and the entry points print failures. The Prefect API
-(and so the UI) still receives every log line of the flow and task runs.
+(and so the UI) still receives every log line of the flow and task runs. Every line -- progress, log
+records of any library and their tracebacks, to the console and to Prefect's API -- is redacted
+(`pipeline.redaction`) on its way out.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import traceback
+
+from pipeline.redaction import redact_text
 
 # Defaults for the processes we start (a served flow run inherits them); a user's setting wins.
 QUIET_ENVIRONMENT = {
@@ -27,6 +32,36 @@ class _NoRunStates(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.name.startswith(_RUN_LOGGERS)
+
+
+class _Redact(logging.Filter):
+    """Masks secrets in a record's message and traceback before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record whose arguments do not fit its format: shown as its format string
+            message = str(record.msg)
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[0] is not None and not getattr(record, "_redacted_exc", False):
+            record.exc_text = redact_text("".join(traceback.format_exception(*record.exc_info)).rstrip("\n"))
+            record._redacted_exc = True
+        return True
+
+
+_REDACT = _Redact()
+
+
+def redact_logs() -> None:
+    """Adds the redacting filter to every log handler configured so far (the console's, Prefect's API one)."""
+    loggers = [logging.getLogger(), *(item for item in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(item, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if _REDACT not in handler.filters:
+                handler.addFilter(_REDACT)
 
 
 def quiet_console() -> None:
@@ -48,6 +83,7 @@ def quiet_console() -> None:
 
     disable_progress_bars()
     transformers_logging.disable_progress_bar()
+    redact_logs()
 
 
 def _console_shows_run_info() -> bool:
@@ -67,6 +103,7 @@ def progress(message: str) -> None:
     from prefect.exceptions import MissingContextError
     from prefect.logging import get_run_logger
 
+    message = redact_text(message)
     try:
         get_run_logger().info(message)
     except MissingContextError:
@@ -75,4 +112,4 @@ def progress(message: str) -> None:
         print(message, flush=True)
 
 
-__all__ = ["QUIET_ENVIRONMENT", "progress", "quiet_console"]
+__all__ = ["QUIET_ENVIRONMENT", "progress", "quiet_console", "redact_logs"]

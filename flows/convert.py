@@ -15,6 +15,7 @@ checked (`pipeline.plan`): every problem is printed as one line and nothing is w
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -34,24 +35,64 @@ from flows.publish import summary_records
 from flows.sources import teacher_source
 from pipeline.chain import UNTIL, run_chain
 from pipeline.config import ConfigError, RunConfig, to_plain
-from pipeline.executor import Source
+from pipeline.executor import Source, work_root_for
 from pipeline.plan import Plan, plan
+from pipeline.convert import ConversionError
+from pipeline.data import DataLoadError, DemoDataError, TokenizerError
+from pipeline.evaluate.lm_harness import LMEvalError
+from pipeline.model.config import HybridConfigError
+from pipeline.model.gguf import GGUFError
+from pipeline.model.kernels import KernelUnavailableError
+from pipeline.model.layouts import LayoutError
 from pipeline.stages import StageError, summary_table
 from pipeline.stages.evaluate import SUMMARY_FILE
 from pipeline.store import LocalStore, Store, StoreError, open_store
+from pipeline.redaction import redact, redact_text, redacted_exception
 from pipeline.tracking import NullTracker, Tracker, default_tracking_uri
+from pipeline.train.state import StateSaveError
 
 DEFAULT_CACHE_ROOT = ".cache"  # <cache>/store: S3 downloads; <cache>/work: resumable stage state
-# Errors whose message says everything: the command line prints them as one line, without a traceback.
-# errors printed as one line (no traceback): bad input, or a store / tracking server that cannot be used
-USER_ERRORS = (ConfigCompositionError, ConfigError, StageError, StoreError, ImportError, MlflowException)
+# Errors whose message says everything: the command line prints them as one line, without a traceback:
+# bad input (settings, teacher, tokenizer, data, kernels missing), or a store / tracking server that cannot
+# be used. Anything else is a bug, printed with its traceback.
+USER_ERRORS = (ConfigCompositionError, ConfigError, StageError, StoreError, ImportError, MlflowException,
+               DataLoadError, TokenizerError, DemoDataError, LayoutError, HybridConfigError, ConversionError,
+               GGUFError, LMEvalError, KernelUnavailableError, StateSaveError)
+# OS errors a user's machine causes (a full disk or quota, a file too large, permissions, a read-only
+# file system): one line naming the file and what to do.
+DISK_ERRNOS = {errno.ENOSPC: "free space on that disk", errno.EDQUOT: "free space within your disk quota",
+               errno.EFBIG: "raise the file-size limit (ulimit -f) or free space"}
+PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def user_error_lines(error: BaseException) -> list[str] | None:
+    """The lines a user error prints (`error: ...` each), or None for a bug (its traceback is printed)."""
+    if isinstance(error, USER_ERRORS):
+        return str(error).splitlines() or [type(error).__name__]
+    if isinstance(error, OSError) and (error.errno in DISK_ERRNOS or error.errno in PERMISSION_ERRNOS):
+        return [os_error_line(error)]
+    return None
+
+
+def os_error_line(error: OSError) -> str:
+    """`No space left on device (ENOSPC) writing <file>: free space on that disk, then run again ...`."""
+    name = errno.errorcode.get(error.errno, str(error.errno))
+    where = f" at {error.filename}" if error.filename is not None else ""
+    if error.filename2 is not None:
+        where += f" -> {error.filename2}"
+    if error.errno in DISK_ERRNOS:
+        hint = (f"{DISK_ERRNOS[error.errno]} (or point storage.cache_dir / storage.uri to another disk), then run "
+                "again: committed stages are kept and a stopped one resumes from its last save")
+    else:
+        hint = "fix the permissions of that path (or choose another storage.cache_dir / storage.uri), then run again"
+    return f"{error.strerror or error} ({name}){where}: {hint}"
 
 
 def open_run_store(cfg: RunConfig, cache_root: Path) -> Store:
     """The run's own store: `<storage.uri>/<run_name>`, so checkpoint names are the chain's names
     (opening touches nothing; the plan checks it can be written)."""
     return open_store(f"{cfg.storage.uri.rstrip('/')}/{cfg.run_name}", endpoint_url=cfg.storage.endpoint_url,
-                      cache_dir=cache_root / "store")
+                      cache_dir=cache_root / "store", retain_seconds=cfg.storage.retain_hours * 3600)
 
 
 def cache_root_of(cfg: RunConfig) -> Path:
@@ -67,17 +108,37 @@ def check_tracking(cfg: RunConfig) -> None:
         import urllib.error
         import urllib.request
 
+        shown = redact_text(uri)  # a server URI may carry credentials: sent as basic auth, as MLflow does
+        request = _health_request(uri)
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 if response.status != 200:
-                    raise ConnectionError(f"MLflow server {uri} answered /health with HTTP {response.status}")
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise ConnectionError(f"MLflow server {uri} cannot be reached ({reason})") from None
+                    raise ConnectionError(f"MLflow server {shown} answered /health with HTTP {response.status}")
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = redact_text(getattr(error, "reason", error))
+            raise ConnectionError(f"MLflow server {shown} cannot be reached ({reason})") from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).expanduser().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConnectionError(f"{uri}: the folder {folder} does not exist or is not writable")
+    elif "://" not in uri or uri.startswith("file:"):
+        raise ConnectionError(f"{redact_text(uri)} is a file store, which MLflow 3 no longer keeps up to date: use "
+                              "sqlite:///<folder>/mlflow.db (the default) or a server's http(s):// URI")
+
+
+def _health_request(uri: str):
+    """GET <server>/health, the URI's userinfo (if any) as an Authorization: Basic header."""
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    headers = {}
+    if parts.username is not None or parts.password is not None:
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    return urllib.request.Request(f"{urlunsplit(parts).rstrip('/')}/health", headers=headers)
 
 
 class TeacherResolver:
@@ -98,15 +159,17 @@ def check_run(cfg: RunConfig, until: str = "evaluate", teacher: TeacherResolver 
               start: TeacherResolver | None = None) -> Plan:
     """The plan of this run (`pipeline.plan.plan`): every problem, and what each stage will do."""
     cache_root = cache_root_of(cfg)
-    return plan(cfg, store=open_run_store(cfg, cache_root), work_root=cache_root / "work" / cfg.run_name,
+    store = open_run_store(cfg, cache_root)
+    return plan(cfg, store=store, work_root=work_root_for(cache_root, store, cfg.run_name),
                 teacher=teacher or TeacherResolver(cfg, cache_root), tracking=lambda: check_tracking(cfg),
                 until=until, start=start or TeacherResolver(cfg, cache_root, "start"))
 
 
 def open_tracker(cfg: RunConfig) -> Tracker | NullTracker:
+    """The run's MLflow parent run: re-attached on a restart with the same settings, a new one otherwise."""
     if not cfg.tracking.enabled:
         return NullTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name)
-    return Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name)
+    return Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run_name, params=to_plain(cfg))
 
 
 def location(store: Store, name: str | None = None, filename: str | None = None) -> str:
@@ -139,7 +202,7 @@ def run_conversion(cfg: RunConfig, until: str = "evaluate") -> dict[str, Any]:
     store = open_run_store(cfg, cache_root)
     store.check()
     tracker = open_tracker(cfg)
-    executor = StoreExecutor(store, tracker, cache_root / "work" / cfg.run_name, cfg.run_name,
+    executor = StoreExecutor(store, tracker, work_root_for(cache_root, store, cfg.run_name), cfg.run_name,
                              first_count=cfg.schedule.counts[0])
     progress(f"run '{cfg.run_name}' up to {until}: store {location(store)}")
     progress(checked.render())
@@ -158,7 +221,8 @@ def _report(cfg: RunConfig, until: str, store: Store, tracker: Any, executor: St
     progress(f"done in {seconds:.0f}s: {len(ran)} stages computed, {len(skipped)} found complete in the store")
     last = list(executor.outputs)[-1]
     if "evaluate" in executor.outputs:
-        progress(summary_table(summary_records(store.get_checkpoint("evaluate"))))
+        evaluated = executor.outputs["evaluate"]
+        progress(summary_table(summary_records(store.get_checkpoint("evaluate", digest=evaluated.manifest_digest))))
         results = location(store, "evaluate", SUMMARY_FILE)
     else:
         results = location(store, last)
@@ -168,9 +232,10 @@ def _report(cfg: RunConfig, until: str, store: Store, tracker: Any, executor: St
             where = f"{tracker.tracking_uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
         else:
             where = f"{tracker.tracking_uri}  (`make ui` to browse)"
+        where = redact_text(where)
         progress(f"MLflow:  experiment '{cfg.tracking.experiment}', run '{cfg.run_name}' ({tracker.run_id}) at {where}")
     progress(f"Prefect: flow run '{flow_run.name}' ({flow_run.id}) at {prefect_location()}")
-    return {
+    return redact({
         "run_name": cfg.run_name,
         "store": store.uri,
         "results": results,
@@ -178,14 +243,20 @@ def _report(cfg: RunConfig, until: str, store: Store, tracker: Any, executor: St
         "ran": ran,
         "skipped": skipped,
         "mlflow_run_id": tracker.run_id,
-    }
+    }, keys=False)
 
 
 @flow(name="convert", description="Distil a transformer teacher into attention/Mamba hybrids (Apriel-H1 recipe).")
 def convert(overrides: list[str] | None = None, until: str = "evaluate") -> dict[str, Any]:
     """overrides: Hydra overrides, e.g. ["experiment=tiny", "schedule.counts=[2,3]"].
     until: the last stage to run: teacher, loo, convert, mmr, steps, sft or evaluate."""
-    return run_conversion(compose(overrides or []), until)
+    try:
+        return run_conversion(compose(overrides or []), until)
+    except Exception as error:  # what Prefect records of a failure holds no secret
+        twin = redacted_exception(error)
+        if twin is error:
+            raise
+        raise twin from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,17 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose(args.overrides)  # a bad override fails here, in one line, before anything starts
     except ConfigCompositionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(redact_text(f"error: {error}"), file=sys.stderr)
         return 2
     try:
         checked = check_run(cfg, args.until)  # every problem, before Prefect or MLflow starts
-    except USER_ERRORS as error:
-        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 1
+    except Exception as error:
+        return print_failure(error)
     if args.plan:
         print(checked.render())
     for problem in checked.problems:
-        print(f"error: {problem}", file=sys.stderr)
+        print(redact_text(f"error: {problem}"), file=sys.stderr)
     if args.plan or checked.problems:
         return 1 if checked.problems else 0
     return run_flow_command(lambda: convert(overrides=args.overrides, until=args.until, return_state=True).result())
@@ -228,14 +298,21 @@ def run_flow_command(start: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
         return 130
-    except USER_ERRORS as error:
-        for line in str(error).splitlines() or [type(error).__name__]:
-            print(f"error: {line}", file=sys.stderr)
-        return 1
-    except Exception:  # a bug: the whole traceback helps
-        traceback.print_exc()
-        return 1
+    except Exception as error:
+        return print_failure(error)
     return 0
+
+
+def print_failure(error: Exception) -> int:
+    """Prints a failure and returns the exit code 1: a user error's lines (`user_error_lines`), without a
+    traceback; a bug's whole traceback (it helps). Both redacted."""
+    lines = user_error_lines(error)
+    if lines is None:
+        print(redact_text("".join(traceback.format_exception(error))), file=sys.stderr, end="")
+    else:
+        for line in lines:
+            print(redact_text(f"error: {line}"), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

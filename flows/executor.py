@@ -37,6 +37,7 @@ from flows.publish import (
 )
 from pipeline.config import to_plain
 from pipeline.executor import Executor, Output, StageCall
+from pipeline.redaction import redact_text, redacted_exception
 from pipeline.stages.common import read_meta
 from pipeline.stages.evaluate import TOKENS_FRONTIER_FILE
 from pipeline.store import Store
@@ -85,8 +86,15 @@ class _Console:
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def run_stage(executor: StoreExecutor, call: StageCall, key: str) -> Any:
-    """One stage: skipped if the store has it under this key, else computed and stored."""
-    found, computed = executor.find_or_compute(call, key)
+    """One stage: skipped if the store has it under this key, else computed and stored. A failure's message
+    reaches Prefect's records redacted."""
+    try:
+        found, computed = executor.find_or_compute(call, key)
+    except Exception as error:
+        twin = redacted_exception(error)
+        if twin is error:
+            raise
+        raise twin from None
     if computed:
         return found
     progress(f"[{call.name}] complete in the store, skipped ({found.uri})")
@@ -165,7 +173,7 @@ class StoreExecutor(Executor):
         """Markdown tables of the LOO ranking, the MMR scores and the final summary."""
         if call.stage not in ("loo", "mmr", "evaluate"):
             return
-        folder = self.store.get_checkpoint(output.name)
+        folder = self.store.get_checkpoint(output.name, digest=output.manifest_digest)
         link = self.run_link(output.mlflow_run_id)
         if call.stage == "loo":
             markdown, description = loo_markdown(folder, self.first_count, link), "Leave-one-out layer ranking"
@@ -179,8 +187,8 @@ class StoreExecutor(Executor):
                                f"evaluated in {self.run_link(self.evaluation_runs.get(name) or output.mlflow_run_id)}")
             markdown = summary_markdown(summary_records(folder), links, f"{output.uri}/summary.json")
             description = "Quality and throughput of every checkpoint"
-        create_markdown_artifact(markdown=markdown, key=artifact_key(self.run_name, output.name),
-                                 description=description)
+        create_markdown_artifact(markdown=redact_text(markdown), key=artifact_key(self.run_name, output.name),
+                                 description=redact_text(description))
 
 
 __all__ = ["CACHE_KEY_TAG", "StageReporter", "StoreExecutor", "run_stage"]

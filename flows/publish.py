@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.redaction import redact_text
 from pipeline.stages.common import RUN_CONFIG, STAGE_META
 from pipeline.stages.evaluate import SUMMARY_FILE, summary_table
 from pipeline.stages.loo import LOO_FILE
@@ -45,7 +46,7 @@ def mlflow_run_link(tracking_uri: str | None, experiment_id: str | None, run_id:
     if not run_id:
         return "-"
     if tracking_uri and tracking_uri.startswith(("http://", "https://")) and experiment_id:
-        return f"[{run_id[:8]}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})"
+        return redact_text(f"[{run_id[:8]}]({tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id})")
     return f"`{run_id[:8]}`"
 
 
@@ -77,17 +78,21 @@ def loo_markdown(folder: Path, first: int | None, run_link: str) -> str:
 def mmr_markdown(folder: Path, name: str, run_link: str) -> str:
     mmr = read_json(folder / MMR_FILE)
     mixers = "mixers" in mmr  # (layer, mixer) pairs: schedule.mixers other than [mamba]
+    # a Gated DeltaNet pair is trained once: its initialisation draws nothing
+    gdn_once = " (Gated DeltaNet pairs: one)" if "gdn" in mmr.get("mixers", ()) and mmr.get("seeds", 1) > 1 else ""
     lines = [
         f"### MMR scores from H-{mmr['n_mamba'] + mmr.get('n_gdn', 0)} ({name})",
-        f"Mean distillation loss of the last {mmr['score_window']} of {mmr['steps']} steps per candidate; "
-        f"lowest first (easiest to replace). MLflow run {run_link}.",
+        f"Mean distillation loss of the last {mmr['score_window']} of {mmr['steps']} steps per candidate, "
+        f"averaged over {mmr.get('seeds', 1)} initialisation(s) (± their standard deviation)"
+        f"{gdn_once}; lowest first (easiest to replace). MLflow run {run_link}.",
         "",
         "| rank | layer | mixer | loss |" if mixers else "| rank | layer | loss |",
         "| --- | --- | --- | --- |" if mixers else "| --- | --- | --- |",
     ]
-    lines += [f"| {rank} | {entry['layer']} | {entry['mixer']} | {entry['loss']:.4f} |" if mixers
-              else f"| {rank} | {entry['layer']} | {entry['loss']:.4f} |"
-              for rank, entry in enumerate(mmr["ranking"], start=1)]
+    for rank, entry in enumerate(mmr["ranking"], start=1):
+        spread = "" if entry.get("std") is None else f" ± {entry['std']:.4f}"
+        mixer = f" {entry['mixer']} |" if mixers else ""
+        lines.append(f"| {rank} | {entry['layer']} |{mixer} {entry['loss']:.4f}{spread} |")
     return "\n".join(lines)
 
 

@@ -197,13 +197,16 @@ def read_quality(folder: Path) -> dict[str, Any]:
 
 
 def mmr_sequences(folder: Path) -> int:
-    """Sequences an MMR scoring trained on: candidates x steps x batch size (each at most max_length tokens)."""
+    """Sequences an MMR scoring trained on: its trials (each candidate's initialisations: mmr.seeds for a
+    Mamba candidate, one for a Gated DeltaNet pair) x steps x batch size (each at most max_length tokens)."""
     from pipeline.stages.common import RUN_CONFIG
     from pipeline.stages.mmr import MMR_FILE
 
     table = json.loads((Path(folder) / MMR_FILE).read_text())
     settings = json.loads((Path(folder) / RUN_CONFIG).read_text())
-    return len(table["ranking"]) * int(table["steps"]) * int(settings["mmr"]["train"]["batch_size"])
+    seeds = int(table.get("seeds", 1))
+    trials = sum(len(entry["losses"]) if "losses" in entry else seeds for entry in table["ranking"])
+    return trials * int(table["steps"]) * int(settings["mmr"]["train"]["batch_size"])
 
 
 def kl_sequences(folder: Path) -> int:

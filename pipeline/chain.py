@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DEFAULT_MIXERS, ConfigError, RunConfig, checkpoint_name
-from pipeline.executor import Executor, Output, Source, StageCall, local_source
+from pipeline.executor import Executor, Output, Source, StageCall, local_source, work_root_for
 from pipeline.stages.common import Reporter
 from pipeline.stages.start import START
 
@@ -239,10 +239,10 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
     checkpoints.append(sft_name)
     if until == "sft":
         return out
-    call("evaluate", run_evaluate, {"evaluate": cfg.evaluate, "data": cfg.data.view("eval", "generic"),
-                                    "hardware": hardware},
-         {"teacher": teacher_out, "checkpoints": {name: out[name] for name in checkpoints}, **generic},
-         is_checkpoint=False)
+    reads = ("eval", "generic") if cfg.evaluate.generic_nll else ("eval",)
+    call("evaluate", run_evaluate, {"evaluate": cfg.evaluate, "data": cfg.data.view(*reads), "hardware": hardware},
+         {"teacher": teacher_out, "checkpoints": {name: out[name] for name in checkpoints},
+          **(generic if cfg.evaluate.generic_nll else {})}, is_checkpoint=False)
     return out
 
 
@@ -294,10 +294,11 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
 
     root = Path(root if root is not None else cfg.storage.uri)
     cache = Path(cfg.storage.cache_dir or ".cache")
-    store = open_store(str(root / cfg.run_name), cache_dir=cache / "store")
+    store = open_store(str(root / cfg.run_name), cache_dir=cache / "store",
+                       retain_seconds=cfg.storage.retain_hours * 3600)
     if not isinstance(store, LocalStore):
         raise ConfigError(f"run_local writes to a folder, not {store.uri}: use `python -m flows.convert` for S3")
-    work = Path(work_root) if work_root is not None else cache / "work" / cfg.run_name
+    work = Path(work_root) if work_root is not None else work_root_for(cache, store, cfg.run_name)
     teacher = local_teacher_source(cfg.teacher.path) if cfg.teacher.path else None
     start = local_teacher_source(cfg.start.path, "start.path") if cfg.start.path else None
     outputs = run_chain(cfg, Executor(store, work, reporter), teacher, until=until, start=start)

@@ -8,6 +8,7 @@ fails with one line naming the field, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,33 @@ def added_field(default: Any = dataclasses.MISSING, *, default_factory: Any = da
 
 class ConfigError(ValueError):
     """A run configuration that cannot work."""
+
+
+# A name that becomes one segment of a path or an object key (run_name; the store's checkpoint names follow
+# the same rule, pipeline.store.manifest.check_name): letters, digits, '.', '_', '-', not starting with '.'
+# or '-' (so never '..', a hidden folder or an option), no separators, bounded length.
+PATH_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_PATH_NAME_LENGTH = 100
+
+
+def check_int(value: Any, setting: str, minimum: int = 1, maximum: int | None = None, *,
+              optional: bool = False) -> None:
+    """`value` is an int in [minimum, maximum] (or None when `optional`), else one ConfigError line."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (
+            maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{setting} must be an int {bound}{' or null' if optional else ''}, got {value!r}")
+
+
+def check_path_name(value: Any, setting: str) -> str:
+    """`value` as one safe path segment, else one ConfigError line naming `setting`."""
+    if not isinstance(value, str) or not PATH_NAME_PATTERN.match(value) or len(value) > MAX_PATH_NAME_LENGTH:
+        raise ConfigError(
+            f"{setting} must be one name of letters, digits, '.', '_' or '-' (not starting with '.' or '-', at "
+            f"most {MAX_PATH_NAME_LENGTH} characters; it becomes a folder and object-key name), got {value!r}")
+    return value
 
 
 def _finetune_defaults() -> TrainConfig:
@@ -135,6 +163,12 @@ class DataConfig:
             raise ConfigError(f"data.distill_on must be one of {', '.join(DISTILL_ON)}, got {self.distill_on!r}")
         if not 0.0 < self.validation_share < 1.0:
             raise ConfigError(f"data.validation_share must be in (0, 1), got {self.validation_share!r}")
+        check_int(self.max_length, "data.max_length", 2)
+        for name in ("distill", "sft", "eval", "generic"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"data.{name} must be a path, URL or hub name (or null for the demo data), "
+                                  f"got {value!r}")
 
     def view(self, *kinds: str) -> DataConfig:
         """The part of this section a stage reads when it loads only `kinds` (distill, sft, eval, generic):
@@ -269,6 +303,8 @@ class LOOConfig:
             raise ConfigError(f"loo.mode must be one of {LOO_MODES}, got {self.mode!r}")
         if self.metric not in LOO_METRICS:
             raise ConfigError(f"loo.metric must be one of {LOO_METRICS}, got {self.metric!r}")
+        for name in ("num_examples", "batch_size", "max_new_tokens"):
+            check_int(getattr(self, name), f"loo.{name}")
 
 
 # --- the settings a pretrained teacher gets (teacher=local; `RunConfig.with_pretrained_settings`) ----------
@@ -310,8 +346,15 @@ class MMRConfig:
     # One trial per candidate layer: `train.steps` steps (the recipe's 100) training only that layer's new
     # mixer; its score is the mean distillation loss of the last `train.loss_window` steps.
     train: TrainConfig = field(default_factory=_mmr_defaults)
+    # Independent initialisations of each candidate's new mixer (draws of its random parameters), each
+    # trained as above on the same batches; a candidate's score is the mean of their losses (mmr.json
+    # lists each draw and the standard deviation). Cost: candidates x seeds x train.steps. A Gated DeltaNet
+    # candidate is trained once whatever this says (its initialisation from attention draws nothing).
+    seeds: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.seeds, int) or isinstance(self.seeds, bool) or self.seeds < 1:
+            raise ConfigError(f"mmr.seeds must be an int >= 1 (initialisations per candidate), got {self.seeds!r}")
         if self.train.trainable != "mamba":
             raise ConfigError(f"mmr.train.trainable must be 'mamba' (a trial trains only its new mixer), got {self.train.trainable!r}")
         if not self.train.is_distillation:
@@ -350,6 +393,7 @@ class LMEvalConfig:
             raise ConfigError("evaluate.lm_eval needs batch_size >= 1 and limit >= 1 (or null)")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"evaluate.lm_eval.num_fewshot must be >= 0, got {self.num_fewshot}")
+        check_int(self.max_length, "evaluate.lm_eval.max_length", optional=True)
 
 
 @dataclass
@@ -364,6 +408,14 @@ class EvaluateConfig:
     throughput_new_tokens: int = 64
     throughput_repeats: int = 3
     lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    # NLL and KL also on `nll_examples` rows of the generic text's test split (data.generic): what the
+    # distillation kept of the teacher's general language modelling; false = the reasoning rows only
+    generic_nll: bool = added_field(True)
+
+    def __post_init__(self) -> None:
+        for name in ("num_examples", "batch_size", "max_new_tokens", "nll_examples", "throughput_batch",
+                     "throughput_prompt", "throughput_new_tokens", "throughput_repeats"):
+            check_int(getattr(self, name), f"evaluate.{name}")
 
 
 @dataclass
@@ -372,6 +424,19 @@ class StorageConfig:
     endpoint_url: str | None = None  # S3 endpoint (MinIO, ...); credentials come from the AWS environment only
     # local cache root: store/ (S3 downloads), work/ (resumable stage state), teachers/; None = ./.cache
     cache_dir: str | None = None
+    # a checkpoint version replaced by a newer one (another run's re-put) stays readable this long for the
+    # runs still reading it, then the next put removes it; on a folder store, also as long as a run holds it
+    retain_hours: float = 6.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.uri, str) or not self.uri.strip():
+            raise ConfigError(f"storage.uri must be a folder, file:// or s3:// URI, got {self.uri!r}")
+        if self.endpoint_url is not None and not str(self.endpoint_url).lower().startswith(("http://", "https://")):
+            raise ConfigError(f"storage.endpoint_url must be an http(s):// URL of an S3 server (or null), "
+                              f"got {self.endpoint_url!r}")
+        if not isinstance(self.retain_hours, int | float) or isinstance(self.retain_hours, bool) \
+                or not 0 <= self.retain_hours <= 24 * 365:
+            raise ConfigError(f"storage.retain_hours must be a number of hours >= 0, got {self.retain_hours!r}")
 
 
 @dataclass
@@ -379,6 +444,11 @@ class TrackingConfig:
     uri: str | None = None  # None = sqlite:///<cwd>/mlflow.db; any MLflow server URI by override
     experiment: str = "hybrid-distill"
     enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.experiment, str) or not self.experiment.strip() or len(self.experiment) > 250:
+            raise ConfigError(f"tracking.experiment must be a non-empty name (at most 250 characters), "
+                              f"got {self.experiment!r}")
 
 
 @dataclass
@@ -408,8 +478,12 @@ class HardwareConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"hardware.{name} must be an int >= 1, got {value!r}")
+        check_int(self.threads, "hardware.threads", optional=True)
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ConfigError(f"hardware.nnodes={self.nnodes} needs hardware.rdzv_endpoint (host:port of the rendezvous)")
+        if self.rdzv_endpoint is not None and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}",
+                                                               str(self.rdzv_endpoint)):
+            raise ConfigError(f"hardware.rdzv_endpoint must be host:port, got {self.rdzv_endpoint!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"hardware.device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
@@ -470,8 +544,10 @@ class RunConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def __post_init__(self) -> None:
-        if not self.run_name or "/" in self.run_name:
-            raise ConfigError(f"run_name must be a non-empty name without '/', got {self.run_name!r}")
+        check_path_name(self.run_name, "run_name")
+        check_int(self.seed, "seed", 0, 2**32 - 1)
+        if self.sft.checkpoint != "last" and not PATH_NAME_PATTERN.match(str(self.sft.checkpoint)):
+            raise ConfigError(f"sft.checkpoint must be 'last' or a checkpoint name like 'H-5', got {self.sft.checkpoint!r}")
         if self.train.loss not in ("reverse_kl", "forward_kl"):
             raise ConfigError(f"train.loss is the distillation loss: reverse_kl or forward_kl, got {self.train.loss!r}")
         if self.sft.train.loss != "ce":
@@ -518,6 +594,21 @@ def key_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [key_plain(v) for v in obj]
     return to_plain(obj)
+
+
+def from_plain(cls: type, data: Any) -> Any:
+    """The inverse of `to_plain` for a config dataclass: nested sections rebuilt (and so validated again)."""
+    import typing
+
+    if not dataclasses.is_dataclass(cls) or not isinstance(data, dict):
+        return data
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
+    return cls(**{name: from_plain(hints[name], value) if dataclasses.is_dataclass(hints.get(name)) else value
+                  for name, value in data.items()})
 
 
 def to_plain(obj: Any) -> Any:
@@ -570,7 +661,9 @@ __all__ = [
     "pretrained_sft",
     "TrackingConfig",
     "KEY_NEUTRAL",
+    "check_path_name",
     "checkpoint_name",
+    "from_plain",
     "key_plain",
     "to_plain",
 ]

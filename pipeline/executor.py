@@ -7,10 +7,16 @@ For one call:
 2. If the store holds a committed output of that name (its manifest.json exists: a cut-off upload has
    none) recorded under that key, it is used as it is. This is what resumes a run, also on another machine
    sharing the bucket.
-3. Otherwise the inputs are fetched (`store.get_checkpoint`, verified), the stage runs into a fresh output
-   folder with a persistent work folder `<work_root>/<name>` (its training state survives a kill, so
-   running again continues from the last save; state saved under another key is discarded), and the
-   output is committed through the store, manifest last, with the key as its config digest.
+3. Otherwise the inputs are fetched by the version the key was computed from (`store.hold(name,
+   digest=...)`, verified, kept from pruning while the stage runs: another run committing a newer version
+   meanwhile changes nothing here), the stage runs into a fresh output folder with a persistent work
+   folder `<work_root>/<name>` (its training state survives a kill, so running again continues from the
+   last save; state saved under another key is discarded), and the output is committed through the
+   store, manifest last, with the key as its config digest.
+
+Work folders belong to one run: `work_root_for` names them after the run's store URI (`<cache>/work/
+<run_name>-<digest of the store URI>`), and each stage's work folder is locked (flock) while the stage
+uses it, so two runs never share or delete each other's training state or output folder.
 
 `run_local` uses it as it is over a folder store; `flows/` subclasses it to run each call as a Prefect
 task inside an MLflow child run (`attempt`, `committed`, `dispatch` are the hooks).
@@ -21,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import json
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -30,10 +37,26 @@ from typing import Any
 
 from pipeline.config import key_plain
 from pipeline.stages.common import RUN_CONFIG, STAGE_META, ConsoleReporter, Reporter, read_meta
-from pipeline.store import CheckpointRef, IntegrityError, NotFoundError, Store, config_digest, manifest_digest
+from pipeline.store import (
+    MANIFEST_NAME,
+    CheckpointRef,
+    IntegrityError,
+    LeaseHeldError,
+    NotFoundError,
+    Store,
+    config_digest,
+    manifest_digest,
+)
 
 # Files of an output that record how and when it was made, not what it is: outside its content digest.
 RECORD_FILES = frozenset({STAGE_META, RUN_CONFIG})
+
+
+def work_root_for(cache_root: Path, store: Store, run_name: str) -> Path:
+    """The work folders of the run writing to `store`: `<cache_root>/work/<run_name>-<digest of the store URI>`
+    (two runs of one run_name on different stores never share them)."""
+    digest = hashlib.sha256(store.uri.encode("utf-8")).hexdigest()[:12]
+    return Path(cache_root) / "work" / f"{run_name}-{digest}"
 
 
 def content_digest(manifest: Mapping[str, Any]) -> str:
@@ -241,7 +264,12 @@ class Executor:
     def execute(self, call: StageCall, key: str) -> Output:
         started = time.time()
         self.progress(f"[{call.name}] {call.stage} ...")
-        inputs = {role: self._local(value) for role, value in call.inputs.items()}
+        with contextlib.ExitStack() as held:
+            held.enter_context(self._work_lock(call.name))
+            inputs = {role: self._local(value, held) for role, value in call.inputs.items()}
+            return self._execute(call, key, inputs, started)
+
+    def _execute(self, call: StageCall, key: str, inputs: dict[str, Any], started: float) -> Output:
         work_dir = self._work_dir(call.name, key)
         out_dir = self.work_root / f"{call.name}.output"
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -255,7 +283,7 @@ class Executor:
                           "mlflow_run_id": run_id, "layer_pattern": pattern, "n_mamba": n_mamba,
                           "inputs": {role: _input_names(value) for role, value in call.inputs.items()}},
             )
-            output = Output(call.name, call.stage, ref.uri, content_digest(self.store.manifest(call.name)),
+            output = Output(call.name, call.stage, ref.uri, content_digest(self._manifest_of(ref)),
                             ref.manifest_digest, key, run_id, pattern, n_mamba, ran=True)
             self.committed(call, output, out_dir, reporter)
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -276,12 +304,39 @@ class Executor:
 
     # --- helpers -----------------------------------------------------------------------------------------
 
-    def _local(self, value: Input) -> Any:
+    def _local(self, value: Input, held: contextlib.ExitStack) -> Any:
+        """An input as a local folder: a Source fetched, an Output as the very version its digest names,
+        held (not pruned) until `held` closes."""
         if isinstance(value, Source):
             return value.fetch()
         if isinstance(value, Output):
-            return self.store.get_checkpoint(value.name)
-        return {name: self.store.get_checkpoint(output.name) for name, output in value.items()}
+            return held.enter_context(self.store.hold(value.name, digest=value.manifest_digest))
+        return {name: held.enter_context(self.store.hold(output.name, digest=output.manifest_digest))
+                for name, output in value.items()}
+
+    def _manifest_of(self, ref: CheckpointRef) -> dict[str, Any]:
+        """The manifest of the version just committed (even if another run has committed a newer one since)."""
+        manifest = self.store.manifest(ref.name)
+        if manifest_digest(manifest) != ref.manifest_digest:
+            folder = self.store.get_checkpoint(ref.name, digest=ref.manifest_digest)
+            manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        return manifest
+
+    @contextlib.contextmanager
+    def _work_lock(self, name: str) -> Iterator[None]:
+        """This process's exclusive use of the stage's work folder (flock: the kernel drops it if the process
+        dies); another process using it is one line naming it."""
+        from pipeline.store.lease import LocalLease, describe_holder
+
+        lock = LocalLease(name, str(self.work_root / name), self.work_root / f"{name}.lock")
+        holder = lock._try_acquire()
+        if holder is not None:
+            raise LeaseHeldError(f"the work folder {self.work_root / name} is in use by another run "
+                                 f"({describe_holder(holder)}); wait for it to finish or stop it, then run again")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _work_dir(self, name: str, key: str) -> Path:
         """The stage's persistent work folder; state saved under another key is discarded, not resumed."""
@@ -318,4 +373,4 @@ def layer_pattern(meta: Mapping[str, Any]) -> tuple[str | None, int | None]:
 
 
 __all__ = ["Executor", "Output", "Source", "local_source", "StageCall", "cache_key", "content_digest", "folder_digest",
-           "layer_pattern"]
+           "layer_pattern", "work_root_for"]

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.executor import Executor, Output, Source, StageCall, cache_key, input_digest
+from pipeline.redaction import redact_text
 from pipeline.store import LocalStore, Store, StoreError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "HybridForCausalLM")
@@ -32,8 +33,23 @@ class PlanError(ConfigError):
     """The run cannot work: one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = [redact_text(problem) for problem in problems]  # a config value's secret stays out
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+class _RedactedLines(list):
+    """The plan's problem lines: every line appended is redacted (a secret interpolated into a config
+    value never reaches the console, Prefect or a log)."""
+
+    def __init__(self, lines=()) -> None:
+        super().__init__(redact_text(line) for line in lines)
+
+    def append(self, line: str) -> None:
+        super().append(redact_text(line))
+
+    def extend(self, lines) -> None:
+        super().extend(redact_text(line) for line in lines)
 
 
 @dataclass
@@ -50,6 +66,9 @@ class Plan:
     rows: list[PlanRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.problems = _RedactedLines(self.problems)
 
     @property
     def ok(self) -> bool:
@@ -68,7 +87,7 @@ class Plan:
                          f"{row.status:<7} {', '.join(row.inputs) or '-'}")
         lines += [f"note: {note}" for note in self.notes]
         lines += [f"problem: {problem}" for problem in self.problems]
-        return "\n".join(lines)
+        return redact_text("\n".join(lines))
 
 
 # --- checks ----------------------------------------------------------------------------------------
@@ -95,6 +114,10 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
         config = json.loads(source.read("config.json"))
     except (ValueError, OSError, StoreError) as error:
         problems.append(f"{where}: config.json is unreadable ({str(error).splitlines()[0]})")
+        return None
+    if not isinstance(config, dict):
+        problems.append(f"{where}: config.json holds a JSON {type(config).__name__}, not an object: it must be "
+                        "a saved transformers config")
         return None
     from pipeline.model.config import LAYER_KINDS
     from pipeline.model.layouts import APRIEL_MODEL_TYPE, MIL_CONFIG
@@ -137,6 +160,49 @@ def gguf_shape(where: str, source: Source, problems: list[str]) -> dict[str, Any
 def is_gguf(source: Source | None) -> bool:
     """A GGUF teacher's Source lists its one .gguf file."""
     return source is not None and len(source.files) == 1 and source.files[0].lower().endswith(".gguf")
+
+
+def check_teacher_files(cfg: RunConfig, source: Source, config: dict[str, Any], problems: list[str]) -> None:
+    """Before anything loads the teacher: no code of its own folder would be needed (config.json's or
+    tokenizer_config.json's auto_map), its weights are floats, and, for a folder on this machine, its
+    tokenizer loads (never running code) and fits its embedding."""
+    from pipeline.model.config import HybridConfig
+    from pipeline.stages.common import code_refusal, incomplete_weights, local_folder, non_float_weights
+
+    where = f"teacher.path={cfg.teacher.path}"
+    if config.get("auto_map") and config.get("model_type") != HybridConfig.model_type:
+        problems.append(code_refusal(where, "config.json", config["auto_map"]))
+        return
+    if "tokenizer_config.json" in source.files:
+        try:
+            tokenizer_config = json.loads(source.read("tokenizer_config.json"))
+        except (ValueError, OSError, StoreError) as error:
+            problems.append(f"{where}: tokenizer_config.json is unreadable ({str(error).splitlines()[0]})")
+            return
+        if isinstance(tokenizer_config, dict) and tokenizer_config.get("auto_map"):
+            problems.append(code_refusal(where, "tokenizer_config.json", tokenizer_config["auto_map"]))
+            return
+    folder = local_folder(cfg.teacher.path)
+    if folder is None or not folder.is_dir():  # an s3:// teacher: the stage checks what needs its weights
+        if config.get("quantization_config"):
+            problems.append(f"{where}: config.json has a quantization_config: a quantised checkpoint cannot be "
+                            "distilled from; give its unquantised (float) weights")
+        return
+    quantised = non_float_weights(folder) or incomplete_weights(folder)
+    if quantised:
+        problems.append(f"{where}: {quantised}")
+        return
+    from pipeline.data import TokenizerError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(folder)
+    except TokenizerError as error:
+        problems.append(f"{where}: {str(error).splitlines()[0]}")
+        return
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        problems.append(f"{where}: its tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
+                        f"{vocab}: the tokenizer does not belong to these weights")
 
 
 def read_config(where: str, source: Source, problems: list[str]) -> tuple[dict, dict | None] | None:
@@ -244,6 +310,10 @@ def check_data(name: str, source: str | None, split: str, columns: tuple[str, ..
     """A local data source: it exists, has `split` (folders group files by name) and `columns` in its rows.
     Hub names are left to the stage (no network here)."""
     if source is None:
+        return
+    from pipeline.data.loading import is_url
+
+    if is_url(source):  # read over the network by the stage (no network here)
         return
     text = source[len("file://"):] if source.startswith("file://") else source
     path = Path(text).expanduser()
@@ -400,7 +470,7 @@ def data_reads(cfg: RunConfig, until: str = "evaluate") -> list[DataRead]:
         wanted.append(("sft", "train", False))
     if reaches("evaluate"):
         wanted.append(("eval", "test", True))
-        if not data.samples_teacher:  # the teacher's own samples are made by the run
+        if cfg.evaluate.generic_nll and not data.samples_teacher:  # the teacher's own samples are made by the run
             wanted.append(("generic", "test", False))
     reads: dict[tuple[str | None, str], DataRead] = {}
     for kind, split, scored in wanted:
@@ -638,19 +708,45 @@ def check_precision(cfg: RunConfig, problems: list[str], notes: list[str]) -> No
                                   if precision == "bf16-mixed" else "fp32"))
 
 
-def check_store(store: Store, problems: list[str]) -> None:
-    """The store can be written (a folder: its nearest existing parent is writable; S3: the bucket answers)."""
+def writable_folder(path: Path) -> str | None:
+    """Why `path` (made on first use) cannot be written, or None: its nearest existing parent must be a
+    writable folder on a file system mounted read-write."""
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable"
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{folder} is on a read-only file system"
+    except OSError:
+        pass
+    return None
+
+
+def check_store(store: Store, problems: list[str], names: list[str] = ()) -> None:
+    """The store can be written (a folder: its nearest existing parent is writable, and nothing the store
+    did not write sits where a checkpoint of this run goes; S3: the bucket answers)."""
     try:
         if isinstance(store, LocalStore):
-            folder = store.root
-            while not folder.exists():
-                folder = folder.parent
-            if not folder.is_dir() or not os.access(folder, os.W_OK):
-                problems.append(f"storage.uri: {store.root} cannot be written ({folder} is not a writable folder)")
+            why = writable_folder(store.root)
+            if why:
+                problems.append(f"storage.uri: {store.root} cannot be written ({why})")
+            for name in names:
+                store.check_place(name)
         else:
             store.check()
     except StoreError as error:
         problems.append(f"storage.uri: {str(error).splitlines()[0]}")
+
+
+def check_cache(work_root: Path, problems: list[str]) -> None:
+    """The local cache (work folders, downloads) can be written: storage.cache_dir."""
+    why = writable_folder(work_root.parent.parent)
+    if why:
+        problems.append(f"storage.cache_dir: {work_root.parent.parent} cannot be written ({why})")
 
 
 # --- the walk ------------------------------------------------------------------------------------------
@@ -704,15 +800,18 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
             message = str(error).splitlines()[0]
             problems.append(message if message.startswith("teacher.path=")
                             else f"teacher.path={cfg.teacher.path}: {message}")
+    found_before = len(problems)
     shape = teacher_shape(cfg, source, problems)
+    if shape is not None:
+        if source is not None and len(problems) == found_before:  # its files, once its config.json is fine
+            check_teacher_files(cfg, source, shape, problems)
+        check_schedule_and_mamba(cfg, shape, problems)
     demo_settings = cfg.uses_demo_settings() if cfg.teacher.path else []
     if demo_settings:
         problems.append(f"teacher.path is your teacher, but {', '.join(demo_settings)} are the demo's settings "
                         "(calibrated for a 1M-parameter model trained here from scratch; lr 2e-3 diverges on a "
                         "pretrained model): use teacher=local, which selects the settings for pretrained models "
                         "(RunConfig.with_pretrained_settings() in Python), or set them")
-    if shape is not None:
-        check_schedule_and_mamba(cfg, shape, problems)
     start_source = None
     if cfg.start.path:
         if start is None:
@@ -746,7 +845,7 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
         check_lm_eval(cfg, problems)
     check_device(cfg, problems, result.notes)
     check_precision(cfg, problems, result.notes)
-    check_store(store, problems)
+    check_cache(work_root, problems)
     if tracking is not None:
         try:
             tracking()
@@ -764,6 +863,7 @@ def plan(cfg: RunConfig, *, store: Store, work_root: Path, teacher: Callable[[],
             message = str(error).splitlines()[0]
             if message not in problems:
                 problems.append(message)
+    check_store(store, problems, [row.name for row in result.rows if row.status != "skip"])
     return result
 
 

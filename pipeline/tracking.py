@@ -11,10 +11,15 @@
 The parent run is found again on restart by its ``conversion_run`` tag, so a resumed conversion keeps
 logging into the same parent. Children are new runs (a failed attempt stays visible as FAILED).
 
-Secrets never reach MLflow: params, tags and logged dicts are passed through :func:`redact`, which
-masks values whose key looks like a secret (``AWS_SECRET_ACCESS_KEY``, ``hf_token``, ``password``,
-``api_key``, ...) and passwords inside URLs (``https://user:pass@host``). Files given to
-``log_artifact`` are uploaded as they are.
+Secrets never reach MLflow: params, tags, logged dicts and texts, dataset sources and text artifacts
+pass through :mod:`pipeline.redaction`, which masks values whose key looks like a secret
+(``AWS_SECRET_ACCESS_KEY``, ``hf_token``, ``password``, ``api_key``, ...), the userinfo of URIs
+(``https://user:pass@host``, ``https://<token>@host``), query-string credentials and presigned URLs, tokens
+of well-known shapes and the values of secret environment variables. Binary files given to
+``log_artifact`` (plots) are uploaded as they are.
+
+A parent run is re-attached only with the same params (a restart of the same run); a run name reused with
+other settings gets a new parent run, since MLflow params cannot change.
 
 The default tracking URI is ``sqlite:///<working dir>/mlflow.db`` (MLflow 3 no longer accepts plain
 ``file:`` stores); ``MLFLOW_TRACKING_URI`` or the ``tracking_uri`` argument points at a server. Nothing here
@@ -36,9 +41,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.redaction import REDACTED, is_secret_key, redact, redact_text
+
 logger = logging.getLogger(__name__)
 
-REDACTED = "<redacted>"
+_SUPPRESS_URL_PRINTING = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+PARAMS_DIGEST_TAG = "conversion_run.params_digest"  # on the parent run: which settings it was started with
 CONVERSION_RUN_TAG = "conversion_run"  # on the parent run: the conversion run's name
 STAGE_TAG = "stage"
 CHECKPOINT_TAG = "checkpoint"
@@ -58,16 +66,8 @@ MAX_KEY_LENGTH = 250
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 _TRUNCATION_MARK = "...[truncated]"
+TEXT_SUFFIXES = frozenset({".json", ".jsonl", ".yaml", ".yml", ".md", ".txt", ".csv", ".log", ".cfg", ".ini"})
 
-# A key names a secret if it contains secret/password/credential/api key/access key/private key, or its
-# last word is token/key/auth. Words are split on non-alphanumerics and camelCase, so
-# `num_key_value_heads`, `tokenizer` and `max_new_tokens` are not secrets, while
-# `AWS_SECRET_ACCESS_KEY`, `aws_session_token`, `hfToken` and `db.password` are.
-_SECRET_KEY_PATTERN = re.compile(
-    r"secret|passw(or)?d|passphrase|credential|private_?key|access_?key|api_?key"
-    r"|(^|[^a-z0-9])(token|key|auth|authorization)$"
-)
-_URL_PASSWORD_PATTERN = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]+:)[^\s@/]+@")
 _BAD_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")
 
 
@@ -91,29 +91,8 @@ def default_tracking_uri(project_dir: str | os.PathLike[str] | None = None) -> s
 # Redaction, flattening, limits
 
 
-def is_secret_key(key: str) -> bool:
-    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", str(key)).lower()
-    return bool(_SECRET_KEY_PATTERN.search(words))
-
-
 def _redact_string(value: str) -> str:
-    return _URL_PASSWORD_PATTERN.sub(rf"\g<head>{REDACTED}@", value)
-
-
-def redact(obj: Any, key: str | None = None) -> Any:
-    """A copy of a (nested) config with secret-looking keys' values replaced by ``REDACTED`` and
-    passwords in URLs masked."""
-    if key is not None and is_secret_key(key):
-        return REDACTED
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = {field.name: getattr(obj, field.name) for field in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {name: redact(value, str(name)) for name, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact(item) for item in obj]
-    if isinstance(obj, str):
-        return _redact_string(obj)
-    return obj
+    return redact_text(value)
 
 
 def _as_text(value: Any) -> str:
@@ -219,10 +198,17 @@ class RunLogger:
         self.set_tags(tags)
 
     def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        """Uploads a file, or a folder's contents, as is (no redaction: do not log files holding secrets)."""
+        """Uploads a file, or a folder's contents; text files (json, yaml, md, txt, csv, log) redacted."""
         local_path = Path(local_path)
         if local_path.is_dir():
-            self._client.log_artifacts(self.run_id, str(local_path), artifact_path)
+            for path in sorted(item for item in local_path.rglob("*") if item.is_file()):
+                relative = path.parent.relative_to(local_path).as_posix()
+                folder = "/".join(part for part in (artifact_path, relative) if part and part != ".") or None
+                self.log_artifact(path, folder)
+        elif local_path.suffix.lower() in TEXT_SUFFIXES:
+            text = local_path.read_text(errors="replace")
+            name = f"{artifact_path.rstrip('/')}/{local_path.name}" if artifact_path else local_path.name
+            self._client.log_text(self.run_id, redact_text(text), name)
         else:
             self._client.log_artifact(self.run_id, str(local_path), artifact_path)
 
@@ -266,14 +252,25 @@ class Tracker(RunLogger):
         run_name: str = "default",
         *,
         artifact_location: str | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
         """tracking_uri: a server (``http://host:5000``) or database URI; default ``MLFLOW_TRACKING_URI``,
         else :func:`default_tracking_uri`. artifact_location: used only when the experiment is created.
+        params: the settings this conversion runs with: the parent run of this run name is re-attached only
+        if it was started with the same ones (else a new parent run starts); None: any parent of the name.
         """
         mlflow = _import_mlflow()
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        # MLflow prints a "View run at <tracking URI>/..." line per ended run, credentials included: the
+        # flows print their own (redacted) link instead
+        os.environ.setdefault(_SUPPRESS_URL_PRINTING, "true")
+        if redact_text(self.tracking_uri) != self.tracking_uri:
+            os.environ[_SUPPRESS_URL_PRINTING] = "true"
         self.experiment = experiment
         self.run_name = run_name
+        self.params_digest = None if params is None else hashlib.sha256(
+            json.dumps(_safe_items(flatten_params(params), MAX_PARAM_VALUE_LENGTH), sort_keys=True).encode()
+        ).hexdigest()
         client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment_id = self._experiment_id(client, experiment, artifact_location)
         super().__init__(client, self._parent_run_id(client))
@@ -312,13 +309,22 @@ class Tracker(RunLogger):
             max_results=50,
         )
         parents = [run for run in runs if PARENT_RUN_ID_TAG not in run.data.tags]
+        if self.params_digest is not None:
+            others = [run for run in parents if run.data.tags.get(PARAMS_DIGEST_TAG) != self.params_digest]
+            parents = [run for run in parents if run.data.tags.get(PARAMS_DIGEST_TAG) == self.params_digest]
+            if others and not parents:
+                logger.warning("run name %s was used with other settings (MLflow run %s): starting a new parent run",
+                               self.run_name, others[-1].info.run_id)
         if parents:
-            run = parents[0]
+            run = parents[-1] if self.params_digest is not None else parents[0]
             if run.info.status != "RUNNING":
                 client.update_run(run.info.run_id, status="RUNNING")
             logger.info("re-attached to MLflow run %s (%s)", run.info.run_id, self.run_name)
             return run.info.run_id
-        run = client.create_run(self.experiment_id, run_name=self.run_name, tags={CONVERSION_RUN_TAG: self.run_name})
+        tags = {CONVERSION_RUN_TAG: self.run_name}
+        if self.params_digest is not None:
+            tags[PARAMS_DIGEST_TAG] = self.params_digest
+        run = client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
         return run.info.run_id
 
     @contextlib.contextmanager
@@ -427,6 +433,7 @@ class NullTracker(NullRun):
         run_name: str = "default",
         *,
         artifact_location: str | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
         self.experiment = experiment

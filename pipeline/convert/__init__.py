@@ -10,8 +10,10 @@ from pipeline.convert.hybridize import (
     gdn_trial,
     hybrid_config_from_teacher,
     hybridize,
+    initialise_fresh,
     mamba_trial,
+    mixer_generator,
 )
 
 __all__ = ["GDN_OPTIONS", "SUPPORTED", "TEACHER_CLASSES", "ConversionError", "check_teacher", "gdn_from_attention",
-           "gdn_trial", "hybrid_config_from_teacher", "hybridize", "mamba_trial"]
+           "gdn_trial", "hybrid_config_from_teacher", "hybridize", "initialise_fresh", "mamba_trial", "mixer_generator"]

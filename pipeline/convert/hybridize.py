@@ -7,11 +7,19 @@ out_proj <- o_proj, biases too) and whose every other weight is the teacher's, c
 the output gate zeroed). The source may be a Llama, Mistral or Qwen2 teacher, or a hybrid (progressive
 steps convert more layers of the previous checkpoint). Every key is accounted for: copied, MIL-mapped,
 freshly initialised (z, dt, conv, A_log, D), or dropped (the replaced attention), and shapes must match.
+
+Randomness: a converted Mamba mixer's fresh parameters are drawn on the CPU from a generator of its own,
+seeded from (seed, layer, draw) (`mixer_generator`), and only then copied to the model's device. So the
+same seed gives bit-identical initial weights on every device, whatever else drew random numbers before,
+and `hybridize(model, [layer], seed=s)` and `mamba_trial(model, layer, seed=s)` start layer `layer` from
+the same mixer. A Gated DeltaNet mixer from attention draws nothing: `gdn_from_attention` sets every one
+of its parameters, so it is the same for every seed and device (and `gdn_trial` builds it without values).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -20,7 +28,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
 
 from pipeline.model.config import ATTENTION, GDN, IDENTITY, KIND_NAMES, MAMBA, HybridConfig
-from pipeline.model.mixers import build_mixer
+from pipeline.model.mixers import MambaMixer, build_mixer
 from pipeline.model.modeling import HybridForCausalLM
 
 TEACHER_CLASSES: tuple[type[PreTrainedModel], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
@@ -139,7 +147,9 @@ def hybridize(
     gqa_expansion ("chunk" = Apriel/M1 layout, or "head_aligned"), conv_bias, dt_min, dt_max.
     gdn_options: conv_kernel (4). For a hybrid source the listed layers are converted in addition to its
     existing recurrent layers, and its Mamba options (and, once it has Gated DeltaNet layers, its Gated
-    DeltaNet options) are kept.
+    DeltaNet options) are kept. `seed`: each new Mamba mixer's random parameters come from
+    `mixer_generator(seed, layer)` (on the CPU), so they are the same on every device; new Gated DeltaNet
+    mixers draw nothing.
     """
     check_teacher(teacher)
     unknown = sorted(set(mamba_options) - set(MAMBA_OPTIONS))
@@ -212,12 +222,12 @@ def hybridize(
         )
 
     parameter = next(teacher.parameters())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(parameter.device):
-            hybrid = HybridForCausalLM(config)
+    # Every value the constructor draws is overwritten below (copied, MIL-mapped or drawn from each new
+    # mixer's own generator); the fork keeps it from using up the caller's random streams.
+    with _forked_rng(parameter.device), torch.device(parameter.device):
+        hybrid = HybridForCausalLM(config)
     hybrid.to(parameter.dtype)
-    _copy_weights(teacher, hybrid, new_mamba, is_hybrid, new_gdn)
+    _copy_weights(teacher, hybrid, new_mamba, is_hybrid, new_gdn, seed)
     hybrid.generation_config = teacher.generation_config
     return hybrid.eval() if not teacher.training else hybrid
 
@@ -253,7 +263,7 @@ def check_gdn_shape(config: HybridConfig) -> None:
 
 @torch.no_grad()
 def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list[int], is_hybrid: bool,
-                  new_gdn: list[int] = ()) -> None:
+                  new_gdn: list[int], seed: int) -> None:
     source = teacher.state_dict()
     target = hybrid.state_dict()
     used: set[str] = set()
@@ -275,7 +285,9 @@ def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list
         used.add(source_key)
 
     for index in new_mamba:
-        _mil_initialise(hybrid.model.layers[index].mixer, _attention_of(teacher, index))
+        mixer = hybrid.model.layers[index].mixer
+        initialise_fresh(mixer, mixer_generator(seed, index), hybrid.config)
+        _mil_initialise(mixer, _attention_of(teacher, index))
         prefix = f"model.layers.{index}.{'mixer' if is_hybrid else 'self_attn'}."
         used.update(key for key in source if key.startswith(prefix))
     for index in new_gdn:
@@ -287,6 +299,55 @@ def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list
     leftover = sorted(key for key in source if key not in used and ".self_attn." not in key and ".mixer." not in key)
     if leftover:
         raise ConversionError(f"weight surgery: teacher tensors not carried over: {leftover[:5]}")
+
+
+def mixer_generator(seed: int, layer: int, draw: int = 0) -> torch.Generator:
+    """The CPU generator a converted mixer's random parameters come from: one stream per (seed, layer,
+    draw), independent of the device, of the global RNG and of which other layers are converted. Draw 0 is
+    what a conversion uses; an MMR trial's k-th initialisation uses draw k."""
+    digest = hashlib.sha256(f"hybrid-distill/mixer-init/{seed}/{layer}/{draw}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _normal_(tensor: torch.Tensor, std: float, generator: torch.Generator) -> None:
+    """`tensor` <- N(0, std^2), drawn in fp32 on the CPU from `generator`, then copied to its device and dtype."""
+    drawn = torch.empty(tensor.shape, dtype=torch.float32, device="cpu").normal_(0.0, std, generator=generator)
+    tensor.copy_(drawn)
+
+
+@torch.no_grad()
+def initialise_mamba(mixer: MambaMixer, generator: torch.Generator, std: float) -> None:
+    """Every parameter of a fresh Mamba mixer from `generator`, in a fixed order (the distributions of
+    transformers' `_init_weights`, which a model built from its config uses): in_proj, dt_in_proj, conv1d and
+    out_proj weights ~ N(0, std^2) with zero biases, then the SSM parameters (`init_ssm_parameters`:
+    dt_proj ~ U(+-dt_rank^-0.5), the dt bias, A_log, D). MIL then overwrites the x / B / C rows and out_proj."""
+    for module in (mixer.in_proj, mixer.dt_in_proj, mixer.conv1d, mixer.out_proj):
+        _normal_(module.weight, std, generator)
+        if module.bias is not None:
+            module.bias.zero_()
+    mixer.init_ssm_parameters(generator)
+
+
+# The generator-taking initialiser of each mixer kind a conversion creates.
+FRESH_INITIALISERS = {MambaMixer: initialise_mamba}
+
+
+def initialise_fresh(mixer: nn.Module, generator: torch.Generator, config: HybridConfig) -> None:
+    """A new mixer's parameters, all of them, from `generator` (see FRESH_INITIALISERS)."""
+    initialiser = FRESH_INITIALISERS.get(type(mixer))
+    if initialiser is None:
+        raise ConversionError(f"no initialiser for a fresh {type(mixer).__name__}")
+    initialiser(mixer, generator, config.initializer_range or 0.02)
+
+
+@contextmanager
+def _forked_rng(device: torch.device) -> Iterator[None]:
+    """The CPU's and `device`'s global random states restored on exit."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 @torch.no_grad()
@@ -344,12 +405,13 @@ def gdn_from_attention(mixer: nn.Module, attention: nn.Module) -> None:
 
 
 @contextmanager
-def gdn_trial(model: HybridForCausalLM, layer: int, *, gdn_options: dict | None = None,
-              seed: int = 0) -> Iterator[HybridForCausalLM]:
+def gdn_trial(model: HybridForCausalLM, layer: int, *,
+              gdn_options: dict | None = None) -> Iterator[HybridForCausalLM]:
     """`model` itself with attention layer `layer` swapped for a Gated DeltaNet mixer initialised from it (an
     MMR trial of that kind), the attention mixer, the layer pattern and the Gated DeltaNet settings put back on
-    exit, whatever happens inside. Only the new mixer is allocated. `gdn_from_attention` draws nothing, so
-    `seed` only fixes the throw-away values the mixer is built with."""
+    exit, whatever happens inside. Only the new mixer is allocated. Nothing is random: the mixer is built
+    without values and `gdn_from_attention` sets every parameter, so a trial takes no seed, draws from no
+    generator, and gives the same mixer as `hybridize(model, gdn_layers=[layer])`."""
     if not isinstance(model, HybridForCausalLM):
         raise ConversionError(f"an MMR trial swaps a mixer of a hybrid, got {type(model).__name__}")
     unknown = sorted(set(gdn_options or {}) - set(GDN_OPTIONS))
@@ -369,12 +431,10 @@ def gdn_trial(model: HybridForCausalLM, layer: int, *, gdn_options: dict | None 
                           config.attention_bias, config.attention_out_bias)
         config.layer_types = [GDN if index == layer else kind for index, kind in enumerate(layer_types)]
         check_gdn_shape(config)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with torch.device(parameter.device):
-                mixer = build_mixer(config, layer)
-            mixer.apply(model._init_weights)
-        mixer.to(parameter.dtype)
+        with torch.device("meta"):  # shapes only: gdn_from_attention sets every value
+            mixer = build_mixer(config, layer)
+        # cast before initialising, as hybridize does (A_log and dt_bias stay fp32)
+        mixer.to_empty(device=parameter.device).to(parameter.dtype)
         gdn_from_attention(mixer, attention)
         block.mixer = mixer
         yield model
@@ -386,13 +446,14 @@ def gdn_trial(model: HybridForCausalLM, layer: int, *, gdn_options: dict | None 
 
 
 @contextmanager
-def mamba_trial(model: HybridForCausalLM, layer: int, *, seed: int = 0) -> Iterator[HybridForCausalLM]:
+def mamba_trial(model: HybridForCausalLM, layer: int, *, seed: int = 0,
+                draw: int = 0) -> Iterator[HybridForCausalLM]:
     """`model` itself with attention layer `layer` swapped for a MIL-initialised Mamba mixer (an MMR trial),
     the attention mixer and the layer pattern put back on exit, whatever happens inside.
 
     Only the one new mixer is allocated, not a copy of the model. Its random parts (z rows, dt, conv) come
-    from `seed` for this mixer alone, so they differ from those `hybridize(model, [layer], seed=seed)`
-    draws while building a whole model; the MIL-mapped parts are the same."""
+    from `mixer_generator(seed, layer, draw)`: with draw 0 the mixer is bit-identical to the one
+    `hybridize(model, [layer], seed=seed)` makes; other draws are independent initialisations."""
     if not isinstance(model, HybridForCausalLM):
         raise ConversionError(f"an MMR trial swaps a mixer of a hybrid, got {type(model).__name__}")
     config = model.config
@@ -405,12 +466,11 @@ def mamba_trial(model: HybridForCausalLM, layer: int, *, seed: int = 0) -> Itera
     parameter = next(model.parameters())
     config.layer_types = [MAMBA if index == layer else kind for index, kind in enumerate(layer_types)]
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with torch.device(parameter.device):
-                mixer = build_mixer(config, layer)
-            mixer.apply(model._init_weights)  # what post_init does for a whole model; Mamba's SSM parameters too
-        mixer.to(parameter.dtype)
+        with torch.device("meta"):  # shapes only: every value is set below
+            mixer = build_mixer(config, layer)
+        # cast before initialising, as hybridize does: a cast after it would round A_log and D to bf16
+        mixer.to_empty(device=parameter.device).to(parameter.dtype)
+        initialise_fresh(mixer, mixer_generator(seed, layer, draw), config)
         _mil_initialise(mixer, attention)
         block.mixer = mixer
         yield model
@@ -431,5 +491,6 @@ def _attention_of(teacher: nn.Module, index: int) -> nn.Module:
     return layer.mixer if isinstance(teacher, HybridForCausalLM) else layer.self_attn
 
 
-__all__ = ["ConversionError", "GDN_OPTIONS", "SUPPORTED", "TEACHER_CLASSES", "check_gdn_shape", "check_teacher",
-           "gdn_from_attention", "gdn_trial", "hybrid_config_from_teacher", "hybridize", "mamba_trial"]
+__all__ = ["ConversionError", "FRESH_INITIALISERS", "GDN_OPTIONS", "SUPPORTED", "TEACHER_CLASSES", "check_gdn_shape",
+           "check_teacher", "gdn_from_attention", "gdn_trial", "hybrid_config_from_teacher", "hybridize",
+           "initialise_fresh", "initialise_mamba", "mamba_trial", "mixer_generator"]

@@ -145,6 +145,15 @@ class DemoTeacherConfig:
             raise DemoDataError(f"teacher.demo.train.loss must be 'ce' (the teacher learns from data), got {self.train.loss!r}")
         if not isinstance(self.generic_every, int) or self.generic_every < 0:
             raise DemoDataError(f"teacher.demo.generic_every must be an int >= 0, got {self.generic_every!r}")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DemoDataError(f"teacher.demo.{name} must be an int >= 1, got {value!r}")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise DemoDataError(
+                f"teacher.demo: hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
+                f"{self.num_attention_heads}, itself a multiple of num_key_value_heads {self.num_key_value_heads}")
 
     def llama_config_kwargs(self, vocab_size: int, pad_token_id: int | None = None,
                             bos_token_id: int | None = None, eos_token_id: int | None = None) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Load a `datasets` source and tokenise it into LM rows with loss masks.
 
-Sources: a hub dataset name, a local jsonl/json/parquet file, a folder of such files, a list of files, an
-in-memory ``datasets.Dataset`` or a list of dict rows. Row kinds:
+Sources: a hub dataset name, a local jsonl/json/parquet file, a folder of such files, an ``http(s)://``
+URL of one such file (credentials in the URL, ``https://user:password@host/...``, are sent as HTTP basic
+auth and never reach the ``datasets`` cache), a list of files, an in-memory ``datasets.Dataset`` or a list
+of dict rows. Every row must be a JSON object. Row kinds:
 
 * ``{"messages": [...]}``: rendered with the tokenizer's chat template; loss on assistant tokens only:
   the template's ``{% generation %}`` spans where it has them, else the spans found by rendering the
@@ -27,6 +29,7 @@ __all__ = [
     "assistant_spans",
     "files_by_split",
     "has_generation_markers",
+    "is_url",
     "load_rows",
     "tokenize_row",
     "tokenize_rows",
@@ -48,9 +51,14 @@ class DataLoadError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+def is_url(text: str) -> bool:
+    """An http(s) URL of a data file (read over the network, never a local path or a hub name)."""
+    return str(text).lower().startswith(("http://", "https://"))
+
+
 def _looks_like_path(text: str) -> bool:
     """True for strings that can only mean a local path (so a missing one is an error, not a hub name)."""
-    return (
+    return not is_url(text) and (
         text.startswith(("/", "./", "../", "~", "file://"))
         or Path(text).suffix.lower() in DATA_SUFFIXES
         or text.count("/") > 1
@@ -100,8 +108,82 @@ def _load_files(files: list[Path], what: str) -> datasets.Dataset:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as err:  # datasets raises many types; give one line with the cause it wraps
         cause = err.__cause__ or err
-        raise DataLoadError(f"could not read {what}: {type(cause).__name__}: {cause}".splitlines()[0]) from err
+        found = _json_row_problem(files) if builder == "json" else None
+        raise DataLoadError(found or f"could not read {what}: {type(cause).__name__}: {cause}".splitlines()[0]) \
+            from err
     return ds
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def _json_row_problem(files: list[Path]) -> str | None:
+    """The first row of these JSON files that is not a JSON object (or a file that is not UTF-8), in one line
+    naming the file and line; None otherwise (a parse error, or a failure elsewhere: datasets' message says
+    it). Read only after a failed load."""
+    import json
+
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            return f"{str(f)!r} is not UTF-8 text ({err.reason} at byte {err.start}): JSON data files are UTF-8"
+        except OSError:
+            return None
+        if f.suffix.lower() == ".json" and text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except ValueError:
+                return None  # a parse error: datasets' message names it
+            numbered = list(enumerate(rows, start=1))
+            where = "element"
+        else:
+            numbered = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    numbered.append((number, json.loads(line)))
+                except ValueError:
+                    return None  # a parse error: datasets' message names it
+            where = "line"
+        for number, row in numbered:
+            if not isinstance(row, dict):
+                kind = _JSON_KINDS.get(type(row), type(row).__name__)
+                return (f"{str(f)!r} {where} {number} is {kind}, not a JSON object: every row must be an object "
+                        "such as {\"messages\": [...]} or {\"text\": \"...\"}")
+    return None
+
+
+def _load_url(url: str) -> datasets.Dataset:
+    """One data file at an http(s) URL: the URL's userinfo becomes HTTP basic auth (so the URL that the
+    `datasets` cache records holds no password), the file's suffix names its format."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    from pipeline.redaction import redact_text
+
+    shown = redact_text(url)
+    parts = urlsplit(url)
+    builder = DATA_SUFFIXES.get(Path(parts.path).suffix.lower())
+    if builder is None:
+        raise DataLoadError(f"unsupported data URL {shown!r}: its file name must end in one of "
+                            f"{', '.join(DATA_SUFFIXES)}")
+    storage_options = None
+    if parts.username is not None or parts.password is not None:
+        import aiohttp
+
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        url = urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+        auth = aiohttp.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+        storage_options = {"client_kwargs": {"auth": auth}}
+    try:
+        return datasets.load_dataset(builder, data_files=url, split="train", storage_options=storage_options)
+    except Exception as err:  # datasets / fsspec / aiohttp raise many types: one line with the cause
+        cause = err.__cause__ or err
+        raise DataLoadError(redact_text(f"could not read {shown}: {type(cause).__name__}: {cause}".splitlines()[0])) \
+            from None
 
 
 def load_rows(source: Source, split: str = "train") -> datasets.Dataset:
@@ -118,6 +200,8 @@ def load_rows(source: Source, split: str = "train") -> datasets.Dataset:
         what = f"split {split!r}"
     elif isinstance(source, datasets.Dataset):
         ds, what = source, "in-memory dataset"
+    elif isinstance(source, str) and is_url(source):
+        ds, what = _load_url(source), "the data URL"
     elif isinstance(source, (str, Path)):
         text = str(source)
         if text.startswith("file://"):

@@ -94,8 +94,19 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET, model_max_length: int =
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a saved tokenizer offline (``AutoTokenizer.from_pretrained``); clear error if the path is missing."""
+    """Load a saved tokenizer offline (``AutoTokenizer.from_pretrained``), never running code from the
+    folder (``trust_remote_code=False``: a tokenizer that needs its own code is refused, without a prompt).
+    Any failure is one TokenizerError line naming the folder."""
     p = Path(path)
     if not p.exists():
         raise TokenizerError(f"tokenizer path {str(p)!r} does not exist")
-    return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    except Exception as error:  # transformers and tokenizers raise many types for unreadable files
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
+        raise TokenizerError(f"the tokenizer in {p} cannot be loaded ({type(error).__name__}: {reason}); "
+                             "give a folder with a transformers tokenizer (tokenizer.json or "
+                             "tokenizer_config.json and its vocabulary)") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerBase) or len(tokenizer) < 1:
+        raise TokenizerError(f"the tokenizer in {p} is not a transformers tokenizer ({type(tokenizer).__name__})")
+    return tokenizer

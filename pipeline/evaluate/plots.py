@@ -13,10 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def bar_plot(values: Sequence[float], labels: Sequence[str], *, title: str, ylabel: str, path: str | Path,
-             highlight: Sequence[int] = ()) -> Path:
+             highlight: Sequence[int] = (), errors: Sequence[float] | None = None,
+             points: Sequence[Sequence[float]] | None = None) -> Path:
+    """One bar per value; `errors`: +- error bars (a spread); `points`: the values each bar summarises,
+    drawn as dots over it."""
     figure, axis = plt.subplots(figsize=(max(4.0, 0.45 * len(values) + 2), 3.2))
     colors = ["tab:orange" if i in set(highlight) else "tab:blue" for i in range(len(values))]
-    axis.bar(range(len(values)), values, color=colors)
+    axis.bar(range(len(values)), values, color=colors, yerr=errors, capsize=4 if errors is not None else 0)
+    for i, group in enumerate(points or ()):
+        axis.scatter([i] * len(group), group, color="black", s=10, zorder=3)
     axis.set_xticks(range(len(values)), labels, rotation=0 if len(values) < 20 else 90)
     axis.set_title(title)
     axis.set_ylabel(ylabel)
@@ -28,13 +33,19 @@ def bar_plot(values: Sequence[float], labels: Sequence[str], *, title: str, ylab
 
 
 def grouped_bar_plot(series: dict[str, Sequence[float | None]], labels: Sequence[str], *, title: str, ylabel: str,
-                     path: str | Path) -> Path:
-    """Side-by-side bars, one series a colour (e.g. one MMR score per mixer at each layer); None = no bar."""
+                     path: str | Path, errors: dict[str, Sequence[float | None]] | None = None) -> Path:
+    """Side-by-side bars, one series a colour (e.g. one MMR score per mixer at each layer); None = no bar.
+    `errors`: +- error bars per series, as `series` is laid out (None = no error bar on that bar)."""
     figure, axis = plt.subplots(figsize=(max(4.0, 0.3 * len(labels) * len(series) + 2), 3.2))
     width = 0.8 / max(len(series), 1)
     for index, (name, values) in enumerate(series.items()):
-        positions = [i + (index - (len(series) - 1) / 2) * width for i, v in enumerate(values) if v is not None]
-        axis.bar(positions, [v for v in values if v is not None], width=width, label=name)
+        kept = [i for i, v in enumerate(values) if v is not None]
+        positions = [i + (index - (len(series) - 1) / 2) * width for i in kept]
+        spread = None  # a series without any error (e.g. a mixer scored once) gets no error bars
+        if errors is not None and any(errors[name][i] is not None for i in kept):
+            spread = [errors[name][i] or 0.0 for i in kept]
+        axis.bar(positions, [values[i] for i in kept], width=width, label=name, yerr=spread,
+                 capsize=3 if spread is not None else 0)
     axis.set_xticks(range(len(labels)), labels, rotation=0 if len(labels) < 20 else 90)
     axis.set_title(title)
     axis.set_ylabel(ylabel)

@@ -600,7 +600,8 @@ def build_hybrid(config: HybridConfig, state: dict[str, torch.Tensor], source: s
     check_state(config, state, source)
     if dtype is None:
         dtype = state["model.embed_tokens.weight"].dtype
-    model = HybridForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
+    model = HybridForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                              trust_remote_code=False)
     return model.eval()
 
 
@@ -625,7 +626,7 @@ def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype | None = None)
 
     if detect_layout(folder) in (APRIEL_H1, MAMBAINLLAMA):
         return import_checkpoint(folder, dtype)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
 
 
 def native_state(model) -> dict[str, torch.Tensor]:

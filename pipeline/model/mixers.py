@@ -124,18 +124,23 @@ class MambaMixer(nn.Module):
 
     # --- initialisers (named, so MIL and fresh init share them) ---
     @torch.no_grad()
-    def init_ssm_parameters(self) -> None:
+    def init_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
         """A_log = log(1..d_state) per channel, D = 1, dt bias = softplus^-1 of log-uniform dt, dt_proj ~ U.
 
-        Uses transformers' `initialization` helpers, which skip tensors already loaded from a checkpoint.
+        The random values are drawn on the CPU (from `generator`, else torch's default CPU generator) and
+        then copied to the mixer's device, so a seed gives the same values on every device. Uses
+        transformers' `initialization` helpers, which skip tensors already loaded from a checkpoint.
         """
-        init.copy_(self.A_log, torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=self.A_log.device))
+        cpu = torch.device("cpu")  # explicit: models may be built under another device's context
+        init.copy_(self.A_log, torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=cpu))
                    .expand(self.d_inner, -1))
         init.ones_(self.D)
         std = self.dt_rank**-0.5
-        init.uniform_(self.dt_proj.weight, -std, std)
+        weight = torch.empty(self.dt_proj.weight.shape, dtype=torch.float32, device=cpu).uniform_(
+            -std, std, generator=generator)
+        init.copy_(self.dt_proj.weight, weight)
         log_min, log_max = math.log(self._dt_min), math.log(self._dt_max)
-        dt = torch.exp(torch.rand(self.d_inner, device=self.dt_proj.bias.device) * (log_max - log_min) + log_min)
+        dt = torch.exp(torch.rand(self.d_inner, generator=generator, device=cpu) * (log_max - log_min) + log_min)
         dt = dt.clamp(min=self._dt_floor)
         init.copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
@@ -273,14 +278,17 @@ class GatedDeltaNetMixer(nn.Module):
         return self
 
     @torch.no_grad()
-    def init_gdn_parameters(self) -> None:
+    def init_gdn_parameters(self, generator: torch.Generator | None = None) -> None:
         """A = U(1, 16) per head (A_log = log A), dt_bias = softplus^-1 of a log-uniform dt in [1e-3, 0.1], as in
         Mamba-2 / Qwen3-Next; the norm's weight 1. (A conversion from attention overwrites these, see
-        `pipeline.convert.hybridize.gdn_from_attention`.) transformers' `initialization` helpers skip tensors
-        already loaded from a checkpoint."""
-        device = self.A_log.device
-        init.copy_(self.A_log, torch.empty(self.num_heads, device=device).uniform_(1, 16).log())
-        dt = torch.exp(torch.rand(self.num_heads, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        `pipeline.convert.hybridize.gdn_from_attention`.) The random values are drawn on the CPU (from
+        `generator`, else torch's default CPU generator) and then copied to the mixer's device, as
+        `MambaMixer.init_ssm_parameters` does. transformers' `initialization` helpers skip tensors already
+        loaded from a checkpoint."""
+        cpu = torch.device("cpu")  # explicit: models may be built under another device's context
+        init.copy_(self.A_log, torch.empty(self.num_heads, device=cpu).uniform_(1, 16, generator=generator).log())
+        dt = torch.exp(torch.rand(self.num_heads, generator=generator, device=cpu) * (math.log(0.1) - math.log(1e-3))
+                       + math.log(1e-3))
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
         init.ones_(self.norm.weight)
 

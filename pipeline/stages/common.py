@@ -71,7 +71,9 @@ class ConsoleReporter:
         pass
 
     def progress(self, message: str) -> None:
-        print(f"{self.prefix}{message}", flush=True)
+        from pipeline.redaction import redact_text
+
+        print(redact_text(f"{self.prefix}{message}"), flush=True)
 
     @contextlib.contextmanager
     def trial(self, name: str) -> Iterator[ConsoleReporter]:
@@ -111,6 +113,20 @@ def resolve_dtype(hardware: HardwareConfig, device: torch.device, *, fp32: bool 
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+
+def local_folder(path: str | None) -> Path | None:
+    """The local path a setting names (a plain path or a file:// URI), or None for a remote URI."""
+    if not path:
+        return None
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(path)
+    if parsed.scheme.lower() == "file":
+        return Path(unquote(parsed.netloc + parsed.path)).expanduser()
+    if parsed.scheme and len(parsed.scheme) > 1:  # s3://, hf://, ... (one letter: a Windows drive)
+        return None
+    return Path(path).expanduser()
+
 
 def require_folder(path: str | os.PathLike, what: str) -> Path:
     folder = Path(path)
@@ -189,11 +205,108 @@ def check_safe_to_load(folder: Path, what: str) -> None:
     except (OSError, ValueError, AttributeError) as exc:
         raise StageError(f"{what} at {folder}: config.json does not parse ({exc})") from None
     if auto_map and not _registered_here(folder):
-        raise StageError(
-            f"{what} at {folder} needs Python code from its own folder (config.json auto_map: "
-            f"{', '.join(sorted(auto_map))}); code from a checkpoint folder is never run: save the teacher "
-            "as a Llama, Mistral or Qwen2 checkpoint"
-        )
+        raise StageError(code_refusal(f"{what} at {folder}", "config.json", auto_map))
+    quantised = non_float_weights(folder)
+    if quantised:
+        raise StageError(f"{what} at {folder}: {quantised}")
+    tokenizer_config = folder / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        try:
+            tokenizer_map = json.loads(tokenizer_config.read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise StageError(f"{what} at {folder}: tokenizer_config.json does not parse ({exc})") from None
+        if tokenizer_map:
+            raise StageError(code_refusal(f"{what} at {folder}", "tokenizer_config.json", tokenizer_map))
+
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets), read without the data.
+    Raises ValueError for a file that is not safetensors."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path.name} is shorter than a safetensors header")
+        size = int.from_bytes(prefix, "little")
+        if size > 100_000_000:
+            raise ValueError(f"{path.name} has a {size}-byte header: not a safetensors file")
+        header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name} has no safetensors header")
+    return header
+
+
+def non_float_weights(folder: Path) -> str | None:
+    """What is wrong with a folder whose weights are not floating point (an int8 / 4-bit quantised export,
+    which a float model would load as cast integers), or None. Reads the safetensors headers only."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict) and config.get("quantization_config"):
+        method = (config["quantization_config"] or {}).get("quant_method", "?") \
+            if isinstance(config["quantization_config"], dict) else "?"
+        return (f"config.json has a quantization_config ({method}): a quantised checkpoint cannot be distilled "
+                "from; give its unquantised (float) weights")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            header = safetensors_header(path)
+        except (OSError, ValueError):
+            return None  # a truncated or corrupt file: loading reports it
+        for name, entry in header.items():
+            if name != "__metadata__" and name.endswith(".weight") and isinstance(entry, dict) \
+                    and entry.get("dtype") not in FLOAT_DTYPES:
+                return (f"weight {name} is stored as {entry.get('dtype')} in {path.name}: a quantised checkpoint "
+                        "cannot be distilled from; give its unquantised (float) weights")
+    return None
+
+
+def incomplete_weights(folder: Path) -> str | None:
+    """What is wrong with a folder's safetensors files, read from their headers and sizes only: a file cut
+    short (a copy or download interrupted), a file that is not safetensors, or a shard the index names that
+    is not there. None if they look whole."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"model.safetensors.index.json is unreadable ({type(error).__name__}: {error})"
+        missing = [name for name in shards if not (folder / str(name)).is_file()]
+        if missing:
+            return (f"model.safetensors.index.json names {len(missing)} shard(s) that are not in the folder "
+                    f"(e.g. {missing[0]}); the checkpoint is incomplete")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            header = safetensors_header(path)
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"),
+                      default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+            return f"{path.name} is not a readable safetensors file ({error}); the file is corrupt or truncated"
+        if path.stat().st_size < 8 + size + end:
+            return (f"{path.name} is cut short ({path.stat().st_size} bytes, its header needs {8 + size + end}); "
+                    "copy or download it again")
+    return None
+
+
+def code_refusal(where: str, file_name: str, auto_map: Any) -> str:
+    """The line that refuses a checkpoint whose `file_name` (config.json, tokenizer_config.json) names Python
+    code of its own folder in `auto_map`."""
+    names = sorted(auto_map) if isinstance(auto_map, dict) else [str(auto_map)]
+    return (f"{where} needs Python code from its own folder ({file_name} auto_map: {', '.join(names)}); code "
+            "from a checkpoint folder is never run: save the teacher as a Llama, Mistral or Qwen2 checkpoint")
+
+
+def check_vocabulary(model, tokenizer, where: str) -> None:
+    """The model's embedding has a row for every token id its tokenizer can produce."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise StageError(f"{where}: its tokenizer has {len(tokenizer)} tokens but its embedding only {rows} rows "
+                         f"(config.json vocab_size {getattr(model.config, 'vocab_size', '?')}): the tokenizer does "
+                         "not belong to these weights")
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -206,11 +319,18 @@ def save_checkpoint(model, tokenizer, out_dir: Path, dtype: str | None = None) -
     """config.json + model.safetensors + tokenizer files (safetensors only). `dtype` ("float32" |
     "bfloat16", a TrainConfig.save_dtype): the weights are cast to it first (the model itself is cast:
     call this when training is over); Mamba's A_log and D stay fp32."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from safetensors import SafetensorError
+
     if dtype is not None:
         model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    except (OSError, SafetensorError) as error:  # a full disk, a quota, permissions
+        reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+        raise StageError(f"could not write the checkpoint into {out_dir}: {reason}; free space (or fix "
+                         "permissions) on that disk (storage.cache_dir) and run again") from None
 
 
 def write_meta(out_dir: Path, stage: str, settings: dict[str, Any], *, parent: str | None, started: float,
@@ -218,11 +338,14 @@ def write_meta(out_dir: Path, stage: str, settings: dict[str, Any], *, parent: s
     """stage.json + run_config.json beside the output (every checkpoint carries its settings and lineage).
 
     `settings`: the stage's config arguments, by name (run_config.json holds them, as the key covers them).
+    Both files are redacted (`pipeline.redaction`): a data URL's password or token never lands in a checkpoint.
     """
+    from pipeline.redaction import redact
+
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"stage": stage, "parent": parent, "wall_time_s": round(time.time() - started, 2), **extra}
-    (out_dir / STAGE_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    (out_dir / RUN_CONFIG).write_text(json.dumps(to_plain(settings), indent=2) + "\n")
+    (out_dir / STAGE_META).write_text(json.dumps(redact(meta, keys=False), indent=2, default=str) + "\n")
+    (out_dir / RUN_CONFIG).write_text(json.dumps(redact(to_plain(settings)), indent=2) + "\n")
     return meta
 
 
@@ -259,6 +382,16 @@ def tokenizer_digest(tokenizer) -> str:
 
     text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.chat_template, type(tokenizer).__name__])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def padding_id(tokenizer) -> int:
+    """The id right-padding is filled with: the tokenizer's pad token, else its eos (many released teachers
+    have no pad token), else 0. Padded positions are outside every row's length and loss mask, so the value
+    only has to be a valid id."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
 
 
 @dataclass
@@ -381,7 +514,7 @@ class StageData:
         from pipeline.data import iter_batches
 
         dataset = self.tokenized(kind)
-        pad_id = self.tokenizer.pad_token_id
+        pad_id = padding_id(self.tokenizer)
 
         def from_position(position: int):
             return iter_batches(dataset, batch_size, pad_id, seed=seed, start=position)
@@ -404,7 +537,7 @@ class StageData:
         from pipeline.data import iter_batches, tokenize_rows
 
         dataset = tokenize_rows(rows.select(range(min(count, len(rows)))), self.tokenizer, self.data.max_length)
-        return list(iter_batches(dataset, batch_size, self.tokenizer.pad_token_id, shuffle=False,
+        return list(iter_batches(dataset, batch_size, padding_id(self.tokenizer), shuffle=False,
                                  stop=(len(dataset) + batch_size - 1) // batch_size))
 
     def eval_problems(self, count: int, budget: tuple[str, int] | None = None) -> list[dict[str, Any]]:
@@ -445,8 +578,13 @@ def held_out_count(train_rows: int, share: float) -> int:
 
 
 def _has_split(source: Any, split: str) -> bool:
-    """Whether a user source (a folder of files, or a hub name) has `split` (a single file has only itself)."""
+    """Whether a user source (a folder of files, or a hub name) has `split` (a single file, local or at a
+    URL, has only itself)."""
+    from pipeline.data.loading import is_url
+
     text = str(source)
+    if is_url(text):
+        return False
     path = Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
     if path.is_dir():
         from pipeline.data.loading import files_by_split
@@ -526,6 +664,7 @@ def metrics_callback(reporter: Reporter, label: str):
 
 __all__ = [
     "ConsoleReporter",
+    "check_vocabulary",
     "VALIDATION_SPLIT",
     "held_out_count",
     "stage",

@@ -132,7 +132,7 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     return meta
 
 
-@stage("convert", version=3)
+@stage("convert", version=4)
 def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                 count: int, mixer: str = "mamba", gdn: GDNConfig | None = None, *, teacher: str | Path,
                 loo: str | Path, out_dir: str | Path, work_dir: str | Path, generic: str | Path | None = None,
@@ -164,7 +164,7 @@ def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardwa
                               generic=Path(generic) if generic is not None else None)
 
 
-@stage("step", version=3)
+@stage("step", version=4)
 def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int,
              gdn: GDNConfig | None = None, *, teacher: str | Path, parent: str | Path, mmr: str | Path,
              out_dir: str | Path, work_dir: str | Path, generic: str | Path | None = None,
@@ -200,7 +200,7 @@ def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, see
                               generic=Path(generic) if generic is not None else None)
 
 
-@stage("loo_step", version=1)
+@stage("loo_step", version=2)
 def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int, *,
                  teacher: str | Path, parent: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
                  generic: str | Path | None = None, reporter: Reporter | None = None) -> dict:

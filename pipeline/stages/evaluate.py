@@ -106,7 +106,8 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
     stage_data = StageData(data, load_tokenizer(teacher)).with_generic(generic)
     problems = stage_data.eval_problems(evaluate.num_examples, ("evaluate.max_new_tokens", evaluate.max_new_tokens))
     batches = stage_data.eval_batches(evaluate.nll_examples)
-    generic_batches = stage_data.batches(stage_data.rows("generic", "test"), evaluate.nll_examples)
+    generic_batches = (stage_data.batches(stage_data.rows("generic", "test"), evaluate.nll_examples)
+                       if evaluate.generic_nll else ())
     records = [evaluate_checkpoint(evaluate, "teacher", teacher_model, teacher_model, stage_data, problems, batches,
                                    precision, generic_batches)]
     records[0].update(lineage(None))

@@ -1,9 +1,9 @@
 """A stage's training under `torchrun` (hardware.nproc > 1): the launcher the stage calls, and the worker.
 
 The stage builds its student as always, then `train_under_torchrun` saves it (save_pretrained, fp32) with a
-`TrainingJob` into `<work_dir>/torchrun/` and runs
+`TrainingJob` (JSON: the ranks unpickle nothing from a work folder) into `<work_dir>/torchrun/` and runs
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.stages.launch <job>
+    python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.stages.launch <job.json>
 
 (multi-node: `--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` instead of `--standalone`). Each
 rank loads the student and the teacher, builds the same batch source as the stage would, and calls the
@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import subprocess
@@ -33,13 +32,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import DataConfig, HardwareConfig
+from pipeline.config import DataConfig, HardwareConfig, from_plain, to_plain
 from pipeline.stages.common import Reporter, StageError, metrics_callback
 from pipeline.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "job.pkl"
+JOB_FILE = "job.json"
 RESULT_DIR = "result"
 LOG_FILE = "torchrun.log"
 _METRICS_PREFIX = "@@metrics "
@@ -47,7 +46,8 @@ _METRICS_PREFIX = "@@metrics "
 
 @dataclass
 class TrainingJob:
-    """What every rank needs to rebuild the stage's training (picklable: configs and paths only)."""
+    """What every rank needs to rebuild the stage's training: configs and paths only, written as JSON
+    (`to_json` / `from_json`), so a rank loads data, never code, from the work folder."""
 
     train: TrainConfig
     data: DataConfig
@@ -59,6 +59,16 @@ class TrainingJob:
     generic_every: int = 0  # batches="teacher": every this many batches from the generic corpus
     trainable_prefix: str | None = None  # train only parameters under this name (an MMR trial's mixer)
     max_steps: int | None = None  # stop after this many steps in this launch (the state lets the next continue)
+
+    def to_json(self) -> str:
+        return json.dumps(to_plain(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingJob:
+        plain = json.loads(text)
+        if not isinstance(plain, dict):
+            raise StageError("the training job file is not a JSON object")
+        return from_plain(cls, plain)
 
 
 def uses_torchrun(hardware: HardwareConfig, state_dir: Path, train: TrainConfig | None = None) -> bool:
@@ -87,7 +97,7 @@ def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: Hard
     (root / "student").mkdir(parents=True)
     student.save_pretrained(root / "student", safe_serialization=True)
     tokenizer.save_pretrained(root / "student")
-    (root / JOB_FILE).write_bytes(pickle.dumps(job))
+    (root / JOB_FILE).write_text(job.to_json())
     command = torchrun_command(hardware, [str(root / JOB_FILE)])
     if hardware.nnodes > 1:
         reporter.progress(f"  {label}: waiting for {hardware.nnodes - 1} more node(s) at {hardware.rdzv_endpoint}; "
@@ -218,7 +228,7 @@ def main(job_path: str) -> None:
     from pipeline.train.distributed import init_process_group, rank_and_world
 
     root = Path(job_path).parent
-    job: TrainingJob = pickle.loads(Path(job_path).read_bytes())
+    job = TrainingJob.from_json(Path(job_path).read_text())
     init_process_group(job.device)
     try:
         rank, _ = rank_and_world()
@@ -251,5 +261,5 @@ def main(job_path: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m torch.distributed.run ... -m pipeline.stages.launch <job.pkl>")
+        raise SystemExit("usage: python -m torch.distributed.run ... -m pipeline.stages.launch <job.json>")
     main(sys.argv[1])

@@ -4,21 +4,31 @@ For each attention layer of the parent hybrid, and each mixer of `schedule.mixer
 initialise that layer alone as that mixer from its attention (swapped into the parent in place: one mixer,
 not a copy of the model; `pipeline.convert.mamba_trial` / `gdn_trial`), train only its new mixer for
 `mmr.train.steps` steps of distillation from the teacher, and record the mean distillation loss of the last
-`mmr.train.loss_window` steps. Low loss = easy to replace. Each finished trial is recorded in `work_dir`
-(trials.json, replaced atomically), so a killed MMR stage resumes at the missing trials. Writes mmr.json
-(the (layer, mixer) pairs from easiest to hardest; `choose_conversions` turns them into a step's layers
-and their mixers) and mmr.png (one bar a pair). With the default mixers both files are exactly what they
-were before Gated DeltaNet existed.
+`mmr.train.loss_window` steps. Low score = easy to replace.
+
+Initialisations (`mmr.seeds`): each Mamba pair is trained `mmr.seeds` times from independent
+initialisations of the new mixer's random parameters (draws 0, 1, ... of `mixer_generator`; draw 0 is the
+one a conversion of that layer starts from), on the same batches; its score is the mean of those losses,
+and mmr.json lists each draw's loss and their standard deviation beside it. A Gated DeltaNet pair is
+trained once whatever `mmr.seeds` says: its initialisation from attention draws nothing (`gdn_trial`), so
+further draws would repeat the same trial bit for bit; its entry has one loss and std None.
+
+Each finished trial (a layer, mixer and draw) is recorded in `work_dir` (trials.json:
+{trial_key(layer, mixer): {draw: loss}}, replaced atomically), so a killed MMR stage resumes at the missing
+trials. Writes mmr.json (the (layer, mixer) pairs from easiest to hardest; `choose_conversions` turns them
+into a step's layers and their mixers) and mmr.png (the means, the spread of several draws as error bars;
+one bar a pair, grouped by layer, when more mixers than Mamba are listed). With the default mixers both
+files are the Mamba-only ones: no "mixer" fields, trials.json keyed by the layer alone.
 
 Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker processes run them at once, each
 loading teacher and parent once on its own device (CUDA: one GPU a worker, `cuda:<i>`; CPU: N processes,
-which is what the tests use) and taking layers from a shared queue. Every trial is the same function with
-the same seed and batches as in the sequential path, so a layer's score does not depend on which worker ran
-it or how many there are (on CPU equal to the sequential scores within float32 noise, see
-tests/stages/test_mmr_fanout.py); hardware.nproc stays KEY_NEUTRAL. The stage's process only gathers:
-it records each score as it arrives, forwards the workers' progress lines, and logs each trial's curve
-into that trial's reporter when the trial has finished (MLflow: its nested run). A worker that raises or
-dies fails the stage in one line naming the worker, its device and the layer it was on.
+which is what the tests use) and taking trials (a layer, mixer and draw) from a shared queue. Every trial is
+the same function with the same seed and batches as in the sequential path, so a pair's score does not
+depend on which worker ran it or how many there are (on CPU equal to the sequential scores within float32
+noise, see tests/stages/test_mmr_fanout.py); hardware.nproc stays KEY_NEUTRAL. The stage's process only
+gathers: it records each loss as it arrives, forwards the workers' progress lines, and logs each trial's
+curve into that trial's reporter when the trial has finished (MLflow: its nested run). A worker that raises
+or dies fails the stage in one line naming the worker, its device and the trial it was on.
 Not done: one trial spread over a group of GPUs (a parent too large for one GPU); each worker holds a
 whole teacher and parent.
 """
@@ -54,41 +64,85 @@ from pipeline.stages.common import (
 from pipeline.train import TrainConfig, train
 
 MMR_FILE = "mmr.json"
-TRIALS_FILE = "trials.json"  # in work_dir: {layer: score} of the finished trials
+TRIALS_FILE = "trials.json"  # in work_dir: {trial_key(layer, mixer): {draw: loss}} of the finished trials
+
+# Mixers whose initialisation from attention draws nothing random: one trial a pair, whatever mmr.seeds says.
+DETERMINISTIC_MIXERS = frozenset({"gdn"})
+
+Pair = tuple[int, str]  # (attention layer, mixer)
+Trial = tuple[int, str, int]  # (attention layer, mixer, draw)
 
 
-def rank_candidates(trials: dict[int, float]) -> list[dict]:
-    """Trials sorted from easiest (lowest loss) to hardest; ties by layer index."""
-    return [{"layer": layer, "loss": loss} for layer, loss in sorted(trials.items(), key=lambda kv: (kv[1], kv[0]))]
+def candidate_score(losses: list[float] | float) -> dict:
+    """A candidate's entry from its trials' losses (one per draw; a float is one draw): the mean (`loss`,
+    what ranks it), the sample standard deviation of the draws (`std`; None for a single draw) and the
+    losses themselves."""
+    losses = [float(losses)] if isinstance(losses, (int, float)) else [float(loss) for loss in losses]
+    mean = sum(losses) / len(losses)
+    std = (sum((loss - mean) ** 2 for loss in losses) / (len(losses) - 1)) ** 0.5 if len(losses) > 1 else None
+    return {"loss": mean, "std": std, "losses": losses}
 
 
-# --- (layer, mixer) pairs: what MMR scores when schedule.mixers lists more than Mamba ---------------------
+def rank_candidates(trials: dict[int, list[float] | float]) -> list[dict]:
+    """Mamba candidates sorted from easiest (lowest mean loss) to hardest, ties by layer index; each entry is
+    {"layer", "loss" (the mean), "std", "losses"} (`candidate_score`): the Mamba-only table's ranking."""
+    scored = {layer: candidate_score(losses) for layer, losses in trials.items()}
+    return [{"layer": layer, **entry} for layer, entry in sorted(scored.items(), key=lambda kv: (kv[1]["loss"], kv[0]))]
 
-def mmr_candidates(layers: list[int], mixers: list[str]) -> list[tuple[int, str]]:
+
+def rank_pairs(trials: dict[Pair, list[float] | float], mixers: list[str]) -> list[dict]:
+    """(layer, mixer) pairs from easiest (lowest mean loss) to hardest; ties by layer, then the order of
+    `mixers`; each entry is {"layer", "mixer", "loss" (the mean), "std", "losses"}."""
+    order = {mixer: index for index, mixer in enumerate(mixers)}
+    scored = {pair: candidate_score(losses) for pair, losses in trials.items()}
+    ranked = sorted(scored.items(), key=lambda kv: (kv[1]["loss"], kv[0][0], order.get(kv[0][1], len(order))))
+    return [{"layer": layer, "mixer": mixer, **entry} for (layer, mixer), entry in ranked]
+
+
+def mmr_candidates(layers: list[int], mixers: list[str]) -> list[Pair]:
     """Every (attention layer, mixer) pair a stage scores, layer by layer in the order of `mixers`."""
     return [(layer, mixer) for layer in layers for mixer in mixers]
 
 
+def draws_of(mixer: str, seeds: int) -> int:
+    """How many initialisations a pair of `mixer` is trained from: `seeds` (mmr.seeds), or one for a mixer
+    whose initialisation draws nothing (DETERMINISTIC_MIXERS)."""
+    return 1 if mixer in DETERMINISTIC_MIXERS else seeds
+
+
 def trial_key(layer: int, mixer: str) -> str:
-    """The key of a trial in trials.json: the layer alone for Mamba (as it always was), "layer:mixer" else."""
+    """A pair's key in trials.json: the layer alone for Mamba (as with Mamba only), "layer:mixer" else."""
     return str(layer) if mixer == "mamba" else f"{layer}:{mixer}"
 
 
-def parse_trial_key(key: str) -> tuple[int, str]:
+def parse_trial_key(key: str) -> Pair:
     layer, _, mixer = str(key).partition(":")
     return int(layer), mixer or "mamba"
 
 
-def trial_label(layer: int, mixer: str) -> str:
-    """How progress lines and tracking runs name a trial ("layer 3", "layer 3 gdn")."""
-    return f"layer {layer}" if mixer == "mamba" else f"layer {layer} {mixer}"
+def trial_name(layer: int, mixer: str = "mamba", draw: int = 0) -> str:
+    """A trial's name (its reporter; MLflow: its nested run): `layer-<i>` for draw 0 of Mamba, as with Mamba
+    alone and one draw; `-<mixer>` and `-init-<draw>` added otherwise."""
+    return trial_label(layer, mixer, draw).replace(" initialisation ", "-init-").replace(" ", "-")
 
 
-def rank_pairs(trials: dict[tuple[int, str], float], mixers: list[str]) -> list[dict]:
-    """(layer, mixer) trials from easiest (lowest loss) to hardest; ties by layer, then the order of `mixers`."""
-    order = {mixer: index for index, mixer in enumerate(mixers)}
-    ranked = sorted(trials.items(), key=lambda kv: (kv[1], kv[0][0], order.get(kv[0][1], len(order))))
-    return [{"layer": layer, "mixer": mixer, "loss": loss} for (layer, mixer), loss in ranked]
+def trial_label(layer: int, mixer: str = "mamba", draw: int = 0) -> str:
+    """How progress lines name a trial ("layer 3", "layer 3 gdn", "layer 3 initialisation 1")."""
+    return (f"layer {layer}" + ("" if mixer == "mamba" else f" {mixer}")
+            + (f" initialisation {draw}" if draw else ""))
+
+
+def pending_trials(pairs: list[Pair], seeds: int, trials: dict[Pair, dict[int, float]]) -> list[Trial]:
+    """The (layer, mixer, draw) trials still to run, pair by pair: draws 0..draws_of(mixer, seeds)-1 of every
+    pair, less those recorded in `trials`."""
+    return [(layer, mixer, draw) for layer, mixer in pairs for draw in range(draws_of(mixer, seeds))
+            if draw not in trials.get((layer, mixer), {})]
+
+
+def draw_losses(trials: dict[Pair, dict[int, float]], pair: Pair, seeds: int) -> list[float] | None:
+    """A pair's losses in draw order, once all its draws are recorded (else None)."""
+    recorded, count = trials.get(pair, {}), draws_of(pair[1], seeds)
+    return [recorded[draw] for draw in range(count)] if all(draw in recorded for draw in range(count)) else None
 
 
 def choose_conversions(ranking: list[dict], needed: int) -> dict[int, str]:
@@ -103,17 +157,18 @@ def choose_conversions(ranking: list[dict], needed: int) -> dict[int, str]:
 
 
 def score_layer(parent_model, teacher_model, stage_data: StageData, data: DataConfig, train_cfg: TrainConfig,
-                precision: str, seed: int, layer: int, callback, mixer: str = "mamba",
-                gdn: GDNConfig | None = None) -> float:
-    """One MMR trial: the parent with `layer` swapped for a new mixer initialised from its attention (MIL
-    Mamba, or Gated DeltaNet with `gdn`'s settings; no copy of the model), only that mixer trained; returns
-    the trial's score (its final distillation loss)."""
+                precision: str, seed: int, layer: int, callback, *, mixer: str = "mamba",
+                gdn: GDNConfig | None = None, draw: int = 0) -> float:
+    """One MMR trial: the parent with `layer` swapped for a new mixer initialised from its attention (no copy
+    of the model), only that mixer trained; returns the trial's final distillation loss. Mamba: MIL with
+    initialisation `draw` of `mixer_generator(seed, layer, draw)`. Gated DeltaNet (`gdn`'s settings): its
+    initialisation draws nothing, so `seed` and `draw` do not change it (the stage runs draw 0 alone).
+    Every trial of every pair trains on the same batches (`train_cfg.seed`)."""
     prefix = f"model.layers.{layer}.mixer."
     if mixer == "gdn":
-        trial = gdn_trial(parent_model, layer, gdn_options=None if gdn is None else {"conv_kernel": gdn.d_conv},
-                          seed=seed)
+        trial = gdn_trial(parent_model, layer, gdn_options=None if gdn is None else {"conv_kernel": gdn.d_conv})
     else:
-        trial = mamba_trial(parent_model, layer, seed=seed)
+        trial = mamba_trial(parent_model, layer, seed=seed, draw=draw)
     with trial as student:
         result = train(
             student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
@@ -123,12 +178,49 @@ def score_layer(parent_model, teacher_model, stage_data: StageData, data: DataCo
     return result.final_distill_loss
 
 
-def _record(work_dir: Path, trials: dict[tuple[int, str], float]) -> None:
+def _read_trials(path: Path) -> dict[Pair, dict[int, float]]:
+    if not path.exists():
+        return {}
+    return {parse_trial_key(key): {int(draw): float(loss) for draw, loss in draws.items()}
+            for key, draws in json.loads(path.read_text()).items()}
+
+
+def _record(work_dir: Path, trials: dict[Pair, dict[int, float]]) -> None:
     """trials.json replaced atomically: a kill leaves the previous record or this one, never half of one."""
     work_dir.mkdir(parents=True, exist_ok=True)
     temporary = work_dir / f".{TRIALS_FILE}.tmp"
-    temporary.write_text(json.dumps({trial_key(*pair): loss for pair, loss in trials.items()}))
+    temporary.write_text(json.dumps({trial_key(*pair): draws for pair, draws in trials.items()}))
     os.replace(temporary, work_dir / TRIALS_FILE)
+
+
+def _report_recorded(reporter: Reporter, pairs: list[Pair], seeds: int, trials: dict[Pair, dict[int, float]]) -> None:
+    for pair in pairs:
+        losses, label = draw_losses(trials, pair, seeds), trial_label(*pair)
+        if losses is not None:
+            reporter.progress(f"  mmr {label}: {candidate_score(losses)['loss']:.4f} (recorded)")
+        elif trials.get(pair):
+            count = draws_of(pair[1], seeds)
+            done = sum(draw in trials[pair] for draw in range(count))
+            reporter.progress(f"  mmr {label}: {done} of {count} initialisations recorded")
+
+
+def _finish_trial(work_dir: Path, reporter: Reporter, trials: dict[Pair, dict[int, float]], seeds: int,
+                  task: Trial, loss: float, where: str = "") -> None:
+    """Record one finished trial and report it; a pair whose last missing draw this is gets its score logged
+    as `mmr/loss` (and `mmr/loss_std` with several draws) at step = its layer, `mmr/loss_<mixer>` (and
+    `mmr/loss_std_<mixer>`) for mixers other than Mamba."""
+    layer, mixer, draw = task
+    trials.setdefault((layer, mixer), {})[draw] = loss
+    _record(work_dir, trials)
+    reporter.progress(f"  mmr {trial_label(layer, mixer, draw)}: distillation loss {loss:.4f}{where}")
+    losses = draw_losses(trials, (layer, mixer), seeds)
+    if losses is not None:
+        score, suffix, count = candidate_score(losses), "" if mixer == "mamba" else f"_{mixer}", len(losses)
+        reporter.log_metrics({f"mmr/loss{suffix}": score["loss"],
+                              **({f"mmr/loss_std{suffix}": score["std"]} if count > 1 else {})}, step=layer)
+        if count > 1:
+            reporter.progress(f"  mmr {trial_label(layer, mixer)}: mean distillation loss {score['loss']:.4f} "
+                              f"+- {score['std']:.4f} over {count} initialisations")
 
 
 def _candidates(parent: str | Path) -> tuple[list[int], int, int]:
@@ -148,16 +240,21 @@ def _candidates(parent: str | Path) -> tuple[list[int], int, int]:
             sum(kind == GDN for kind in kinds))
 
 
-def mmr_table(trials: dict[tuple[int, str], float], mixers: list[str], n_mamba: int, n_gdn: int,
-              train_cfg: TrainConfig) -> dict:
-    """mmr.json: with the default mixers and a parent without Gated DeltaNet, exactly the Mamba-only table
-    (no "mixer" fields); else each entry names its mixer and the table its mixers and Gated DeltaNet count."""
+def mmr_table(trials: dict[Pair, dict[int, float]], layers: list[int], mixers: list[str], seeds: int,
+              n_mamba: int, n_gdn: int, train_cfg: TrainConfig) -> dict:
+    """mmr.json from the complete trials: with the default mixers exactly the Mamba-only table
+    {"n_mamba", "steps", "score_window", "seeds", "ranking": [{"layer", "loss", "std", "losses"}]} ("n_gdn"
+    added only for a parent with Gated DeltaNet layers); else each entry names its mixer too and the table
+    lists its mixers and Gated DeltaNet count. "seeds" is mmr.seeds: the draws of each Mamba pair (a Gated
+    DeltaNet pair has one)."""
     default = list(mixers) == DEFAULT_MIXERS
+    losses = {pair: draw_losses(trials, pair, seeds) for pair in mmr_candidates(layers, mixers)}
     if default:
-        ranking = rank_candidates({layer: loss for (layer, _mixer), loss in trials.items()})
+        ranking = rank_candidates({layer: pair_losses for (layer, _mixer), pair_losses in losses.items()})
     else:
-        ranking = rank_pairs(trials, mixers)
-    result = {"n_mamba": n_mamba, "steps": train_cfg.steps, "score_window": train_cfg.loss_window, "ranking": ranking}
+        ranking = rank_pairs(losses, mixers)
+    result = {"n_mamba": n_mamba, "steps": train_cfg.steps, "score_window": train_cfg.loss_window, "seeds": seeds,
+              "ranking": ranking}
     if not default:
         result["mixers"] = list(mixers)
     if n_gdn or not default:
@@ -165,56 +262,68 @@ def mmr_table(trials: dict[tuple[int, str], float], mixers: list[str], n_mamba: 
     return result
 
 
-def _plot(trials: dict[tuple[int, str], float], layers: list[int], mixers: list[str], title: str, path: Path) -> None:
-    if list(mixers) == DEFAULT_MIXERS:  # the Mamba-only plot, as it always was
-        bar_plot([trials[(layer, "mamba")] for layer in layers], [str(layer) for layer in layers], title=title,
-                 ylabel="mean distillation loss", path=path)
+def _plot(ranking: list[dict], layers: list[int], mixers: list[str], seeds: int, title: str, path: Path) -> None:
+    """Mean loss bars, one a layer (Mamba only, as mmr.png always was) or one a pair grouped by layer; with
+    several draws, +- 1 std error bars (Mamba only: and each draw a dot)."""
+    scores = {(entry["layer"], entry.get("mixer", "mamba")): entry for entry in ranking}
+    labels = [str(layer) for layer in layers]
+    if list(mixers) == DEFAULT_MIXERS:
+        entries = [scores[(layer, "mamba")] for layer in layers]
+        spread = f"\nmean of {seeds} initialisations (dots) +- 1 std" if seeds > 1 else ""
+        bar_plot([entry["loss"] for entry in entries], labels,
+                 errors=[entry["std"] or 0.0 for entry in entries] if seeds > 1 else None,
+                 points=[entry["losses"] for entry in entries] if seeds > 1 else None,
+                 title=title + spread, ylabel="mean distillation loss", path=path)
         return
-    grouped_bar_plot({mixer: [trials.get((layer, mixer)) for layer in layers] for mixer in mixers},
-                     [str(layer) for layer in layers], title=title, ylabel="mean distillation loss", path=path)
+    spread = ""
+    if seeds > 1:
+        single = [mixer for mixer in mixers if draws_of(mixer, seeds) == 1]
+        spread = f"\nmean +- 1 std of {seeds} draws" + (f" ({', '.join(single)}: 1)" if single else "")
+    grouped_bar_plot({mixer: [scores[(layer, mixer)]["loss"] for layer in layers] for mixer in mixers}, labels,
+                     errors={mixer: [scores[(layer, mixer)]["std"] for layer in layers] for mixer in mixers}
+                     if seeds > 1 else None,
+                     title=title + spread, ylabel="mean distillation loss", path=path)
 
 
-@stage("mmr", version=4)
+@stage("mmr", version=5)
 def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, mixers: list[str] | None = None,
             gdn: GDNConfig | None = None, *, teacher: str | Path, parent: str | Path, out_dir: str | Path,
             work_dir: str | Path, reporter: Reporter | None = None) -> dict:
-    """`mixers` (schedule.mixers) and `gdn` are given only by a run whose mixers are not the default [mamba],
-    so Mamba-only runs keep their keys (and write what they always wrote)."""
+    """Score every (attention layer, mixer) pair of `parent` (see the module's docstring). `mixers`
+    (schedule.mixers) and `gdn` are given only by a run whose mixers are not the default [mamba], so
+    Mamba-only runs keep their keys (and write the Mamba-only files)."""
     reporter = reporter or ConsoleReporter()
     mixers = list(mixers or DEFAULT_MIXERS)
     started, out_dir, work_dir = time.time(), Path(out_dir), Path(work_dir)
-    done_path = work_dir / TRIALS_FILE
-    trials = ({parse_trial_key(k): v for k, v in json.loads(done_path.read_text()).items()}
-              if done_path.exists() else {})
-    train_cfg = mmr.train
+    trials = _read_trials(work_dir / TRIALS_FILE)
+    train_cfg, seeds = mmr.train, mmr.seeds
     if hardware.nproc > 1:
         layers, n_mamba, n_gdn = _candidates(parent)
+        pairs = mmr_candidates(layers, mixers)
+        _report_recorded(reporter, pairs, seeds, trials)
         _fan_out(mmr, data, hardware, seed, teacher=teacher, parent=parent, work_dir=work_dir, reporter=reporter,
-                 candidates=mmr_candidates(layers, mixers), trials=trials, gdn=gdn)
+                 todo=pending_trials(pairs, seeds, trials), trials=trials, gdn=gdn)
     else:
         teacher_model = load_model(teacher, hardware, "teacher")  # frozen: bf16 under bf16-mixed
         parent_model = load_model(parent, hardware, "parent checkpoint", fp32=True)  # fp32: its trial mixers train
         stage_data = StageData(data, load_tokenizer(teacher))
         config = parent_model.config
         layers, n_mamba, n_gdn = config.attention_layers, len(config.mamba_layers), len(config.gdn_layers)
+        pairs = mmr_candidates(layers, mixers)
         precision = resolve_precision(hardware)
-        for layer, mixer in mmr_candidates(layers, mixers):
-            label = trial_label(layer, mixer)
-            if (layer, mixer) in trials:
-                reporter.progress(f"  mmr {label}: {trials[(layer, mixer)]:.4f} (recorded)")
-                continue
-            with reporter.trial(label.replace(" ", "-")) as trial:
+        _report_recorded(reporter, pairs, seeds, trials)
+        for task in pending_trials(pairs, seeds, trials):
+            layer, mixer, draw = task
+            with reporter.trial(trial_name(*task)) as trial:
                 loss = score_layer(parent_model, teacher_model, stage_data, data, train_cfg, precision, seed, layer,
-                                   metrics_callback(trial, f"mmr {label}"), mixer=mixer, gdn=gdn)
-            trials[(layer, mixer)] = loss
-            _record(work_dir, trials)
-            reporter.log_metrics({"mmr/loss" if mixer == "mamba" else f"mmr/loss_{mixer}": loss}, step=layer)
-            reporter.progress(f"  mmr {label}: distillation loss {loss:.4f}")
-    result = mmr_table(trials, mixers, n_mamba, n_gdn, train_cfg)
+                                   metrics_callback(trial, f"mmr {trial_label(*task)}"), mixer=mixer, gdn=gdn,
+                                   draw=draw)
+            _finish_trial(work_dir, reporter, trials, seeds, task, loss)
+    result = mmr_table(trials, layers, mixers, seeds, n_mamba, n_gdn, train_cfg)
     ranking = result["ranking"]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MMR_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    _plot(trials, layers, mixers, f"MMR: distillation loss after {train_cfg.steps} steps (from H-{n_mamba + n_gdn})",
+    _plot(ranking, layers, mixers, seeds, f"MMR from H-{n_mamba + n_gdn}: loss after {train_cfg.steps} steps",
           out_dir / "mmr.png")
     for name in (MMR_FILE, "mmr.png"):
         reporter.log_artifact(out_dir / name)
@@ -262,9 +371,9 @@ def _resolved_hardware(hardware: HardwareConfig) -> HardwareConfig:
 
 
 def _worker(job: _WorkerJob, index: int, tasks, results) -> None:
-    """One worker process: load teacher and parent once on its device, then score (layer, mixer) pairs from
-    `tasks` until a None; every message to `results` is (kind, worker index, (layer, mixer), payload)."""
-    layer = None
+    """One worker process: load teacher and parent once on its device, then run (layer, mixer, draw) trials
+    from `tasks` until a None; every message to `results` is (kind, worker index, trial, payload)."""
+    task = None
     stage_pid = os.getppid()
     try:
         import torch
@@ -281,15 +390,16 @@ def _worker(job: _WorkerJob, index: int, tasks, results) -> None:
         def callback(metrics) -> None:
             if os.getppid() != stage_pid:  # the stage's process is gone: stop, do not keep a GPU busy
                 raise SystemExit(1)
-            results.put(("metrics", index, layer, dataclasses.asdict(metrics)))
+            results.put(("metrics", index, task, dataclasses.asdict(metrics)))
 
-        while (layer := tasks.get()) is not None:
-            results.put(("start", index, layer, os.getpid()))
+        while (task := tasks.get()) is not None:
+            layer, mixer, draw = task
+            results.put(("start", index, task, os.getpid()))
             loss = score_layer(parent_model, teacher_model, stage_data, job.data, job.mmr.train, precision, job.seed,
-                               layer[0], callback, mixer=layer[1], gdn=job.gdn)
-            results.put(("done", index, layer, loss))
+                               layer, callback, mixer=mixer, gdn=job.gdn, draw=draw)
+            results.put(("done", index, task, loss))
     except BaseException as exc:
-        results.put(("error", index, layer, f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"))
+        results.put(("error", index, task, f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"))
         raise SystemExit(1) from None
 
 
@@ -300,18 +410,14 @@ def _how_it_ended(exitcode: int | None) -> str:
 
 
 def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher, parent,
-             work_dir: Path, reporter: Reporter, candidates: list[tuple[int, str]],
-             trials: dict[tuple[int, str], float], gdn: GDNConfig | None = None) -> None:
-    """Score the (layer, mixer) candidates not in `trials` on hardware.nproc worker processes; `trials` is
-    filled in (and recorded in work_dir) as the scores arrive."""
+             work_dir: Path, reporter: Reporter, todo: list[Trial], trials: dict[Pair, dict[int, float]],
+             gdn: GDNConfig | None = None) -> None:
+    """Run the (layer, mixer, draw) trials of `todo` on hardware.nproc worker processes; `trials` is filled in
+    (and recorded in work_dir) as the losses arrive."""
     import multiprocessing
 
     from pipeline.train.loop import StepMetrics
 
-    for layer in candidates:
-        if layer in trials:
-            reporter.progress(f"  mmr {trial_label(*layer)}: {trials[layer]:.4f} (recorded)")
-    todo = [layer for layer in candidates if layer not in trials]
     if not todo:
         return
     hardware = _resolved_hardware(hardware)
@@ -320,8 +426,8 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
     job = _WorkerJob(mmr, data, hardware, seed, str(teacher), str(parent), threads, gdn)
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; the same on CPU
     tasks, results = context.Queue(), context.Queue()
-    for layer in todo:
-        tasks.put(layer)
+    for task in todo:
+        tasks.put(task)
     for _ in range(count):
         tasks.put(None)
     workers = [context.Process(target=_worker, args=(job, index, tasks, results), name=f"mmr-worker-{index}",
@@ -330,37 +436,35 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
                       f"({', '.join(_device_name(hardware, i) for i in range(count))})")
     for worker in workers:
         worker.start()
-    current: dict[int, tuple[int, str]] = {}  # worker -> the (layer, mixer) it is on
-    curves: dict[tuple[int, str], list[dict]] = {pair: [] for pair in todo}
+    current: dict[int, Trial] = {}  # worker -> the trial it is on
+    curves: dict[Trial, list[dict]] = {task: [] for task in todo}
+    finished: set[Trial] = set()
 
     def handle(message) -> None:
-        kind, index, pair, payload = message
-        pair = tuple(pair) if pair is not None else None  # (layer, mixer)
-        label = trial_label(*pair) if pair is not None else None
+        kind, index, task, payload = message
+        task = tuple(task) if task is not None else None  # (layer, mixer, draw)
         where = f"mmr worker {index} ({_device_name(hardware, index)})"
         if kind == "error":
-            on = f"on {label}" if pair is not None else "while loading the teacher and parent"
+            on = f"on {trial_label(*task)}" if task is not None else "while loading the teacher and parent"
             raise StageError(f"{where} failed {on}: {payload}")
         if kind == "start":
-            current[index] = pair
-            reporter.progress(f"  mmr {label}: {where}, pid {payload}")
+            current[index] = task
+            reporter.progress(f"  mmr {trial_label(*task)}: {where}, pid {payload}")
         elif kind == "metrics":
-            curves[pair].append(payload)
+            curves[task].append(payload)
             metrics = StepMetrics(**payload)
-            reporter.progress(f"  mmr {label} step {metrics.step}: loss {metrics.loss:.4f} "
+            reporter.progress(f"  mmr {trial_label(*task)} step {metrics.step}: loss {metrics.loss:.4f} "
                               f"lr {metrics.lr:.2e} {metrics.tokens_per_second:,.0f} tok/s ({where})")
         elif kind == "done":
             current.pop(index, None)
-            with reporter.trial(label.replace(" ", "-")) as trial:  # the curve, into the trial's own run
-                for record in curves.pop(pair):
+            with reporter.trial(trial_name(*task)) as trial:  # the curve, into the trial's own run
+                for record in curves.pop(task):
                     trial.log_metrics(train_metrics(StepMetrics(**record)), step=record["step"])
-            trials[pair] = payload
-            _record(work_dir, trials)
-            reporter.log_metrics({"mmr/loss" if pair[1] == "mamba" else f"mmr/loss_{pair[1]}": payload}, step=pair[0])
-            reporter.progress(f"  mmr {label}: distillation loss {payload:.4f} ({where})")
+            finished.add(task)
+            _finish_trial(work_dir, reporter, trials, mmr.seeds, task, payload, where=f" ({where})")
 
     try:
-        while any(layer not in trials for layer in todo):
+        while len(finished) < len(todo):
             try:
                 handle(results.get(timeout=0.5))
                 continue
@@ -374,12 +478,12 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
                         handle(results.get(timeout=0.5))
                     except queue.Empty:
                         break
-                on = f"during {trial_label(*current[index])}" if index in current else "before taking a layer"
+                on = f"during {trial_label(*current[index])}" if index in current else "before taking a trial"
                 raise StageError(f"mmr worker {index} ({_device_name(hardware, index)}) "
                                  f"{_how_it_ended(worker.exitcode)} {on}")
             if not any(worker.is_alive() for worker in workers):
-                missing = [trial_label(*pair) for pair in todo if pair not in trials]
-                raise StageError(f"mmr workers all exited with {', '.join(missing)} unscored")
+                missing = [trial_label(*task) for task in todo if task not in finished]
+                raise StageError(f"mmr workers all exited with trials unfinished: {', '.join(missing)}")
     finally:
         for worker in workers:
             if worker.is_alive():
@@ -388,5 +492,6 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
             worker.join(timeout=30)
 
 
-__all__ = ["MMR_FILE", "TRIALS_FILE", "choose_conversions", "mmr_candidates", "mmr_table", "parse_trial_key",
-           "rank_candidates", "rank_pairs", "run_mmr", "score_layer", "trial_key", "trial_label"]
+__all__ = ["DETERMINISTIC_MIXERS", "MMR_FILE", "TRIALS_FILE", "candidate_score", "choose_conversions", "draw_losses",
+           "draws_of", "mmr_candidates", "mmr_table", "parse_trial_key", "pending_trials", "rank_candidates",
+           "rank_pairs", "run_mmr", "score_layer", "trial_key", "trial_label", "trial_name"]

@@ -22,6 +22,7 @@ from pipeline.stages.common import (
     Reporter,
     StageData,
     StageError,
+    check_vocabulary,
     load_model,
     load_tokenizer,
     metrics_callback,
@@ -73,6 +74,7 @@ def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str
     else:
         model, tokenizer = load_model(source, hardware, "teacher"), load_tokenizer(source)
     check_teacher(model)
+    check_vocabulary(model, tokenizer, f"teacher at {source}")
     save_checkpoint(model, tokenizer, out_dir)
     if getattr(model.config, "recurrent_layers", None):  # a hybrid as the teacher (a released one): its own pattern
         extra.update(layer_pattern=model.config.layer_pattern, n_mamba=len(model.config.mamba_layers))

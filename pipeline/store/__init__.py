@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pipeline.store.base import Store
+from pipeline.store.base import DEFAULT_RETAIN_SECONDS, Store
 from pipeline.store.errors import (
     AccessDeniedError,
     BucketNotFoundError,
@@ -54,6 +54,7 @@ def open_store(
     endpoint_url: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     transfer: S3TransferOptions | None = None,
+    retain_seconds: float | None = None,
 ) -> Store:
     """Opens a store; touches neither the disk nor the network.
 
@@ -62,7 +63,18 @@ def open_store(
         ``AWS_ENDPOINT_URL``, else AWS itself.
     cache_dir: where S3 checkpoints are downloaded (default ``./.cache/store``).
     transfer: S3 multipart, retry and lease settings.
+    retain_seconds: how long a replaced version stays readable (default DEFAULT_RETAIN_SECONDS).
     """
+    store = _open(uri, endpoint_url, cache_dir, transfer)
+    if retain_seconds is not None:
+        if retain_seconds < 0:
+            raise ValueError(f"retain_seconds must be >= 0, got {retain_seconds}")
+        store.retain_seconds = float(retain_seconds)
+    return store
+
+
+def _open(uri: str | os.PathLike[str] | None, endpoint_url: str | None, cache_dir: str | os.PathLike[str] | None,
+          transfer: S3TransferOptions | None) -> Store:
     uri = os.fspath(uri) if uri is not None else DEFAULT_STORE_URI
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser().resolve()
     parsed = urlparse(uri)
@@ -101,6 +113,7 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str]:
 
 
 __all__ = [
+    "DEFAULT_RETAIN_SECONDS",
     "MANIFEST_NAME",
     "AccessDeniedError",
     "BucketNotFoundError",

@@ -1,12 +1,25 @@
 """The store interface and the write protocol both backends share.
 
 A put never touches the version readers use until its commit:
-1. take the name's write lease (a second run writing the same name waits or fails, naming the holder);
-2. write every file into a new version folder ``<name>/<version>/``, beside the committed one;
-3. commit: switch ``<name>/manifest.json`` (S3: one PUT) or ``<name>`` (local: one symlink rename) to the
-   new version, after checking the lease is still ours;
-4. prune: remove older versions and whatever a crashed writer left (failures here only log).
+1. take the name's write lease (a second run writing the same name waits or fails, naming the holder) and
+   check that whatever already sits at the name was written by the store (else refuse, changing nothing);
+2. write every file into a new version folder ``<name>/<version>/``, beside the committed one, marked as
+   the store's own before the first file;
+3. commit: switch ``<name>/manifest.json`` (S3: one conditional PUT, refused if another run committed
+   meanwhile) or ``<name>`` (local: one symlink rename) to the new version, after checking the lease is
+   still ours; the version it replaces is recorded as retired, with the time;
+4. prune: remove what crashed writers left, and retired versions once they have been retired for
+   ``retain_seconds`` and (local stores) no reader holds them (failures here only log).
 A crash anywhere before 3 leaves the last good checkpoint as it was; after 3 the new one is complete.
+
+The store only ever moves or deletes what it wrote: a version folder counts as its own when it carries the
+store's marker (written before its first file) or a manifest of its own; anything else at a checkpoint's
+place is refused in one line, never moved, never pruned.
+
+Readers: ``get_checkpoint`` returns a folder that stays valid for at least ``retain_seconds`` after a newer
+version is committed; ``hold`` keeps a version (local stores: reference-counted through a shared lock)
+for as long as its block runs. A version can be asked for by its manifest digest (``digest=``): what a
+stage's cache key was computed from, even once another run committed a newer one.
 """
 
 from __future__ import annotations
@@ -20,7 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.store.errors import IntegrityError, NotFoundError, StoreError
+from pipeline.redaction import redact
+from pipeline.store.errors import IntegrityError, LeaseLostError, NotFoundError, StoreError
 from pipeline.store.lease import Lease
 from pipeline.store.manifest import (
     MANIFEST_NAME,
@@ -37,6 +51,8 @@ from pipeline.store.manifest import (
 
 logger = logging.getLogger("pipeline.store")
 
+DEFAULT_RETAIN_SECONDS = 6 * 3600.0
+
 
 class Store(abc.ABC):
     """A place for checkpoints and small artifacts. Open one with :func:`pipeline.store.open_store`.
@@ -49,6 +65,8 @@ class Store(abc.ABC):
         self.uri = uri  # the store root, e.g. file:///abs/artifacts or s3://bucket/prefix
         self.cache_dir = cache_dir
         self.lease_wait_seconds = 0.0
+        # a version replaced by a newer one stays readable at least this long (then the next put removes it)
+        self.retain_seconds = DEFAULT_RETAIN_SECONDS
         self._leases: dict[str, Lease] = {}
 
     def __repr__(self) -> str:
@@ -77,12 +95,19 @@ class Store(abc.ABC):
         """Writes the files into version folder ``<name>/<version>/``; returns their entries."""
 
     @abc.abstractmethod
+    def _begin_put(self, name: str) -> None:
+        """Under the lease, before anything is written: refuses (StoreError) when what sits at ``name`` was not
+        written by the store, and notes what the commit must find unchanged."""
+
+    @abc.abstractmethod
     def _commit(self, name: str, version: str, manifest: Mapping[str, Any]) -> None:
-        """The commit point of a put: readers see ``version`` from now on."""
+        """The commit point of a put: readers see ``version`` from now on (LeaseLostError, committing nothing,
+        if another run committed ``name`` since ``_begin_put``). The version it replaces becomes retired."""
 
     @abc.abstractmethod
     def _prune(self, name: str, keep: str) -> None:
-        """Removes every version of ``name`` but ``keep``, and leftovers of crashed writers."""
+        """Removes what crashed writers of ``name`` left and its retired versions that are due (retired for
+        ``retain_seconds``, held by no reader), never ``keep``, never what the store did not write."""
 
     def _discard_version(self, name: str, version: str) -> None:
         """Removes an uncommitted version after a failed put; failures only log (the next put prunes)."""
@@ -96,13 +121,27 @@ class Store(abc.ABC):
         """Removes one version folder of ``name``."""
 
     @abc.abstractmethod
-    def get_checkpoint(self, name: str) -> Path:
-        """Local folder holding the checkpoint's files and its manifest.
+    def get_checkpoint(self, name: str, *, digest: str | None = None) -> Path:
+        """Local folder holding the checkpoint's files and its manifest: the committed version, or with
+        ``digest`` the version whose manifest has that digest (committed or retired, while it is kept).
 
         Every file's size and sha256 is checked against the manifest once per content (an S3 download;
         a local folder whose files changed since they were last hashed); later calls check sizes only.
-        Raises NotFoundError if the checkpoint is not committed, IntegrityError on a mismatch.
+        The folder stays valid for at least ``retain_seconds`` after a newer version is committed.
+        Raises NotFoundError if the checkpoint is not committed (or the asked-for version is gone),
+        IntegrityError on a mismatch.
         """
+
+    def check_place(self, name: str) -> None:
+        """StoreError (one line) if something the store did not write sits where checkpoint `name` goes
+        (a folder store; in S3 the store's objects never collide with others')."""
+        check_name(name)
+
+    @contextmanager
+    def hold(self, name: str, *, digest: str | None = None) -> Iterator[Path]:
+        """``get_checkpoint``, with the version kept from pruning for as long as the block runs (local
+        stores count their readers; an S3 checkpoint is read from this machine's download of it)."""
+        yield self.get_checkpoint(name, digest=digest)
 
     @abc.abstractmethod
     def check(self) -> None:
@@ -152,9 +191,11 @@ class Store(abc.ABC):
         check_name(name)
         local_dir = Path(local_dir)
         relative_paths = scan_files(local_dir)
-        parent_record = self._parent_record(parent)
-        metadata = json.loads(json.dumps(dict(metadata or {})))  # fails early if not JSON-serialisable
+        parent_record = redact(self._parent_record(parent), keys=False)
+        # JSON types (fails early if not serialisable), no secret (a source URI's userinfo, ...)
+        metadata = redact(json.loads(json.dumps(dict(metadata or {}))), keys=False)
         with self.lease(name) as lease:
+            self._begin_put(name)  # refuses what the store did not write, before anything is written
             version = new_version()
             try:
                 entries = self._write_version(local_dir, name, version, relative_paths)
@@ -165,7 +206,11 @@ class Store(abc.ABC):
             except BaseException:
                 self._discard_version(name, version)  # nothing half-written stays behind (best effort)
                 raise
-            self._commit(name, version, manifest)
+            try:
+                self._commit(name, version, manifest)
+            except LeaseLostError:  # refused: another run committed meanwhile, so this version never will be
+                self._discard_version(name, version)
+                raise
             try:
                 self._prune(name, keep=version)
             except (StoreError, OSError) as exc:  # the commit stands; leftovers go at the next put
@@ -174,6 +219,14 @@ class Store(abc.ABC):
             "stored checkpoint %s (%d files, %d bytes)", self.uri_for(name), len(entries), manifest["total_size"]
         )
         return CheckpointRef(name, self.uri_for(name), manifest_digest(manifest), config_digest)
+
+    def _committed_version(self, name: str) -> str | None:
+        """The committed version of ``name`` (None: none, or a manifest that does not parse); other errors
+        (the store cannot be read now) propagate."""
+        try:
+            return self.manifest(name).get("version")
+        except (NotFoundError, IntegrityError):
+            return None
 
     def manifest(self, name: str) -> dict[str, Any]:
         """The parsed manifest; NotFoundError if the checkpoint is not committed, IntegrityError if garbled."""

@@ -34,6 +34,7 @@ MANIFEST_FORMAT = "hybrid-distill.checkpoint/2"  # files under <name>/<version>/
 LEGACY_MANIFEST_FORMAT = "hybrid-distill.checkpoint/1"  # files directly under <name>/ (read only)
 # A checkpoint name is one path segment, so names never nest and `<root>/<name>/` is unambiguous.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_NAME_LENGTH = 100  # a name (and "<name>/<version>/") stays far below file-name and object-key limits
 VERSION_PATTERN = re.compile(r"^v-[0-9]{8}T[0-9]{6}-[0-9a-f]{8}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -118,10 +119,10 @@ class FileEntry:
 
 def check_name(name: str) -> str:
     """A checkpoint name: one path segment of letters, digits, '.', '_', '-'."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or len(name) > MAX_NAME_LENGTH:
         raise InvalidKeyError(
             f"invalid checkpoint name {name!r}: use one path segment of letters, digits, '.', '_' or '-', "
-            "not starting with '.' or '-'"
+            f"not starting with '.' or '-', at most {MAX_NAME_LENGTH} characters"
         )
     return name
 

@@ -2,7 +2,16 @@
 
     <prefix>/<name>/manifest.json         the commit: names the version whose files make the checkpoint
     <prefix>/<name>/<version>/<path>      the files of one version (a new put uploads beside the old one)
+    <prefix>/<name>/<version>/.writing    the store's marker, uploaded before the version's first file
+    <prefix>/<name>/<version>/manifest.json   the version's manifest, uploaded just before the commit
+    <prefix>/<name>/<version>/.retired    uploaded when a newer version is committed (Last-Modified: when)
     <prefix>/.leases/<name>.json          the write lease (see pipeline.store.lease)
+
+The commit is a conditional PUT of ``<name>/manifest.json`` (``If-Match`` the manifest the put started from,
+``If-None-Match: *`` when there was none): a run that lost its lease and would overwrite the new holder's
+commit is refused by the server, whatever the timing. Pruning deletes only the store's own objects: a
+version prefix with its marker and no manifest (a writer that crashed), or one with its manifest that has
+been retired for ``retain_seconds``; objects of anyone else under the prefix are never touched.
 
 Transfers retry: botocore retries each request (mode "standard"), and a whole-file transfer that still
 fails on a transient error (connection dropped or reset, timeout, 5xx, SlowDown) is started again, a
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import random
@@ -35,12 +45,14 @@ from pipeline.store.errors import (
     BucketNotFoundError,
     EndpointUnreachableError,
     IntegrityError,
+    LeaseLostError,
     NotFoundError,
     StoreError,
     one_line,
 )
 from pipeline.store.lease import Lease, S3Lease, server_age
 from pipeline.store.manifest import (
+    LEGACY_MANIFEST_FORMAT,
     MANIFEST_NAME,
     FileEntry,
     build_manifest,
@@ -50,6 +62,7 @@ from pipeline.store.manifest import (
     manifest_bytes,
     manifest_digest,
     new_version,
+    parse_manifest,
     verify_file,
 )
 
@@ -58,6 +71,7 @@ logger = logging.getLogger("pipeline.store")
 _T = TypeVar("_T")
 _MiB = 1024 * 1024
 LEASES_PREFIX = ".leases"
+WRITING, RETIRED = ".writing", ".retired"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +196,7 @@ class S3Store(Store):
         self.transfer = transfer
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._started_from: dict[str, tuple[str | None, dict[str, Any] | None]] = {}  # name -> (ETag, manifest)
         super().__init__(f"s3://{bucket}/{self.prefix}".rstrip("/"), cache_dir)
 
     @property
@@ -416,32 +431,128 @@ class S3Store(Store):
 
     # -- versions -------------------------------------------------------------------------------------
 
+    def _read_manifest_object(self, key: str) -> tuple[str | None, dict[str, Any] | None]:
+        """(ETag, parsed manifest or None if garbled) of a manifest object; (None, None) if there is none."""
+        def read() -> tuple[str, bytes]:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["ETag"], response["Body"].read()
+
+        try:
+            etag, raw = self._call("reading", key, read, attempts=self.transfer.transfer_attempts)
+        except NotFoundError:
+            return None, None
+        try:
+            return etag, parse_manifest(raw, self.uri_for(key))
+        except IntegrityError:
+            return etag, None
+
+    def _begin_put(self, name: str) -> None:
+        self._started_from[name] = self._read_manifest_object(f"{name}/{MANIFEST_NAME}")
+
     def _write_version(self, local_dir: Path, name: str, version: str, relative_paths: list[str]) -> list[FileEntry]:
         entries = [file_entry(local_dir / relative_path, relative_path) for relative_path in relative_paths]
+        self._put_bytes(f"{name}/{version}/{WRITING}", b"")  # the store's marker, before any file
         for entry in entries:
             self._upload_file(local_dir / entry.path, f"{name}/{version}/{entry.path}")
         return entries
 
-    def _commit(self, name: str, version: str, manifest: Mapping[str, Any]) -> None:
-        data = manifest_bytes(manifest)
+    def _put_bytes(self, key: str, data: bytes, **condition: str) -> None:
         self._call(
-            "writing",
-            f"{name}/{MANIFEST_NAME}",
-            lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(f"{name}/{MANIFEST_NAME}"), Body=data),
+            "writing", key,
+            lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition),
             attempts=self.transfer.transfer_attempts,
         )
 
+    def _commit(self, name: str, version: str, manifest: Mapping[str, Any]) -> None:
+        data = manifest_bytes(manifest)
+        self._put_bytes(f"{name}/{version}/{MANIFEST_NAME}", data)  # readers can ask for this version later
+        etag, previous = self._started_from.pop(name, (None, None))
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            self._put_bytes(f"{name}/{MANIFEST_NAME}", data, **condition)
+        except StoreError as error:
+            if not _precondition_failed(error):
+                raise
+            _, current = self._read_manifest_object(f"{name}/{MANIFEST_NAME}")
+            if current is None or current.get("version") != version:  # (ours: a retry after a lost answer)
+                now = current.get("version") if current else "none readable"
+                raise LeaseLostError(
+                    f"checkpoint {self.uri_for(name)} was committed by another run while this one wrote it (now "
+                    f"version {now}); not committing this version, the other run's work stands"
+                ) from None
+        if previous is not None and previous.get("version") != version:
+            self._retire(name, previous)
+
+    def _retire(self, name: str, previous: Mapping[str, Any]) -> None:
+        """Records that `previous` (a manifest) was replaced (best effort: the next prune records it too)."""
+        try:
+            if previous.get("format") == LEGACY_MANIFEST_FORMAT:  # files right under <name>/: listed
+                keys = [f"{name}/{entry['path']}" for entry in previous["files"]]
+                self._put_bytes(f"{name}/legacy-{uuid.uuid4().hex[:8]}/{RETIRED}", json.dumps(keys).encode())
+            else:
+                self._put_bytes(f"{name}/{previous['version']}/{RETIRED}", b"")
+        except StoreError as exc:
+            logger.warning("could not record the previous version of %s as retired: %s", name, exc)
+
+    def _versions(self, name: str) -> dict[str, dict[str, Any]]:
+        """The version prefixes under <name>/: version -> {"keys": [...], "marker", "manifest", "retired": age}."""
+        versions: dict[str, dict[str, Any]] = {}
+        for item in self._list_objects(f"{name}/"):
+            version, _, rest = item["Key"][len(name) + 1:].partition("/")
+            if not rest:
+                continue  # <name>/manifest.json, or an object of someone else's
+            entry = versions.setdefault(version, {"keys": [], "marker": False, "manifest": False, "retired": None})
+            entry["keys"].append(item["Key"])
+            if rest == WRITING:
+                entry["marker"] = True
+            elif rest == MANIFEST_NAME:
+                entry["manifest"] = True
+            elif rest == RETIRED:
+                entry["retired"] = max(0.0, time.time() - item["LastModified"].timestamp())
+        return versions
+
     def _prune_version(self, name: str, version: str) -> None:
-        self._delete_keys(item["Key"] for item in self._list_objects(f"{name}/{version}/"))
+        found = self._versions(name).get(version)
+        if found is not None and found["marker"]:  # only a version this store started writing
+            self._delete_keys(found["keys"])
 
     def _prune(self, name: str, keep: str) -> None:
-        keep_prefix = f"{name}/{keep}/"
-        stray = [
-            item["Key"]
-            for item in self._list_objects(f"{name}/")
-            if item["Key"] != f"{name}/{MANIFEST_NAME}" and not item["Key"].startswith(keep_prefix)
-        ]
-        self._delete_keys(stray)
+        committed = self._committed_version(name)
+        for version, found in sorted(self._versions(name).items()):
+            if version in (keep, committed):
+                continue
+            if found["manifest"] or found["retired"] is not None or version.startswith("legacy-"):
+                self._remove_if_due(name, version, found)  # the store's own: its manifest or its record
+            elif found["marker"]:  # a writer that crashed before its commit
+                self._delete_keys(found["keys"])
+        self.sweep(exclude=name)
+
+    def _remove_if_due(self, name: str, version: str, found: Mapping[str, Any]) -> None:
+        if found["retired"] is None:
+            if found["manifest"]:  # a commit cut short before it recorded the old version: recorded now
+                self._put_bytes(f"{name}/{version}/{RETIRED}", b"")
+            return
+        if found["retired"] < self.retain_seconds:
+            return
+        keys = list(found["keys"])
+        if version.startswith("legacy-"):  # the older layout's files, as its record lists them
+            listed = json.loads(self._read_bytes(f"{name}/{version}/{RETIRED}") or b"[]")
+            keys = [key for key in listed if isinstance(key, str) and key.startswith(f"{name}/")
+                    and key != f"{name}/{MANIFEST_NAME}"] + keys
+        self._delete_keys(sorted(keys, key=lambda key: key.endswith(RETIRED)))  # the record last
+
+    def sweep(self, exclude: str | None = None) -> None:
+        """Removes the due retired versions of every checkpoint of this store (the store's own only)."""
+        names = sorted({item["Key"].split("/", 1)[0] for item in self._list_objects("")
+                        if item["Key"].endswith(f"/{RETIRED}") and not item["Key"].startswith(".")})
+        for name in names:
+            if name == exclude:
+                continue
+            committed = self._committed_version(name)
+            for version, found in sorted(self._versions(name).items()):
+                due = found["retired"] is not None and found["retired"] >= self.retain_seconds
+                if version != committed and due:
+                    self._remove_if_due(name, version, found)
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -449,13 +560,16 @@ class S3Store(Store):
         version = manifest.get("version")
         return f"{name}/{version}/{path}" if version else f"{name}/{path}"  # no version: the older layout
 
-    def get_checkpoint(self, name: str) -> Path:
+    def get_checkpoint(self, name: str, *, digest: str | None = None) -> Path:
         """Downloads the checkpoint into ``cache_dir/<name>-<manifest digest>/`` once and returns that folder.
 
         A download is checked against the manifest's sizes and sha256 before the folder appears; a folder
         already in the cache is checked for sizes only, and downloaded again if they differ. If a newer
-        version is committed while the files download (the old ones vanish), the new one is fetched.
+        version is committed while the files download (the old ones vanish), the new one is fetched --
+        unless ``digest`` asks for one version: then that one, from its own manifest, or NotFoundError.
         """
+        if digest is not None:
+            return self._get_version(name, digest)
         for _ in range(3):
             manifest = self.manifest(name)
             try:
@@ -465,6 +579,32 @@ class S3Store(Store):
                     raise
                 logger.warning("checkpoint %s changed while downloading; fetching the new version", name)
         raise StoreError(f"checkpoint {self.uri_for(name)} keeps changing while it downloads; try again later")
+
+    def _get_version(self, name: str, digest: str) -> Path:
+        """The version of `name` whose manifest has `digest`: the committed one, or a retired one still kept."""
+        cached = self.cache_dir / f"{name}-{digest[:16]}"
+        manifest = self.manifest(name)
+        if manifest_digest(manifest) != digest:
+            if (cached / MANIFEST_NAME).is_file():
+                try:
+                    local = parse_manifest((cached / MANIFEST_NAME).read_bytes(), str(cached / MANIFEST_NAME))
+                    if manifest_digest(local) == digest:
+                        manifest = local
+                except IntegrityError:
+                    pass
+        if manifest_digest(manifest) != digest:
+            for version, found in sorted(self._versions(name).items(), reverse=True):
+                if found["manifest"]:
+                    _, candidate = self._read_manifest_object(f"{name}/{version}/{MANIFEST_NAME}")
+                    if candidate is not None and manifest_digest(candidate) == digest:
+                        manifest = candidate
+                        break
+            else:
+                raise NotFoundError(
+                    f"checkpoint {self.uri_for(name)} no longer holds the version with manifest digest "
+                    f"{digest[:16]}... (another run replaced it and it was pruned); run again to compute from "
+                    "the current one")
+        return self._fetch_version(name, manifest)
 
     def _fetch_version(self, name: str, manifest: dict[str, Any]) -> Path:
         digest = manifest_digest(manifest)

@@ -107,6 +107,14 @@ def latest_state(state_dir: str | os.PathLike[str]) -> Path | None:
     return max(found)[2] if found else None
 
 
+class StateSaveError(OSError):
+    """A training state could not be written (a full disk or quota, permissions): one line naming the folder
+    and the cause. The committed state (`LATEST`) is untouched, so a run started again resumes from it."""
+
+    def __str__(self) -> str:
+        return str(self.args[-1]) if self.args else "the training state could not be saved"
+
+
 def save_state(
     state_dir: str | os.PathLike[str],
     *,
@@ -115,8 +123,49 @@ def save_state(
     optimizer: torch.optim.Optimizer,
     trainer: dict[str, Any],
 ) -> Path:
-    """Write the state of `step` beside the committed one, commit it by replacing `LATEST`, drop the old one."""
+    """Write the state of `step` beside the committed one, commit it by replacing `LATEST`, drop the old one.
+    A write that fails (disk full, ...) removes the unfinished state and raises StateSaveError."""
     root = Path(state_dir)
+    try:
+        return _save_state(root, step=step, model=model, optimizer=optimizer, trainer=trainer)
+    except Exception as error:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+        from safetensors import SafetensorError
+
+        if not (isinstance(error, OSError | SafetensorError)
+                or (isinstance(error, RuntimeError) and _write_failure(error))):
+            raise
+        for leftover in root.glob(".step-*.tmp") if root.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
+        code = getattr(error, "errno", None) or _errno_of(error, root)
+        reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+        raise StateSaveError(code, f"could not save the training state of step {step} into {root}: {reason}; "
+                                   "free space (or fix permissions) and run again: training resumes from the "
+                                   "last complete save") from None
+
+
+def _write_failure(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(sign in text for sign in ("write failed", "no space", "os error", "unexpected pos", "file write",
+                                         "quota", "permission denied", "read-only"))
+
+
+def _errno_of(error: BaseException, root: Path) -> int:
+    """The errno a write failure stands for (safetensors and torch hide it in their message)."""
+    import errno as errnos
+
+    found = re.search(r"(?:os error|code:)\s*(\d+)", str(error))
+    if found:
+        return int(found.group(1))
+    try:
+        if shutil.disk_usage(root if root.exists() else root.parent).free < 1 << 20:
+            return errnos.ENOSPC
+    except OSError:
+        pass
+    return errnos.EIO
+
+
+def _save_state(root: Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                trainer: dict[str, Any]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     current = latest_state(root)
     name = f"step-{step:08d}"

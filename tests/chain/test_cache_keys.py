@@ -63,6 +63,7 @@ READERS = {
     "loo": {"loo"},
     "train": {"H-4", "H-5", "H-6"},
     "mmr": {"mmr-H-4", "mmr-H-5"},
+    "mmr.seeds": {"mmr-H-4", "mmr-H-5"},  # initialisations a candidate: the MMR scorings only, with any mixers
     "sft.train": {"H-6-SFT"},
     "evaluate": {"evaluate"},
 }

@@ -10,6 +10,8 @@ import pytest
 
 import pipeline.stages
 from pipeline.chain import run_local
+from pipeline.executor import work_root_for
+from pipeline.store import open_store
 
 from tests.stages.conftest import tiny_config
 
@@ -44,7 +46,9 @@ def test_rerun_skips_and_a_changed_setting_reruns_its_readers(tiny, tmp_path, mo
     for name in folders:
         manifest = json.loads((tmp_path / "store" / "test" / name / "manifest.json").read_text())
         assert manifest["metadata"]["code_version"] >= 1
-    assert not (tmp_path / "cache" / "work" / "test" / "H-2").exists()  # work folders go once committed
+    work = work_root_for(tmp_path / "cache", open_store(tmp_path / "store" / "test"), "test")
+    assert work.parent == tmp_path / "cache" / "work" and work.name.startswith("test-")
+    assert work.is_dir() and not (work / "H-2").exists()  # work folders go once committed
 
     calls.clear()
     run_local(tiny, until="convert")

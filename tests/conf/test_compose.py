@@ -135,8 +135,25 @@ def test_bad_group_option_lists_the_choices(group):
         ("schedule.counts=[3,2]", "schedule.counts must be strictly increasing"),
         ("hardware.device=tpu", "hardware.device must be one of"),
         ("hardware.nproc=0", "hardware.nproc must be an int >= 1"),
+        ("mmr.seeds=0", "mmr.seeds must be an int >= 1 (initialisations per candidate), got 0"),
         ("hardware.nnodes=2", "hardware.nnodes=2 needs hardware.rdzv_endpoint"),
-        ("run_name=a/b", "run_name must be a non-empty name without '/'"),
+        ("run_name=a/b", "run_name must be one name of letters, digits, '.', '_' or '-'"),
+        ("run_name=..", "run_name must be one name of letters"),  # it made the run's root a user's folder
+        ("run_name=" + "x" * 101, "at most 100 characters"),
+        ("hardware.threads=0", "hardware.threads must be an int >= 1 or null, got 0"),
+        ("hardware.rdzv_endpoint=nohost", "hardware.rdzv_endpoint must be host:port"),
+        ("loo.num_examples=0", "loo.num_examples must be an int >= 1, got 0"),
+        ("loo.batch_size=-1", "loo.batch_size must be an int >= 1"),
+        ("loo.max_new_tokens=0", "loo.max_new_tokens must be an int >= 1"),
+        ("evaluate.batch_size=0", "evaluate.batch_size must be an int >= 1"),
+        ("evaluate.throughput_repeats=0", "evaluate.throughput_repeats must be an int >= 1"),
+        ("data.max_length=1", "data.max_length must be an int >= 2"),
+        ("seed=-1", "seed must be an int in [0, 4294967295]"),
+        ("storage.endpoint_url=minio:9000", "storage.endpoint_url must be an http(s):// URL"),
+        ("storage.retain_hours=-1", "storage.retain_hours must be a number of hours >= 0"),
+        ("tracking.experiment=''", "tracking.experiment must be a non-empty name"),
+        ("teacher.demo.num_attention_heads=3", "hidden_size 128 must be a multiple of num_attention_heads 3"),
+        ("sft.checkpoint=../H-3", "sft.checkpoint must be 'last' or a checkpoint name"),
     ],
 )
 def test_bad_override_is_one_clear_line(override, expected):
@@ -182,7 +199,7 @@ def test_teacher_path_alone_selects_pretrained_settings():
 def test_an_experiment_sets_its_own_settings_over_teacher_local():
     cfg = compose(["experiment=smollm2"])
     assert cfg.teacher.path and cfg.teacher.finetune.enabled
-    assert cfg.train.lr == 3e-4 and cfg.mmr.train.lr == 3e-4 and cfg.data.generic == "teacher"
+    assert cfg.train.lr == 1e-4 and cfg.mmr.train.lr == 3e-4 and cfg.data.generic == "teacher"
     assert cfg.schedule.counts == [15, 18, 21, 24] and cfg.sft.checkpoint == "H-18"
     smoke = compose(["experiment=smollm2_smoke"])
     assert smoke.hardware.device == "cpu" and smoke.teacher.path == cfg.teacher.path

@@ -31,7 +31,7 @@ CANARY_ENV = {
     "HF_TOKEN": "hf_canaryTokenQ8v2xw",
     "MLFLOW_TRACKING_TOKEN": "canary-mlflow-token-91ab",
 }
-SECRET_URL = f"https://reader:{SECRET}@data.example.com/generic.jsonl"  # never read by the tiny run
+SECRET_URL = f"https://reader:{SECRET}@data.example.com/generic.jsonl"  # never read (evaluate.generic_nll=false)
 # output name -> stage, in the chain's order, for schedule.counts=[2, 3] (the tiny preset)
 STAGES = {"teacher": "teacher", "loo": "loo", "H-2": "convert", "mmr-H-2": "mmr", "H-3": "step",
           "H-3-SFT": "sft", "evaluate": "evaluate"}
@@ -68,6 +68,7 @@ def flow_overrides(bucket: str, run_name: str, endpoint_url: str, tracking_uri: 
         f"tracking.experiment={experiment}",
         f"teacher.path={teacher_uri}",
         f"data.generic={SECRET_URL}",
+        "evaluate.generic_nll=false",
     ]
 
 
@@ -292,7 +293,7 @@ def test_secrets_never_reach_mlflow_prefect_or_logs(s3_run, tmp_path):
     assert "results:" in s3_run.console  # the console output was captured
     assert_clean(s3_run.console, "the console output and logs")
     parent = next(run for run in runs if run.data.tags.get("conversion_run") == "e2e")
-    assert parent.data.params["data.generic"] == "https://reader:<redacted>@data.example.com/generic.jsonl"
+    assert parent.data.params["data.generic"] == "https://<redacted>@data.example.com/generic.jsonl"
     for run in runs:  # every logged config file: the run's whole config redacted, each stage's settings clean
         if run.info.run_name.startswith("evaluate/") and run.info.run_name != "evaluate/evaluate":
             continue  # per-checkpoint evaluation runs hold metrics and tags only

@@ -15,6 +15,8 @@ import pytest
 
 import pipeline.stages
 from flows.convert import convert
+from pipeline.executor import work_root_for
+from pipeline.store import open_store
 from tests.flows.helpers import PYTHON, subprocess_env, wait_for
 
 pytestmark = pytest.mark.slow
@@ -39,7 +41,7 @@ def test_killed_conversion_resumes_from_its_last_save(prefect_api, mlflow_tracki
         f"tracking.uri={mlflow_tracking_uri}", f"tracking.experiment={experiment}",
     ]
     store_dir = tmp_path / "artifacts" / "killed"
-    state_dir = tmp_path / "cache" / "work" / "killed" / "H-2" / "train_state"
+    state_dir = work_root_for(tmp_path / "cache", open_store(store_dir), "killed") / "H-2" / "train_state"
     log_path = tmp_path / "first-run.log"
 
     # 1. The command line, killed without warning once the first conversion has saved a state.

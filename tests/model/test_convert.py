@@ -79,23 +79,113 @@ def test_mamba_trial_swaps_one_mixer_into_the_parent_and_puts_it_back():
     input_ids = torch.randint(0, BASE["vocab_size"], (2, 7))
     with mamba_trial(parent, 2, seed=5) as trial:
         assert trial is parent and trial.config.layer_pattern == "AMMA"
-        mixer = parent.model.layers[2].mixer
-        # the MIL-mapped parts are hybridize's; the random parts differ (drawn for this mixer alone)
-        d_inner = mixer.d_inner
-        expected = copied.model.layers[2].mixer
-        assert torch.equal(mixer.in_proj.weight[d_inner:], expected.in_proj.weight[d_inner:])
-        assert torch.equal(mixer.in_proj.bias, expected.in_proj.bias)
-        assert torch.equal(mixer.out_proj.weight, expected.out_proj.weight)
-        assert torch.equal(mixer.A_log, expected.A_log) and torch.equal(mixer.D, expected.D)
-        # with hybridize's random parts too, the swapped parent is the same network as the copy
-        mixer.load_state_dict(expected.state_dict())
+        # draw 0 of a layer is the conversion's own mixer, random parts included: the same network
+        mixer, expected = parent.model.layers[2].mixer, copied.model.layers[2].mixer
+        assert mixer.state_dict().keys() == expected.state_dict().keys()
+        for key, value in expected.state_dict().items():
+            assert torch.equal(mixer.state_dict()[key], value), key
         torch.testing.assert_close(trial(input_ids).logits, copied(input_ids).logits, rtol=0, atol=0)
+    with mamba_trial(parent, 2, seed=5, draw=1) as trial:  # another initialisation: only the random parts move
+        mixer, d_inner = parent.model.layers[2].mixer, expected.d_inner
+        assert not torch.equal(mixer.in_proj.weight[:d_inner], expected.in_proj.weight[:d_inner])
+        assert not torch.equal(mixer.dt_proj.bias, expected.dt_proj.bias)
+        assert not torch.equal(mixer.conv1d.weight, expected.conv1d.weight)
+        assert torch.equal(mixer.in_proj.weight[d_inner:], expected.in_proj.weight[d_inner:])
+        assert torch.equal(mixer.out_proj.weight, expected.out_proj.weight)
     assert parent.model.layers[2].mixer is attention and parent.config.layer_pattern == "AMAA"
     after = parent.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[key], before[key]) for key in before)
     with pytest.raises(ConversionError, match="layer 1 is already Mamba"):
         with mamba_trial(parent, 1):
             pass
+
+
+def _mixer_state(model, layer):
+    return {key: value.clone() for key, value in model.model.layers[layer].mixer.state_dict().items()}
+
+
+def test_fresh_mixers_depend_on_the_seed_and_layer_alone():
+    teacher = make_teacher("llama")
+    torch.manual_seed(1)
+    first = hybridize(teacher, [1, 2], seed=3)
+    torch.manual_seed(2)
+    torch.rand(11)  # another global random state: nothing of the hybrid may come from it
+    again = hybridize(teacher, [1, 2], seed=3)
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    # a layer's mixer does not depend on which other layers are converted with it
+    alone = hybridize(teacher, [2], seed=3)
+    for key, value in _mixer_state(first, 2).items():
+        assert torch.equal(value, _mixer_state(alone, 2)[key]), key
+    other_seed = _mixer_state(hybridize(teacher, [2], seed=4), 2)
+    assert not torch.equal(other_seed["dt_proj.bias"], _mixer_state(alone, 2)["dt_proj.bias"])
+    # the two layers drew different values
+    assert not torch.equal(_mixer_state(first, 1)["conv1d.weight"], _mixer_state(first, 2)["conv1d.weight"])
+    # hybridize leaves the caller's random stream where it was
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    hybridize(teacher, [0], seed=3)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_fresh_draws_are_made_on_the_cpu_whatever_the_ambient_device():
+    from pipeline.convert import initialise_fresh, mixer_generator
+
+    hybrid = hybridize(make_teacher("llama"), [1], seed=3)
+    expected = _mixer_state(hybrid, 1)
+    mixer = hybrid.model.layers[1].mixer
+    with torch.no_grad():
+        for parameter in mixer.parameters():
+            parameter.zero_()
+    with torch.device("meta"):  # a default device other than the CPU (on a GPU machine: cuda)
+        initialise_fresh(mixer, mixer_generator(3, 1), hybrid.config)
+    d_inner = mixer.d_inner
+    for key in ("dt_in_proj.weight", "dt_proj.weight", "dt_proj.bias", "conv1d.weight", "A_log", "D"):
+        assert torch.equal(mixer.state_dict()[key], expected[key]), key
+    assert torch.equal(mixer.in_proj.weight[:d_inner], expected["in_proj.weight"][:d_inner])
+
+
+def test_fresh_mixer_distributions():
+    teacher = make_teacher("mistral", num_hidden_layers=2)
+    mixer = hybridize(teacher, [0], seed=0).model.layers[0].mixer
+    d_inner, std = mixer.d_inner, teacher.config.initializer_range
+    z = mixer.in_proj.weight[:d_inner]
+    assert abs(z.std().item() - std) < 0.15 * std and abs(z.mean().item()) < 0.2 * std
+    assert mixer.conv1d.bias is None or torch.count_nonzero(mixer.conv1d.bias) == 0
+    bound = mixer.dt_rank**-0.5
+    assert mixer.dt_proj.weight.abs().max() <= bound and mixer.dt_proj.weight.std() > bound / 3
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)  # log-uniform in [dt_min, dt_max] = [1e-3, 0.1]
+    assert dt.min() >= 1e-3 * (1 - 1e-4) and dt.max() <= 0.1 * (1 + 1e-4)
+    assert dt.log().std() > 0.8  # spread over the two decades, not one value
+
+
+def test_trial_mixer_in_bf16_is_the_conversions():
+    parent = hybridize(make_teacher("qwen2"), [1]).to(torch.bfloat16)
+    converted = hybridize(parent, [3], seed=2)
+    with mamba_trial(parent, 3, seed=2) as trial:
+        state = _mixer_state(trial, 3)
+    for key, value in _mixer_state(converted, 3).items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
+    assert state["A_log"].dtype == torch.float32 and state["in_proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_same_seed_gives_the_same_hybrid_on_cuda_as_on_the_cpu():
+    teacher = make_teacher("qwen2")
+    on_cpu = hybridize(teacher, [0, 2], seed=11)
+    on_cuda = hybridize(make_teacher("qwen2").cuda(), [0, 2], seed=11)
+    for key, value in on_cpu.state_dict().items():
+        assert torch.equal(value, on_cuda.state_dict()[key].cpu()), key
+    parent_cpu, parent_cuda = hybridize(teacher, [0]), hybridize(make_teacher("qwen2").cuda(), [0])
+    for draw in (0, 1):
+        with mamba_trial(parent_cpu, 2, seed=11, draw=draw) as trial:
+            expected = _mixer_state(trial, 2)
+        with mamba_trial(parent_cuda, 2, seed=11, draw=draw) as trial:
+            got = _mixer_state(trial, 2)
+        for key, value in expected.items():
+            assert torch.equal(value, got[key].cpu()), (draw, key)
 
 
 def test_unsupported_architectures_are_named_with_the_supported_list():

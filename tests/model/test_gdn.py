@@ -295,6 +295,35 @@ def test_initialisation_draws_nothing_random():
         assert torch.equal(a, b), key
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_initialisation_sets_every_parameter(family):
+    """gdn_from_attention overwrites every value a fresh mixer holds (so neither hybridize's constructor
+    draws nor gdn_trial's unset memory survive): a mixer filled with NaN comes out finite."""
+    from pipeline.convert import gdn_from_attention
+
+    teacher = make_teacher(family)
+    mixer = hybridize(teacher, [], gdn_layers=[1]).model.layers[1].mixer
+    with torch.no_grad():
+        for parameter in mixer.parameters():
+            parameter.fill_(float("nan"))
+    assert not list(mixer.buffers())
+    gdn_from_attention(mixer, teacher.model.layers[1].self_attn)
+    for name, parameter in mixer.named_parameters():
+        assert torch.isfinite(parameter).all(), name
+
+
+def test_gdn_trial_draws_nothing_and_matches_hybridize():
+    """An MMR trial of Gated DeltaNet uses no random stream (not the global one either) and holds the mixer
+    `hybridize` makes for that layer."""
+    hybrid = hybridize(make_teacher("qwen2", num_hidden_layers=5), [0])
+    expected = hybridize(hybrid, [], gdn_layers=[3]).model.layers[3].mixer.state_dict()
+    state = torch.random.get_rng_state()
+    with gdn_trial(hybrid, 3) as student:
+        got = student.model.layers[3].mixer.state_dict()
+        assert set(got) == set(expected) and all(torch.equal(got[key], expected[key]) for key in expected)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_steps_add_gdn_layers_to_a_hybrid_and_refuse_occupied_layers():
     teacher = make_teacher("mistral", num_hidden_layers=5)
     first = hybridize(teacher, [0], gdn_options={"conv_kernel": 3})  # no Gated DeltaNet layer yet: nothing to set

@@ -91,9 +91,10 @@ def test_default_mixers_write_the_mamba_only_table(tiny_teacher, loo_dir, tmp_pa
     cfg = tiny_config()
     convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
     result = score(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw")
-    assert list(result) == ["n_mamba", "steps", "score_window", "ranking"]
-    assert all(list(entry) == ["layer", "loss"] for entry in result["ranking"])
-    assert all(key.isdigit() for key in json.loads((tmp_path / "mw" / TRIALS_FILE).read_text()))
+    assert list(result) == ["n_mamba", "steps", "score_window", "seeds", "ranking"]  # the Mamba-only table
+    assert all(list(entry) == ["layer", "loss", "std", "losses"] for entry in result["ranking"])
+    trials = json.loads((tmp_path / "mw" / TRIALS_FILE).read_text())
+    assert all(key.isdigit() and list(draws) == ["0"] for key, draws in trials.items())
     meta = json.loads((tmp_path / "H-2" / "stage.json").read_text())
     assert "n_gdn" not in meta and "converted_mixers" not in meta
     assert not [key for key in json.loads((tmp_path / "H-2" / "config.json").read_text()) if key.startswith("gdn_")]
@@ -110,6 +111,53 @@ def test_killed_mmr_of_pairs_resumes_at_the_missing_trials(tiny_teacher, loo_dir
     result = score(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", reporter,
                    mixers=MIXERS, gdn=GDNConfig())
     assert sum("(recorded)" in line for line in reporter.lines) == 1 and len(result["ranking"]) == 4
+
+
+def test_mmr_of_both_mixers_with_two_initialisations(tiny_teacher, loo_dir, tmp_path):
+    """mmr.seeds=2 with schedule.mixers=[mamba, gdn]: each Mamba pair is trained from two initialisations
+    (mean, std, both losses), each Gated DeltaNet pair once (its initialisation draws nothing: std None), in
+    trials.json, mmr.json and the published table."""
+    import dataclasses
+
+    from flows.publish import mmr_markdown
+
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, mmr=dataclasses.replace(cfg.mmr, seeds=2))
+    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
+    reporter = RecordingReporter()
+    result = score(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", reporter,
+                   mixers=MIXERS, gdn=GDNConfig())
+    pattern = json.loads((tmp_path / "H-2" / "stage.json").read_text())["layer_pattern"]
+    attention = [i for i, kind in enumerate(pattern) if kind == "A"]
+    assert result["seeds"] == 2 and result["mixers"] == MIXERS and result["n_gdn"] == 0
+    assert sorted((e["layer"], e["mixer"]) for e in result["ranking"]) == sorted(mmr_candidates(attention, MIXERS))
+    for entry in result["ranking"]:
+        losses = entry["losses"]
+        if entry["mixer"] == "mamba":
+            assert len(losses) == 2 and losses[0] != losses[1]
+            assert entry["loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)
+            assert entry["std"] == pytest.approx(abs(losses[1] - losses[0]) / 2**0.5, rel=1e-9)
+        else:
+            assert len(losses) == 1 and entry["std"] is None and entry["loss"] == losses[0]
+    means = [e["loss"] for e in result["ranking"]]
+    assert means == sorted(means)
+    assert json.loads((tmp_path / "mmr" / MMR_FILE).read_text()) == result
+    assert (tmp_path / "mmr" / "mmr.png").stat().st_size > 1000
+    trials = json.loads((tmp_path / "mw" / TRIALS_FILE).read_text())
+    assert {key: sorted(draws) for key, draws in trials.items()} == {
+        **{str(i): ["0", "1"] for i in attention}, **{f"{i}:gdn": ["0"] for i in attention}}
+    assert sorted(reporter.trials) == sorted(f"layer-{i}{suffix}" for i in attention
+                                             for suffix in ("", "-init-1", "-gdn"))
+    logged = {key for _, metrics in reporter.metrics for key in metrics}
+    assert {"mmr/loss", "mmr/loss_std", "mmr/loss_gdn"} <= logged and "mmr/loss_std_gdn" not in logged
+    table = mmr_markdown(tmp_path / "mmr", "H-2", "-").splitlines()
+    assert "averaged over 2 initialisation(s)" in table[1] and "(Gated DeltaNet pairs: one)" in table[1]
+    assert table[3] == "| rank | layer | mixer | loss |"
+    rows = [line.split(" | ") for line in table[5:]]
+    assert len(rows) == len(result["ranking"])
+    for row, entry in zip(rows, result["ranking"]):
+        assert (int(row[1]), row[2]) == (entry["layer"], entry["mixer"])
+        assert ("±" in row[3]) == (entry["mixer"] == "mamba")
 
 
 def test_choose_conversions_takes_a_layer_once():

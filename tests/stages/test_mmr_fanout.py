@@ -2,8 +2,8 @@
 sequential path, resume from a partial record, a dying worker named in one line.
 
 Each fan-out spawns two processes that import torch and transformers (seconds each), so there are two:
-one resumes a partial record (two trials, one a worker, compared with the sequential scores) and one
-has a worker killed.
+one resumes a partial record with two initialisations a candidate (five trials over the two workers, draw
+0 of each compared with the sequential scores) and one has a worker killed.
 """
 
 from __future__ import annotations
@@ -51,33 +51,39 @@ def sequential(tiny_teacher, parent, tmp_path_factory):
     return {entry["layer"]: entry["loss"] for entry in result["ranking"]}
 
 
-def fanned_out(workers: int = 2):
+def fanned_out(workers: int = 2, seeds: int = 1):
     cfg = tiny_config()
-    return dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, nproc=workers))
+    return dataclasses.replace(cfg, hardware=dataclasses.replace(cfg.hardware, nproc=workers),
+                               mmr=dataclasses.replace(cfg.mmr, seeds=seeds))
 
 
 def test_two_workers_resume_a_partial_record_with_the_sequential_scores(tiny_teacher, parent, sequential, tmp_path):
+    """Two initialisations a candidate: draw 0 is the sequential (one-seed) trial, whichever worker runs it;
+    the draws of one layer may finish in any order."""
     assert sorted(sequential) == [1, 2, 3]
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / TRIALS_FILE).write_text(json.dumps({1: sequential[1]}))  # a killed stage's record
+    (tmp_path / "work" / TRIALS_FILE).write_text(json.dumps({1: {0: sequential[1]}}))  # a killed stage's record
     reporter = RecordingReporter()
-    result = score(fanned_out(), tiny_teacher, parent, tmp_path / "mmr", tmp_path / "work", reporter)
-    assert "  mmr layer 1: " + f"{sequential[1]:.4f} (recorded)" in reporter.lines
-    assert any("2 trials on 2 worker processes" in line for line in reporter.lines)
+    result = score(fanned_out(seeds=2), tiny_teacher, parent, tmp_path / "mmr", tmp_path / "work", reporter)
+    assert "  mmr layer 1: 1 of 2 initialisations recorded" in reporter.lines
+    assert any("5 trials on 2 worker processes" in line for line in reporter.lines)
     started = {re.search(r"mmr worker (\d)", line).group(1) for line in reporter.lines if ", pid " in line}
-    assert started == {"0", "1"}  # one trial on each worker
+    assert started == {"0", "1"}  # trials on each worker
     # the trials that ran have their curves under the train/... keys, each in its own reporter
-    assert sorted(reporter.trials) == ["layer-2", "layer-3"]
+    assert sorted(reporter.trials) == ["layer-1-init-1", "layer-2", "layer-2-init-1", "layer-3", "layer-3-init-1"]
     for trial in reporter.trials.values():
         assert [step for step, _ in trial.metrics] == [1, 2, 3]
         assert {"train/loss", "train/kl", "train/lr"} <= set(trial.metrics[-1][1])
-    scores = {entry["layer"]: entry["loss"] for entry in result["ranking"]}
-    assert scores.keys() == sequential.keys()
+    draws = {entry["layer"]: entry["losses"] for entry in result["ranking"]}
+    assert draws.keys() == sequential.keys()
     for layer, loss in sequential.items():
-        assert scores[layer] == pytest.approx(loss, rel=SCORE_RTOL), layer
-    assert [e["layer"] for e in result["ranking"]] == sorted(sequential, key=lambda k: (sequential[k], k))
+        assert draws[layer][0] == pytest.approx(loss, rel=SCORE_RTOL), layer
+        assert len(draws[layer]) == 2 and draws[layer][1] != draws[layer][0]
+    means = {entry["layer"]: entry["loss"] for entry in result["ranking"]}
+    assert [e["layer"] for e in result["ranking"]] == sorted(means, key=lambda k: (means[k], k))
     assert json.loads((tmp_path / "mmr" / MMR_FILE).read_text())["ranking"] == result["ranking"]
-    assert json.loads((tmp_path / "work" / TRIALS_FILE).read_text()).keys() == {"1", "2", "3"}
+    recorded = json.loads((tmp_path / "work" / TRIALS_FILE).read_text())
+    assert {layer: sorted(d) for layer, d in recorded.items()} == {"1": ["0", "1"], "2": ["0", "1"], "3": ["0", "1"]}
 
 
 class KillingReporter(RecordingReporter):
@@ -111,7 +117,7 @@ def test_workers_score_layer_mixer_pairs_as_the_sequential_path(tiny_teacher, pa
     from pipeline.config import GDNConfig
 
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / TRIALS_FILE).write_text(json.dumps({"1": sequential[1], "2": sequential[2]}))
+    (tmp_path / "work" / TRIALS_FILE).write_text(json.dumps({"1": {"0": sequential[1]}, "2": {"0": sequential[2]}}))
     cfg, reporter = fanned_out(), RecordingReporter()
     result = run_mmr(cfg.mmr, cfg.data.view(cfg.data.distill_on), cfg.hardware, cfg.seed, ["mamba", "gdn"],
                      GDNConfig(), teacher=tiny_teacher, parent=parent, out_dir=tmp_path / "mmr",

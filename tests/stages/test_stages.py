@@ -105,12 +105,22 @@ def test_killed_conversion_resumes_to_the_same_weights(tiny_teacher, loo_dir, tm
         assert torch.equal(straight[key], resumed[key]), key
 
 
-def test_mmr_scores_every_attention_layer_and_the_step_follows_the_scores(tiny_teacher, loo_dir, tmp_path):
+@pytest.fixture(scope="module")
+def h2(tiny_teacher, loo_dir, tmp_path_factory):
+    """H-2 of the tiny teacher, and its MMR scoring with one initialisation a candidate (result, reporter,
+    folder): the MMR tests share them."""
+    folder = tmp_path_factory.mktemp("H-2-mmr")
     cfg = tiny_config()
-    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
+    convert(cfg, tiny_teacher, loo_dir, folder / "H-2", folder / "w")
     reporter = RecordingReporter()
-    result = score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", reporter)
-    pattern = json.loads((tmp_path / "H-2" / "stage.json").read_text())["layer_pattern"]
+    result = score_mmr(cfg, tiny_teacher, folder / "H-2", folder / "mmr", folder / "mw", reporter)
+    return folder, result, reporter
+
+
+def test_mmr_scores_every_attention_layer_and_the_step_follows_the_scores(tiny_teacher, h2, tmp_path):
+    cfg = tiny_config()
+    folder, result, reporter = h2
+    pattern = json.loads((folder / "H-2" / "stage.json").read_text())["layer_pattern"]
     attention = [i for i, kind in enumerate(pattern) if kind == "A"]
     assert sorted(e["layer"] for e in result["ranking"]) == attention
     # each trial's curve under the same train/... keys, in a reporter (an MLflow run) of its own
@@ -120,27 +130,66 @@ def test_mmr_scores_every_attention_layer_and_the_step_follows_the_scores(tiny_t
     losses = [e["loss"] for e in result["ranking"]]
     assert losses == sorted(losses) and all(loss > 0 for loss in losses)
     # The step converts the lowest-loss layer: rewrite the scores so the other layer wins, and check.
-    mmr = json.loads((tmp_path / "mmr" / MMR_FILE).read_text())
+    mmr = json.loads((folder / "mmr" / MMR_FILE).read_text())
     flipped = {e["layer"]: -e["loss"] for e in mmr["ranking"]}
     mmr["ranking"] = rank_candidates(flipped)
-    (tmp_path / "mmr" / MMR_FILE).write_text(json.dumps(mmr))
+    (tmp_path / "flipped").mkdir()
+    (tmp_path / "flipped" / MMR_FILE).write_text(json.dumps(mmr))
     meta = run_step(cfg.train, cfg.data.view("distill"), cfg.hardware, cfg.seed, 3, teacher=tiny_teacher,
-                    parent=tmp_path / "H-2", mmr=tmp_path / "mmr", out_dir=tmp_path / "H-3", work_dir=tmp_path / "sw",
+                    parent=folder / "H-2", mmr=tmp_path / "flipped", out_dir=tmp_path / "H-3", work_dir=tmp_path / "sw",
                     reporter=RecordingReporter())
     assert meta["converted_layers"] == [mmr["ranking"][0]["layer"]]
     assert meta["n_mamba"] == 3
 
 
-def test_killed_mmr_keeps_finished_trials(tiny_teacher, loo_dir, tmp_path):
+def test_killed_mmr_keeps_finished_trials(tiny_teacher, h2, tmp_path):
     cfg = tiny_config()
-    convert(cfg, tiny_teacher, loo_dir, tmp_path / "H-2", tmp_path / "w")
+    parent = h2[0] / "H-2"
     with pytest.raises(KeyboardInterrupt):  # mmr.train.steps=3 logs 3 step metrics + 1 trial metric per layer
-        score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", RecordingReporter(fail_at_metric=6))
+        score_mmr(cfg, tiny_teacher, parent, tmp_path / "mmr", tmp_path / "mw", RecordingReporter(fail_at_metric=6))
     done = json.loads((tmp_path / "mw" / "trials.json").read_text())
     assert len(done) == 1
     reporter = RecordingReporter()
-    score_mmr(cfg, tiny_teacher, tmp_path / "H-2", tmp_path / "mmr", tmp_path / "mw", reporter)
+    score_mmr(cfg, tiny_teacher, parent, tmp_path / "mmr", tmp_path / "mw", reporter)
     assert any("(recorded)" in line for line in reporter.lines)
+
+
+def test_mmr_averages_independent_initialisations_and_resumes_between_them(tiny_teacher, h2, tmp_path):
+    cfg = tiny_config()
+    folder, single, _ = h2
+    two = dataclasses.replace(cfg, mmr=dataclasses.replace(cfg.mmr, seeds=2))
+    # killed in the second initialisation of the first candidate (3 step metrics a trial)
+    with pytest.raises(KeyboardInterrupt):
+        score_mmr(two, tiny_teacher, folder / "H-2", tmp_path / "mmr", tmp_path / "mw",
+                  RecordingReporter(fail_at_metric=4))
+    recorded = json.loads((tmp_path / "mw" / "trials.json").read_text())
+    assert [list(draws) for draws in recorded.values()] == [["0"]]
+    reporter = RecordingReporter()
+    result = score_mmr(two, tiny_teacher, folder / "H-2", tmp_path / "mmr", tmp_path / "mw", reporter)
+    first = next(iter(recorded))
+    assert f"  mmr layer {first}: 1 of 2 initialisations recorded" in reporter.lines
+    attention = sorted(entry["layer"] for entry in single["ranking"])
+    assert sorted(reporter.trials) == sorted([f"layer-{layer}" for layer in attention if str(layer) != first]
+                                             + [f"layer-{layer}-init-1" for layer in attention])
+    assert result["seeds"] == 2 and json.loads((tmp_path / "mmr" / MMR_FILE).read_text()) == result
+    by_layer = {entry["layer"]: entry for entry in single["ranking"]}
+    for entry in result["ranking"]:
+        losses = entry["losses"]
+        # draw 0 is the one-initialisation score (the same mixer, the same batches); draw 1 is another mixer
+        assert losses[0] == by_layer[entry["layer"]]["loss"] and losses[1] != losses[0]
+        assert entry["loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)
+        assert entry["std"] == pytest.approx(abs(losses[1] - losses[0]) / 2**0.5, rel=1e-9)
+    assert [entry["loss"] for entry in result["ranking"]] == sorted(entry["loss"] for entry in result["ranking"])
+    assert all(entry["std"] is None and len(entry["losses"]) == 1 for entry in single["ranking"])
+    assert (tmp_path / "mmr" / "mmr.png").stat().st_size > 0
+
+
+def test_mmr_seeds_must_be_a_positive_count():
+    from pipeline.config import MMRConfig
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigError, match="mmr.seeds must be an int >= 1"):
+            MMRConfig(seeds=bad)
 
 
 def test_sft_trains_on_assistant_tokens(tiny_teacher, loo_dir, tmp_path):

@@ -186,7 +186,8 @@ def test_checkpoint_round_trip(store, moto, tmp_path):
     if isinstance(store, S3Store):  # the layout in the bucket is the documented one
         assert ref.uri == f"s3://{store.bucket}/runs/r1/H-2"
         assert raw_keys(store, moto) == sorted(
-            [*(f"runs/r1/H-2/{version}/{path}" for path in tree_bytes(source)), f"runs/r1/H-2/{MANIFEST_NAME}"]
+            [*(f"runs/r1/H-2/{version}/{path}" for path in tree_bytes(source)), f"runs/r1/H-2/{MANIFEST_NAME}",
+             f"runs/r1/H-2/{version}/.writing", f"runs/r1/H-2/{version}/{MANIFEST_NAME}"]
         )
     else:  # <root>/H-2 is a link to the version folder: the user's path to the checkpoint stays the same
         assert ref.uri == (tmp_path / "store" / "H-2").as_uri()
@@ -216,8 +217,18 @@ def test_put_replaces_previous_version(store, moto, tmp_path):
 
     assert store.manifest_digest("H-2") != old_digest
     assert tree_bytes(store.get_checkpoint("H-2")) == tree_bytes(second)
-    if isinstance(store, S3Store):  # the old version is pruned once the new one is committed
-        assert not any(key.endswith("only-in-v1.txt") for key in raw_keys(store, moto))
+    # the replaced version stays readable, by its digest, for retain_seconds (a reader may still use it)
+    assert tree_bytes(store.get_checkpoint("H-2", digest=old_digest)) == tree_bytes(first)
+    # once it has been retired that long, the next put removes it (and this one, retired by that put)
+    store.retain_seconds = 0
+    store.put_checkpoint(first, "H-2", config_digest="v3")
+    with pytest.raises(NotFoundError, match="no longer holds the version"):
+        open_store(store.uri, endpoint_url=getattr(store, "endpoint_url", None),
+                   cache_dir=tmp_path / "fresh").get_checkpoint("H-2", digest=old_digest)
+    if isinstance(store, S3Store):
+        assert [key for key in raw_keys(store, moto) if "/v-" in key] == sorted(
+            f"runs/r1/H-2/{store.manifest('H-2')['version']}/{path}"
+            for path in [*tree_bytes(first), ".writing", MANIFEST_NAME])
     else:
         assert [path.name for path in (store.root / ".versions" / "H-2").iterdir()] == [store.manifest("H-2")["version"]]
 
@@ -289,6 +300,7 @@ def test_crash_before_manifest_leaves_no_checkpoint(store, moto, tmp_path):
     assert store.manifest("H-2") == committed
     fresh = open_store(store.uri, endpoint_url=getattr(store, "endpoint_url", None), cache_dir=tmp_path / "fresh")
     assert tree_bytes(fresh.get_checkpoint("H-2")) == tree_bytes(source)
+    store.retain_seconds = 0  # the replaced version goes at once too
     store.put_checkpoint(replacement, "H-2", config_digest="new")
     version = store.manifest("H-2")["version"]
     if isinstance(store, S3Store):
@@ -308,15 +320,23 @@ def test_partial_or_garbled_checkpoint_is_not_reported(store, moto, tmp_path):
 
     source = make_checkpoint_dir(tmp_path / "source")
     (source / "model" / "weights.bin").unlink()
+    if isinstance(store, LocalStore):
+        # a folder at a checkpoint's place that the store cannot show it wrote (no manifest of its own) is
+        # never moved or deleted: the put is refused in one line, before anything is written
+        for name in ("H-2", "H-3"):
+            with pytest.raises(StoreError, match=rf"{name} is a folder without a manifest of the store: .* never "
+                                                 "moves or deletes what it did not write") as error:
+                store.put_checkpoint(source, name, config_digest="c")
+            assert "\n" not in str(error.value)
+            assert (store.root / name / "model" / "weights.bin").read_bytes() == b"partial"
+        assert not (store.root / ".versions").exists()
+        return
+    # S3: the store's own objects live under version prefixes; the others' are left where they are
     for name in ("H-2", "H-3"):
         store.put_checkpoint(source, name, config_digest="c")
         assert tree_bytes(store.get_checkpoint(name)) == tree_bytes(source)
-    if isinstance(store, S3Store):  # the objects the crashed writers left are gone too
-        assert not [key for key in raw_keys(store, moto) if key.endswith("model/weights.bin")]
-    else:
-        assert not list(store.root.rglob("weights.bin"))
-    if isinstance(store, LocalStore):  # a folder of the older layout (no link) is replaced by a version
-        assert (store.root / "H-2").is_symlink()
+    assert [key for key in raw_keys(store, moto) if key.endswith("model/weights.bin")] == [
+        "runs/r1/H-2/model/weights.bin", "runs/r1/H-3/model/weights.bin"]
 
 
 # ----------------------------------------------------------------------------------------------------

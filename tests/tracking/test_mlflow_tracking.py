@@ -58,7 +58,7 @@ def test_flatten_params_and_secret_keys():
     assert [key for key in secrets if not is_secret_key(key)] == []
     assert [key for key in harmless if is_secret_key(key)] == []
     assert redact({"url": "https://bob:hunter2@host/x", "nested": [{"password": "pw"}]}) == {
-        "url": f"https://bob:{REDACTED}@host/x",
+        "url": f"https://{REDACTED}@host/x",  # the whole userinfo: a user name is often a token
         "nested": [{"password": REDACTED}],
     }
 
@@ -172,6 +172,24 @@ def test_restart_reattaches_to_the_parent_run(mlflow_tracking_uri, mlflow_experi
     assert third.run_id not in (first.run_id, other.run_id)
 
 
+def test_a_run_name_reused_with_other_settings_gets_a_new_parent_run(mlflow_tracking_uri, mlflow_experiment):
+    """The review's case: a reused run_name kept the first run's params, and the changed values only warned."""
+    settings = {"train": {"lr": 0.001}, "run_name": "conversion-p"}
+    first = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-p", params=settings)
+    first.log_params(settings)
+    first.finish("FAILED")
+    restarted = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-p", params=settings)
+    assert restarted.run_id == first.run_id  # the same run, restarted
+    changed = {"train": {"lr": 0.01}, "run_name": "conversion-p"}
+    other = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-p", params=changed)
+    other.log_params(changed)
+    assert other.run_id != first.run_id
+    client = client_for(mlflow_tracking_uri)
+    assert client.get_run(other.run_id).data.params["train.lr"] == "0.01"
+    assert client.get_run(first.run_id).data.params["train.lr"] == "0.001"
+    assert Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-p", params=changed).run_id == other.run_id
+
+
 def test_failed_stage_marks_its_child_run_failed(mlflow_tracking_uri, mlflow_experiment):
     tracker = Tracker(mlflow_tracking_uri, mlflow_experiment, "conversion-f")
     with pytest.raises(RuntimeError, match="diverged"):
@@ -222,7 +240,7 @@ def test_secrets_never_reach_mlflow(mlflow_server, mlflow_experiment, tmp_path):
     params = parent.data.params
     assert params["store.AWS_SECRET_ACCESS_KEY"] == REDACTED and params["store.aws_access_key_id"] == REDACTED
     assert params["hf_token"] == REDACTED and params["database.password"] == REDACTED
-    assert params["tracking.uri"] == f"https://alice:{REDACTED}@mlflow.example.org"
+    assert params["tracking.uri"] == f"https://{REDACTED}@mlflow.example.org"
     assert params["model.num_key_value_heads"] == "2" and params["store.uri"] == "s3://bucket/run"
     assert parent.data.tags["AWS_SECRET_ACCESS_KEY"] == REDACTED and child.data.tags["hf_token"] == REDACTED
 

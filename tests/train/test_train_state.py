@@ -135,3 +135,37 @@ def test_without_a_pointer_the_newest_complete_state_resumes(tmp_path):
     (tmp_path / ".step-00000016.tmp").mkdir()  # a write cut short
     assert latest_state(tmp_path).name == "step-00000004"
     assert _loaded(tmp_path) == (4, "old")
+
+
+FULL_DISK_SCRIPT = """
+import resource, signal, sys, torch
+from pipeline.train.state import StateSaveError, latest_state, save_state
+
+root = sys.argv[1]
+model = torch.nn.Linear(200, 200)
+optimizer = torch.optim.AdamW(model.parameters())
+save_state(root, step=1, model=model, optimizer=optimizer, trainer={"step": 1})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # the disk refuses to grow a file past 50 kB
+try:
+    save_state(root, step=2, model=model, optimizer=optimizer, trainer={"step": 2})
+except StateSaveError as error:
+    print(error.errno, error)
+print(latest_state(root).name)
+"""
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_state(tmp_path):
+    """The review's case: a full cache disk surfaced as a SafetensorError traceback from state.py."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(tmp_path / "state")], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    error_line, latest = result.stdout.strip().splitlines()
+    assert error_line.startswith("27 could not save the training state of step 2 into ")
+    assert "File too large" in error_line and "training resumes from the last complete save" in error_line
+    assert latest == "step-00000001"
+    assert sorted(path.name for path in (tmp_path / "state").iterdir()) == ["LATEST", "step-00000001"]
