@@ -177,7 +177,7 @@ def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher
                                          "hardware": hardware, "seed": seed}, inputs, is_checkpoint=False))
                     previous = call(arm_name(arm, seed, count), run_step, settings, {**inputs, "mmr": scorings[-1]})
                 elif arm.ordering == "kl":  # the same trial settings as MMR's (see pipeline.stages.kl)
-                    scorings.append(call(f"kl-{previous.name}", run_kl, {"mmr": mmr_cfg, "data": data,
+                    scorings.append(call(f"kl-{previous.name}", run_kl, {"train": mmr_cfg.train, "data": data,
                                          "hardware": hardware, "seed": seed}, inputs, is_checkpoint=False))
                     previous = call(arm_name(arm, seed, count), run_kl_step, settings, {**inputs, "kl": scorings[-1]})
                 else:
@@ -216,7 +216,7 @@ def kl_sequences(folder: Path) -> int:
 
     table = json.loads((Path(folder) / KL_FILE).read_text())
     settings = json.loads((Path(folder) / RUN_CONFIG).read_text())
-    return int(table["trials"]) * int(table["steps"]) * int(settings["mmr"]["train"]["batch_size"])
+    return int(table["trials"]) * int(table["steps"]) * int(settings["train"]["batch_size"])
 
 
 SCORING_SEQUENCES = {"mmr": mmr_sequences, "kl": kl_sequences}  # ordering -> its scorings' sequences

@@ -220,7 +220,8 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
                  {"teacher": teacher_out, "parent": out[previous], "mmr": out[mmr_name]})
         elif selection == "kl":
             kl_name = f"kl-{previous}"
-            call(kl_name, run_kl, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed},
+            call(kl_name, run_kl, {"train": cfg.mmr.train, "data": distill_view(cfg), "hardware": hardware,
+                                   "seed": seed},
                  inputs, is_checkpoint=False)
             if until == "mmr":
                 return out

@@ -11,7 +11,9 @@ that layer alone is attention in an otherwise converted model.
 
 Here, at each progressive step, from the previous checkpoint H-K with remaining attention layers R:
 - the reference trial: every layer of R converted (MIL-initialised from the parent, `hybridize` with the
-  run's seed), trained `mmr.train.steps` steps of distillation from the teacher;
+  run's seed: each new mixer's random parameters from its own seeded CPU generator, `mixer_generator`, so
+  the same as the step's conversion of that layer draws), trained `mmr.train.steps` steps of distillation
+  from the teacher;
 - one trial per layer i of R: every layer of R but i converted, i kept as attention, trained the same way
   on the same batches (the same seed, so every trial sees the same data in the same order);
 - a trial's loss is its mean distillation loss (the KL, `train.loss` of `mmr.train`) over the last
@@ -25,8 +27,9 @@ current checkpoint, not from a stage-1 hidden-state alignment (MIL is this proje
 layers are scored again before every step from the current checkpoint (as MMR is), not once from an
 all-linear model, since the schedule converts progressively; (3) each trial trains as an MMR trial does
 (`mmr.train`: the same steps, batch, learning rate and loss window, so the two scorings cost the same per
-trial, KL one trial more), only its new mixers trainable (`mmr.train.trainable` is "mamba"), where the
-paper's stage 2 trains every weight for far more tokens. With a single remaining candidate there is
+trial, KL one trial more; one initialisation a trial, whatever `mmr.seeds` says), only its new mixers
+trainable (`mmr.train.trainable` is "mamba"), where the paper's stage 2 trains every weight for far more
+tokens. With a single remaining candidate there is
 nothing to compare and no trial runs.
 
 Each finished trial is recorded in `work_dir` (trials.json, replaced atomically), so a killed stage resumes
@@ -40,7 +43,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.config import DataConfig, HardwareConfig, MMRConfig
+from pipeline.config import DataConfig, HardwareConfig
 from pipeline.convert import hybridize
 from pipeline.evaluate.plots import bar_plot
 from pipeline.stages.common import (
@@ -96,15 +99,16 @@ def _record(work_dir: Path, trials: dict[str, float]) -> None:
 
 
 @stage("kl", version=1)
-def run_kl(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher: str | Path,
+def run_kl(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher: str | Path,
            parent: str | Path, out_dir: str | Path, work_dir: str | Path, generic: str | Path | None = None,
            reporter: Reporter | None = None) -> dict:
     """Scores every attention layer of `parent` by its KL fall (see the module); writes kl.json and kl.png.
-    `mmr`: the trials' training settings (`mmr.train`); `seed`: the new mixers' initialisation; `generic`:
+    `train`: the trials' training settings (the chain gives `mmr.train`, the MMR trials' own: a trial trains
+    only its new mixers, as `trainable="mamba"` there says); `seed`: the new mixers' initialisation; `generic`:
     the teacher's samples folder (data.generic=teacher, a distillation on generic text or a mix)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir, work_dir = time.time(), Path(out_dir), Path(work_dir)
-    train_cfg = mmr.train
+    train_cfg = train
     kinds = layer_kinds_of(Path(parent))
     layers, n_mamba = kinds["attention"], len(kinds["mamba"]) + len(kinds["gdn"])
     if not layers:
@@ -147,7 +151,7 @@ def run_kl(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int
              ylabel="KL(all converted) - KL(kept)", path=out_dir / KL_PLOT)
     for name in (KL_FILE, KL_PLOT):
         reporter.log_artifact(out_dir / name)
-    write_meta(out_dir, "kl", {"mmr": mmr, "data": data, "hardware": hardware, "seed": seed},
+    write_meta(out_dir, "kl", {"train": train, "data": data, "hardware": hardware, "seed": seed},
                parent=f"H-{n_mamba}", started=started, ranking=[entry["layer"] for entry in ranking],
                all_converted_loss=reference)
     return result

@@ -33,7 +33,7 @@ def h2(tiny_teacher, tmp_path_factory):
 
 
 def score(cfg, teacher, parent, out_dir, work_dir, reporter=None):
-    return run_kl(cfg.mmr, cfg.data.view("distill"), cfg.hardware, cfg.seed, teacher=teacher, parent=parent,
+    return run_kl(cfg.mmr.train, cfg.data.view("distill"), cfg.hardware, cfg.seed, teacher=teacher, parent=parent,
                   out_dir=out_dir, work_dir=work_dir, reporter=reporter or RecordingReporter())
 
 
@@ -81,7 +81,7 @@ def test_the_table_ranks_every_attention_layer_by_its_kl_fall(tiny_teacher, h2, 
     assert (folder / KL_PLOT).stat().st_size > 1000
     meta = json.loads((folder / "stage.json").read_text())
     assert meta["stage"] == "kl" and meta["ranking"] == [entry["layer"] for entry in result["ranking"]]
-    assert set(json.loads((folder / "run_config.json").read_text())) == {"mmr", "data", "hardware", "seed"}
+    assert set(json.loads((folder / "run_config.json").read_text())) == {"train", "data", "hardware", "seed"}
 
 
 def test_a_killed_scoring_resumes_at_its_missing_trials(tiny_teacher, h2, scored, tmp_path):
@@ -188,6 +188,7 @@ def test_the_kl_scoring_reads_the_mmr_trial_settings_and_the_seed_not_the_distil
         return {name for name in base.keys if new.keys[name] != base.keys[name]}
 
     assert differ("mmr.train.steps", 7) == {"kl-H-4", "kl-H-5"}
+    assert differ("mmr.seeds", 3) == set()  # MMR's draws per candidate: the KL trials draw once
     assert differ("train.steps", 7) == {"H-4", "H-5", "H-6"}
     assert differ("seed", 5) == {"H-4", "kl-H-4", "H-5", "kl-H-5", "H-6"}
 
