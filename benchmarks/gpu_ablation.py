@@ -6,7 +6,7 @@ the same report as `python -m flows.ablation` (no Prefect, MLflow or Hydra: a GP
     python benchmarks/gpu_ablation.py --experiment smollm2_ablation --root /tmp/abl --plan    (check, list, run nothing)
     python benchmarks/gpu_ablation.py --experiment tiny --root /tmp/abl ablation.seeds=[0] hardware.device=cpu
 
-Resumable in parts: everything goes to `<root>/<run_name>` (the store) and `<root>/.cache/work` (the stages'
+Resumable in parts: everything goes to `<root>/<run_name>` (the store) and `<root>/.cache/work/` (the stages'
 saved training state and finished MMR / KL trials), so running the same command again skips every
 completed stage and continues a killed one from its last save. `--deadline-s S` starts no new stage
 computation after S seconds (exit code 3: "run again"); wrap the command in `timeout` for a hard limit
@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -84,6 +85,13 @@ def teacher_source(cfg: RunConfig):
     return local_teacher_source(cfg.teacher.path) if cfg.teacher.path else None
 
 
+def work_root(cfg: RunConfig, root: Path, store) -> Path:
+    """The stages' work folders, as `run_local` places them under the cache root `<root>/.cache`."""
+    from pipeline.executor import work_root_for
+
+    return work_root_for(root / ".cache", store, cfg.run_name)
+
+
 def check(cfg: RunConfig, root: Path, source):
     from pipeline.ablation import check_schedule, run_ablation
     from pipeline.plan import Plan, plan
@@ -92,7 +100,8 @@ def check(cfg: RunConfig, root: Path, source):
         check_schedule(cfg)
     except ConfigError as error:
         return Plan(problems=[str(error)])
-    return plan(cfg, store=open_run_store(cfg, root), work_root=root / ".cache" / "work" / cfg.run_name,
+    store = open_run_store(cfg, root)
+    return plan(cfg, store=store, work_root=work_root(cfg, root, store),
                 teacher=lambda: source, until="steps",
                 chain=lambda execute, teacher, _start: run_ablation(cfg, execute, teacher))
 
@@ -120,7 +129,7 @@ def run(cfg: RunConfig, root: Path, results_dir: Path, command: str, deadline_s:
                                              timespec="seconds")}) + "\n")
             return output
 
-    executor = TimedExecutor(store, root / ".cache" / "work" / cfg.run_name)
+    executor = TimedExecutor(store, work_root(cfg, root, store))
     results = run_ablation(cfg, executor, teacher_source(cfg))
     teacher, records = collect_records(results, lambda output: store.get_checkpoint(output.name))
     computed = max(store.manifest(result.quality.name)["created"] for result in results)
@@ -139,7 +148,7 @@ def parallel(args, cfg: RunConfig, command: str) -> int:
     children = []
     for index, seed in enumerate(cfg.ablation.seeds):
         child = [sys.executable, __file__, "--experiment", args.experiment, "--root", args.root, "--results-dir",
-                 str(args.results_dir or cfg.ablation.results_dir), "--seeds", str(seed), *args.overrides]
+                 str(args.results_dir or cfg.ablation.results_dir), f"--seeds={seed}", *args.overrides]
         if args.deadline_s is not None:
             child += ["--deadline-s", str(args.deadline_s)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES=str(index % args.parallel))
@@ -147,10 +156,19 @@ def parallel(args, cfg: RunConfig, command: str) -> int:
         children.append((seed, subprocess.Popen(child, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         print(f"seed {seed}: GPU {index % args.parallel}, log {logs / f'seed-{seed}.log'}", flush=True)
     codes = {}
-    for seed, process, log in children:
-        codes[seed] = process.wait()
-        log.close()
-        print(f"seed {seed}: exit {codes[seed]} at +{time.perf_counter() - started:.0f}s", flush=True)
+    # a `timeout` (SIGTERM) of this process stops the seeds' processes too (their stages resume next time)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    try:
+        for seed, process, log in children:
+            codes[seed] = process.wait()
+            log.close()
+            print(f"seed {seed}: exit {codes[seed]} at +{time.perf_counter() - started:.0f}s", flush=True)
+    finally:
+        for _, process, _ in children:
+            if process.poll() is None:
+                process.terminate()
+        for _, process, _ in children:
+            process.wait()
     if any(codes.values()):
         for seed, code in codes.items():
             if code not in (0, DEADLINE_EXIT):

@@ -96,3 +96,17 @@ def test_the_bare_runner_runs_in_parts_and_writes_the_report(tmp_path):
     again = bare(*args)
     assert again.returncode == 0 and "0 stages computed" in again.stdout, again.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "ablation-cpu.json").read_text()) == report
+
+
+def test_the_bare_runner_spreads_seeds_over_processes_and_computes_shared_stages_once(tmp_path):
+    result = bare("--experiment", "tiny", "--root", str(tmp_path / "root"), "--results-dir", str(tmp_path / "out"),
+                  "--parallel", "2", "ablation.seeds=[0,1]", "ablation.arms=[reasoning-rkl-kl]")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    computed = [json.loads(line)["name"] for line in (tmp_path / "out" / "ablation-stages.jsonl").read_text().splitlines()
+                if json.loads(line)["ran"]]
+    assert sorted(computed) == sorted(set(computed))  # nothing computed twice, by either process
+    assert {"teacher", "loo", "quality-teacher"} <= set(computed)
+    assert {"kl-reasoning-rkl-s0-H-2", "kl-reasoning-rkl-s1-H-2"} <= set(computed)
+    report = json.loads((tmp_path / "out" / "ablation-cpu.json").read_text())
+    assert sorted((record["arm"], record["seed"]) for record in report["records"]) == \
+        [("reasoning-rkl-kl", 0), ("reasoning-rkl-kl", 1)]
