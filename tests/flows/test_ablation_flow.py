@@ -240,3 +240,30 @@ def test_a_plain_reading_of_each_claim():
     assert "a is worse than b" in reading({**row, "metric": "kl_to_teacher"})  # a higher KL is worse
     assert reading({**row, "spread": None}).endswith("no spread to judge it by.")
     assert "same layers on 2 of 3 seeds" in reading({**row, "same_layers": 2, "seeds_compared": 3})
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("ablation.ce_weight=0", "ablation.ce_weight must be a number > 0, got 0"),
+    ("ablation.report_name=a/b", "ablation.report_name must be a file name without '/', got 'a/b'"),
+    ("schedule.selection=random", "schedule.selection must be one of mmr, loo, kl, got 'random'"),
+])
+def test_new_settings_refuse_bad_values_in_one_line(override, message):
+    from flows.config import ConfigCompositionError
+
+    with pytest.raises(ConfigCompositionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compose(["experiment=tiny", override])
+
+
+def test_the_plan_refuses_mmr_steps_on_the_teachers_samples(tmp_path):
+    """data.distill_on=generic with data.generic=teacher: the MMR trials cannot read the samples, so the plan
+    says so in one line before anything runs (selection kl or loo can)."""
+    from flows.convert import check_run
+
+    cfg = compose(["experiment=tiny", "data.generic=teacher", "data.distill_on=generic", f"storage.uri={tmp_path}",
+                   "tracking.enabled=false"])
+    problems = check_run(cfg).problems
+    assert problems == ["data.distill_on=generic with data.generic=teacher: the MMR trials cannot read the teacher's "
+                        "samples yet; use schedule.selection=kl or loo for the later steps"]
+    cfg = compose(["experiment=tiny", "data.generic=teacher", "data.distill_on=generic", "schedule.selection=kl",
+                   f"storage.uri={tmp_path}", "tracking.enabled=false"])
+    assert check_run(cfg).problems == []
