@@ -226,3 +226,13 @@ def test_a_kl_selected_chain_runs_and_reruns_from_the_store(tmp_path):
                     until="steps")
     ranking = json.loads((out["loo"] / "loo.json").read_text())["ranking"]
     assert json.loads((loo["H-3"] / "stage.json").read_text())["converted_layers"] == [ranking[2]]
+
+
+def test_the_flow_publishes_the_kl_table(scored):
+    from flows.publish import kl_markdown
+
+    result, _, folder = scored
+    lines = kl_markdown(folder, "kl-H-2", "-").splitlines()
+    rows = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert [int(row.split("|")[2]) for row in rows] == [entry["layer"] for entry in result["ranking"]]
+    assert f"{result['ranking'][0]['kl_fall']:+.4f}" in rows[0]
