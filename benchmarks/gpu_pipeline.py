@@ -135,7 +135,10 @@ def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, pre
         return out
 
     started = time.perf_counter()
-    run_chain(cfg, execute, until=until)
+    from pipeline.chain import local_teacher_source
+
+    teacher = local_teacher_source(cfg.teacher.path) if cfg.teacher.path else None  # a user's teacher (folder, GGUF)
+    run_chain(cfg, execute, teacher, until=until)
     record["total_seconds"] = round(time.perf_counter() - started, 1)
     record["store"] = str(store.root)
     if until == "evaluate":
