@@ -80,7 +80,7 @@ teacher loo convert mmr steps sft: setup  ## the chain up to that stage
 eval: setup  ## the chain up to the evaluation (= pipeline)
 	$(FLOW) --until evaluate $(ARGS)
 
-# Which data, which loss, which layer order (flows/ablation.py): six arms x ablation.seeds from one teacher,
+# Which data, which loss, which layer order (flows/ablation.py): eight arms x ablation.seeds from one teacher,
 # in the same store as `make pipeline`; the report goes to ablation.results_dir (benchmarks/results).
 ablation: setup
 	$(PY) -m flows.ablation $(ARGS)

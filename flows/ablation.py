@@ -7,7 +7,7 @@
 The stage calls are `pipeline.ablation.run_ablation`'s, run by the conversion flow's executor (a Prefect
 task per call, an MLflow child run per computation) into the same store as the conversion flow,
 `<storage.uri>/<run_name>`: the teacher and the LOO ranking are the ones `make pipeline` makes (or makes
-them for it). The MLflow parent run is `<run_name>-ablation`; the report (ablation-<device>.json, .md,
+them for it). The MLflow parent run is `<run_name>-ablation`; the report (<ablation.report_name>-<device>.json, .md,
 .png in `ablation.results_dir`) is built from the stored quality outputs and logged to it, with one child
 run per arm (mean metrics across seeds).
 
@@ -40,7 +40,16 @@ from flows.convert import (
     run_flow_command,
 )
 from flows.executor import StoreExecutor
-from pipeline.ablation import ARMS, METRICS, check_schedule, collect_records, run_ablation, summarize, write_report
+from pipeline.ablation import (
+    ARMS,
+    METRICS,
+    check_schedule,
+    collect_records,
+    report_settings,
+    run_ablation,
+    summarize,
+    write_report,
+)
 from pipeline.config import ConfigError, RunConfig, to_plain
 from pipeline.executor import work_root_for
 from pipeline.plan import Plan, plan
@@ -133,12 +142,9 @@ def run_ablation_flow(cfg: RunConfig, command: str) -> dict[str, Any]:
             results, lambda output: store.get_checkpoint(output.name, digest=output.manifest_digest))
         # the date the results were computed (the newest scoring), so the same store gives the same report
         computed = max(store.manifest(result.quality.name)["created"] for result in results)
-        settings = {"layers": cfg.teacher.demo.num_hidden_layers if not cfg.teacher.path else cfg.teacher.path,
-                    "counts": list(cfg.schedule.counts), "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
-                    "seeds": list(cfg.ablation.seeds), "mmr_max_length": cfg.mmr.train.max_length,
-                    "run_name": cfg.run_name}
         paths = write_report(teacher_quality, records, cfg.ablation.results_dir, command=command,
-                             date=str(computed)[:19].replace("T", " ") + " UTC", settings=settings)
+                             date=str(computed)[:19].replace("T", " ") + " UTC", settings=report_settings(cfg),
+                             name=cfg.ablation.report_name)
         for path in paths.values():
             tracker.log_artifact(path)
         log_arm_runs(tracker, summarize(records), records)

@@ -28,6 +28,7 @@ from flows.publish import (
     artifact_key,
     evaluation_params,
     log_output_files,
+    kl_markdown,
     loo_markdown,
     mlflow_run_link,
     mmr_markdown,
@@ -170,8 +171,8 @@ class StoreExecutor(Executor):
                                getattr(self.tracker, "experiment_id", None), run_id)
 
     def publish(self, call: StageCall, output: Output) -> None:
-        """Markdown tables of the LOO ranking, the MMR scores and the final summary."""
-        if call.stage not in ("loo", "mmr", "evaluate"):
+        """Markdown tables of the LOO ranking, the MMR and KL-guided scores and the final summary."""
+        if call.stage not in ("loo", "mmr", "kl", "evaluate"):
             return
         folder = self.store.get_checkpoint(output.name, digest=output.manifest_digest)
         link = self.run_link(output.mlflow_run_id)
@@ -179,6 +180,8 @@ class StoreExecutor(Executor):
             markdown, description = loo_markdown(folder, self.first_count, link), "Leave-one-out layer ranking"
         elif call.stage == "mmr":
             markdown, description = mmr_markdown(folder, output.name, link), f"MMR scores ({output.name})"
+        elif call.stage == "kl":
+            markdown, description = kl_markdown(folder, output.name, link), f"KL-guided scores ({output.name})"
         else:
             links = {}
             for name in [record["checkpoint"] for record in summary_records(folder)]:

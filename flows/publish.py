@@ -96,6 +96,27 @@ def mmr_markdown(folder: Path, name: str, run_link: str) -> str:
     return "\n".join(lines)
 
 
+def kl_markdown(folder: Path, name: str, run_link: str) -> str:
+    """The KL-guided scoring's table (pipeline/stages/kl.py): each layer's KL fall, smallest first."""
+    from pipeline.stages.kl import KL_FILE
+
+    kl = read_json(folder / KL_FILE)
+    reference = kl["all_converted_loss"]
+    lines = [
+        f"### KL-guided scores from H-{kl['n_mamba']} ({name})",
+        f"Mean distillation loss of the last {kl['score_window']} of {kl['steps']} steps per trial; every remaining "
+        f"attention layer converted: {'-' if reference is None else f'{reference:.4f}'}. KL fall = that minus the "
+        f"loss with the layer kept as attention; smallest first (converted first). MLflow run {run_link}.",
+        "",
+        "| rank | layer | loss with it kept | KL fall |",
+        "| --- | --- | --- | --- |",
+    ]
+    for rank, entry in enumerate(kl["ranking"], start=1):
+        loss = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
+        lines.append(f"| {rank} | {entry['layer']} | {loss} | {entry['kl_fall']:+.4f} |")
+    return "\n".join(lines)
+
+
 def summary_records(folder: Path) -> list[dict[str, Any]]:
     return read_json(folder / SUMMARY_FILE)
 
@@ -132,6 +153,7 @@ __all__ = [
     "artifact_key",
     "evaluation_params",
     "log_output_files",
+    "kl_markdown",
     "loo_markdown",
     "mlflow_run_link",
     "mmr_markdown",

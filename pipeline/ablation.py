@@ -1,20 +1,27 @@
 """The recipe's central choices, checked on one teacher: which data, which loss, which layer order.
 
 From one teacher and its one LOO ranking (shared by every arm), for each seed of `ablation.seeds`:
-- four first conversions to H-`schedule.counts[0]` (the same LOO-chosen layers, the same steps):
-  reasoning traces / reverse KL (the recipe), generic text / reverse KL, an even mix / reverse KL, and
-  reasoning traces / forward KL;
+- five first conversions to H-`schedule.counts[0]` (the same LOO-chosen layers, the same steps):
+  reasoning traces / reverse KL (the recipe), generic text / reverse KL, an even mix / reverse KL,
+  reasoning traces / forward KL, and reasoning traces / reverse KL + `ablation.ce_weight` x CE;
 - from the recipe's H-first, the progressive steps over `schedule.counts[1:]` (same steps per
-  conversion) twice: the next layers chosen by MMR (the recipe) and by the teacher's static LOO ranking;
+  conversion) three times: the next layers chosen by MMR (the recipe), by the teacher's static LOO
+  ranking, and by KL-guided selection (`pipeline.stages.kl`);
 - every final checkpoint (and the teacher once) scored by the `quality` stage.
+
+Generic text: data.generic (a plain-text source), or with data.generic=teacher the teacher's own samples
+(the `samples` stage, once, after the teacher): the generic and mix arms distil on its train split, and
+every quality call scores its test split.
 
 The seed is the distillation's (the Mamba mixers' initialisation, the order of the data, the MMR trials'),
 never the teacher's or LOO's. Every stage call goes through the one executor, so arms that share a prefix
 share its output (both orderings continue the recipe's H-first of the same seed) and a rerun with the same
-store computes nothing. Store names: `<arm>-s<seed>-H-<K>`, `mmr-<checkpoint>`, `quality-<checkpoint>`.
+store computes nothing. Store names: `<arm>-s<seed>-H-<K>`, `mmr-<checkpoint>`, `kl-<checkpoint>`,
+`quality-<checkpoint>`.
 
 `run_ablation` walks the calls (also for the plan); `collect_records` and `write_report` turn the stored
-quality.json files into ablation-<device>.json / .md / .png. No Prefect or MLflow here (flows/ablation.py).
+quality.json files into <ablation.report_name>-<device>.json / .md / .png. No Prefect or MLflow here
+(flows/ablation.py; benchmarks/gpu_ablation.py runs it bare).
 """
 
 from __future__ import annotations
@@ -42,10 +49,15 @@ DISTILL_ON = {"reasoning": "distill", "generic": "generic", "mix": "mix"}  # arm
 class Arm:
     name: str
     data: str  # reasoning | generic | mix
-    loss: str  # reverse_kl | forward_kl
-    ordering: str  # how the converted layers were chosen: loo (the first conversion's, always) or mmr
+    loss: str  # reverse_kl | forward_kl (train.loss)
+    ordering: str  # how the converted layers were chosen: loo (the first conversion's, always), mmr or kl
     continued: bool = False  # continues the recipe's H-first over schedule.counts[1:]
     claim: str = ""
+    ce: bool = False  # adds ablation.ce_weight x CE to the loss (train.ce_weight)
+
+    @property
+    def loss_label(self) -> str:
+        return f"{self.loss}+ce" if self.ce else self.loss
 
 
 RECIPE = "reasoning-rkl"
@@ -54,17 +66,25 @@ ARMS = (
     Arm("generic-rkl", "generic", "reverse_kl", "loo", claim="generic text loses reasoning"),
     Arm("mix-rkl", "mix", "reverse_kl", "loo", claim="an even mix"),
     Arm("reasoning-fkl", "reasoning", "forward_kl", "loo", claim="reverse KL beats forward KL"),
+    Arm("reasoning-rkl-ce", "reasoning", "reverse_kl", "loo", claim="reverse KL alone vs with a CE term", ce=True),
     Arm("reasoning-rkl-mmr", "reasoning", "reverse_kl", "mmr", continued=True,
         claim="past 50%: layers by MMR (the recipe)"),
     Arm("reasoning-rkl-loo", "reasoning", "reverse_kl", "loo", continued=True, claim="past 50%: layers by static LOO"),
+    Arm("reasoning-rkl-kl", "reasoning", "reverse_kl", "kl", continued=True,
+        claim="past 50%: layers by KL-guided selection"),
 )
-# (claim, arm, compared with): the differences the report states with their spread
+# (claim, arm, compared with): the differences the report states with their spread; the claim favours the
+# first arm (the recipe's choice, or for KL-guided selection its paper's)
 COMPARISONS = (
     ("reasoning traces vs generic text", RECIPE, "generic-rkl"),
     ("reasoning traces vs an even mix", RECIPE, "mix-rkl"),
     ("reverse KL vs forward KL", RECIPE, "reasoning-fkl"),
+    ("reverse KL vs reverse KL + CE", RECIPE, "reasoning-rkl-ce"),
     ("MMR order vs LOO order past 50%", "reasoning-rkl-mmr", "reasoning-rkl-loo"),
+    ("KL-guided order vs MMR order past 50%", "reasoning-rkl-kl", "reasoning-rkl-mmr"),
+    ("KL-guided order vs LOO order past 50%", "reasoning-rkl-kl", "reasoning-rkl-loo"),
 )
+HIGHER_IS_BETTER = {"answer_accuracy": True, "kl_to_teacher": False, "nll_reasoning": False, "nll_generic": False}
 
 
 def check_schedule(cfg: RunConfig) -> None:
@@ -91,7 +111,8 @@ class Result:
     seed: int | None
     checkpoint: Output
     quality: Output
-    mmr: tuple[Output, ...] = ()  # the MMR scorings on its path (their tokens are not distillation tokens)
+    scorings: tuple[Output, ...] = ()  # the MMR or KL scorings on its path (their tokens are not distillation
+    # tokens)
 
 
 def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None) -> list[Result]:
@@ -106,8 +127,17 @@ def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher
 
 
 def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None) -> list[Result]:
-    from pipeline.chain import teacher_output
-    from pipeline.stages import run_convert, run_loo, run_loo_step, run_mmr, run_quality, run_step
+    from pipeline.chain import generic_input, teacher_output
+    from pipeline.stages import (
+        run_convert,
+        run_kl,
+        run_kl_step,
+        run_loo,
+        run_loo_step,
+        run_mmr,
+        run_quality,
+        run_step,
+    )
 
     check_schedule(cfg)
     hardware, counts = cfg.hardware, cfg.schedule.counts
@@ -119,6 +149,7 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
         return execute(stage_call)
 
     teacher_out = teacher_output(cfg, execute, teacher)  # the conversion chain's teacher (fine-tuned if asked)
+    generic = generic_input(cfg, execute, teacher_out)  # {"generic": the teacher's samples} or {}
     # the conversion chain's LOO call, settings and all: one ranking for every arm (and for `make pipeline`)
     loo = call("loo", run_loo, {"loo": cfg.loo, "data": cfg.data.view("eval", "distill"), "hardware": hardware,
                                 "first_count": counts[0]}, {"teacher": teacher_out}, is_checkpoint=False)
@@ -126,7 +157,7 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
 
     def quality(checkpoint: Output) -> Output:
         return call(f"quality-{checkpoint.name}", run_quality, scoring,
-                    {"teacher": teacher_out, "checkpoint": checkpoint}, is_checkpoint=False)
+                    {"teacher": teacher_out, "checkpoint": checkpoint, **generic}, is_checkpoint=False)
 
     results: list[Result] = []
     chosen = set(cfg.ablation.arms or [arm.name for arm in ARMS])
@@ -134,12 +165,15 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
     for seed in cfg.ablation.seeds:
         firsts: dict[str, Output] = {}
         for arm in [arm for arm in ARMS if arm.name in needed]:
-            train = dataclasses.replace(cfg.train, loss=arm.loss, seed=seed)
+            train = dataclasses.replace(cfg.train, loss=arm.loss, seed=seed,
+                                        **({"ce_weight": cfg.ablation.ce_weight} if arm.ce else {}))
             data = dataclasses.replace(cfg.data, distill_on=DISTILL_ON[arm.data]).distillation_view()
+            reads_generic = generic if arm.data in ("generic", "mix") else {}
             if not arm.continued:
                 firsts[arm.name] = call(arm_name(arm, seed, counts[0]), run_convert,
                                         {"train": train, "mamba": cfg.mamba, "data": data, "hardware": hardware,
-                                         "seed": seed, "count": counts[0]}, {"teacher": teacher_out, "loo": loo})
+                                         "seed": seed, "count": counts[0]},
+                                        {"teacher": teacher_out, "loo": loo, **reads_generic})
                 if arm.name in chosen:
                     results.append(Result(arm, seed, firsts[arm.name], quality(firsts[arm.name])))
                 continue
@@ -152,6 +186,10 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
                     scorings.append(call(f"mmr-{previous.name}", run_mmr, {"mmr": mmr_cfg, "data": data,
                                          "hardware": hardware, "seed": seed}, inputs, is_checkpoint=False))
                     previous = call(arm_name(arm, seed, count), run_step, settings, {**inputs, "mmr": scorings[-1]})
+                elif arm.ordering == "kl":  # the same trial settings as MMR's (see pipeline.stages.kl)
+                    scorings.append(call(f"kl-{previous.name}", run_kl, {"train": mmr_cfg.train, "data": data,
+                                         "hardware": hardware, "seed": seed}, inputs, is_checkpoint=False))
+                    previous = call(arm_name(arm, seed, count), run_kl_step, settings, {**inputs, "kl": scorings[-1]})
                 else:
                     previous = call(arm_name(arm, seed, count), run_loo_step, settings, {**inputs, "loo": loo})
             results.append(Result(arm, seed, previous, quality(previous), tuple(scorings)))
@@ -181,10 +219,24 @@ def mmr_sequences(folder: Path) -> int:
     return trials * int(table["steps"]) * int(settings["mmr"]["train"]["batch_size"])
 
 
+def kl_sequences(folder: Path) -> int:
+    """Sequences a KL-guided scoring trained on: trials (candidates + the all-converted one) x steps x batch."""
+    from pipeline.stages.common import RUN_CONFIG
+    from pipeline.stages.kl import KL_FILE
+
+    table = json.loads((Path(folder) / KL_FILE).read_text())
+    settings = json.loads((Path(folder) / RUN_CONFIG).read_text())
+    return int(table["trials"]) * int(table["steps"]) * int(settings["train"]["batch_size"])
+
+
+SCORING_SEQUENCES = {"mmr": mmr_sequences, "kl": kl_sequences}  # ordering -> its scorings' sequences
+
+
 def collect_records(results: Sequence[Result], folder_of: Callable[[Output], Path]) -> tuple[dict, list[dict]]:
     """(the teacher's quality, one record per arm and seed) from the stored outputs (`folder_of`: an
     output's local folder). Record fields: RECORD_FIELDS, then extras (checkpoint, layer pattern,
-    kl_generic, and for the MMR arm the sequences its MMR scorings trained on)."""
+    kl_generic, and for the MMR and KL-guided arms the sequences their scorings trained on,
+    `mmr_scoring_sequences` / `kl_scoring_sequences`)."""
     teacher, records = {}, []
     for result in results:
         scored = read_quality(folder_of(result.quality))
@@ -192,13 +244,14 @@ def collect_records(results: Sequence[Result], folder_of: Callable[[Output], Pat
             teacher = scored
             continue
         arm = result.arm
-        record = {"arm": arm.name, "data": arm.data, "loss": arm.loss, "ordering": arm.ordering,
+        record = {"arm": arm.name, "data": arm.data, "loss": arm.loss_label, "ordering": arm.ordering,
                   "n_mamba": scored["n_mamba"], "seed": result.seed, "tokens": scored["tokens"],
                   **{name: scored[name] for name in METRICS},
                   "checkpoint": result.checkpoint.name, "layer_pattern": scored["layer_pattern"],
                   "kl_generic": scored["kl_generic"], "device": scored["device"]}
-        if result.mmr:
-            record["mmr_scoring_sequences"] = sum(mmr_sequences(folder_of(output)) for output in result.mmr)
+        if result.scorings:
+            record[f"{arm.ordering}_scoring_sequences"] = sum(SCORING_SEQUENCES[arm.ordering](folder_of(output))
+                                                              for output in result.scorings)
         records.append(record)
     return teacher, records
 
@@ -211,15 +264,16 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         mine = [record for record in records if record["arm"] == arm.name]
         if not mine:
             continue
-        row = {"arm": arm.name, "data": arm.data, "loss": arm.loss, "ordering": arm.ordering,
+        row = {"arm": arm.name, "data": arm.data, "loss": arm.loss_label, "ordering": arm.ordering,
                "n_mamba": mine[0]["n_mamba"], "seeds": sorted(record["seed"] for record in mine),
                "tokens": statistics.fmean(record["tokens"] for record in mine)}
         for name in METRICS:
             values = [float(record[name]) for record in mine]
             row[name] = statistics.fmean(values)
             row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
-        if any("mmr_scoring_sequences" in record for record in mine):
-            row["mmr_scoring_sequences"] = statistics.fmean(record.get("mmr_scoring_sequences", 0) for record in mine)
+        for field in ("mmr_scoring_sequences", "kl_scoring_sequences"):
+            if any(field in record for record in mine):
+                row[field] = statistics.fmean(record.get(field, 0) for record in mine)
         rows.append(row)
     return rows
 
@@ -239,6 +293,42 @@ def compare(summary: Sequence[Mapping[str, Any]], metric: str = "answer_accuracy
         out.append({"claim": claim, "arm": arm, "versus": other, "metric": metric, "difference": a[metric] - b[metric],
                     "spread": spread})
     return out
+
+
+def reading(row: Mapping[str, Any]) -> str:
+    """A comparison in plain words: whether the claim (that its first arm is better on the metric) holds
+    beyond two standard errors, is reversed beyond them, or is not resolved by the seeds run."""
+    better = row["difference"] if HIGHER_IS_BETTER.get(row["metric"], True) else -row["difference"]
+    verdict = ("holds" if better > 0 else "is reversed") if row["spread"] is not None and \
+        abs(row["difference"]) > 2 * row["spread"] else None
+    spread = "" if row["spread"] is None else f" ± {row['spread']:.4f}"
+    same = ""
+    if row.get("same_layers") is not None:
+        same = (f" (the two converted the same layers on {row['same_layers']} of {row['seeds_compared']} seeds"
+                + (": there the difference is run-to-run noise" if row["same_layers"] else "") + ")")
+    if better == 0:
+        return f"{row['claim']} ({row['metric']}): {row['arm']} and {row['versus']} are equal{same}."
+    direction = "better" if better > 0 else "worse"
+    if row["spread"] is None:
+        verdict_text = "one seed on a side: no spread to judge it by"
+    elif verdict is None:
+        verdict_text = "not resolved (within 2 s.e.)"
+    else:
+        verdict_text = f"{verdict} (beyond 2 s.e.)"
+    return (f"{row['claim']} ({row['metric']}): {row['arm']} is {direction} than {row['versus']} by "
+            f"{abs(row['difference']):.4f}{spread}{same}: {verdict_text}.")
+
+
+def same_layers(records: Sequence[Mapping[str, Any]], arm: str, other: str) -> tuple[int, int] | None:
+    """(seeds on which two continued arms ended with the same layer pattern, seeds both ran), None unless both
+    are orderings (continued arms): when they chose the same layers, their difference is training noise."""
+    continued = {a.name for a in ARMS if a.continued}
+    if arm not in continued or other not in continued:
+        return None
+    mine = {r["seed"]: r["layer_pattern"] for r in records if r["arm"] == arm}
+    theirs = {r["seed"]: r["layer_pattern"] for r in records if r["arm"] == other}
+    seeds = sorted(set(mine) & set(theirs))
+    return sum(mine[seed] == theirs[seed] for seed in seeds), len(seeds)
 
 
 # --- the report --------------------------------------------------------------------------------------------
@@ -309,27 +399,42 @@ def ablation_plot(teacher: Mapping[str, Any], summary: Sequence[Mapping[str, Any
     return path
 
 
+def report_settings(cfg: RunConfig) -> dict[str, Any]:
+    """What the report states of the run's settings (the flow and the bare runner give the same)."""
+    return {"layers": cfg.teacher.demo.num_hidden_layers if not cfg.teacher.path else cfg.teacher.path,
+            "counts": list(cfg.schedule.counts), "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+            "seeds": list(cfg.ablation.seeds), "mmr_max_length": cfg.mmr.train.max_length, "run_name": cfg.run_name,
+            "mmr_steps": cfg.mmr.train.steps, "ce_weight": cfg.ablation.ce_weight,
+            **({"generic": "teacher", "generic_train_rows": cfg.data.samples.train} if cfg.data.samples_teacher
+               else {})}
+
+
 def write_report(teacher: Mapping[str, Any], records: Sequence[Mapping[str, Any]], results_dir: str | Path, *,
-                 command: str, date: str, settings: Mapping[str, Any]) -> dict[str, Path]:
-    """ablation-<device>.json (records), .md (command, device, date, tables) and .png into `results_dir`;
-    returns the paths. Same records, same files."""
+                 command: str, date: str, settings: Mapping[str, Any], name: str = "ablation") -> dict[str, Path]:
+    """<name>-<device>.json (records), .md (command, device, date, tables, a plain reading of each claim) and
+    .png into `results_dir`; returns the paths. Same records, same files."""
     devices = sorted({record["device"] for record in records} | ({teacher["device"]} if teacher else set()))
     device = ", ".join(devices) or "unknown"
     tag = device_tag(devices[0]) if len(devices) == 1 else "mixed"
     folder = Path(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {kind: folder / f"ablation-{tag}.{kind}" for kind in ("json", "md", "png")}
+    paths = {kind: folder / f"{name}-{tag}.{kind}" for kind in ("json", "md", "png")}
     summary = summarize(records)
     for row in summary:
         row["values"] = {name: [float(record[name]) for record in records if record["arm"] == row["arm"]]
                          for name in METRICS}
     comparisons = [row for pair in zip(compare(summary), compare(summary, "kl_to_teacher")) for row in pair]
+    for row in comparisons:
+        found = same_layers(records, row["arm"], row["versus"])
+        if found is not None:
+            row["same_layers"], row["seeds_compared"] = found
     ordered = sorted(records, key=lambda r: ([arm.name for arm in ARMS].index(r["arm"]), r["seed"]))
     paths["json"].write_text(json.dumps({"command": command, "device": device, "date": date, "settings": settings,
                                          "teacher": teacher, "records": ordered, "summary": summary,
                                          "comparisons": comparisons}, indent=2) + "\n")
     ablation_plot(teacher, summary, paths["png"])
     mmr = [row for row in summary if "mmr_scoring_sequences" in row]
+    kl = [row for row in summary if "kl_scoring_sequences" in row]
     notes = [
         "Mean ± sample standard deviation across seeds (the seed is the distillation's: Mamba initialisation, "
         "data order, MMR trials; teacher and LOO ranking are shared by every arm). `tokens`: distillation tokens "
@@ -340,6 +445,15 @@ def write_report(teacher: Mapping[str, Any], records: Sequence[Mapping[str, Any]
         notes.append(f"Not in `tokens`: the MMR arm's scoring trials trained on {mmr[0]['mmr_scoring_sequences']:,.0f} "
                      f"sequences (candidates x steps x batch, each at most {settings.get('mmr_max_length')} tokens) "
                      "beside its distillation; the LOO-ordered arm needs none.")
+    if kl:
+        notes.append(f"Not in `tokens` either: the KL-guided arm's scoring trials trained on "
+                     f"{kl[0]['kl_scoring_sequences']:,.0f} sequences (candidates + 1 all-converted trial, x steps "
+                     "x batch; the MMR trials' settings).")
+    if teacher and settings.get("generic") == "teacher":
+        notes.append(f"Generic text: the teacher's own samples at temperature 1 (data.generic=teacher); the "
+                     f"teacher's NLL on their test split is {teacher['nll_generic']:.4f} nats per token (the generic "
+                     f"and mix arms distil on {settings.get('generic_train_rows')} rows of their train split, "
+                     "sampled alike).")
     text = "\n".join([
         "# Ablation: which data, which loss, which layer order", "",
         f"- command: `{command}`", f"- device: {device}", f"- date: {date}",
@@ -351,6 +465,8 @@ def write_report(teacher: Mapping[str, Any], records: Sequence[Mapping[str, Any]
         comparison_markdown(comparisons), "",
         "Spread: the standard error of the difference of two means, sqrt(s_a²/n_a + s_b²/n_b); "
         "“beyond 2 s.e.” is a mechanical flag, not a test with a stated error rate.", "",
+        "## Which claims hold", "",
+        *[f"- {reading(row)}" for row in comparisons], "",
         f"![ablation]({paths['png'].name})", "",
     ])
     paths["md"].write_text(text)
@@ -358,5 +474,5 @@ def write_report(teacher: Mapping[str, Any], records: Sequence[Mapping[str, Any]
 
 
 __all__ = ["ARMS", "COMPARISONS", "METRICS", "RECORD_FIELDS", "Arm", "Result", "arm_name", "check_schedule",
-           "collect_records", "compare", "device_tag", "read_quality", "run_ablation", "summarize", "summary_markdown",
-           "write_report"]
+           "collect_records", "compare", "device_tag", "kl_sequences", "mmr_sequences", "read_quality", "reading",
+           "report_settings", "run_ablation", "summarize", "summary_markdown", "write_report"]

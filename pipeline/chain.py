@@ -1,9 +1,11 @@
 """The recipe's order of stages, once, for every way of running it.
 
 `run_chain(cfg, execute, teacher, start=...)` walks the recipe: teacher -> LOO -> first conversion ->
-(MMR -> step) for each later count -> SFT -> evaluate. With a start checkpoint (`start.path`: a hybrid,
-released or ours) it continues that hybrid's conversion instead: teacher -> start -> (MMR -> step) for
-every count -> SFT -> evaluate (the start evaluated as `start` beside the new checkpoints). Each stage is a
+(MMR -> step) for each later count -> SFT -> evaluate (`schedule.selection`: "mmr" the recipe's MMR ->
+step, "kl" a KL-guided scoring -> kl_step, "loo" a loo_step by the teacher's LOO ranking). With a start
+checkpoint (`start.path`: a hybrid, released or ours) it continues that hybrid's conversion instead:
+teacher -> start -> (MMR -> step) for every count -> SFT -> evaluate (the start evaluated as `start` beside
+the new checkpoints). Each stage is a
 `StageCall`: the stage function, the config sections it reads (taken here from the RunConfig, the only
 place that knows which section feeds which argument) and its inputs. `execute(call)` runs it and returns
 its Output (`pipeline.executor.Executor`, which flows/ wraps in Prefect tasks and MLflow runs).
@@ -118,6 +120,22 @@ def check_start_counts(cfg: RunConfig, n_mamba: int | None) -> None:
                           f"{n_mamba} Mamba layers; every count must be larger")
 
 
+def check_selection(cfg: RunConfig) -> str:
+    """schedule.selection, checked against what the run has: "loo" needs the teacher's LOO ranking (not run
+    when a start checkpoint takes its place); MMR trials cannot yet read the teacher's own samples, so a
+    distillation on generic text or a mix with data.generic=teacher needs "loo" or "kl" for its later steps."""
+    selection = cfg.schedule.selection
+    if selection == "loo" and cfg.start.path:
+        raise ConfigError(f"schedule.selection=loo orders the steps by the teacher's LOO ranking, which a run from "
+                          f"start.path={cfg.start.path} does not compute: use schedule.selection=mmr or kl")
+    later = cfg.schedule.counts if cfg.start.path else cfg.schedule.counts[1:]
+    if (selection == "mmr" and later and cfg.data.samples_teacher
+            and cfg.data.distill_on in ("generic", "mix")):
+        raise ConfigError(f"data.distill_on={cfg.data.distill_on} with data.generic=teacher: the MMR trials cannot "
+                          "read the teacher's samples yet; use schedule.selection=kl or loo for the later steps")
+    return selection
+
+
 def sft_input(cfg: RunConfig) -> str:
     """The checkpoint SFT starts from (sft.checkpoint, checked against the schedule)."""
     names = [checkpoint_name(count) for count in cfg.schedule.counts]
@@ -145,7 +163,18 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
 
 def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None, until: str,
           start: Source | None) -> dict[str, Output]:
-    from pipeline.stages import run_convert, run_evaluate, run_loo, run_mmr, run_sft, run_step
+    from pipeline.stages import (
+        run_convert,
+        run_evaluate,
+        run_kl,
+        run_kl_step,
+        run_loo,
+        run_loo_step,
+        run_mmr,
+        run_sft,
+        run_step,
+    )
+    from pipeline.stages.common import distill_kind
 
     if until not in UNTIL:
         raise ConfigError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
@@ -163,6 +192,7 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
     if until == "teacher":
         return out
     generic = generic_input(cfg, execute, teacher_out, out)
+    distill_generic = generic if distill_kind(distill_view(cfg)) in ("generic", "mix") else {}
     if cfg.start.path:  # continue a hybrid: it takes the place of LOO and the first conversion
         registered = start_call(cfg, start, teacher_out)
         registered.check_signature()
@@ -180,21 +210,37 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
         call(previous, run_convert, {"train": cfg.train, "mamba": cfg.mamba, "data": distill_view(cfg),
                                      "hardware": hardware, "seed": seed, "count": counts[0],
                                      **mixer_settings(cfg, "convert")},
-             {"teacher": teacher_out, "loo": out["loo"]})
+             {"teacher": teacher_out, "loo": out["loo"], **distill_generic})
         if until == "convert":
             return out
         checkpoints, later = [previous], counts[1:]
+    selection = check_selection(cfg)
     for count in later:
-        mmr_name = f"mmr-{previous}"
-        call(mmr_name, run_mmr, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
-                                 **mixer_settings(cfg, "mmr")},
-             {"teacher": teacher_out, "parent": out[previous]}, is_checkpoint=False)
-        if until == "mmr":
-            return out
         name = checkpoint_name(count)
-        call(name, run_step, {"train": cfg.train, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
-                              "count": count, **mixer_settings(cfg, "step")},
-             {"teacher": teacher_out, "parent": out[previous], "mmr": out[mmr_name]})
+        step_settings = {"train": cfg.train, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
+                         "count": count}
+        inputs = {"teacher": teacher_out, "parent": out[previous], **distill_generic}
+        if selection == "mmr":
+            mmr_name = f"mmr-{previous}"
+            call(mmr_name, run_mmr, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
+                                     **mixer_settings(cfg, "mmr")},
+                 {"teacher": teacher_out, "parent": out[previous]}, is_checkpoint=False)
+            if until == "mmr":
+                return out
+            call(name, run_step, {**step_settings, **mixer_settings(cfg, "step")},
+                 {"teacher": teacher_out, "parent": out[previous], "mmr": out[mmr_name]})
+        elif selection == "kl":
+            kl_name = f"kl-{previous}"
+            call(kl_name, run_kl, {"train": cfg.mmr.train, "data": distill_view(cfg), "hardware": hardware,
+                                   "seed": seed},
+                 inputs, is_checkpoint=False)
+            if until == "mmr":
+                return out
+            call(name, run_kl_step, step_settings, {**inputs, "kl": out[kl_name]})
+        else:  # the teacher's static LOO ranking: nothing to score
+            if until == "mmr":
+                return out
+            call(name, run_loo_step, step_settings, {**inputs, "loo": out["loo"]})
         checkpoints.append(name)
         previous = name
     if until in ("mmr", "steps"):  # "mmr" with a one-count schedule: there is nothing to score
@@ -271,6 +317,7 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
     return {name: store.root / name for name in outputs}
 
 
-__all__ = ["UNTIL", "StageCall", "check_start_counts", "local_teacher_source", "mixer_settings", "run_chain", "run_local",
+__all__ = ["UNTIL", "StageCall", "check_selection", "check_start_counts", "local_teacher_source", "mixer_settings",
+           "run_chain", "run_local",
            "gguf_source", "sft_input", "start_call", "teacher_call", "teacher_output", "TEACHER_FINETUNED",
            "SAMPLES", "generic_input"]

@@ -15,13 +15,18 @@ from typing import Any
 from pipeline.data.demo import DemoDataConfig, DemoTeacherConfig
 from pipeline.train.config import TrainConfig
 
-STAGES = ("teacher", "teacher_finetune", "samples", "start", "loo", "convert", "mmr", "step", "loo_step", "sft", "evaluate", "quality")
+STAGES = ("teacher", "teacher_finetune", "samples", "start", "loo", "convert", "mmr", "step", "loo_step", "kl",
+          "kl_step", "sft", "evaluate", "quality")
 DISTILL_ON = ("distill", "generic", "mix")
 LOO_MODES = ("mixer", "block")
 LOO_METRICS = ("accuracy", "nll")
 DEVICES = ("auto", "cpu", "cuda")
 MIXERS = ("mamba", "gdn")  # the recurrent mixers a conversion can choose (schedule.mixers)
 DEFAULT_MIXERS = ["mamba"]
+# How each step after the first conversion picks its layers (schedule.selection): "mmr" (the recipe: an MMR
+# scoring of the previous checkpoint), "loo" (the teacher's static LOO ranking), "kl" (KL-guided selection,
+# pipeline/stages/kl.py: the KL fall from keeping each layer as attention in an otherwise converted model)
+SELECTIONS = ("mmr", "loo", "kl")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")
 
 
@@ -242,16 +247,26 @@ class GDNConfig:
 @dataclass
 class ScheduleConfig:
     # Number of converted (Mamba or Gated DeltaNet) layers after each conversion: counts[0] by LOO (the
-    # first distillation), every later one by MMR from the previous checkpoint. The recipe: [25, 27, 30,
-    # 34, 37, 40] of 50 layers.
+    # first distillation), every later one from the previous checkpoint by `selection` (MMR by default). The
+    # recipe: [25, 27, 30, 34, 37, 40] of 50 layers.
     counts: list[int] = field(default_factory=lambda: [4, 5, 6])
     # The mixers a conversion chooses from: "mamba" (Mamba-1, MIL) and "gdn" (Gated DeltaNet). The first
     # conversion gives all its layers mixers[0]; MMR scores every (remaining attention layer, mixer) pair
     # and each step converts the lowest-scoring pairs, one mixer a layer. The default [mamba] is the recipe
     # as it always was (and leaves every cache key as it was).
     mixers: list[str] = field(default_factory=lambda: list(DEFAULT_MIXERS))
+    # How every step after the first conversion picks its layers (SELECTIONS): "mmr" (the recipe, the
+    # default: `mmr-H-K` scores each remaining attention layer, `step` converts the lowest), "loo" (the
+    # teacher's static LOO ranking, `loo_step`), "kl" (KL-guided: `kl-H-K` then `kl_step`). Read by the
+    # chain only, which calls other stages for it; the default adds nothing to any key.
+    selection: str = added_field("mmr")
 
     def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"schedule.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.selection != "mmr" and list(self.mixers) != DEFAULT_MIXERS:
+            raise ConfigError(f"schedule.selection={self.selection} converts to Mamba only; schedule.mixers "
+                              f"{list(self.mixers)} needs schedule.selection=mmr (MMR chooses each layer's mixer)")
         mixers = list(self.mixers)
         if not mixers or isinstance(self.mixers, str):
             raise ConfigError(f"schedule.mixers is a non-empty list of {', '.join(MIXERS)}, got {self.mixers!r}")
@@ -488,8 +503,17 @@ class AblationConfig:
     # how long a run waits for another run computing the same stage (concurrent runs on one store share
     # the teacher and LOO: the others wait for the first); 0 = fail at once, naming the holder
     lease_wait_s: float = field(default=3600.0, metadata={KEY_NEUTRAL: True})
+    # the CE weight of the reverse KL + CE arm (train.ce_weight of `reasoning-rkl-ce`)
+    ce_weight: float = 0.5
+    # the report's file names: <report_name>-<device>.{json,md,png}
+    report_name: str = "ablation"
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.ce_weight, (int, float)) and not isinstance(self.ce_weight, bool)
+                and self.ce_weight > 0):
+            raise ConfigError(f"ablation.ce_weight must be a number > 0, got {self.ce_weight!r}")
+        if not self.report_name or "/" in self.report_name:
+            raise ConfigError(f"ablation.report_name must be a file name without '/', got {self.report_name!r}")
         seeds = list(self.seeds)
         if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
             raise ConfigError(f"ablation.seeds must be a non-empty list of integers >= 0, got {seeds}")
@@ -621,6 +645,7 @@ __all__ = [
     "RunConfig",
     "SFTConfig",
     "STAGES",
+    "SELECTIONS",
     "SamplesConfig",
     "TEACHER_SAMPLES",
     "KEY_SINCE",

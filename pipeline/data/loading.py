@@ -76,9 +76,16 @@ def _builder_for(files: list[Path]) -> str:
     return builders.pop()  # type: ignore[return-value]
 
 
+# What a stored output holds beside its data (the store's manifest, a stage's records): never rows, so that a
+# stage output given as data (the teacher's samples, data.generic=teacher) reads as its split files alone.
+RECORD_FILES = ("manifest.json", "stage.json", "run_config.json")
+
+
 def files_by_split(folder: Path) -> dict[str, list[Path]]:
-    """Data files of a folder grouped by split name (file stem train/validation/test; anything else -> train)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    """Data files of a folder grouped by split name (file stem train/validation/test; anything else -> train),
+    without the record files of a stored output (RECORD_FILES, at the folder's top)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                   and not (p.parent == folder and p.name in RECORD_FILES))
     if not files:
         raise DataLoadError(f"folder {str(folder)!r} has no {'/'.join(DATA_SUFFIXES)} files")
     aliases = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",

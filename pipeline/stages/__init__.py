@@ -3,6 +3,7 @@
 from pipeline.stages.common import ConsoleReporter, Reporter, StageError
 from pipeline.stages.convert import run_convert, run_loo_step, run_step
 from pipeline.stages.evaluate import run_evaluate, summary_table
+from pipeline.stages.kl import run_kl, run_kl_step
 from pipeline.stages.loo import run_loo
 from pipeline.stages.mmr import run_mmr
 from pipeline.stages.quality import run_quality
@@ -19,6 +20,8 @@ __all__ = [
     "import_teacher",
     "run_convert",
     "run_evaluate",
+    "run_kl",
+    "run_kl_step",
     "run_loo",
     "run_loo_step",
     "run_mmr",

@@ -80,9 +80,11 @@ def converted_count(config) -> int:
 def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                        mamba: MambaConfig | None, teacher_dir: Path, parent_dir: Path | None, new_layers: list[int],
                        out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, settings: dict,
-                       extra: dict, mixers: dict[int, str] | None = None, gdn: GDNConfig | None = None) -> dict:
+                       extra: dict, mixers: dict[int, str] | None = None, gdn: GDNConfig | None = None,
+                       generic: Path | None = None) -> dict:
     """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings, unless the teacher is
-    already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones.
+    already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones. `generic`:
+    the teacher's samples (data.generic=teacher), the generic text of a distillation on generic text or a mix.
     `mixers`: layer -> "mamba" or "gdn" for each of `new_layers` (None: all Mamba); new Gated DeltaNet layers
     take `gdn`'s settings unless the parent has some already."""
     started = time.time()
@@ -126,9 +128,9 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     if n_gdn:  # recorded only where there is Gated DeltaNet: a Mamba-only stage.json is as it always was
         extra = {**extra, "n_gdn": n_gdn, "converted_mixers": {str(layer): kinds[layer] for layer in new_layers}}
     tokenizer = load_tokenizer(teacher_dir)
-    stage_data = StageData(data, tokenizer)
+    stage_data = StageData(data, tokenizer).with_generic(generic)
     if distributed:
-        job = TrainingJob(train=train_cfg, data=data, batches=distill_kind(data), state_dir=str(state_dir),
+        job = TrainingJob(train=train_cfg, data=stage_data.data, batches=distill_kind(data), state_dir=str(state_dir),
                           precision=resolve_precision(hardware), device=resolve_device(hardware).type,
                           teacher_dir=str(teacher_dir))
         if sharded:
@@ -163,11 +165,14 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
 @stage("convert", version=4)
 def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                 count: int, mixer: str = "mamba", gdn: GDNConfig | None = None, *, teacher: str | Path,
-                loo: str | Path, out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+                loo: str | Path, out_dir: str | Path, work_dir: str | Path, generic: str | Path | None = None,
+                reporter: Reporter | None = None) -> dict:
     """H-first: the least important attention layers by LOO become `mixer` (Mamba, or "gdn": Gated DeltaNet
     with `gdn`'s settings), as many as make `count` converted layers (all `count` for a plain teacher; a
     hybrid teacher's own converted layers count and stay), then distillation. `mixer` and `gdn` are given
-    only by a run whose first mixer is not Mamba (`schedule.mixers[0]`), so Mamba runs keep their keys."""
+    only by a run whose first mixer is not Mamba (`schedule.mixers[0]`), so Mamba runs keep their keys.
+    `generic` (an input only when data.generic=teacher and the distillation reads generic text): the
+    teacher's samples folder."""
     from pipeline.stages.loo import LOO_FILE, rank_layers
 
     table = json.loads((Path(loo) / LOO_FILE).read_text())
@@ -185,13 +190,15 @@ def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardwa
     return convert_and_distil(train, data, hardware, seed, mamba, Path(teacher), None, layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="convert",
                               settings=settings, extra={"selected_by": "loo"},
-                              mixers={layer: mixer for layer in layers}, gdn=gdn)
+                              mixers={layer: mixer for layer in layers}, gdn=gdn,
+                              generic=Path(generic) if generic is not None else None)
 
 
 @stage("step", version=4)
 def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int,
              gdn: GDNConfig | None = None, *, teacher: str | Path, parent: str | Path, mmr: str | Path,
-             out_dir: str | Path, work_dir: str | Path, reporter: Reporter | None = None) -> dict:
+             out_dir: str | Path, work_dir: str | Path, generic: str | Path | None = None,
+             reporter: Reporter | None = None) -> dict:
     """H-K -> H-count: the lowest-MMR attention layers of the parent become the mixer of their lowest
     (layer, mixer) pair (`pipeline.stages.mmr.choose_conversions`), then distillation. `gdn`: the settings
     of new Gated DeltaNet layers in a parent without any (given only by a run whose schedule.mixers lists
@@ -219,13 +226,14 @@ def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, see
         settings["gdn"] = gdn
     return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="step",
-                              settings=settings, extra={"selected_by": "mmr"}, mixers=chosen, gdn=gdn)
+                              settings=settings, extra={"selected_by": "mmr"}, mixers=chosen, gdn=gdn,
+                              generic=Path(generic) if generic is not None else None)
 
 
 @stage("loo_step", version=2)
 def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int, count: int, *,
                  teacher: str | Path, parent: str | Path, loo: str | Path, out_dir: str | Path, work_dir: str | Path,
-                 reporter: Reporter | None = None) -> dict:
+                 generic: str | Path | None = None, reporter: Reporter | None = None) -> dict:
     """H-K -> H-count like `run_step`, but the next layers come from the teacher's static LOO ranking (the
     least important attention layers of the parent) instead of an MMR scoring of the parent: the ordering
     the recipe replaces by MMR past about 50% conversion (the ablation's comparison)."""
@@ -245,7 +253,8 @@ def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig,
     settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
     return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="loo_step",
-                              settings=settings, extra={"selected_by": "loo"})
+                              settings=settings, extra={"selected_by": "loo"},
+                              generic=Path(generic) if generic is not None else None)
 
 
 __all__ = ["convert_and_distil", "converted_count", "gdn_options", "layer_kinds_of", "mamba_options", "run_convert",

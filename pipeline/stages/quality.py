@@ -43,16 +43,17 @@ def device_name(hardware: HardwareConfig) -> str:
 @stage("quality", version=1)
 @torch.no_grad()
 def run_quality(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareConfig, *, teacher: str | Path,
-                checkpoint: str | Path, out_dir: str | Path, work_dir: str | Path,
+                checkpoint: str | Path, out_dir: str | Path, work_dir: str | Path, generic: str | Path | None = None,
                 reporter: Reporter | None = None) -> dict:
     """`checkpoint`: a hybrid (or the teacher itself) scored against `teacher` on `evaluate.num_examples`
-    problems and `evaluate.nll_examples` rows of each test split; models held in fp32 (as `run_evaluate`)."""
+    problems and `evaluate.nll_examples` rows of each test split; models held in fp32 (as `run_evaluate`).
+    `generic`: the teacher's samples folder when data.generic=teacher (an input only then)."""
     reporter = reporter or ConsoleReporter()
     started, out_dir, checkpoint = time.time(), Path(out_dir), Path(checkpoint)
     teacher_model = load_model(teacher, hardware, "teacher", fp32=True)
     is_teacher = checkpoint.resolve() == Path(teacher).resolve()
     model = teacher_model if is_teacher else load_model(checkpoint, hardware, "checkpoint", fp32=True)
-    stage_data = StageData(data, load_tokenizer(teacher))
+    stage_data = StageData(data, load_tokenizer(teacher)).with_generic(generic)
     problems = stage_data.eval_problems(evaluate.num_examples, ("evaluate.max_new_tokens", evaluate.max_new_tokens))
     accuracy, samples = answer_accuracy(model, stage_data.tokenizer, problems, batch_size=evaluate.batch_size,
                                         max_new_tokens=evaluate.max_new_tokens)

@@ -62,6 +62,8 @@ READERS = {
     "mamba": {"H-4"},  # later steps take their parent's mixer settings
     "gdn": set(),  # read only where schedule.mixers lists "gdn" (test_mixers_enter_only_the_keys_that_read_them)
     "schedule.mixers": {"mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # [mamba, gdn]: the first conversion is still Mamba
+    # loo: no MMR scorings, the steps by loo_step (tests/stages/test_kl_selection.py has kl)
+    "schedule.selection": {"mmr-H-4", "H-5", "mmr-H-5", "H-6"},
     "loo": {"loo"},
     "train": {"H-4", "H-5", "H-6"},
     "mmr": {"mmr-H-4", "mmr-H-5"},
@@ -76,7 +78,7 @@ for prefix in ("data.max_length", "data.demo", "data.distill"):
 CHOICES = {"loss": ["reverse_kl", "forward_kl"], "trainable": ["all", "mamba"], "mode": ["mixer", "block"],
            "metric": ["accuracy", "nll"], "gqa_expansion": ["chunk", "head_aligned"], "device": ["auto", "cpu"],
            "precision": ["auto", "fp32"], "save_dtype": ["float32", "bfloat16"], "distill_on": ["distill", "generic", "mix"],
-           "mixers": [["mamba"], ["mamba", "gdn"]]}
+           "mixers": [["mamba"], ["mamba", "gdn"]], "selection": ["mmr", "loo", "kl"]}
 
 
 class KeyRecorder:

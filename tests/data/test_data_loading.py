@@ -201,3 +201,17 @@ def test_error_malformed_json_lines_names_the_parse_error(tmp_path):
     with pytest.raises(DataLoadError, match=r"could not read .*broken.jsonl.*JSON parse error") as info:
         load_rows(bad)
     assert "\n" not in str(info.value)
+
+
+def test_a_stored_output_given_as_data_reads_as_its_split_files_alone(tmp_path):
+    """A stage output used as data (the teacher's samples, data.generic=teacher) holds the store's and the
+    stage's record files beside its rows: its train split is train.jsonl, not those."""
+    folder = tmp_path / "teacher-samples"
+    _write_jsonl(folder / "train.jsonl", [{"text": "a"}, {"text": "b"}])
+    _write_jsonl(folder / "test.jsonl", [{"text": "c"}])
+    for name in ("manifest.json", "stage.json", "run_config.json"):
+        (folder / name).write_text(json.dumps({"files": [], "stage": "samples"}))
+    assert load_rows(str(folder), "train")["text"] == ["a", "b"]
+    assert load_rows(str(folder), "test")["text"] == ["c"]
+    _write_jsonl(folder / "more" / "stage.json", [{"text": "d"}])  # only the top folder's records are left out
+    assert sorted(load_rows(str(folder), "train")["text"]) == ["a", "b", "d"]

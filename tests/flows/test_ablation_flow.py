@@ -17,11 +17,14 @@ from pipeline.store import open_store
 
 pytestmark = pytest.mark.slow
 
-STAGE_FUNCTIONS = ("run_teacher", "run_loo", "run_convert", "run_mmr", "run_step", "run_loo_step", "run_quality")
-# one seed, schedule.counts=[2, 3]: four first conversions, one MMR scoring and step, one LOO-ordered step,
-# seven scorings (the teacher and the six arms' final checkpoints)
-EXPECTED_CALLS = {"run_teacher": 1, "run_loo": 1, "run_convert": 4, "run_mmr": 1, "run_step": 1, "run_loo_step": 1,
-                  "run_quality": 7}
+STAGE_FUNCTIONS = ("run_teacher", "run_loo", "run_convert", "run_mmr", "run_step", "run_loo_step", "run_kl",
+                   "run_kl_step", "run_quality")
+# one seed, schedule.counts=[2, 3]: five first conversions, one MMR scoring and step, one LOO-ordered step, one
+# KL-guided scoring and step, nine scorings (the teacher and the eight arms' final checkpoints)
+EXPECTED_CALLS = {"run_teacher": 1, "run_loo": 1, "run_convert": 5, "run_mmr": 1, "run_step": 1, "run_loo_step": 1,
+                  "run_kl": 1, "run_kl_step": 1, "run_quality": 9}
+FIRSTS = ("reasoning-rkl", "generic-rkl", "mix-rkl", "reasoning-fkl", "reasoning-rkl-ce")
+ORDERINGS = ("reasoning-rkl-mmr", "reasoning-rkl-loo", "reasoning-rkl-kl")
 
 
 def count_stages(monkeypatch) -> dict[str, int]:
@@ -61,22 +64,29 @@ def test_ablation_flow_runs_every_arm_once_and_reruns_from_the_store(
         assert record["seed"] == 0 and record["tokens"] > 0
         assert 0.0 <= record["answer_accuracy"] <= 1.0 and record["kl_to_teacher"] > 0.0
     by_arm = {record["arm"]: record for record in records}
-    assert [by_arm[name]["n_mamba"] for name in ("reasoning-rkl", "generic-rkl", "mix-rkl", "reasoning-fkl")] == [2] * 4
-    assert by_arm["reasoning-rkl-mmr"]["n_mamba"] == by_arm["reasoning-rkl-loo"]["n_mamba"] == 3
-    assert (by_arm["generic-rkl"]["data"], by_arm["mix-rkl"]["data"], by_arm["reasoning-fkl"]["loss"]) == \
-        ("generic", "mix", "forward_kl")
+    assert [by_arm[name]["n_mamba"] for name in FIRSTS] == [2] * len(FIRSTS)
+    assert [by_arm[name]["n_mamba"] for name in ORDERINGS] == [3] * len(ORDERINGS)
+    assert (by_arm["generic-rkl"]["data"], by_arm["mix-rkl"]["data"], by_arm["reasoning-fkl"]["loss"],
+            by_arm["reasoning-rkl-ce"]["loss"], by_arm["reasoning-rkl-kl"]["ordering"]) == \
+        ("generic", "mix", "forward_kl", "reverse_kl+ce", "kl")
     assert by_arm["reasoning-rkl-mmr"]["mmr_scoring_sequences"] > 0
-    # both orderings continue the recipe arm's H-2 of the same seed, and count its tokens
+    # the KL-guided scoring: one trial more than MMR's (the all-converted reference), the same trial settings
+    assert by_arm["reasoning-rkl-kl"]["kl_scoring_sequences"] == by_arm["reasoning-rkl-mmr"]["mmr_scoring_sequences"] * 3 // 2
+    # the orderings continue the recipe arm's H-2 of the same seed, and count its tokens
     store = open_store(str(tmp_path / "store" / "abl"))
-    for arm in ("reasoning-rkl-mmr", "reasoning-rkl-loo"):
+    for arm in ORDERINGS:
         assert store.manifest(f"{arm}-s0-H-3")["parent"]["name"] == "reasoning-rkl-s0-H-2"
         assert by_arm[arm]["tokens"] > by_arm["reasoning-rkl"]["tokens"]
+    assert json.loads((store.get_checkpoint("reasoning-rkl-kl-s0-H-3") / "stage.json").read_text())["stage"] == "kl_step"
+    ce_run = json.loads((store.get_checkpoint("reasoning-rkl-ce-s0-H-2") / "run_config.json").read_text())
+    assert ce_run["train"]["ce_weight"] == 0.5 and ce_run["train"]["loss"] == "reverse_kl"
     # the even mix trained on both sources
     mix_meta = json.loads((store.get_checkpoint("mix-rkl-s0-H-2") / "stage.json").read_text())
     assert mix_meta["data"]["name"] == "mix-train" and "generic" in mix_meta["data"]["source"]
     md = (results / "ablation-cpu.md").read_text()
     assert "device: cpu" in md and "python -m flows.ablation" in md
     assert all(f"| {arm.name} |" in md for arm in ARMS) and "| teacher |" in md
+    assert "## Which claims hold" in md and "- KL-guided order vs MMR order past 50% (answer_accuracy): " in md
     assert (results / "ablation-cpu.png").stat().st_size > 0
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_tracking_uri)
@@ -140,8 +150,8 @@ def test_ablation_keys_share_the_teacher_and_loo_and_separate_arms_and_seeds():
     run_ablation(cfg, walked, None)
     assert {name: walked.keys[name] for name in ("teacher", "loo")} == chain.keys
     conversions = [name for name in walked.keys if name.endswith(("-H-2", "-H-3"))
-                   and not name.startswith(("quality-", "mmr-"))]
-    assert len(conversions) == 2 * len(ARMS)  # (4 first + 2 continued) x 2 seeds
+                   and not name.startswith(("quality-", "mmr-", "kl-"))]
+    assert len(conversions) == 2 * len(ARMS)  # (5 first + 3 continued) x 2 seeds
     assert len({walked.keys[name] for name in conversions}) == len(conversions)
     assert len({walked.keys[name] for name in walked.keys}) == len(walked.keys)
 
@@ -179,3 +189,81 @@ def test_a_subset_of_arms_walks_only_their_stages_and_the_prefix_they_continue()
                                  "quality-reasoning-rkl-loo-s1-H-3", "quality-teacher"]
     problems = check_ablation(compose(["experiment=tiny", "ablation.arms=[reasoning]"])).problems
     assert len(problems) == 1 and "ablation.arms: unknown ['reasoning']" in problems[0]
+
+
+def test_generic_text_from_the_teachers_samples_reaches_the_generic_arms_and_every_scoring():
+    """data.generic=teacher: the samples stage once after the teacher; its output is the `generic` input of the
+    generic and mix arms' conversions and of every quality call, and of nothing that reads no generic text."""
+    from pipeline.ablation import run_ablation
+    from tests.chain.test_cache_keys import ContentRecorder
+
+    recorder = ContentRecorder()
+    run_ablation(compose(["experiment=tiny", "ablation.seeds=[0]", "data.generic=teacher"]), recorder, None)
+    assert list(recorder.keys)[:3] == ["teacher", "teacher-samples", "loo"]
+    reads = {name for name, inputs in recorder.inputs.items() if "generic" in inputs}
+    assert all(recorder.inputs[name]["generic"].name == "teacher-samples" for name in reads)
+    assert reads == {"generic-rkl-s0-H-2", "mix-rkl-s0-H-2"} | {name for name in recorder.keys
+                                                                 if name.startswith("quality-")}
+    plain = ContentRecorder()
+    run_ablation(compose(["experiment=tiny", "ablation.seeds=[0]"]), plain, None)
+    same = {name for name in plain.keys if plain.keys[name] == recorder.keys.get(name)}
+    assert same == set(plain.keys) - reads  # the reasoning arms and orderings keep their keys
+
+
+def test_the_generic_arm_distils_on_the_teachers_samples(tmp_path):
+    """The generic arm through the executor with data.generic=teacher (the tiny teacher's own samples): it
+    trains on the samples' train split, and the scorings measure NLL on their test split."""
+    from pipeline.ablation import collect_records, run_ablation
+    from pipeline.executor import Executor
+
+    cfg = compose(["experiment=tiny", "run_name=gen", "ablation.seeds=[0]", "ablation.arms=[generic-rkl]",
+                   "data.generic=teacher", "data.samples.train=24", "data.samples.validation=2",
+                   "data.samples.test=8", "data.samples.max_new_tokens=24", "data.samples.batch_size=8"])
+    store = open_store(str(tmp_path / "store" / "gen"))
+    results = run_ablation(cfg, Executor(store, tmp_path / "work"), None)
+    teacher, (record,) = collect_records(results, lambda output: store.get_checkpoint(output.name))
+    meta = json.loads((store.get_checkpoint("generic-rkl-s0-H-2") / "stage.json").read_text())
+    assert meta["data"]["name"] == "generic-train" and meta["data"]["rows"] == 24
+    assert "teacher-samples" in meta["data"]["source"]
+    samples = store.get_checkpoint("teacher-samples")
+    assert len((samples / "test.jsonl").read_text().splitlines()) == 8
+    assert 0 < teacher["nll_generic"] < record["nll_generic"] + 5 and record["kl_generic"] > 0
+
+
+def test_a_plain_reading_of_each_claim():
+    from pipeline.ablation import reading
+
+    row = {"claim": "c", "arm": "a", "versus": "b", "metric": "answer_accuracy", "difference": 0.1, "spread": 0.02}
+    assert reading(row).endswith("a is better than b by 0.1000 ± 0.0200: holds (beyond 2 s.e.).")
+    assert reading({**row, "difference": -0.1}).endswith("is reversed (beyond 2 s.e.).")
+    assert reading({**row, "spread": 0.06}).endswith("not resolved (within 2 s.e.).")
+    assert "a is worse than b" in reading({**row, "metric": "kl_to_teacher"})  # a higher KL is worse
+    assert reading({**row, "spread": None}).endswith("no spread to judge it by.")
+    assert "same layers on 2 of 3 seeds" in reading({**row, "same_layers": 2, "seeds_compared": 3})
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("ablation.ce_weight=0", "ablation.ce_weight must be a number > 0, got 0"),
+    ("ablation.report_name=a/b", "ablation.report_name must be a file name without '/', got 'a/b'"),
+    ("schedule.selection=random", "schedule.selection must be one of mmr, loo, kl, got 'random'"),
+])
+def test_new_settings_refuse_bad_values_in_one_line(override, message):
+    from flows.config import ConfigCompositionError
+
+    with pytest.raises(ConfigCompositionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compose(["experiment=tiny", override])
+
+
+def test_the_plan_refuses_mmr_steps_on_the_teachers_samples(tmp_path):
+    """data.distill_on=generic with data.generic=teacher: the MMR trials cannot read the samples, so the plan
+    says so in one line before anything runs (selection kl or loo can)."""
+    from flows.convert import check_run
+
+    cfg = compose(["experiment=tiny", "data.generic=teacher", "data.distill_on=generic", f"storage.uri={tmp_path}",
+                   "tracking.enabled=false"])
+    problems = check_run(cfg).problems
+    assert problems == ["data.distill_on=generic with data.generic=teacher: the MMR trials cannot read the teacher's "
+                        "samples yet; use schedule.selection=kl or loo for the later steps"]
+    cfg = compose(["experiment=tiny", "data.generic=teacher", "data.distill_on=generic", "schedule.selection=kl",
+                   f"storage.uri={tmp_path}", "tracking.enabled=false"])
+    assert check_run(cfg).problems == []
