@@ -21,6 +21,7 @@ import functools
 import logging
 import math
 import os
+import re
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -435,7 +436,12 @@ def gated_delta_rule(
     included); elsewhere the chunked PyTorch reference.
     """
     functions = _use_cuda("gated_delta_rule", q, _fla)
-    if functions is not None:
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
+    if functions is not None and training and not fla_backward_is_correct(q.device):
+        _announce("gated_delta_rule", "PyTorch chunked reference for training: fla-core's chunk backward is wrong "
+                  "on Hopper with Triton >= 3.4, < 3.7.1 (fla-core refuses it); forward-only calls still use it")
+        functions = None
+    elif functions is not None:
         _announce("gated_delta_rule", "fla-core chunk_gated_delta_rule (Triton)")
         o, last = functions[0](
             q, k, v, g.float(), beta.to(q.dtype), scale=scale,
@@ -446,6 +452,24 @@ def gated_delta_rule(
     _announce("gated_delta_rule", "PyTorch chunked reference")
     o, last = gated_delta_rule_reference(q, k, v, g, beta, scale, initial_state)
     return o, (last if return_last_state else None)
+
+
+def fla_backward_is_correct(device: torch.device, triton_version: str | None = None) -> bool:
+    """Whether fla-core's chunked gated-delta backward is right on `device`: not on Hopper (compute
+    capability 9.x) with Triton >= 3.4.0 and < 3.7.1, where fla-core itself refuses it (its issue #640:
+    wrong results in chunk_bwd_dqkwg); the training path then takes the PyTorch reference."""
+    if device.type != "cuda":
+        return True
+    if triton_version is None:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            return True
+    parts = tuple(int(part) for part in re.findall(r"\d+", triton_version)[:3])
+    parts = parts + (0,) * (3 - len(parts))
+    return not (torch.cuda.get_device_capability(device)[0] == 9 and (3, 4, 0) <= parts < (3, 7, 1))
 
 
 def gated_delta_rule_reference(q, k, v, g, beta, scale: float, initial_state=None, chunk: int = DELTA_CHUNK):

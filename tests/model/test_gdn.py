@@ -389,3 +389,19 @@ def test_short_names_and_validation():
     with pytest.raises(ValueError, match="gdn_num_heads \\(4\\) is not a multiple of gdn_num_kv_heads \\(3\\)"):
         HybridConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
                      intermediate_size=96, gdn_num_kv_heads=3)
+
+
+def test_fla_backward_is_refused_where_fla_core_says_it_is_wrong(monkeypatch):
+    """fla-core 0.6 raises for its chunk backward on Hopper with Triton >= 3.4, < 3.7.1 (seen on the H200's
+    Triton 3.6): training then takes the reference, forward-only calls keep fla-core."""
+    import torch
+
+    from pipeline.model.kernels import fla_backward_is_correct
+
+    assert fla_backward_is_correct(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    assert not fla_backward_is_correct(cuda, "3.6.0") and not fla_backward_is_correct(cuda, "3.4.0")
+    assert fla_backward_is_correct(cuda, "3.7.1") and fla_backward_is_correct(cuda, "3.3.1+git")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert fla_backward_is_correct(cuda, "3.6.0")
