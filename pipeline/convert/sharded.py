@@ -24,6 +24,8 @@ MambaInLlama) load whole, as before (`pipeline.stages.common.load_model`).
 
 from __future__ import annotations
 
+import json
+
 import types
 import warnings
 from collections.abc import Callable
@@ -85,7 +87,9 @@ def skeleton(folder: str | Path, dtype: torch.dtype) -> nn.Module:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+        # Read as a plain JSON file: a generation config carries no code, and this path never reaches a hub.
+        model.generation_config = GenerationConfig.from_dict(
+            json.loads((folder / "generation_config.json").read_text()))
     return model.eval()
 
 
