@@ -423,12 +423,12 @@ def mixers(args) -> None:
 def chain(args) -> None:
     cfg = preset_config(args.experiment)
     out = Path(args.out)
-    record = run_measured_chain(cfg, Path(args.root), out)
+    record = run_measured_chain(cfg, Path(args.root), out, until=args.until)
     record["experiment"], record["environment"] = args.experiment, environment()
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     if args.markdown:
         Path(args.markdown).write_text(chain_markdown(record))
-    for row in record["summary"]:
+    for row in record.get("summary", []):
         print({k: row.get(k) for k in ("checkpoint", "answer_accuracy", "nll", "kl_to_teacher", "tokens_per_s")})
     print(f"whole chain: {record['total_seconds']} s", flush=True)
 
@@ -441,6 +441,8 @@ def main() -> None:
     p.add_argument("--root", default="/tmp/gpu-pipeline")
     p.add_argument("--out", default="gpu-chain.json")
     p.add_argument("--markdown", default=None, help="also write the results page (markdown) here")
+    p.add_argument("--until", default="evaluate", help="the last stage to run (pipeline.chain.UNTIL), e.g. sft "
+                   "to leave the evaluation to a second call on the same --root")
     p = sub.add_parser("precision")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["bf16-mixed", "fp32"])
