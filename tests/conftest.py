@@ -50,9 +50,9 @@ def smollm2_gguf() -> Path:
 def smollm2_tokenizer(smollm2_gguf):
     """SmolLM2's own tokenizer and ChatML template, read from the GGUF (no weights loaded)."""
     pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
+    from pipeline.model.gguf import load_gguf_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    return load_gguf_tokenizer(smollm2_gguf)
 
 
 # The GPU machine runs `pytest -m gpu tests/` without the orchestration packages: the flow and deployment

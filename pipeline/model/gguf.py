@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,8 @@ class GGUFHeader:
     config: dict[str, Any]  # config.json-like fields: num_hidden_layers, hidden_size, heads, vocab_size, ...
     file_type: str  # the quantisation, e.g. MOSTLY_Q4_1
     chat_template: str | None
+    # tokenizer.ggml.{bos,eos,padding,unknown}_token_id as bos/eos/pad/unk -> id (those the file gives)
+    special_tokens: dict[str, int] = field(default_factory=dict)
 
 
 def find_gguf(path: str | Path) -> Path | None:
@@ -129,21 +131,50 @@ def read_header(path: str | Path) -> GGUFHeader:
         file_type = LlamaFileType(_field(reader, "general.file_type", 0)).name
     except (ImportError, ValueError):
         file_type = str(_field(reader, "general.file_type"))
-    return GGUFHeader(path, ARCHITECTURES[arch], config, file_type, _field(reader, "tokenizer.chat_template"))
+    special = {role: _field(reader, f"tokenizer.ggml.{key}_token_id") for role, key in _SPECIAL_KEYS.items()}
+    special = {role: value for role, value in special.items()
+               if isinstance(value, int) and 0 <= value < config["vocab_size"]}
+    return GGUFHeader(path, ARCHITECTURES[arch], config, file_type, _field(reader, "tokenizer.chat_template"),
+                      special)
+
+
+# the special-token roles a GGUF file records (tokenizer.ggml.<key>_token_id) -> transformers' attribute names
+_SPECIAL_KEYS = {"bos": "bos", "eos": "eos", "pad": "padding", "unk": "unknown"}
+
+
+def restore_special_tokens(tokenizer, special: dict[str, int]) -> list[str]:
+    """Set the tokenizer's bos/eos/pad/unk tokens to the ids the GGUF file records where they differ;
+    returns what was changed ("eos: <|im_start|> -> <|im_end|>"). The file is the authority: transformers'
+    GGUF tokenizer conversion has not always read these ids (5.17 makes SmolLM2's eos `<|im_start|>` and
+    leaves it without a pad token, where the file says `<|im_end|>` for both; 5.25 reads them right), and an
+    eos that is not the end of the assistant's turn means generation never stops."""
+    changed = []
+    for role, token_id in special.items():
+        current = getattr(tokenizer, f"{role}_token_id", None)
+        if current == token_id or token_id >= len(tokenizer):
+            continue
+        token = tokenizer.convert_ids_to_tokens(token_id)
+        before = getattr(tokenizer, f"{role}_token", None)
+        setattr(tokenizer, f"{role}_token", token)
+        changed.append(f"{role}: {before} -> {token}")
+    return changed
 
 
 def load_gguf_tokenizer(path: str | Path):
-    """The tokenizer (and chat template) a GGUF file carries, through transformers' GGUF support."""
+    """The tokenizer (and chat template) a GGUF file carries, through transformers' GGUF support, with the
+    bos/eos/pad/unk tokens the file records (`restore_special_tokens`)."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    _reader(path)  # the one-line errors for a missing extra or a file that is not a GGUF
+    header = read_header(path)  # also the one-line errors for a missing extra or a file that is not a GGUF
+    path = header.path
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
-                                             trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
+                                                  trust_remote_code=False)
     except Exception as error:
         raise GGUFError(f"{path}: its tokenizer cannot be read ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    restore_special_tokens(tokenizer, header.special_tokens)
+    return tokenizer
 
 
 def load_gguf(path: str | Path):

@@ -13,7 +13,14 @@ import torch
 pytest.importorskip("gguf")
 
 from pipeline.config import HardwareConfig, RunConfig, TeacherConfig, pretrained_distill  # noqa: E402
-from pipeline.model.gguf import GGUFError, find_gguf, load_gguf, read_header  # noqa: E402
+from pipeline.model.gguf import (  # noqa: E402
+    GGUFError,
+    find_gguf,
+    load_gguf,
+    load_gguf_tokenizer,
+    read_header,
+    restore_special_tokens,
+)
 
 CPU = HardwareConfig(device="cpu", precision="fp32")
 
@@ -38,6 +45,20 @@ def test_header_is_read_without_the_weights(smollm2_gguf):
     assert config["tie_word_embeddings"] and config["rope_theta"] == 1e5
     assert "<|im_start|>" in header.chat_template and "{% generation %}" not in header.chat_template
     assert find_gguf(smollm2_gguf.parent) in (smollm2_gguf, None)  # the cache folder also holds the wheel
+
+
+def test_special_tokens_are_the_files(smollm2_gguf):
+    """eos and pad are what the GGUF records (<|im_end|>, the end of an assistant turn), whatever the
+    transformers version reads: 5.17 made eos <|im_start|> and left no pad, so no answer ever stopped."""
+    header = read_header(smollm2_gguf)
+    assert header.special_tokens == {"bos": 1, "eos": 2, "pad": 2, "unk": 0}
+    tokenizer = load_gguf_tokenizer(smollm2_gguf)
+    assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|im_end|>", "<|im_end|>", "<|im_start|>")
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None  # as transformers 5.17 loads it
+    assert restore_special_tokens(tokenizer, header.special_tokens) == ["eos: <|im_start|> -> <|im_end|>",
+                                                                        "pad: None -> <|im_end|>"]
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 2)
+    assert restore_special_tokens(tokenizer, header.special_tokens) == []  # nothing left to change
 
 
 def test_plan_reads_a_gguf_teacher(smollm2_gguf, tmp_path):
