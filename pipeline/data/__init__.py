@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
     # loading
     "DataLoadError": "loading",
     "load_rows": "loading",
+    "stop_token_ids": "loading",
     "tokenize_row": "loading",
     "tokenize_rows": "loading",
     "load_tokenized": "loading",

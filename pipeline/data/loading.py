@@ -31,6 +31,7 @@ __all__ = [
     "has_generation_markers",
     "is_url",
     "load_rows",
+    "stop_token_ids",
     "tokenize_row",
     "tokenize_rows",
     "load_tokenized",
@@ -412,6 +413,29 @@ def tokenize_row(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, ind
             ids = [*ids, tokenizer.eos_token_id]
         return ids, [1] * len(ids)
     raise DataLoadError(f"row {index} has neither 'messages' nor 'text' (keys: {_row_keys(row)})")
+
+
+_PROBE = [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "2"}]
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids that end an answer: the tokenizer's eos first, then the special token its chat template ends
+    an assistant turn with where that is another one (Llama 3's ``<|eot_id|>`` beside its eos
+    ``<|end_of_text|>``). The end of turn is the last token the assistant mask covers in a one-turn probe
+    conversation (the mask `tokenize_row` trains on: content and end-of-turn token), counted only when it
+    is a special token. A tokenizer without a chat template, or whose template cannot be masked, gives its
+    eos alone; no eos and no such token: an empty list (generation runs to its length)."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not tokenizer.chat_template:
+        return stops
+    try:
+        ids, mask = tokenize_row({"messages": _PROBE}, tokenizer)
+    except DataLoadError:
+        return stops
+    masked = [token for token, kept in zip(ids, mask) if kept]
+    if masked and masked[-1] in _special_ids(tokenizer) and masked[-1] not in stops:
+        stops.append(masked[-1])
+    return stops
 
 
 def tokenize_rows(

@@ -33,6 +33,7 @@ so a throughput ratio measures the architecture, not two code paths.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,12 +191,13 @@ class GenerationEngine:
     # --- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 32, eos_token_id: int | None = None,
+                 max_new_tokens: int = 32, eos_token_id: int | Sequence[int] | None = None,
                  check_every: int = 8) -> GenerationResult:
-        """Greedy tokens (b, new) for a left-padded batch. With `eos_token_id`, decoding stops (checked
-        every `check_every` steps, one host sync each) once every sequence has produced it; positions after
-        a sequence's end-of-sequence token hold `eos_token_id` (the caller cuts there), and
-        `new_tokens` is the number of steps actually run."""
+        """Greedy tokens (b, new) for a left-padded batch. With `eos_token_id` (one id or several: any of
+        them ends a sequence, e.g. `pipeline.data.stop_token_ids`), decoding stops (checked every
+        `check_every` steps, one host sync each) once every sequence has produced one; positions after a
+        sequence's first stop token hold the first of the ids (the caller cuts there), and `new_tokens` is
+        the number of steps actually run."""
         training = self.model.training
         self.model.eval()
         try:
@@ -223,7 +225,8 @@ class GenerationEngine:
         self.positions.copy_(mask.sum(-1))
         self.slot.fill_(prompt)
         self.key_valid[:, :prompt] = mask.bool()
-        finished = first == eos_token_id if eos_token_id is not None else None
+        stops = _stop_ids(eos_token_id, self.device)
+        finished = torch.isin(first, stops) if stops is not None else None
         produced = max_new_tokens
         start = time.perf_counter()
         for step in range(1, max_new_tokens):
@@ -233,14 +236,14 @@ class GenerationEngine:
             self._run_step()
             generated[:, step] = self.output[:, 0]
             if finished is not None:
-                finished |= self.output[:, 0] == eos_token_id
+                finished |= torch.isin(self.output[:, 0], stops)
         self._sync()
         decode_s = time.perf_counter() - start
         generated = generated[:, :produced]
-        if eos_token_id is not None:  # after a sequence's end, only end tokens (as generate() pads)
-            ended = (generated == eos_token_id).long().cumsum(-1) > 0
+        if stops is not None:  # after a sequence's end, only end tokens (as generate() pads)
+            ended = torch.isin(generated, stops).long().cumsum(-1) > 0
             ended = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], dim=-1)
-            generated = generated.masked_fill(ended, eos_token_id)
+            generated = generated.masked_fill(ended, int(stops[0]))
         return GenerationResult(generated, prefill_s, decode_s, batch, prompt, produced)
 
     def _sync(self) -> None:
@@ -406,6 +409,12 @@ class GenerationEngine:
         probs = scores.masked_fill(~attend, float("-inf")).softmax(-1).to(q.dtype)
         out = torch.matmul(probs, self.values[index])  # (b, h_kv, r, e)
         return mixer.o_proj(out.reshape(b, 1, heads * dim))
+
+
+def _stop_ids(eos_token_id: int | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    """The stop ids as a 1-d tensor on `device`, None for none."""
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
 def _fuse(linears, name: str) -> torch.Tensor | None:

@@ -37,15 +37,18 @@ def answer_accuracy(
     max_prompt_length: int | None = None,
     engine: bool = True,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Greedy answers to chat problems; returns (accuracy, one record per problem).
+    """Greedy answers to chat problems; returns (accuracy, one record per problem). Decoding stops at the
+    tokenizer's eos or the chat template's end-of-turn token (`pipeline.data.stop_token_ids`); an answer
+    cut off by `max_new_tokens` is judged by what it wrote.
 
     `engine=False` (or a model the engine cannot run) decodes with `model.generate()` instead.
     """
-    from pipeline.data import is_correct, prompt_batch
+    from pipeline.data import is_correct, prompt_batch, stop_token_ids
 
     if not rows:
         return 0.0, []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer)  # eos and the template's end of turn where that is another token
     batches = [(rows[start: start + batch_size], prompt_batch(rows[start: start + batch_size], tokenizer,
                                                                max_length=max_prompt_length))
                for start in range(0, len(rows), batch_size)]
@@ -58,12 +61,12 @@ def answer_accuracy(
     try:
         for chunk, batch in batches:
             if runner is not None:
-                new_tokens = _engine_answers(runner, batch, max_new_tokens, tokenizer.eos_token_id)[: len(chunk)]
+                new_tokens = _engine_answers(runner, batch, max_new_tokens, stops)[: len(chunk)]
             else:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = model.generate(
                     **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=stops or None,
                 )
                 new_tokens = out[:, batch["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -97,7 +100,7 @@ def _engine_for(model: nn.Module, batch_size: int, max_length: int):
     return GenerationEngine(model, batch_size, max_length, prefill_batch=batch_size)
 
 
-def _engine_answers(engine, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int | None):
+def _engine_answers(engine, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: Sequence[int]):
     """New tokens (b, <= max_new_tokens) for a left-padded batch; a short batch is filled up to the
     engine's batch size with copies of its last row (their answers are dropped by the caller)."""
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -105,7 +108,7 @@ def _engine_answers(engine, batch: dict[str, torch.Tensor], max_new_tokens: int,
     if missing:
         input_ids = torch.cat([input_ids, input_ids[-1:].expand(missing, -1)])
         mask = torch.cat([mask, mask[-1:].expand(missing, -1)])
-    return engine.generate(input_ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id).tokens.cpu()
+    return engine.generate(input_ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id or None).tokens.cpu()
 
 
 @torch.no_grad()

@@ -87,7 +87,7 @@ def lineage(folder: str | Path | None) -> dict:
             "cumulative_train_tokens": int(meta.get("cumulative_train_tokens", 0))}
 
 
-@stage("evaluate", version=4)  # 4: the NLL and KL on generic text (nll_generic, kl_generic)
+@stage("evaluate", version=5)  # 4: NLL and KL on generic text; 5: answers stop at the end-of-turn token too
 @torch.no_grad()
 def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareConfig, *, teacher: str | Path,
                  checkpoints: dict[str, str | Path], out_dir: str | Path, work_dir: str | Path,

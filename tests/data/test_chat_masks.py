@@ -359,3 +359,23 @@ def test_the_demo_template_keeps_its_markers_and_agrees_with_the_derived_masks(s
                                          return_assistant_tokens_mask=True)
         assert tokenize_row(row, marked) == (out["input_ids"], out["assistant_masks"])
         assert tokenize_row(row, unmarked) == (out["input_ids"], out["assistant_masks"])
+
+
+@pytest.mark.parametrize("name", ["smollm2", "llama3", "qwen2.5", "mistral"])
+def test_stop_tokens_are_eos_and_the_end_of_turn(templates, name):
+    """Answers stop at eos and at the token the template ends an assistant turn with: for Llama 3 that is
+    <|eot_id|>, not its eos <|end_of_text|>; for the others the two are one token."""
+    from pipeline.data import stop_token_ids
+
+    tokenizer, end = templates[name]
+    stops = stop_token_ids(tokenizer)
+    assert stops[0] == tokenizer.eos_token_id
+    assert tokenizer.convert_ids_to_tokens(stops) == list(dict.fromkeys([tokenizer.eos_token, end]))
+
+
+def test_stop_tokens_without_a_template_are_eos(smollm2_tokenizer):
+    from pipeline.data import stop_token_ids
+
+    bare = variant(smollm2_tokenizer, "", bos=None, eos="<|im_end|>", special=[])
+    bare.chat_template = None
+    assert stop_token_ids(bare) == [bare.eos_token_id]

@@ -104,3 +104,23 @@ def test_engine_stops_at_eos_and_pads_after_it():
             assert bool((got[end:] == eos).all())
     if all(bool((free[row, :24] == eos).any()) for row in range(3)):
         assert stopped.new_tokens < 24
+
+
+def test_engine_stops_at_any_of_several_stop_ids():
+    """Several stop ids (eos and a template's end of turn): each sequence ends at the first of them it
+    writes, and what follows holds the first id of the list, as generate() with a list of eos ids does."""
+    hybrid = build([1])
+    ids = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(5))
+    engine = GenerationEngine(hybrid, batch_size=3, max_length=6 + 24)
+    free = engine.generate(ids, max_new_tokens=24).tokens
+    stops = [int(free[0, 3]), int(free[1, 1])]  # the second ends row 1 early, the first row 0
+    stopped = engine.generate(ids, max_new_tokens=24, eos_token_id=stops, check_every=1).tokens
+    reference = hybrid.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                eos_token_id=stops, pad_token_id=stops[0])[:, 6:]
+    for row in range(3):
+        hit = torch.isin(free[row], torch.tensor(stops)).nonzero()
+        end = int(hit[0]) if len(hit) else 24
+        assert torch.equal(stopped[row, : end + 1], free[row, : end + 1])
+        assert bool((stopped[row, end + 1:] == stops[0]).all())
+        assert torch.equal(stopped[row, : reference.shape[1]], reference[row, : stopped.shape[1]])
+    assert int(torch.isin(free[1, :2], torch.tensor(stops)).sum()) >= 1
