@@ -160,12 +160,13 @@ def restore_special_tokens(tokenizer, special: dict[str, int]) -> list[str]:
     return changed
 
 
-def load_gguf_tokenizer(path: str | Path):
+def load_gguf_tokenizer(path: str | Path, header: GGUFHeader | None = None):
     """The tokenizer (and chat template) a GGUF file carries, through transformers' GGUF support, with the
-    bos/eos/pad/unk tokens the file records (`restore_special_tokens`)."""
+    bos/eos/pad/unk tokens the file records (`restore_special_tokens`); `header`: the file's, when the
+    caller has read it already."""
     from transformers import AutoTokenizer
 
-    header = read_header(path)  # also the one-line errors for a missing extra or a file that is not a GGUF
+    header = header or read_header(path)  # also the one-line errors for a missing extra or a non-GGUF file
     path = header.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True,
@@ -187,7 +188,7 @@ def load_gguf(path: str | Path):
 
     header = read_header(path)
     path = header.path
-    tokenizer = load_gguf_tokenizer(path)
+    tokenizer = load_gguf_tokenizer(path, header)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                       local_files_only=True, trust_remote_code=False)
