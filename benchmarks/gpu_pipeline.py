@@ -280,12 +280,14 @@ def chain_markdown(record: dict) -> str:
         lines.append(f"| {row['kind']} | {row['stage']} | {row['seconds']} | {row['tokens_per_s'] or '-'} | "
                      f"{row['peak_memory_gib'] if row['peak_memory_gib'] is not None else '-'} | {note.strip()} |")
     lines += ["", "| checkpoint | pattern | accuracy | NLL | KL to teacher | generic NLL | generic KL | tokens/s | "
-              "throughput ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "throughput ratio | decode ratio |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in record["summary"]:
         generic = (f"{r['nll_generic']:.4f} | {r['kl_generic']:.4f}" if r.get("nll_generic") is not None
                    else "- | -")
+        decode = f"{r['decode_ratio']:.2f}" if "decode_ratio" in r else "-"
         lines.append(f"| {r['checkpoint']} | {r['layer_pattern']} | {r['answer_accuracy']:.3f} | {r['nll']:.4f} | "
-                     f"{r['kl_to_teacher']:.4f} | {generic} | {r['tokens_per_s']:,.0f} | {r['throughput_ratio']:.2f} |")
+                     f"{r['kl_to_teacher']:.4f} | {generic} | {r['tokens_per_s']:,.0f} | {r['throughput_ratio']:.2f} | "
+                     f"{decode} |")
     return "\n".join(lines) + "\n"
 
 

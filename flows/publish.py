@@ -20,7 +20,7 @@ from pipeline.stages.loo import LOO_FILE
 from pipeline.stages.mmr import MMR_FILE
 
 SUMMARY_METRICS = ("answer_accuracy", "nll", "kl_to_teacher", "nll_generic", "kl_generic", "tokens_per_s", "throughput_ratio",
-                   "cumulative_train_tokens")
+                   "decode_ratio", "cumulative_train_tokens")
 
 
 def read_json(path: Path) -> Any:

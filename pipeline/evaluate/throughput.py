@@ -4,6 +4,11 @@ Teacher and hybrids go through the same `GenerationEngine` (a teacher as an all-
 their ratio compares the architectures. On CUDA the engine's decode step is a CUDA graph with the fast
 kernels; on CPU it runs eagerly (the CPU figures of the demo compare tiny models and say little about
 GPU serving). Greedy, a fixed number of new tokens, random prompt tokens.
+
+The prompt batch is prefilled in as few forwards as fit `prefill_tokens` prompt tokens each (the whole batch
+at short prompts, one row at a time at 16k): a row-by-row prefill of a short-prompt batch measures kernel
+launches, not the model, and hid the hybrids' decode behind it (64 sequential forwards took 2-4 s of a
+2-4 s call on SmolLM2, benchmarks/results/smollm2-h200.md).
 """
 
 from __future__ import annotations
@@ -49,13 +54,16 @@ def generation_throughput(
     new_tokens: int = 64,
     repeats: int = 3,
     seed: int = 0,
+    prefill_tokens: int = 16384,
 ) -> Throughput:
-    """Median over `repeats` timed generations, after one untimed warm-up generation."""
+    """Median over `repeats` timed generations, after one untimed warm-up generation. The prefill runs
+    `max(1, prefill_tokens // prompt_length)` rows per forward (at most the batch)."""
     hybrid = as_hybrid(model).eval()
     device = model_device(hybrid)
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, hybrid.config.vocab_size, (batch_size, prompt_length), generator=generator).to(device)
-    engine = GenerationEngine(hybrid, batch_size=batch_size, max_length=prompt_length + new_tokens)
+    rows = max(1, min(batch_size, prefill_tokens // max(prompt_length, 1)))
+    engine = GenerationEngine(hybrid, batch_size=batch_size, max_length=prompt_length + new_tokens, prefill_batch=rows)
     engine.generate(prompt, max_new_tokens=min(new_tokens, 4))
     runs = sorted((engine.generate(prompt, max_new_tokens=new_tokens) for _ in range(repeats)),
                   key=lambda r: r.prefill_s + r.decode_s)

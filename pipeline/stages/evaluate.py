@@ -87,7 +87,9 @@ def lineage(folder: str | Path | None) -> dict:
             "cumulative_train_tokens": int(meta.get("cumulative_train_tokens", 0))}
 
 
-@stage("evaluate", version=5)  # 4: NLL and KL on generic text; 5: answers stop at the end-of-turn token too
+# 4: NLL and KL on generic text; 5: answers stop at the end-of-turn token too; 6: throughput prefills the batch
+# in forwards of up to 16k tokens (not row by row), and a decode-only ratio
+@stage("evaluate", version=6)
 @torch.no_grad()
 def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareConfig, *, teacher: str | Path,
                  checkpoints: dict[str, str | Path], out_dir: str | Path, work_dir: str | Path,
@@ -124,8 +126,10 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
             f"{record['tokens_per_s']:,.0f} tok/s"
         )
     base = records[0]["tokens_per_s"]
+    decode_base = records[0]["throughput"]["decode_tokens_per_s"]
     for record in records:
-        record["throughput_ratio"] = record["tokens_per_s"] / base
+        record["throughput_ratio"] = record["tokens_per_s"] / base  # prefill + decode, the whole call
+        record["decode_ratio"] = record["throughput"]["decode_tokens_per_s"] / decode_base
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(records, indent=2) + "\n")
     frontier_plot(records, out_dir / "frontier.png")
@@ -141,15 +145,19 @@ def summary_table(records: list[dict]) -> str:
     """A markdown table of the summary (README, logs, Prefect artifacts)."""
     gdn = any(r.get("n_gdn") for r in records)  # then the pattern says which layer holds which mixer
     lines = [f"| checkpoint | {'pattern' if gdn else 'Mamba layers'} | accuracy | NLL | KL to teacher | generic NLL | "
-             "generic KL | tokens/s | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "generic KL | tokens/s | ratio | decode ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
         generic = (f"{r['nll_generic']:.4f} | {r['kl_generic']:.4f}" if r.get("nll_generic") is not None
                    else "- | -")
         lines.append(f"| {r['checkpoint']} | {r['layer_pattern'] if gdn else r['n_mamba']} | {r['answer_accuracy']:.3f} | "
                      f"{r['nll']:.4f} | {r['kl_to_teacher']:.4f} | {generic} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['throughput_ratio']:.2f} |")
+                     f"{r['throughput_ratio']:.2f} | {_ratio(r.get('decode_ratio'))} |")
     return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"  # summaries before stage version 6 lack it
 
 
 __all__ = ["SUMMARY_FILE", "TOKENS_FRONTIER_FILE", "evaluate_checkpoint", "lineage", "run_evaluate", "summary_table"]

@@ -124,3 +124,23 @@ def test_engine_stops_at_any_of_several_stop_ids():
         assert bool((stopped[row, end + 1:] == stops[0]).all())
         assert torch.equal(stopped[row, : reference.shape[1]], reference[row, : stopped.shape[1]])
     assert int(torch.isin(free[1, :2], torch.tensor(stops)).sum()) >= 1
+
+
+@pytest.mark.parametrize("prefill_tokens, forwards", [(16384, 1), (18, 2), (9, 4), (1, 4)])
+def test_throughput_prefills_as_many_rows_as_fit_the_token_budget(prefill_tokens, forwards):
+    """Short prompts are prefilled as one batch (a row-by-row prefill measures kernel launches), long
+    ones row by row; the count of model forwards per timed generation says which."""
+    from pipeline.evaluate.throughput import generation_throughput
+
+    hybrid = build([1, 3])
+    calls = []
+    handle = hybrid.model.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        speed = generation_throughput(hybrid, batch_size=4, prompt_length=9, new_tokens=5, repeats=1,
+                                      prefill_tokens=prefill_tokens)
+    finally:
+        handle.remove()
+    # the engine's decode steps run the layers themselves: the inner model's forward is the prefill only,
+    # once in the warm-up generation and once in the timed one
+    assert speed.batch_size == 4 and speed.decode_tokens_per_s > 0
+    assert len(calls) == 2 * forwards
