@@ -170,8 +170,9 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
             data = dataclasses.replace(cfg.data, distill_on=DISTILL_ON[arm.data]).distillation_view()
             reads_generic = generic if arm.data in ("generic", "mix") else {}
             if not arm.continued:
+                first = dataclasses.replace(train, steps=cfg.first_train().steps)
                 firsts[arm.name] = call(arm_name(arm, seed, counts[0]), run_convert,
-                                        {"train": train, "mamba": cfg.mamba, "data": data, "hardware": hardware,
+                                        {"train": first, "mamba": cfg.mamba, "data": data, "hardware": hardware,
                                          "seed": seed, "count": counts[0]},
                                         {"teacher": teacher_out, "loo": loo, **reads_generic})
                 if arm.name in chosen:
@@ -402,7 +403,8 @@ def ablation_plot(teacher: Mapping[str, Any], summary: Sequence[Mapping[str, Any
 def report_settings(cfg: RunConfig) -> dict[str, Any]:
     """What the report states of the run's settings (the flow and the bare runner give the same)."""
     return {"layers": cfg.teacher.demo.num_hidden_layers if not cfg.teacher.path else cfg.teacher.path,
-            "counts": list(cfg.schedule.counts), "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
+            "counts": list(cfg.schedule.counts), "steps": cfg.train.steps, "first_steps": cfg.first_train().steps,
+            "batch_size": cfg.train.batch_size,
             "seeds": list(cfg.ablation.seeds), "mmr_max_length": cfg.mmr.train.max_length, "run_name": cfg.run_name,
             "mmr_steps": cfg.mmr.train.steps, "ce_weight": cfg.ablation.ce_weight,
             **({"generic": "teacher", "generic_train_rows": cfg.data.samples.train} if cfg.data.samples_teacher

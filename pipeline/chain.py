@@ -207,7 +207,7 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
         if until == "loo":
             return out
         previous = checkpoint_name(counts[0])
-        call(previous, run_convert, {"train": cfg.train, "mamba": cfg.mamba, "data": distill_view(cfg),
+        call(previous, run_convert, {"train": cfg.first_train(), "mamba": cfg.mamba, "data": distill_view(cfg),
                                      "hardware": hardware, "seed": seed, "count": counts[0],
                                      **mixer_settings(cfg, "convert")},
              {"teacher": teacher_out, "loo": out["loo"], **distill_generic})

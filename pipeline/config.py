@@ -260,8 +260,13 @@ class ScheduleConfig:
     # teacher's static LOO ranking, `loo_step`), "kl" (KL-guided: `kl-H-K` then `kl_step`). Read by the
     # chain only, which calls other stages for it; the default adds nothing to any key.
     selection: str = added_field("mmr")
+    # Optimiser steps of the first distillation (counts[0], converted from the teacher at once: the recipe's
+    # long end-to-end H-25 run); every later step trains `train.steps`. None: `train.steps` for all. The rest
+    # of the first conversion's settings are `train`'s (warmup_steps and save_every must fit within it).
+    first_steps: int | None = added_field(None)
 
     def __post_init__(self) -> None:
+        check_int(self.first_steps, "schedule.first_steps", optional=True)
         if self.selection not in SELECTIONS:
             raise ConfigError(f"schedule.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.selection != "mmr" and list(self.mixers) != DEFAULT_MIXERS:
@@ -552,9 +557,21 @@ class RunConfig:
             raise ConfigError(f"train.loss is the distillation loss: reverse_kl or forward_kl, got {self.train.loss!r}")
         if self.sft.train.loss != "ce":
             raise ConfigError(f"sft.train.loss must be 'ce' (SFT learns from the data, no teacher), got {self.sft.train.loss!r}")
+        try:
+            self.first_train()
+        except ValueError as err:  # warmup_steps beyond the first conversion's steps, and the like
+            message = str(err).replace("TrainConfig.", "train.")
+            raise ConfigError(f"schedule.first_steps={self.schedule.first_steps} does not fit train: {message}") from None
         if self.teacher.finetune.enabled and not self.teacher.path:
             raise ConfigError("teacher.finetune.enabled fine-tunes a teacher you give (teacher.path); the demo "
                               "teacher is trained here on the demo data already (teacher.demo.train)")
+
+    def first_train(self) -> TrainConfig:
+        """The first conversion's distillation settings: `train` with `schedule.first_steps` steps when set
+        (every later step, and every other stage, trains with `train` as it is)."""
+        if self.schedule.first_steps is None:
+            return self.train
+        return dataclasses.replace(self.train, steps=self.schedule.first_steps)
 
     def with_pretrained_settings(self) -> RunConfig:
         """This configuration with the training settings made for a pretrained teacher (what `teacher=local`

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from pipeline.chain import run_chain
-from pipeline.config import RunConfig, to_plain
+from pipeline.config import RunConfig, ScheduleConfig, to_plain
 from pipeline.executor import Output, Source, StageCall, cache_key
 
 CHECKPOINTS = ["H-4", "H-5", "H-6"]
@@ -64,6 +64,7 @@ READERS = {
     "schedule.mixers": {"mmr-H-4", "H-5", "mmr-H-5", "H-6"},  # [mamba, gdn]: the first conversion is still Mamba
     # loo: no MMR scorings, the steps by loo_step (tests/stages/test_kl_selection.py has kl)
     "schedule.selection": {"mmr-H-4", "H-5", "mmr-H-5", "H-6"},
+    "schedule.first_steps": {"H-4"},  # the first distillation's length: the steps after it keep theirs
     "loo": {"loo"},
     "train": {"H-4", "H-5", "H-6"},
     "mmr": {"mmr-H-4", "mmr-H-5"},
@@ -119,6 +120,8 @@ def changed(path: str, value: Any) -> Any:
             return type(value)([*value, "other"])
         return type(value)(item / 2 for item in value)
     if value is None:
+        if name == "first_steps":
+            return 400
         return "/data/x" if path.startswith("data.") else 3 if name == "threads" else "http://x:5000"
     return value + "-other"
 
@@ -237,6 +240,19 @@ def test_mixers_enter_only_the_keys_that_read_them():
                                 (both, {"mmr-H-4", "H-5", "mmr-H-5", "H-6"})):
         before, after = keys(cfg), keys(set_field(cfg, "gdn.d_conv", 3))
         assert {name for name in ALL if after[name] != before[name]} == readers_of_gdn
+
+
+def test_first_steps_is_the_first_conversions_length_and_nothing_else():
+    """schedule.first_steps gives the first distillation its own length: its key is the key of a run whose
+    train.steps were that many (the same computation), and the later steps keep the keys of train.steps."""
+    base = keys(BASE)
+    longer = keys(set_field(BASE, "schedule.first_steps", 2 * BASE.train.steps))
+    all_longer = keys(set_field(BASE, "train", dataclasses.replace(BASE.train, steps=2 * BASE.train.steps)))
+    assert longer["H-4"] == all_longer["H-4"] != base["H-4"]
+    assert keys(set_field(BASE, "schedule.first_steps", BASE.train.steps))["H-4"] == base["H-4"]
+    assert RunConfig(schedule=ScheduleConfig(first_steps=400)).first_train().steps == 400
+    default = RunConfig()
+    assert default.first_train() is default.train
 
 
 def test_generic_samples_enter_only_their_readers():

@@ -133,6 +133,8 @@ def test_bad_group_option_lists_the_choices(group):
         ("schedule.count=[1,2]", "did you mean schedule.counts?"),
         ("train.steps=many", "could not be converted to Integer"),
         ("schedule.counts=[3,2]", "schedule.counts must be strictly increasing"),
+        ("schedule.first_steps=0", "schedule.first_steps must be an int >= 1 or null, got 0"),
+        ("schedule.first_steps=5", "schedule.first_steps=5 does not fit train: train.warmup_steps must be an int in [0, steps=5], got 10"),
         ("hardware.device=tpu", "hardware.device must be one of"),
         ("hardware.nproc=0", "hardware.nproc must be an int >= 1"),
         ("mmr.seeds=0", "mmr.seeds must be an int >= 1 (initialisations per candidate), got 0"),
