@@ -222,6 +222,13 @@ def measure(model, spec, total: int, batch: int, prefill_sample: int, profile: b
     }
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure, whichever layer raised it: the caching allocator (OutOfMemoryError), or cuBLAS
+    handle and CUDA stream creation once the allocator has taken the rest (RuntimeError / AcceleratorError)."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
 def cache_bytes_per_sequence(spec, total: int) -> int:
     """Static cache bytes of one sequence (as GenerationEngine allocates them), without allocating."""
     c = APRIEL_15B
@@ -286,13 +293,16 @@ def model_process(spec: str, lengths: list[int], batches: list[int], args) -> No
                 record = measure(model, spec, total, batch, args.prefill_sample, args.profile, args.plain,
                                  args.decode_steps, args.full_warmup)
                 break
-            except torch.OutOfMemoryError as error:
-                print(f"  {model_name(spec)} at {total}: batch {batch} out of memory "
-                      f"({str(error).splitlines()[0][:120]}); retrying at {int(batch * 0.9)}", flush=True)
-                empty_cache()
-                batch = int(batch * 0.9)
-                if batch < 1:
+            except (torch.OutOfMemoryError, RuntimeError) as error:  # cuBLAS / stream creation: RuntimeError
+                if not is_out_of_memory(error) or int(batch * 0.9) < 1:
                     raise
+                reason = str(error).splitlines()[0][:120]
+            # Out of the handler: the exception's traceback held the failed attempt's frames (its engine and
+            # caches), so memory freed inside it stayed taken and every retry failed again (2026-12-04).
+            print(f"  {model_name(spec)} at {total}: batch {batch} out of memory ({reason}); "
+                  f"retrying at {int(batch * 0.9)}", flush=True)
+            empty_cache()
+            batch = int(batch * 0.9)
         record["kernel_paths"] = kernels.paths_used()
         empty_cache()
         print(json.dumps(record), flush=True)
