@@ -86,7 +86,11 @@ def throughput_section(throughput: dict | None) -> list[str]:
     goal = next((r for r in records if r["model"] == name and r["total_len"] == length and "error" not in r), None)
     mamba = next((r for r in records if r["model"] == "H-40" and r["total_len"] == length and "error" not in r), None)
     lines += [""]
-    if goal is not None:
+    failed = next((r for r in records if r["model"] == name and r["total_len"] == length and "error" in r), None)
+    if goal is None:
+        lines.append(f"**Goal ({name} at {length}, prefill + 512 decode end to end >= {target}x the teacher): not "
+                     f"measured{f' ({name} failed: ' + failed['error'] + ')' if failed else ' (no record)'}.**")
+    else:
         verdict = "met" if goal["total_ratio_to_teacher"] >= target else "not met"
         lines.append(f"**Goal ({name} at {length}, prefill + 512 decode end to end >= {target}x the teacher): "
                      f"{goal['total_ratio_to_teacher']:.2f}x, {verdict}.** Mamba-1's H-40 in the same run: "

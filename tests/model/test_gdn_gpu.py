@@ -39,24 +39,33 @@ def inputs(batch, length, heads, dim, dtype, seed, with_state):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("length, with_state", [(1, True), (63, False), (200, True), (512, False)])
 def test_chunk_kernel_matches_reference_forward_and_backward(dtype, length, with_state):
+    """fla-core's chunk kernel itself (the path is checked: where fla-core's backward is refused, a training call
+    would take the reference and compare it with itself). The backward is compared only where fla-core's chunk
+    backward is right (`kernels.fla_backward_is_correct`); elsewhere the forward alone, as the pipeline uses it."""
+    backward = kernels.fla_backward_is_correct(torch.device("cuda"))
     x, state = inputs(2, length, 4, 64, dtype, seed=length, with_state=with_state)
-    leaves = {name: t.clone().requires_grad_(True) for name, t in x.items()}
-    s0 = state.clone().requires_grad_(True) if state is not None else None
-    with use_kernels("cuda"):
+    leaves = {name: t.clone().requires_grad_(backward) for name, t in x.items()}
+    s0 = state.clone().requires_grad_(backward) if state is not None else None
+    kernels._announced.discard(("gated_delta_rule", "fla-core chunk_gated_delta_rule (Triton)"))
+    with use_kernels("cuda"), torch.set_grad_enabled(backward):
         o, last = gated_delta_rule(**leaves, scale=64**-0.5, initial_state=s0, return_last_state=True)
+    assert "fla-core chunk_gated_delta_rule (Triton)" in kernels.paths_used()["gated_delta_rule"]
     assert o.dtype == dtype and last.dtype == torch.float32
     weight_o = torch.randn_like(o, dtype=torch.float32)
     weight_s = torch.randn_like(last)
-    ((o.float() * weight_o).sum() + (last * weight_s).sum()).backward()
+    if backward:
+        ((o.float() * weight_o).sum() + (last * weight_s).sum()).backward()
     ref_leaves = {name: t.detach().float().clone().requires_grad_(True) for name, t in x.items()}
     ref_s0 = state.clone().requires_grad_(True) if state is not None else None
     o_ref, last_ref = gated_delta_rule_reference(**ref_leaves, scale=64**-0.5, initial_state=ref_s0)
     ((o_ref * weight_o).sum() + (last_ref * weight_s).sum()).backward()
     errors = {"o": relative(o, o_ref), "last_state": relative(last, last_ref)}
-    errors |= {f"d{name}": relative(leaves[name].grad, ref_leaves[name].grad) for name in leaves}
-    if s0 is not None:
-        errors["d_initial_state"] = relative(s0.grad, ref_s0.grad)
-    print(f"chunk {dtype} length {length}: " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    if backward:
+        errors |= {f"d{name}": relative(leaves[name].grad, ref_leaves[name].grad) for name in leaves}
+        if s0 is not None:
+            errors["d_initial_state"] = relative(s0.grad, ref_s0.grad)
+    print(f"chunk {dtype} length {length}: " + " ".join(f"{k} {v:.1e}" for k, v in errors.items())
+          + ("" if backward else " (backward not compared: fla-core refuses its chunk backward on this GPU / Triton)"))
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOLERANCE[dtype], f"{worst}: relative error {errors[worst]:.2e}"
 
