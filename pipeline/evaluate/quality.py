@@ -82,7 +82,7 @@ def answer_accuracy(
 def _engine_for(model: nn.Module, batch_size: int, max_length: int):
     """A GenerationEngine for `model` (a non-hybrid teacher as an all-attention hybrid copy), or None when
     the engine cannot run it (a block replaced by a skip, a sliding window shorter than the run)."""
-    from pipeline.convert import hybridize
+    from pipeline.convert import ConversionError, hybridize
     from pipeline.evaluate.engine import GenerationEngine
     from pipeline.model import HybridForCausalLM
     from pipeline.model.modeling import HybridDecoderLayer
@@ -90,7 +90,7 @@ def _engine_for(model: nn.Module, batch_size: int, max_length: int):
     if not isinstance(model, HybridForCausalLM):
         try:
             model = hybridize(model, [])
-        except Exception:  # an architecture the conversion does not take: generate() it is
+        except ConversionError:  # an architecture the conversion does not take: generate() it is
             return None
     if not all(isinstance(layer, HybridDecoderLayer) for layer in model.model.layers):
         return None

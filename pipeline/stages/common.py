@@ -592,12 +592,12 @@ def _has_split(source: Any, split: str) -> bool:
         return split in files_by_split(path)
     if path.exists():
         return False
-    try:
-        from pipeline.data import load_rows
+    from pipeline.data import DataLoadError, load_rows
 
+    try:
         load_rows(text, split)
         return True
-    except Exception:
+    except DataLoadError:  # no such split at the hub (or no such dataset): load_rows wraps every cause in it
         return False
 
 

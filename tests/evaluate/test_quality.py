@@ -54,6 +54,24 @@ def test_loo_models_run_through_the_engine(problems):
         assert [r["generated"] for r in fast_records] == [r["generated"] for r in slow_records]
 
 
+def test_an_architecture_the_conversion_refuses_falls_back_but_another_error_is_not_swallowed(monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import pipeline.convert
+    from pipeline.evaluate.quality import _engine_for
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=1, n_head=2)).eval()
+    assert _engine_for(gpt2, batch_size=2, max_length=32) is None  # ConversionError: generate() runs it
+
+    def broken(model, mamba_layers):
+        raise RuntimeError("a bug in the conversion")
+
+    monkeypatch.setattr(pipeline.convert, "hybridize", broken)
+    tokenizer = build_char_tokenizer()
+    with pytest.raises(RuntimeError, match="a bug in the conversion"):
+        _engine_for(char_teacher(tokenizer), batch_size=2, max_length=32)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mamba", [[], [0, 2]])

@@ -2,6 +2,8 @@
 
 import dataclasses
 
+import pytest
+
 from pipeline.data import build_char_tokenizer
 from pipeline.stages.common import StageData
 
@@ -38,3 +40,22 @@ def test_a_changed_local_file_is_tokenised_again(tmp_path):
     assert len(first) == 1
     larger_share = dataclasses.replace(data, validation_share=0.05)  # 2 rows held out: another key
     assert len(StageData(larger_share, tokenizer).tokenized("distill")) == 48
+
+
+def test_a_hub_source_without_the_split_has_none_but_an_unexpected_error_is_not_swallowed(monkeypatch):
+    import pipeline.data
+    from pipeline.data import DataLoadError
+    from pipeline.stages.common import _has_split
+
+    def no_split(source, split):
+        raise DataLoadError(f"could not load dataset {source!r} split {split!r}")
+
+    monkeypatch.setattr(pipeline.data, "load_rows", no_split)
+    assert _has_split("someone/some-dataset", "validation") is False  # the documented fallback
+
+    def broken(source, split):
+        raise TypeError("a bug in the loader")
+
+    monkeypatch.setattr(pipeline.data, "load_rows", broken)
+    with pytest.raises(TypeError, match="a bug in the loader"):
+        _has_split("someone/some-dataset", "validation")
