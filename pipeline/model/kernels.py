@@ -246,24 +246,6 @@ def selective_scan_reference(
     return y.to(out_dtype), state.reshape(batch, channels, n)
 
 
-def selective_scan_naive(u, delta, A, B, C, D, z, delta_bias, initial_state=None):
-    """Per-token recurrence, the definition itself: only for tests."""
-    batch, channels, length = u.shape
-    dt = F.softplus(delta.float() + delta_bias.float()[:, None])
-    reps = channels // B.shape[1]
-    state = initial_state.float().clone() if initial_state is not None else u.new_zeros(
-        batch, channels, A.shape[1], dtype=torch.float32
-    )
-    ys = []
-    for t in range(length):
-        Bt = B[..., t].float().repeat_interleave(reps, dim=1)  # (b, d, n)
-        Ct = C[..., t].float().repeat_interleave(reps, dim=1)
-        state = torch.exp(dt[..., t, None] * A.float()) * state + dt[..., t, None] * Bt * u[..., t, None].float()
-        ys.append((state * Ct).sum(-1) + D.float() * u[..., t].float())
-    y = torch.stack(ys, dim=-1) * F.silu(z.float())
-    return y.to(u.dtype), state
-
-
 # --- selective state update (decode) -------------------------------------------------------------
 
 def selective_state_step(
@@ -520,21 +502,6 @@ def gated_delta_rule_reference(q, k, v, g, beta, scale: float, initial_state=Non
     return o.transpose(1, 2).to(out_dtype), state
 
 
-def gated_delta_rule_naive(q, k, v, g, beta, scale: float, initial_state=None):
-    """Per-token recurrence, the definition itself: only for tests."""
-    batch, length, heads, _ = q.shape
-    q, k = l2_normalise(q) * scale, l2_normalise(k)
-    state = (initial_state.float().clone() if initial_state is not None
-             else q.new_zeros(batch, heads, q.shape[-1], v.shape[-1]))
-    outputs = []
-    for t in range(length):
-        state = g[:, t, :, None, None].float().exp() * state
-        writes = beta[:, t, :, None].float() * (v[:, t].float() - torch.einsum("bhkv,bhk->bhv", state, k[:, t]))
-        state = state + k[:, t, :, :, None] * writes[:, :, None, :]
-        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
-    return torch.stack(outputs, dim=1).to(v.dtype), state
-
-
 def gated_delta_rule_step(
     state: torch.Tensor,  # (b, h, e, e_v) fp32, updated in place
     q: torch.Tensor,  # (b, h, e) before L2 normalisation
@@ -605,7 +572,6 @@ __all__ = [
     "causal_conv",
     "causal_conv_step",
     "gated_delta_rule",
-    "gated_delta_rule_naive",
     "gated_delta_rule_reference",
     "gated_delta_rule_step",
     "kernel_mode",
@@ -613,7 +579,6 @@ __all__ = [
     "mamba_decode_step",
     "paths_used",
     "selective_scan",
-    "selective_scan_naive",
     "selective_scan_reference",
     "selective_state_step",
     "set_kernel_mode",

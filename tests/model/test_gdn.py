@@ -12,7 +12,6 @@ from pipeline.model import HybridConfig, HybridForCausalLM, cache_of
 from pipeline.model.config import GDN, GDN_FIELDS
 from pipeline.model.kernels import (
     gated_delta_rule,
-    gated_delta_rule_naive,
     gated_delta_rule_reference,
     gated_delta_rule_step,
     use_kernels,
@@ -20,6 +19,7 @@ from pipeline.model.kernels import (
 from pipeline.model.mixers import GatedDeltaNetMixer
 
 from tests.model.helpers import VOCAB, make_teacher, randomise
+from tests.model.oracles import gated_delta_rule_naive
 
 
 def delta_inputs(batch=2, length=37, heads=3, dim=16, value_dim=8, seed=0, decay=2.0):

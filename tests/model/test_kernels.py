@@ -10,11 +10,12 @@ from pipeline.model.kernels import (
     causal_conv,
     causal_conv_step,
     selective_scan,
-    selective_scan_naive,
     selective_scan_reference,
     selective_state_step,
     use_kernels,
 )
+
+from tests.model.oracles import selective_scan_naive
 
 
 def scan_inputs(batch=2, channels=32, state=16, length=37, groups=2, device="cpu", dtype=torch.float32, seed=0):
