@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.config import DataConfig, HardwareConfig, to_plain
+from pipeline.config import STAGES, DataConfig, HardwareConfig, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,11 @@ RUN_CONFIG = "run_config.json"  # the settings the stage ran with (exactly its a
 def stage(name: str, version: int):
     """Marks a stage function: `name` (one of pipeline.config.STAGES) and its code version, which enters
     the cache key. Bump the version whenever a change to the stage (or to code only it calls) changes
-    what it writes: committed outputs of the old version are then computed again."""
+    what it writes: committed outputs of the old version are then computed again. A name not in STAGES is
+    refused when the stage is defined (at import)."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage name {name!r}; expected one of pipeline.config.STAGES: {', '.join(STAGES)}")
+
     def mark(function):
         function.stage_name, function.code_version = name, version
         return function
