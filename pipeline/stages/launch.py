@@ -47,7 +47,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig, HardwareConfig, from_plain, to_plain
 from pipeline.convert.sharded import ModelSource
-from pipeline.stages.common import Reporter, StageError, metrics_callback
+from pipeline.stages.common import Reporter, StageData, StageError, metrics_callback
 from pipeline.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -288,14 +288,29 @@ def emit_metrics(metrics) -> None:
     print(_METRICS_PREFIX + json.dumps(dataclasses.asdict(metrics)), flush=True)
 
 
-def _batch_source(job: TrainingJob, tokenizer):
-    from pipeline.stages.common import StageData
+def mixed_source(data: StageData, train_cfg: TrainConfig, generic_every: int):
+    """The demo teacher's batches (a job's batches="teacher"): reasoning batches with every `generic_every`-th
+    batch from the generic corpus (0 = reasoning only)."""
+    reasoning = data.batch_source("distill", train_cfg.batch_size, train_cfg.seed)
+    if not generic_every:
+        return reasoning
+    generic = data.batch_source("generic", train_cfg.batch_size, train_cfg.seed + 1)
 
+    def from_position(position: int):
+        reasoning_it = reasoning(position - position // generic_every)  # batches 0..position-1: every
+        generic_it = generic(position // generic_every)  # generic_every-th of them was generic
+        index = position
+        while True:
+            yield next(generic_it) if (index + 1) % generic_every == 0 else next(reasoning_it)
+            index += 1
+
+    return from_position
+
+
+def _batch_source(job: TrainingJob, tokenizer):
     data = StageData(job.data, tokenizer)
     if job.batches == "teacher":
-        from pipeline.stages.teacher import _mixed_source
-
-        return _mixed_source(data, job.train, job.generic_every)
+        return mixed_source(data, job.train, job.generic_every)
     return data.batch_source(job.batches, job.train.batch_size, job.train.seed)
 
 

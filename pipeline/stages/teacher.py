@@ -32,26 +32,8 @@ from pipeline.stages.common import (
     stage,
     write_meta,
 )
-from pipeline.stages.launch import TrainingJob, train_under_torchrun, uses_torchrun
-from pipeline.train import TrainConfig, train
-
-
-def _mixed_source(data: StageData, train_cfg: TrainConfig, generic_every: int):
-    """Reasoning batches with every `generic_every`-th batch from the generic corpus (0 = reasoning only)."""
-    reasoning = data.batch_source("distill", train_cfg.batch_size, train_cfg.seed)
-    if not generic_every:
-        return reasoning
-    generic = data.batch_source("generic", train_cfg.batch_size, train_cfg.seed + 1)
-
-    def from_position(position: int):
-        reasoning_it = reasoning(position - position // generic_every)  # batches 0..position-1: every
-        generic_it = generic(position // generic_every)  # generic_every-th of them was generic
-        index = position
-        while True:
-            yield next(generic_it) if (index + 1) % generic_every == 0 else next(reasoning_it)
-            index += 1
-
-    return from_position
+from pipeline.stages.launch import TrainingJob, mixed_source, train_under_torchrun, uses_torchrun
+from pipeline.train import train
 
 
 @stage("teacher", version=1)
@@ -114,7 +96,7 @@ def run_teacher(demo: DemoTeacherConfig, data: DataConfig, hardware: HardwareCon
         result = train_under_torchrun(model, tokenizer, job, hardware=hardware, work_dir=Path(work_dir),
                                       reporter=reporter, label="teacher")
     else:
-        result = train(model, _mixed_source(stage_data, train_cfg, demo.generic_every), train_cfg,
+        result = train(model, mixed_source(stage_data, train_cfg, demo.generic_every), train_cfg,
                        state_dir=state_dir, callback=metrics_callback(reporter, "teacher"),
                        precision=resolve_precision(hardware))
     save_checkpoint(model, tokenizer, out_dir, train_cfg.save_dtype)

@@ -272,13 +272,13 @@ def test_chat_data_with_a_tokenizer_without_chat_template(tiny_teacher, tmp_path
 def test_teacher_mix_of_reasoning_and_generic_batches_resumes_in_place():
     import itertools
 
-    from pipeline.stages.teacher import _mixed_source
+    from pipeline.stages.launch import mixed_source
 
     class Stub:
         def batch_source(self, kind, batch_size, seed):
             return lambda position: ((kind, i) for i in itertools.count(position))
 
-    source = _mixed_source(Stub(), tiny_config().train, generic_every=3)
+    source = mixed_source(Stub(), tiny_config().train, generic_every=3)
     straight = list(itertools.islice(source(0), 10))
     assert [kind for kind, _ in straight].count("generic") == 3
     assert straight[2] == ("generic", 0) and straight[5] == ("generic", 1) and straight[3] == ("distill", 2)
