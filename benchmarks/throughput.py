@@ -189,9 +189,9 @@ def measure(model, spec, total: int, batch: int, prefill_sample: int, profile: b
         engine.positions.fill_(start_at)  # the profiled steps advanced the state: start again
         engine.slot.fill_(start_at)
         engine.key_valid[:, start_at:] = False
-    # The engine's first decode steps compile Triton kernels (autotuning included) and capture the CUDA graph:
-    # seconds, which a timed window of 48 steps used to absorb (the teacher's decode at 16k read 224, 346 and
-    # 663 tokens/s in three runs, 2026-12-04). They run first, untimed; then the state goes back to start_at.
+    # The engine's first decode steps compile Triton kernels (autotuning included) and capture the CUDA graph,
+    # which takes seconds (benchmarks/results/gdn-h200.md): they run first, untimed; each timed round then
+    # starts again at start_at.
     for _ in range(DECODE_WARM_STEPS):
         engine._run_step()
     sync()
@@ -312,8 +312,8 @@ def model_process(spec: str, lengths: list[int], batches: list[int], args) -> No
                 if not is_out_of_memory(error) or int(batch * 0.9) < 1:
                     raise
                 reason = str(error).splitlines()[0][:120]
-            # Out of the handler: the exception's traceback held the failed attempt's frames (its engine and
-            # caches), so memory freed inside it stayed taken and every retry failed again (2026-12-04).
+            # Out of the handler: the exception's traceback holds the failed attempt's frames (its engine and
+            # caches), so memory freed inside the handler stays taken and the retry would fail again.
             print(f"  {model_name(spec)} at {total}: batch {batch} out of memory ({reason}); "
                   f"retrying at {int(batch * 0.9)}", flush=True)
             empty_cache()
