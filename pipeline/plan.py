@@ -19,11 +19,10 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.executor import Executor, Output, Source, StageCall, cache_key, input_digest
-from pipeline.model.checkpoint import TOKENIZER_FILES
+from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TOKENIZER_FILES
 from pipeline.redaction import redact_text
 from pipeline.store import LocalStore, Store, StoreError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "HybridForCausalLM")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")

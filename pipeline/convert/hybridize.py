@@ -25,14 +25,17 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+import transformers
+from transformers import PreTrainedModel
 
+from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TEACHER_ARCHITECTURES
 from pipeline.model.config import ATTENTION, GDN, IDENTITY, KIND_NAMES, MAMBA, HybridConfig
 from pipeline.model.mixers import MambaMixer, build_mixer
 from pipeline.model.modeling import HybridForCausalLM
 
-TEACHER_CLASSES: tuple[type[PreTrainedModel], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
-SUPPORTED = ", ".join(cls.__name__ for cls in (*TEACHER_CLASSES, HybridForCausalLM))
+TEACHER_CLASSES: tuple[type[PreTrainedModel], ...] = tuple(getattr(transformers, name)
+                                                           for name in TEACHER_ARCHITECTURES)
+SUPPORTED = ", ".join(SUPPORTED_ARCHITECTURES)
 
 # Mamba options a caller may set; None = the recipe's default (or, for a hybrid source, its own value).
 MAMBA_OPTIONS = {
