@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.executor import Executor, Output, Source, StageCall, cache_key, input_digest
-from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TOKENIZER_FILES
+from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TOKENIZER_FILES, has_experts
 from pipeline.redaction import redact_text
 from pipeline.store import LocalStore, Store, StoreError
 
@@ -127,7 +127,7 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
         problems.append(f"{where} is a {', '.join(architectures)}: unsupported teacher architecture; "
                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         return None
-    if any(config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+    if has_experts(config):
         problems.append(f"{where} has mixture-of-experts layers: unsupported teacher")
     other = sorted({kind for kind in config.get("layer_types") or [] if kind not in LAYER_KINDS})
     if other:

@@ -28,7 +28,7 @@ from torch import nn
 import transformers
 from transformers import PreTrainedModel
 
-from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TEACHER_ARCHITECTURES
+from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TEACHER_ARCHITECTURES, has_experts
 from pipeline.model.config import ATTENTION, GDN, IDENTITY, KIND_NAMES, MAMBA, HybridConfig
 from pipeline.model.mixers import MambaMixer, build_mixer
 from pipeline.model.modeling import HybridForCausalLM
@@ -67,7 +67,7 @@ def check_teacher(model: nn.Module) -> None:
     if not isinstance(model, TEACHER_CLASSES):
         raise ConversionError(f"unsupported teacher architecture {type(model).__name__}; supported: {SUPPORTED}")
     config = model.config
-    if any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+    if has_experts(config):
         raise ConversionError(
             f"unsupported teacher: {type(model).__name__} with mixture-of-experts layers; supported: {SUPPORTED}"
         )
