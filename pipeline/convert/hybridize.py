@@ -28,7 +28,7 @@ from torch import nn
 import transformers
 from transformers import PreTrainedModel
 
-from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TEACHER_ARCHITECTURES, has_experts
+from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TEACHER_ARCHITECTURES, has_experts, layer_of
 from pipeline.model.config import ATTENTION, GDN, IDENTITY, KIND_NAMES, MAMBA, HybridConfig
 from pipeline.model.mixers import MambaMixer, build_mixer
 from pipeline.model.modeling import HybridForCausalLM
@@ -290,7 +290,7 @@ def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list
     fresh: list[str] = []
     new_mixers = set(new_mamba) | set(new_gdn)
     for key, tensor in target.items():
-        layer = _layer_of(key)
+        layer = layer_of(key)
         if layer in new_mixers and ".mixer." in key:
             fresh.append(key)  # MIL-mapped below, or fresh initialisation
             continue
@@ -497,13 +497,6 @@ def mamba_trial(model: HybridForCausalLM, layer: int, *, seed: int = 0,
     finally:
         block.mixer = attention
         config.layer_types = layer_types
-
-
-def _layer_of(key: str) -> int | None:
-    parts = key.split(".")
-    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
-        return int(parts[2])
-    return None
 
 
 def _attention_of(teacher: nn.Module, index: int) -> nn.Module:
