@@ -368,7 +368,9 @@ def layer_pattern(meta: Mapping[str, Any]) -> tuple[str | None, int | None]:
     if meta.get("layer_pattern") is not None:
         return meta["layer_pattern"], count
     if meta.get("stage") in ("teacher", "teacher_finetune") and isinstance(meta.get("layers"), int):
-        return "A" * meta["layers"], 0
+        from pipeline.model.config import attention_pattern
+
+        return attention_pattern(meta["layers"]), 0
     return None, count
 
 

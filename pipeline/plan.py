@@ -19,13 +19,12 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.executor import Executor, Output, Source, StageCall, cache_key, input_digest
+from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TOKENIZER_FILES, config_files, has_experts
 from pipeline.redaction import redact_text
 from pipeline.store import LocalStore, Store, StoreError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "HybridForCausalLM")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -128,7 +127,7 @@ def teacher_shape(cfg: RunConfig, source: Source | None, problems: list[str]) ->
         problems.append(f"{where} is a {', '.join(architectures)}: unsupported teacher architecture; "
                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         return None
-    if any(config.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+    if has_experts(config):
         problems.append(f"{where} has mixture-of-experts layers: unsupported teacher")
     other = sorted({kind for kind in config.get("layer_types") or [] if kind not in LAYER_KINDS})
     if other:
@@ -207,18 +206,14 @@ def check_teacher_files(cfg: RunConfig, source: Source, config: dict[str, Any], 
 
 def read_config(where: str, source: Source, problems: list[str]) -> tuple[dict, dict | None] | None:
     """(config.json, mamba_config.json or None) of a Source, or None with a problem line."""
-    from pipeline.model.layouts import MIL_CONFIG
-
     if "config.json" not in source.files:
         problems.append(f"{where} has no config.json: it must be a saved transformers checkpoint")
         return None
     try:
-        config = json.loads(source.read("config.json"))
-        mamba = json.loads(source.read(MIL_CONFIG)) if MIL_CONFIG in source.files else None
+        return config_files(source.read, lambda name: name in source.files)
     except (ValueError, OSError, StoreError) as error:
         problems.append(f"{where}: its config files are unreadable ({str(error).splitlines()[0]})")
         return None
-    return config, mamba
 
 
 def mamba_count(where: str, config: dict, mamba: dict | None, problems: list[str]) -> int | None:

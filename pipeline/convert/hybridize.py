@@ -25,14 +25,17 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, PreTrainedModel, Qwen2ForCausalLM
+import transformers
+from transformers import PreTrainedModel
 
+from pipeline.model.checkpoint import SUPPORTED_ARCHITECTURES, TEACHER_ARCHITECTURES, has_experts, layer_of
 from pipeline.model.config import ATTENTION, GDN, IDENTITY, KIND_NAMES, MAMBA, HybridConfig
 from pipeline.model.mixers import MambaMixer, build_mixer
 from pipeline.model.modeling import HybridForCausalLM
 
-TEACHER_CLASSES: tuple[type[PreTrainedModel], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
-SUPPORTED = ", ".join(cls.__name__ for cls in (*TEACHER_CLASSES, HybridForCausalLM))
+TEACHER_CLASSES: tuple[type[PreTrainedModel], ...] = tuple(getattr(transformers, name)
+                                                           for name in TEACHER_ARCHITECTURES)
+SUPPORTED = ", ".join(SUPPORTED_ARCHITECTURES)
 
 # Mamba options a caller may set; None = the recipe's default (or, for a hybrid source, its own value).
 MAMBA_OPTIONS = {
@@ -64,7 +67,7 @@ def check_teacher(model: nn.Module) -> None:
     if not isinstance(model, TEACHER_CLASSES):
         raise ConversionError(f"unsupported teacher architecture {type(model).__name__}; supported: {SUPPORTED}")
     config = model.config
-    if any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+    if has_experts(config):
         raise ConversionError(
             f"unsupported teacher: {type(model).__name__} with mixture-of-experts layers; supported: {SUPPORTED}"
         )
@@ -287,7 +290,7 @@ def _copy_weights(teacher: nn.Module, hybrid: HybridForCausalLM, new_mamba: list
     fresh: list[str] = []
     new_mixers = set(new_mamba) | set(new_gdn)
     for key, tensor in target.items():
-        layer = _layer_of(key)
+        layer = layer_of(key)
         if layer in new_mixers and ".mixer." in key:
             fresh.append(key)  # MIL-mapped below, or fresh initialisation
             continue
@@ -494,13 +497,6 @@ def mamba_trial(model: HybridForCausalLM, layer: int, *, seed: int = 0,
     finally:
         block.mixer = attention
         config.layer_types = layer_types
-
-
-def _layer_of(key: str) -> int | None:
-    parts = key.split(".")
-    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
-        return int(parts[2])
-    return None
 
 
 def _attention_of(teacher: nn.Module, index: int) -> nn.Module:

@@ -46,6 +46,7 @@ from pipeline.convert.hybridize import (
     initialise_fresh,
     mixer_generator,
 )
+from pipeline.model.checkpoint import layer_of
 from pipeline.model.safetensors_io import SafetensorsFolder, TensorSpec
 
 
@@ -124,7 +125,7 @@ def plan_weights(model: nn.Module, files: SafetensorsFolder, new_layers: list[in
     for name, tensor in state.items():
         if name in tied:
             continue
-        layer = _layer_of(name)
+        layer = layer_of(name)
         if layer in new_layers and ".mixer." in name:
             converted[name] = layer
             continue
@@ -251,13 +252,6 @@ def build_sharded(source: ModelSource, *, dtype: torch.dtype, device: torch.devi
         if name in plan.copies:
             buffer.copy_(files.read(plan.copies[name]))
     return model
-
-
-def _layer_of(key: str) -> int | None:
-    parts = key.split(".")
-    if len(parts) > 3 and parts[0] == "model" and parts[1] == "layers":
-        return int(parts[2])
-    return None
 
 
 # --- the output checkpoint, written from the shards --------------------------------------------------

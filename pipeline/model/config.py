@@ -55,6 +55,19 @@ GDN_FIELDS = ("gdn_num_heads", "gdn_num_kv_heads", "gdn_head_dim", "gdn_conv_ker
 GQA_EXPANSIONS = ("chunk", "head_aligned")
 
 
+def pattern_of(layer_types: list[str] | tuple[str, ...], other: str | None = None) -> str:
+    """One character a layer, as PATTERN_CHARS maps canonical kinds: A attention, M Mamba, G Gated DeltaNet,
+    I identity. A kind outside PATTERN_CHARS gives `other`, or a KeyError when `other` is None."""
+    if other is None:
+        return "".join(PATTERN_CHARS[kind] for kind in layer_types)
+    return "".join(PATTERN_CHARS.get(kind, other) for kind in layer_types)
+
+
+def attention_pattern(layers: int) -> str:
+    """The pattern of a plain transformer (a teacher) with `layers` layers: all attention."""
+    return pattern_of([ATTENTION] * layers)
+
+
 class HybridConfigError(ValueError):
     """A hybrid configuration that cannot describe a model."""
 
@@ -227,7 +240,7 @@ class HybridConfig(PretrainedConfig):
     @property
     def layer_pattern(self) -> str:
         """One character a layer: A attention, M Mamba, G Gated DeltaNet, I identity (for tags and logs)."""
-        return "".join(PATTERN_CHARS[k] for k in self.layer_types)
+        return pattern_of(self.layer_types)
 
 
 __all__ = [
@@ -243,5 +256,7 @@ __all__ = [
     "MAMBA",
     "PATTERN_CHARS",
     "RECURRENT_KINDS",
+    "attention_pattern",
     "canonical_layer_types",
+    "pattern_of",
 ]

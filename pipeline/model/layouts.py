@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.model.checkpoint import layer_of
 from pipeline.model.config import ATTENTION, GDN, MAMBA, HybridConfig
 from pipeline.model.mixers import gqa_expansion_index
 
@@ -135,11 +136,6 @@ def read_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     if (folder / "pytorch_model.bin").is_file():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise LayoutError(f"{folder}: no weights (model.safetensors, an index, or pytorch_model.bin)")
-
-
-def _layer_of(key: str) -> int | None:
-    parts = key.split(".")
-    return int(parts[2]) if len(parts) > 3 and parts[:2] == ["model", "layers"] else None
 
 
 def _rope_parameters(config: dict) -> dict:
@@ -273,7 +269,7 @@ def to_apriel_h1(config: HybridConfig, state: dict[str, torch.Tensor]) -> tuple[
         tensors.update({key: tensor.contiguous() for key, tensor in
                         _gdn_to_apriel(config, f"model.layers.{layer}.mixer.", state).items()})
     for key, tensor in state.items():
-        layer = _layer_of(key)
+        layer = layer_of(key)
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
         if layer is not None and ".mixer." in key and config.layer_types[layer] == GDN:
@@ -399,7 +395,7 @@ def from_apriel_h1(body: dict, tensors: dict[str, torch.Tensor]) -> tuple[Hybrid
     for key, tensor in tensors.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue  # a buffer some older checkpoints saved
-        if _layer_of(key) in gdn_layers and ".mixer." in key:
+        if layer_of(key) in gdn_layers and ".mixer." in key:
             continue  # read above
         key = key.replace(".self_attn.", ".mixer.")
         if key.endswith(".mixer.dt_proj.bias"):
@@ -440,7 +436,7 @@ def to_mambainllama(config: HybridConfig, state: dict[str, torch.Tensor]
     d_inner, d_xb = config.mamba_d_inner, config.mamba_d_xb
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        layer = _layer_of(key)
+        layer = layer_of(key)
         if layer is None or ".mixer." not in key:
             tensors[key] = tensor.contiguous()
             continue
@@ -521,7 +517,7 @@ def from_mambainllama(body: dict, mamba: dict, tensors: dict[str, torch.Tensor]
     kv_width = config.num_key_value_heads * config.head_dim
     state: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        layer = _layer_of(key)
+        layer = layer_of(key)
         if key.endswith("rotary_emb.inv_freq"):
             continue
         if layer is None:

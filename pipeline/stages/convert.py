@@ -38,6 +38,7 @@ from pipeline.stages.common import (
     write_meta,
 )
 from pipeline.convert.sharded import ModelSource
+from pipeline.model.checkpoint import layer_kinds_of
 from pipeline.stages.launch import (
     TrainingJob,
     builds_sharded,
@@ -47,19 +48,6 @@ from pipeline.stages.launch import (
     uses_torchrun,
 )
 from pipeline.train import TrainConfig, train
-
-
-def layer_kinds_of(folder: Path) -> dict[str, list[int]]:
-    """{"attention": [...], "mamba": [...], "gdn": [...]}: the layers of a checkpoint folder by kind, from its
-    config files."""
-    from pipeline.model.config import ATTENTION, GDN, MAMBA
-    from pipeline.model.layouts import MIL_CONFIG, layer_kinds
-
-    body = json.loads((folder / "config.json").read_text())
-    mil = folder / MIL_CONFIG
-    kinds = layer_kinds(body, json.loads(mil.read_text()) if mil.is_file() else None)
-    return {name: [i for i, kind in enumerate(kinds) if kind == value]
-            for name, value in (("attention", ATTENTION), ("mamba", MAMBA), ("gdn", GDN))}
 
 
 def mamba_options(mamba: MambaConfig) -> dict:

@@ -19,7 +19,7 @@ from pipeline.evaluate.lm_harness import LMEvalError, check_tasks, run_lm_eval
 from pipeline.evaluate.plots import frontier_plot, tokens_frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.evaluate.throughput import generation_throughput
-from pipeline.model.config import ATTENTION, GDN, MAMBA, PATTERN_CHARS
+from pipeline.model.config import ATTENTION, GDN, MAMBA, pattern_of
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
@@ -64,7 +64,7 @@ def evaluate_checkpoint(evaluate: EvaluateConfig, name: str, model, teacher, dat
         "checkpoint": name,
         "n_mamba": layer_types.count(MAMBA),
         "layer_types": layer_types,
-        "layer_pattern": "".join(PATTERN_CHARS.get(kind, "I") for kind in layer_types),
+        "layer_pattern": pattern_of(layer_types, other="I"),
         "answer_accuracy": accuracy,
         "nll": quality["nll"],
         "kl_to_teacher": quality.get("kl_to_teacher", 0.0),

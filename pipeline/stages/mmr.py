@@ -231,18 +231,16 @@ def _finish_trial(work_dir: Path, reporter: Reporter, trials: dict[Pair, dict[in
 def _candidates(parent: str | Path) -> tuple[list[int], int, int]:
     """(attention layers, number of Mamba layers, number of Gated DeltaNet layers) of the parent checkpoint,
     read from its config files alone (the fan-out's stage process loads no model)."""
-    from pipeline.model.config import ATTENTION, GDN, MAMBA
-    from pipeline.model.layouts import MIL_CONFIG, LayoutError, layer_kinds, read_json
+    from pipeline.model.checkpoint import layer_kinds_of
+    from pipeline.model.layouts import LayoutError
     from pipeline.stages.common import require_folder
 
     folder = require_folder(parent, "parent checkpoint")
     try:
-        kinds = layer_kinds(read_json(folder / "config.json"),
-                            read_json(folder / MIL_CONFIG) if (folder / MIL_CONFIG).is_file() else None)
+        kinds = layer_kinds_of(folder)
     except (LayoutError, ValueError) as exc:
         raise StageError(f"parent checkpoint at {folder}: {exc}") from None
-    return ([i for i, kind in enumerate(kinds) if kind == ATTENTION], sum(kind == MAMBA for kind in kinds),
-            sum(kind == GDN for kind in kinds))
+    return kinds["attention"], len(kinds["mamba"]), len(kinds["gdn"])
 
 
 def mmr_table(trials: dict[Pair, dict[int, float]], layers: list[int], mixers: list[str], seeds: int,

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import DataConfig, EvaluateConfig, HardwareConfig
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
+from pipeline.model.config import attention_pattern
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
@@ -65,7 +66,7 @@ def run_quality(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareCo
     record = {
         "checkpoint": meta.get("checkpoint") or ("teacher" if is_teacher else checkpoint.name),
         "n_mamba": int(meta.get("n_mamba") or 0),
-        "layer_pattern": meta.get("layer_pattern") or "A" * model.config.num_hidden_layers,
+        "layer_pattern": meta.get("layer_pattern") or attention_pattern(model.config.num_hidden_layers),
         "answer_accuracy": accuracy,
         "nll_reasoning": reasoning["nll"],
         "nll_generic": generic["nll"],

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import HardwareConfig
+from pipeline.model.checkpoint import TOKENIZER_FILES
 from pipeline.stages.common import (
     StageError,
     load_model,
@@ -25,7 +26,6 @@ from pipeline.stages.common import (
 
 START = "start"  # the start checkpoint's output name (and its name in summary.json)
 SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def shape_mismatches(start: dict, teacher: dict) -> list[str]:
