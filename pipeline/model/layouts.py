@@ -91,7 +91,7 @@ def detect_layout_of(config: dict, mamba: dict | None) -> str:
 
 
 def layer_kinds(body: dict, mamba: dict | None = None) -> list[str]:
-    """The kind of each layer (ATTENTION, MAMBA, IDENTITY) as a checkpoint's config files declare it, read
+    """The kind of each layer (ATTENTION, MAMBA, GDN, IDENTITY) as a checkpoint's config files declare it, read
     without its weights: ours (`layer_types`), Apriel-H1 (`hybrid_block_layout`), MambaInLlama (`mamba`:
     its mamba_config.json, every layer not in `attn_layers` is Mamba), else all attention (a teacher)."""
     from pipeline.model.config import LAYER_KINDS
