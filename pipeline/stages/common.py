@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.config import STAGES, DataConfig, HardwareConfig, to_plain
+from pipeline.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,6 @@ def stage(name: str, version: int):
         function.stage_name, function.code_version = name, version
         return function
     return mark
-
-
-class StageError(ValueError):
-    """Bad input to a stage (a missing teacher, unusable data, ...): one line naming what is wrong."""
 
 
 class Reporter(Protocol):
