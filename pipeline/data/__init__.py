@@ -1,4 +1,5 @@
-"""Data: bundled demo data, answer checking, the demo tokenizer, loading/tokenising and batching.
+"""Data: bundled demo data, answer checking, the demo tokenizer, loading/tokenising, batching, and the data
+a stage reads (`StageData`: its batches, held-out and evaluation rows, the answer-budget check).
 
 ``demo`` and ``answers`` import no torch/transformers; the other modules load lazily on first use, so
 ``from pipeline.data import DemoTeacherConfig`` stays light.
@@ -42,6 +43,18 @@ _LAZY: dict[str, str] = {
     "iter_batches": "batching",
     "prompt_messages": "batching",
     "prompt_batch": "batching",
+    # stage_data
+    "MAX_CUT_SHARE": "stage_data",
+    "MIX": "stage_data",
+    "MIX_PARTS": "stage_data",
+    "VALIDATION_SPLIT": "stage_data",
+    "StageData": "stage_data",
+    "check_answer_budget": "stage_data",
+    "distill_kind": "stage_data",
+    "held_out_count": "stage_data",
+    "padding_id": "stage_data",
+    "reference_reply": "stage_data",
+    "tokenizer_digest": "stage_data",
 }
 
 __all__ = [
@@ -61,7 +74,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Import tokenizer/loading/batching members on first access (they pull in torch/transformers)."""
+    """Import tokenizer/loading/batching/stage_data members on first access (they pull in torch/transformers)."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'pipeline.data' has no attribute {name!r}")
