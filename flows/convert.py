@@ -39,12 +39,13 @@ from pipeline.executor import Source, work_root_for
 from pipeline.plan import Plan, plan
 from pipeline.convert import ConversionError
 from pipeline.data import DataLoadError, DemoDataError, TokenizerError
+from pipeline.errors import StageError
 from pipeline.evaluate.lm_harness import LMEvalError
 from pipeline.model.config import HybridConfigError
 from pipeline.model.gguf import GGUFError
 from pipeline.model.kernels import KernelUnavailableError
 from pipeline.model.layouts import LayoutError
-from pipeline.stages import StageError, summary_table
+from pipeline.stages import summary_table
 from pipeline.stages.evaluate import SUMMARY_FILE
 from pipeline.store import LocalStore, Store, StoreError, open_store
 from pipeline.redaction import redact, redact_text, redacted_exception

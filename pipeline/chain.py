@@ -174,7 +174,7 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
         run_sft,
         run_step,
     )
-    from pipeline.stages.common import distill_kind
+    from pipeline.data.stage_data import distill_kind
 
     if until not in UNTIL:
         raise ConfigError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")

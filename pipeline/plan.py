@@ -389,7 +389,8 @@ def teacher_tokenizer(cfg: RunConfig, source: Source | None = None, notes: list[
 def check_answer_budgets(cfg: RunConfig, problems: list[str], tokenizer) -> None:
     """LOO's and the evaluation's greedy-decoding budgets against the reference replies of the very problems
     they will score (`StageData.problems`), when the teacher's tokenizer is at hand (`teacher_tokenizer`)."""
-    from pipeline.stages.common import StageData, StageError
+    from pipeline.data.stage_data import StageData
+    from pipeline.errors import StageError
 
     if tokenizer is None:
         return
@@ -432,7 +433,7 @@ class DataRead:
 
 def data_reads(cfg: RunConfig, until: str = "evaluate") -> list[DataRead]:
     """Every data source (and split) the stages up to `until` read, merged by source, in stage order: the
-    demo teacher's training data, LOO's rows (`pipeline.stages.common._selection`'s order, for local
+    demo teacher's training data, LOO's rows (`pipeline.data.stage_data._selection`'s order, for local
     sources), the distillations', SFT's, the evaluation's."""
     from pipeline.chain import UNTIL
 
@@ -557,7 +558,7 @@ def check_data_rows(cfg: RunConfig, problems: list[str], notes: list[str], token
     download here), are left to it and to the stages."""
     from pipeline.data.answers import reference_answer
     from pipeline.data.loading import DataLoadError, has_generation_markers, tokenize_row
-    from pipeline.stages.common import MAX_CUT_SHARE, StageData
+    from pipeline.data.stage_data import MAX_CUT_SHARE, StageData
 
     if tokenizer is None:
         return

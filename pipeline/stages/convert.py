@@ -20,13 +20,12 @@ import torch
 
 from pipeline.config import DataConfig, GDNConfig, HardwareConfig, MambaConfig, checkpoint_name, to_plain
 from pipeline.convert import hybridize
+from pipeline.data.stage_data import StageData, distill_kind
+from pipeline.errors import StageError
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
-    StageData,
-    StageError,
     cumulative_train_tokens,
-    distill_kind,
     load_model,
     load_tokenizer,
     metrics_callback,

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DataConfig, EvaluateConfig, HardwareConfig
+from pipeline.data.stage_data import StageData
+from pipeline.errors import StageError
 from pipeline.evaluate.lm_harness import LMEvalError, check_tasks, run_lm_eval
 from pipeline.evaluate.plots import frontier_plot, tokens_frontier_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
@@ -23,8 +25,6 @@ from pipeline.model.config import ATTENTION, GDN, MAMBA, pattern_of
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
-    StageData,
-    StageError,
     load_model,
     load_tokenizer,
     read_meta,

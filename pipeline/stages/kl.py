@@ -45,13 +45,12 @@ from pathlib import Path
 
 from pipeline.config import DataConfig, HardwareConfig
 from pipeline.convert import hybridize
+from pipeline.data.stage_data import StageData, distill_kind
+from pipeline.errors import StageError
 from pipeline.evaluate.plots import bar_plot
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
-    StageData,
-    StageError,
-    distill_kind,
     load_model,
     load_tokenizer,
     metrics_callback,

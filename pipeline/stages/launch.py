@@ -47,7 +47,9 @@ from pathlib import Path
 
 from pipeline.config import DataConfig, HardwareConfig, from_plain, to_plain
 from pipeline.convert.sharded import ModelSource
-from pipeline.stages.common import Reporter, StageData, StageError, metrics_callback
+from pipeline.data.stage_data import StageData
+from pipeline.errors import StageError
+from pipeline.stages.common import Reporter, metrics_callback
 from pipeline.train import TrainConfig
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.config import DataConfig, HardwareConfig, LOOConfig
 from pipeline.convert import hybridize
+from pipeline.data.stage_data import StageData
 from pipeline.evaluate.plots import bar_plot
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.model.config import IDENTITY
@@ -25,7 +26,6 @@ from pipeline.model.mixers import IdentityMixer
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
-    StageData,
     load_model,
     load_tokenizer,
     stage,

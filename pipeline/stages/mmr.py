@@ -51,13 +51,12 @@ from pathlib import Path
 
 from pipeline.config import DEFAULT_MIXERS, DataConfig, GDNConfig, HardwareConfig, MMRConfig
 from pipeline.convert import gdn_trial, mamba_trial
+from pipeline.data.stage_data import StageData, distill_kind
+from pipeline.errors import StageError
 from pipeline.evaluate.plots import bar_plot, grouped_bar_plot
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
-    StageData,
-    StageError,
-    distill_kind,
     load_model,
     load_tokenizer,
     metrics_callback,

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DataConfig, EvaluateConfig, HardwareConfig
+from pipeline.data.stage_data import StageData
 from pipeline.evaluate.quality import answer_accuracy, nll_and_kl
 from pipeline.model.config import attention_pattern
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
-    StageData,
     load_model,
     load_tokenizer,
     read_meta,

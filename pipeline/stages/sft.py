@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DataConfig, HardwareConfig, to_plain
+from pipeline.data.stage_data import StageData
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
-    StageData,
     cumulative_train_tokens,
     load_model,
     load_tokenizer,

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from pipeline.config import HardwareConfig
+from pipeline.errors import StageError
 from pipeline.model.checkpoint import TOKENIZER_FILES
 from pipeline.stages.common import (
-    StageError,
     load_model,
     load_tokenizer,
     save_checkpoint,

@@ -17,11 +17,11 @@ import torch
 
 from pipeline.config import DataConfig, HardwareConfig
 from pipeline.data.demo import DemoTeacherConfig
+from pipeline.data.stage_data import StageData
+from pipeline.errors import StageError
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
-    StageData,
-    StageError,
     check_vocabulary,
     load_model,
     load_tokenizer,
