@@ -28,9 +28,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.config import ConfigCompositionError, compose
-from flows.console import progress, quiet_console
-from flows.convert import (
+from flows.common import (
     TeacherResolver,
     cache_root_of,
     check_tracking,
@@ -39,6 +37,8 @@ from flows.convert import (
     print_failure,
     run_flow_command,
 )
+from flows.config import ConfigCompositionError, compose
+from flows.console import progress, quiet_console
 from flows.executor import StoreExecutor
 from pipeline.ablation import (
     ARMS,

@@ -6,6 +6,7 @@ Keys, skipping, resuming and committing are the pipeline's; this subclass adds, 
   and checkpoint tags (and, before it starts, the runs of earlier attempts that were killed and left
   RUNNING are ended as KILLED),
 - Prefect markdown artifacts with the LOO ranking, MMR scores and final summary.
+What a stage publishes beyond its MLflow run is its entry in `flows.publish.PUBLISHERS`.
 
 Prefect's own result cache is not used: the store is the record of what is complete, shared by every
 machine that points at it.
@@ -24,23 +25,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from flows.console import progress
-from flows.publish import (
-    artifact_key,
-    evaluation_params,
-    log_output_files,
-    kl_markdown,
-    loo_markdown,
-    mlflow_run_link,
-    mmr_markdown,
-    summary_markdown,
-    summary_metrics,
-    summary_records,
-)
+from flows.publish import PUBLISHERS, artifact_key, log_output_files, mlflow_run_link
 from pipeline.config import to_plain
 from pipeline.executor import Executor, Output, StageCall
 from pipeline.redaction import redact_text, redacted_exception
 from pipeline.stages.common import read_meta
-from pipeline.stages.evaluate import TOKENS_FRONTIER_FILE
 from pipeline.store import Store
 
 CACHE_KEY_TAG = "stage.cache_digest"  # ("…_key" would be redacted as a secret-looking name)
@@ -143,26 +132,9 @@ class StoreExecutor(Executor):
         else:
             run.set_tags({"output.uri": output.uri})
         log_output_files(run, out_dir, reporter.artifacts)
-        if call.stage == "evaluate":
-            self._evaluation_runs(out_dir)
-
-    def _evaluation_runs(self, out_dir: Path) -> None:
-        """One MLflow child run per evaluated checkpoint: the same params (its lineage) and metric names
-        for every checkpoint, and its checkpoint tags, so MLflow's compare view sets them side by side;
-        the frontier plots go on the parent run."""
-        for record in summary_records(out_dir):
-            name = record["checkpoint"]
-            source = self.outputs.get(name)
-            with self.tracker.child("evaluate", checkpoint=name) as run:
-                run.log_params(evaluation_params(record))
-                run.log_metrics(summary_metrics(record))
-                if source is not None:
-                    run.set_checkpoint_tags(source.uri, layer_pattern=source.layer_pattern,
-                                            mamba_layers=record.get("n_mamba"))
-            self.evaluation_runs[name] = run.run_id
-        for plot in (out_dir / "frontier.png", out_dir / TOKENS_FRONTIER_FILE):
-            if plot.is_file():
-                self.tracker.log_artifact(plot)
+        publisher = PUBLISHERS.get(call.stage)
+        if publisher is not None and publisher.committed is not None:  # evaluate: a run per checkpoint
+            publisher.committed(self, out_dir)
 
     # --- after the task: Prefect artifacts ----------------------------------------------------------------
 
@@ -171,25 +143,14 @@ class StoreExecutor(Executor):
                                getattr(self.tracker, "experiment_id", None), run_id)
 
     def publish(self, call: StageCall, output: Output) -> None:
-        """Markdown tables of the LOO ranking, the MMR and KL-guided scores and the final summary."""
-        if call.stage not in ("loo", "mmr", "kl", "evaluate"):
+        """The stage's markdown artifact (`flows.publish.PUBLISHERS`): the LOO ranking, the MMR and KL-guided
+        scores, the final summary."""
+        publisher = PUBLISHERS.get(call.stage)
+        if publisher is None or publisher.artifact is None:
             return
         folder = self.store.get_checkpoint(output.name, digest=output.manifest_digest)
         link = self.run_link(output.mlflow_run_id)
-        if call.stage == "loo":
-            markdown, description = loo_markdown(folder, self.first_count, link), "Leave-one-out layer ranking"
-        elif call.stage == "mmr":
-            markdown, description = mmr_markdown(folder, output.name, link), f"MMR scores ({output.name})"
-        elif call.stage == "kl":
-            markdown, description = kl_markdown(folder, output.name, link), f"KL-guided scores ({output.name})"
-        else:
-            links = {}
-            for name in [record["checkpoint"] for record in summary_records(folder)]:
-                produced = self.outputs.get(name)
-                links[name] = (f"produced in {self.run_link(produced.mlflow_run_id if produced else None)}, "
-                               f"evaluated in {self.run_link(self.evaluation_runs.get(name) or output.mlflow_run_id)}")
-            markdown = summary_markdown(summary_records(folder), links, f"{output.uri}/summary.json")
-            description = "Quality and throughput of every checkpoint"
+        markdown, description = publisher.artifact(self, folder, output, link)
         create_markdown_artifact(markdown=redact_text(markdown), key=artifact_key(self.run_name, output.name),
                                  description=redact_text(description))
 

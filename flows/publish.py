@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipeline.executor import Output
 from pipeline.redaction import redact_text
 from pipeline.stages.common import RUN_CONFIG, STAGE_META
-from pipeline.stages.evaluate import SUMMARY_FILE, summary_table
+from pipeline.stages.evaluate import SUMMARY_FILE, TOKENS_FRONTIER_FILE, summary_table
 from pipeline.stages.loo import LOO_FILE
 from pipeline.stages.mmr import MMR_FILE
+
+if TYPE_CHECKING:
+    from flows.executor import StoreExecutor
 
 SUMMARY_METRICS = ("answer_accuracy", "nll", "kl_to_teacher", "nll_generic", "kl_generic", "tokens_per_s", "throughput_ratio",
                    "decode_ratio", "cumulative_train_tokens")
@@ -148,16 +153,89 @@ def summary_metrics(record: Mapping[str, Any]) -> dict[str, float]:
     return {**metrics, **score_metrics(record.get("lm_eval"))}  # lm_eval/<task>/<metric>, same on every checkpoint
 
 
+# --- what each stage publishes -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Publisher:
+    """What a stage's output publishes beyond its MLflow run's files and tags; `StoreExecutor` calls them.
+
+    committed(executor, out_dir): into MLflow, once the stage has computed and committed its output.
+    artifact(executor, folder, output, link) -> (markdown, description): a Prefect markdown artifact after the
+    stage's task, computed or found in the store; folder: the stored output, link: its MLflow run's.
+    """
+
+    committed: Callable[[StoreExecutor, Path], None] | None = None
+    artifact: Callable[[StoreExecutor, Path, Output, str], tuple[str, str]] | None = None
+
+
+def log_evaluation_runs(executor: StoreExecutor, out_dir: Path) -> None:
+    """One MLflow child run per evaluated checkpoint: the same params (its lineage) and metric names
+    for every checkpoint, and its checkpoint tags, so MLflow's compare view sets them side by side;
+    the frontier plots go on the parent run."""
+    for record in summary_records(out_dir):
+        name = record["checkpoint"]
+        source = executor.outputs.get(name)
+        with executor.tracker.child("evaluate", checkpoint=name) as run:
+            run.log_params(evaluation_params(record))
+            run.log_metrics(summary_metrics(record))
+            if source is not None:
+                run.set_checkpoint_tags(source.uri, layer_pattern=source.layer_pattern,
+                                        mamba_layers=record.get("n_mamba"))
+        executor.evaluation_runs[name] = run.run_id
+    for plot in (out_dir / "frontier.png", out_dir / TOKENS_FRONTIER_FILE):
+        if plot.is_file():
+            executor.tracker.log_artifact(plot)
+
+
+def loo_artifact(executor: StoreExecutor, folder: Path, output: Output, link: str) -> tuple[str, str]:
+    return loo_markdown(folder, executor.first_count, link), "Leave-one-out layer ranking"
+
+
+def mmr_artifact(executor: StoreExecutor, folder: Path, output: Output, link: str) -> tuple[str, str]:
+    return mmr_markdown(folder, output.name, link), f"MMR scores ({output.name})"
+
+
+def kl_artifact(executor: StoreExecutor, folder: Path, output: Output, link: str) -> tuple[str, str]:
+    return kl_markdown(folder, output.name, link), f"KL-guided scores ({output.name})"
+
+
+def summary_artifact(executor: StoreExecutor, folder: Path, output: Output, link: str) -> tuple[str, str]:
+    """The final summary, each checkpoint with the MLflow runs that produced and evaluated it."""
+    links = {}
+    for name in [record["checkpoint"] for record in summary_records(folder)]:
+        produced = executor.outputs.get(name)
+        links[name] = (f"produced in {executor.run_link(produced.mlflow_run_id if produced else None)}, "
+                       f"evaluated in {executor.run_link(executor.evaluation_runs.get(name) or output.mlflow_run_id)}")
+    markdown = summary_markdown(summary_records(folder), links, f"{output.uri}/summary.json")
+    return markdown, "Quality and throughput of every checkpoint"
+
+
+# A stage's publication is its entry here; a stage without one publishes only its MLflow run.
+PUBLISHERS: dict[str, Publisher] = {
+    "loo": Publisher(artifact=loo_artifact),
+    "mmr": Publisher(artifact=mmr_artifact),
+    "kl": Publisher(artifact=kl_artifact),
+    "evaluate": Publisher(committed=log_evaluation_runs, artifact=summary_artifact),
+}
+
+
 __all__ = [
     "EVALUATION_PARAMS",
+    "PUBLISHERS",
+    "Publisher",
     "artifact_key",
     "evaluation_params",
     "log_output_files",
+    "kl_artifact",
     "kl_markdown",
+    "log_evaluation_runs",
+    "loo_artifact",
     "loo_markdown",
     "mlflow_run_link",
+    "mmr_artifact",
     "mmr_markdown",
     "read_json",
+    "summary_artifact",
     "summary_markdown",
     "summary_metrics",
     "summary_records",

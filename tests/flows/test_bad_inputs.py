@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.convert import main, print_failure, user_error_lines
+from flows.common import print_failure, user_error_lines
+from flows.convert import main
 from tests.flows.helpers import PYTHON, REPO, subprocess_env
 from tests.teachers import save_tiny_teacher
 

@@ -30,7 +30,7 @@ def doomed_mlflow_server(tmp_path):
 def test_mlflow_server_going_away_mid_run_is_one_line(doomed_mlflow_server, monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from flows.convert import USER_ERRORS
+    from flows.common import USER_ERRORS
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
