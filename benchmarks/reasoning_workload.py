@@ -53,9 +53,12 @@ from throughput import APRIEL_15B, build, cache_bytes_per_sequence  # noqa: E402
 
 from pipeline.evaluate.engine import GenerationEngine  # noqa: E402
 
-# The recipe's checkpoints at the 50-layer shape (Mamba layers); the smoke shape (throughput.py's, six
-# layers: `--smoke` there too) keeps their share.
-MODELS = {"teacher": 0, "H-25": 25, "H-30": 30, "H-40": 40}
+# The recipe's checkpoints at the 50-layer shape: name -> (mixer, converted layers), the mixer as
+# throughput.py's specs name it ("" Mamba-1, "gdn" Gated DeltaNet); the smoke shape (throughput.py's, six
+# layers: `--smoke` there too) keeps their share. The default is the recipe's Mamba-1 checkpoints.
+MODELS = {"teacher": ("", 0), "H-25": ("", 25), "H-30": ("", 30), "H-40": ("", 40),
+          "H-30-GDN": ("gdn", 30), "H-40-GDN": ("gdn", 40)}
+DEFAULT_MODELS = "teacher,H-25,H-30,H-40"
 RECIPE_LAYERS = 50
 DEFINITIONS = {
     "total_tokens_per_s": "batch * new_tokens / (prefill_s + decode_s): generated tokens a second over the whole "
@@ -72,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="where the JSON results go")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape on the CPU: the same steps in seconds")
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (1024; smoke: 16)")
     parser.add_argument("--new-tokens", type=int, default=None, help="generated tokens a sequence (16384; smoke: 48)")
     parser.add_argument("--levels", type=int, default=None, help="fill levels the decode step is timed at (9; smoke: 3)")
@@ -98,8 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def mamba_layers(name: str) -> int:
-    """The model's Mamba layers at the shape measured: the recipe's share of its 50 layers."""
-    return round(MODELS[name] * APRIEL_15B["num_hidden_layers"] / RECIPE_LAYERS)
+    """The model's converted layers at the shape measured: the recipe's share of its 50 layers."""
+    return round(MODELS[name][1] * APRIEL_15B["num_hidden_layers"] / RECIPE_LAYERS)
+
+
+def model_spec(name: str) -> str:
+    """throughput.py's spec of the model at the shape measured: "30" Mamba-1 H-30, "gdn30" Gated DeltaNet."""
+    return f"{MODELS[name][0]}{mamba_layers(name)}"
 
 
 class Memory:
@@ -173,9 +181,9 @@ def probe(model, batch: int, args, memory: Memory, prefill_batch: int) -> float:
     return peak
 
 
-def largest_batch(model, args, memory: Memory, n_mamba: int) -> dict:
+def largest_batch(model, args, memory: Memory, spec: str) -> dict:
     """Two probes, a linear fit of peak memory in the batch, the largest batch under the budget."""
-    per_sequence = cache_bytes_per_sequence(str(n_mamba), args.prompt + args.new_tokens)
+    per_sequence = cache_bytes_per_sequence(spec, args.prompt + args.new_tokens)
     guess = max(int(memory.budget // per_sequence), 2)
     # both probes and the measurement prefill the same micro-batch (its workspace is part of the peak)
     prefill_batch = max(1, min(args.prefill_batch, guess // 4))
@@ -237,11 +245,11 @@ def single(name: str, args) -> dict:
     """One model: build, find its batch, measure (in this process)."""
     from pipeline.model import kernels
 
-    n_mamba = mamba_layers(name)
+    n_converted = mamba_layers(name)
     started = time.perf_counter()
-    model = build(str(n_mamba))  # random bf16 weights, on the GPU (smoke: the CPU)
+    model = build(model_spec(name))  # random bf16 weights, on the GPU (smoke: the CPU)
     memory = Memory(args, model)
-    search = largest_batch(model, args, memory, n_mamba)
+    search = largest_batch(model, args, memory, model_spec(name))
     batch = search["batch"]
     for _ in range(args.shrink):  # earlier attempts at this model ran out of memory (each in its own process)
         batch = max(1, int(batch * 0.9))
@@ -250,7 +258,9 @@ def single(name: str, args) -> dict:
     except torch.OutOfMemoryError as error:  # a failed capture can leave CUDA unusable: the caller retries
         print(f"out of memory at batch {batch}: {str(error).splitlines()[0][:200]}", file=sys.stderr)
         sys.exit(3)
-    return {"model": name, "n_mamba": n_mamba, **record, "batch_search": search, "shrunk": args.shrink,
+    mixer = MODELS[name][0] or "mamba"
+    return {"model": name, "mixer": mixer, "n_converted": n_converted, "n_mamba": n_converted * (mixer == "mamba"),
+            **record, "batch_search": search, "shrunk": args.shrink,
             "seconds": time.perf_counter() - started, "kernel_paths": kernels.paths_used()}
 
 
@@ -283,7 +293,7 @@ def main(argv=None) -> None:
         records.append(record)
         print(f"{name}: batch {record['batch']}, {record['total_tokens_per_s']:,.0f} generated tokens/s "
               f"({record['seconds']:.0f} s)", flush=True)
-    teacher = next((r for r in records if r["n_mamba"] == 0), None)
+    teacher = next((r for r in records if r["n_converted"] == 0), None)
     for record in records:
         record["ratio_to_teacher"] = (record["total_tokens_per_s"] / teacher["total_tokens_per_s"] if teacher
                                       else float("nan"))
