@@ -25,7 +25,11 @@ engine (`pipeline.evaluate.engine.GenerationEngine`, the same code path for all 
 
 Each model runs in a process of its own (a model and its engine leave nothing behind for the next).
 
-GPU (one H200, all four models, about 4 minutes):
+`--models` also takes H-30-GDN and H-40-GDN (Gated DeltaNet layers where the Mamba-1 checkpoints have Mamba).
+With `--teacher-from` a run without the teacher takes its ratios from an earlier run's teacher record (the
+same card and workload; for runs split over consecutive calls on one machine).
+
+GPU (one H200, the four default models, about 4 minutes):
     python benchmarks/reasoning_workload.py --out benchmarks/results/reasoning-workload-h200.json
 CPU (a tiny shape, the same steps; seconds):
     python benchmarks/reasoning_workload.py --smoke --out /tmp/reasoning-smoke.json
@@ -84,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--margin", type=float, default=0.10, help="memory kept free, as a share of the card")
     parser.add_argument("--memory-gib", type=float, default=0.006,
                         help="smoke: the memory budget the batch search works against (the CPU has no card)")
+    parser.add_argument("--teacher-from", default=None,
+                        help="the teacher's record from an earlier run of this script on the same machine and "
+                             "workload (its JSON): the ratios use it when --models has no teacher")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)  # one model, in its own process
     parser.add_argument("--shrink", type=int, default=0, help=argparse.SUPPRESS)  # 90% of the batch, this many times
     args = parser.parse_args(argv)
@@ -278,6 +285,28 @@ def run_model(name: str, argv: list[str]) -> dict:
     raise SystemExit(f"{name}: out of memory 20 times")
 
 
+def workload(args) -> dict:
+    return {"prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "levels": args.levels,
+            "steps_per_level": args.steps, "prefill_batch": args.prefill_batch, "margin": args.margin,
+            "shape": "smoke (throughput.py's)" if args.smoke else "Apriel-15B", "weights": "random, bf16"}
+
+
+def teacher_record(path: str, expected_workload: dict, device: str) -> dict:
+    """The teacher's record of an earlier run's JSON, refused in one line unless its workload and device are
+    this run's (the name of the card is all that can be checked: run both on one machine, one after the other)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--teacher-from {path}: not a results file of this script ({error})")
+    if earlier.get("workload") != expected_workload or earlier.get("device") != device:
+        raise SystemExit(f"--teacher-from {path}: measured on {earlier.get('device')!r} with workload "
+                         f"{earlier.get('workload')}, not this run's {device!r} / {expected_workload}")
+    teacher = next((r for r in earlier.get("records", []) if r.get("n_converted", r.get("n_mamba")) == 0), None)
+    if teacher is None:
+        raise SystemExit(f"--teacher-from {path}: it holds no teacher record")
+    return teacher
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -286,6 +315,8 @@ def main(argv=None) -> None:
         return
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on the CPU")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
+    earlier_teacher = teacher_record(args.teacher_from, workload(args), device) if args.teacher_from else None
     started = time.perf_counter()
     records = []
     for name in args.models.split(","):
@@ -294,14 +325,14 @@ def main(argv=None) -> None:
         print(f"{name}: batch {record['batch']}, {record['total_tokens_per_s']:,.0f} generated tokens/s "
               f"({record['seconds']:.0f} s)", flush=True)
     teacher = next((r for r in records if r["n_converted"] == 0), None)
+    if teacher is None and earlier_teacher is not None:
+        teacher = dict(earlier_teacher, teacher_from=args.teacher_from)
+        records.insert(0, teacher)
     for record in records:
         record["ratio_to_teacher"] = (record["total_tokens_per_s"] / teacher["total_tokens_per_s"] if teacher
                                       else float("nan"))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu"
     result = {
-        "workload": {"prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "levels": args.levels,
-                     "steps_per_level": args.steps, "prefill_batch": args.prefill_batch, "margin": args.margin,
-                     "shape": "smoke (throughput.py's)" if args.smoke else "Apriel-15B", "weights": "random, bf16"},
+        "workload": workload(args),
         "method": "integrated over fill levels (prefill scaled from one micro-batch); see definitions",
         "definitions": DEFINITIONS, "records": records,
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device,
