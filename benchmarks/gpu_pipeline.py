@@ -81,10 +81,12 @@ class MeasuringReporter:
 
 
 def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, prefix: str = "",
-                       teacher_folder: Path | None = None, until: str = "evaluate") -> dict:
+                       teacher_folder: Path | None = None, until: str = "evaluate",
+                       adopted: dict[str, Path] | None = None) -> dict:
     """The chain through the one executor over a folder store `<root>/<run_name>` (as `run_local`), each
     stage timed, up to `until`. `teacher_folder`: a committed teacher adopted as this run's teacher output
-    (not trained)."""
+    (not trained); `adopted`: more such outputs by stage name (e.g. `teacher-ft`, the fine-tuned teacher), each
+    adopted when this run's key for it is not in the store yet."""
     import torch
 
     from pipeline.chain import run_chain
@@ -95,18 +97,21 @@ def run_measured_chain(cfg: RunConfig, root: Path, record_path: Path | None, pre
     reporter = MeasuringReporter(prefix)
     store = open_store(str(root / cfg.run_name), cache_dir=root / ".cache" / "store")
 
+    adopt = {**({"teacher": teacher_folder} if teacher_folder is not None else {}), **(adopted or {})}
+
     class MeasuredExecutor(Executor):
         def dispatch(self, call, key):
-            if call.name == "teacher" and teacher_folder is not None and self.find(call, key, quiet=True) is None:
+            folder = adopt.get(call.name)
+            if folder is not None and self.find(call, key, quiet=True) is None:
                 import shutil
                 import tempfile
 
                 with tempfile.TemporaryDirectory() as scratch:  # the store writes its own manifest
-                    files = Path(scratch) / "teacher"
-                    shutil.copytree(teacher_folder, files, ignore=shutil.ignore_patterns("manifest.json"))
-                    self.store.put_checkpoint(files, "teacher", config_digest=key, metadata={
+                    files = Path(scratch) / call.name
+                    shutil.copytree(folder, files, ignore=shutil.ignore_patterns("manifest.json"))
+                    self.store.put_checkpoint(files, call.name, config_digest=key, metadata={
                         "stage": call.stage, "code_version": call.run.code_version, "cache_key": key,
-                        "shared_from": str(teacher_folder)})
+                        "shared_from": str(folder)})
             return super().dispatch(call, key)
 
     executor = MeasuredExecutor(store, root / ".cache" / "work" / cfg.run_name, reporter)
@@ -256,7 +261,7 @@ def precision(args) -> None:
         record = json.loads(out.read_text()) if out.exists() else {}
         results.append({"variant": variant, "seed": seed, "exit_code": code, **record})
         print(f"{variant} seed {seed}: exit {code}", flush=True)
-    teacher_meta = json.loads((Path(teacher) / "stage.json").read_text())
+    teacher_meta = json.loads((Path(teacher_ft or teacher) / "stage.json").read_text())
     summary = {"teacher": {"seconds": round(teacher_s, 1), "final_loss": teacher_meta.get("final_loss")},
                "runs": results, "environment": environment(), "concurrent_processes": len(children)}
     Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -296,7 +301,7 @@ def chain_markdown(record: dict) -> str:
 def mixer_config(preset: str, mixer: str, count: int, seed: int, device: str, teacher_steps: int | None) -> RunConfig:
     cfg = _merge(preset_config(preset), {
         "run_name": f"{mixer}-H{count}-seed{seed}", "seed": seed,
-        "schedule": {"counts": [count], "mixers": [mixer]},
+        "schedule": {"counts": [count], "mixers": [mixer]}, "sft": {"checkpoint": "last"},  # the one conversion
         "hardware": {"device": device}, "train": {"seed": seed},
     })
     if teacher_steps:
@@ -332,14 +337,21 @@ def score_checkpoint(cfg: RunConfig, teacher: Path, folder: Path, score_teacher:
 
 def one_mixer_run(args) -> None:
     """A child process: one (mixer, K, seed) from the shared teacher: LOO, the conversion, its quality."""
+    from pipeline.chain import TEACHER_FINETUNED
+
     cfg = mixer_config(args.preset, args.mixer, args.count, args.seed, args.device, args.teacher_steps)
     record = {"mixer": args.mixer, "count": args.count, "seed": args.seed}
+    # the teacher the conversion distils from (the fine-tuned one, where the preset fine-tunes) is the one
+    # every run adopts, and the one its quality is scored against
+    distilled_from = Path(args.teacher_ft or args.teacher)
     try:
         chain_record = run_measured_chain(cfg, Path(args.root), None, prefix=f"[{cfg.run_name}] ",
-                                          teacher_folder=Path(args.teacher), until="convert")
+                                          teacher_folder=Path(args.teacher), until="convert",
+                                          adopted={TEACHER_FINETUNED: Path(args.teacher_ft)} if args.teacher_ft
+                                          else None)
         folder = Path(chain_record["store"]) / f"H-{args.count}"
         record.update(stages=chain_record["stages"],
-                      **score_checkpoint(cfg, Path(args.teacher), folder, score_teacher=args.score_teacher))
+                      **score_checkpoint(cfg, distilled_from, folder, score_teacher=args.score_teacher))
         print(f"[{cfg.run_name}] accuracy {record['answer_accuracy']:.3f} NLL {record['nll']:.4f} "
               f"KL {record['kl_to_teacher']:.4f} ({record['layer_pattern']})", flush=True)
     except Exception as error:  # one failed run is a record, not the end of the comparison
@@ -360,13 +372,14 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def mixers(args) -> None:
-    from pipeline.chain import run_local
+    from pipeline.chain import TEACHER_FINETUNED, run_local
 
     root = Path(args.root)
     started = time.perf_counter()
     teacher_cfg = _merge(mixer_config(args.preset, args.mixers[0], args.counts[0], 0, args.device, args.teacher_steps),
                          {"run_name": "shared"})
-    teacher = run_local(teacher_cfg, root, until="teacher", work_root=root / ".cache" / "work" / "shared")["teacher"]
+    outputs = run_local(teacher_cfg, root, until="teacher", work_root=root / ".cache" / "work" / "shared")
+    teacher, teacher_ft = outputs["teacher"], outputs.get(TEACHER_FINETUNED)  # fine-tuned where the preset says
     teacher_s = time.perf_counter() - started
     print(f"teacher: {teacher_s:.0f} s", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -380,6 +393,7 @@ def mixers(args) -> None:
                            str(seed), "--teacher", str(teacher), "--root", str(root), "--out", str(out), "--device",
                            args.device, "--preset", args.preset] + (
                     ["--teacher-steps", str(args.teacher_steps)] if args.teacher_steps else []) + (
+                    ["--teacher-ft", str(teacher_ft)] if teacher_ft is not None else []) + (
                     ["--score-teacher"] if not children else [])
                 children.append((name, out, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env),
                                  log))
@@ -405,7 +419,7 @@ def mixers(args) -> None:
                 row[key], row[f"{key}_sd"] = mean_sd([r[key] for r in mine])
             row["patterns"] = sorted({r["layer_pattern"] for r in mine})
             summary.append(row)
-    teacher_meta = json.loads((Path(teacher) / "stage.json").read_text())
+    teacher_meta = json.loads((Path(teacher_ft or teacher) / "stage.json").read_text())
     result = {"teacher": {"seconds": round(teacher_s, 1), "final_loss": teacher_meta.get("final_loss"),
                           "steps": teacher_meta.get("steps"),
                           "answer_accuracy": next((r["teacher_answer_accuracy"] for r in runs
@@ -480,6 +494,7 @@ def main() -> None:
     p.add_argument("--preset", default="gpu_demo")
     p.add_argument("--device", default="cuda")
     p.add_argument("--teacher-steps", type=int, default=None)
+    p.add_argument("--teacher-ft", default=None, help="the fine-tuned teacher every run adopts and is scored against")
     p.add_argument("--score-teacher", action="store_true", help="also the teacher's accuracy (one child does it)")
     args = parser.parse_args()
     {"chain": chain, "precision": precision, "one": one_run, "mixers": mixers,
