@@ -48,7 +48,7 @@ from pathlib import Path
 from pipeline.config import DataConfig, HardwareConfig, from_plain, to_plain
 from pipeline.convert.sharded import ModelSource
 from pipeline.data.stage_data import StageData
-from pipeline.errors import StageError
+from pipeline.errors import StageError, how_it_ended
 from pipeline.stages.common import Reporter, metrics_callback
 from pipeline.train import TrainConfig
 
@@ -267,13 +267,7 @@ def failure_line(log_path: Path, errors: Path, code: int) -> str:
     if error_file.is_file():
         return f"training under torchrun failed on rank {rank}: {error_file.read_text().strip()}{where}"
     exit_code = int(exit_match.group(1)) if exit_match else None
-    if exit_code is not None and exit_code < 0:
-        import signal
-
-        how = f"was killed by signal {signal.Signals(-exit_code).name}"
-    else:
-        how = f"exited with code {exit_code}"
-    return f"training under torchrun failed: rank {rank} {how}{where}"
+    return f"training under torchrun failed: rank {rank} {how_it_ended(exit_code)}{where}"
 
 
 def record_rank_error(exc: BaseException) -> None:
