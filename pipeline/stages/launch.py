@@ -22,9 +22,9 @@ Under torchrun:
 (multi-node: `--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` instead of `--standalone`); the
 `TrainingJob` (`TrainingPlan.job`: the plan and the runtime's device and precision) is JSON (the ranks
 unpickle nothing from a work folder). Each rank builds the batch source `fit` builds in this process
-(`batch_source`) and calls the one training loop (`pipeline.train.train`), which trains the FSDP2-sharded models and keeps its state through DCP in the
-stage's state directory. Rank 0 prints its progress as `@@metrics <json>` lines, which the launcher turns
-into the stage's reporter calls.
+(`batch_source`) and calls the one training loop (`pipeline.train.train`), which trains the FSDP2-sharded
+models and keeps its state through DCP in the stage's state directory. Rank 0 prints its progress as
+`@@metrics <json>` lines, which the launcher turns into the stage's reporter calls.
 
 Two ways in, one out:
 - `train_sharded_under_torchrun` (conversions and SFT: `TrainingJob.student` is a `ModelSource`): no
@@ -180,9 +180,10 @@ def fit(student, tokenizer, plan: TrainingPlan, runtime: Runtime, *, reporter: R
                                       work_dir=Path(plan.work_dir), reporter=reporter, label=label)
     else:
         teacher = load_model(plan.teacher_dir, runtime, "teacher") if plan.teacher_dir is not None else None
-        result = train(student, batch_source(plan.data, plan.batches, plan.train, tokenizer, plan.generic_every),
-                       plan.train, teacher=teacher, state_dir=plan.state_dir, callback=metrics_callback(reporter, label),
-                       precision=runtime.precision, trainable_filter=trainable_filter(plan.trainable_prefix))
+        batches = batch_source(plan.data, plan.batches, plan.train, tokenizer, plan.generic_every)
+        result = train(student, batches, plan.train, teacher=teacher, state_dir=plan.state_dir,
+                       callback=metrics_callback(reporter, label), precision=runtime.precision,
+                       trainable_filter=trainable_filter(plan.trainable_prefix))
     save_checkpoint(student, tokenizer, out_dir, plan.train.save_dtype)
     return result
 
