@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +43,7 @@ from pipeline.data.stage_data import (  # noqa: F401  (re-exported: the data lay
     tokenizer_digest,
 )
 from pipeline.errors import StageError
+from pipeline.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def resolve_precision(hardware: HardwareConfig, device: torch.device | None = No
     return "bf16-mixed" if device.type == "cuda" else "fp32"
 
 
-def resolve_dtype(hardware: HardwareConfig, device: torch.device, *, fp32: bool = False) -> torch.dtype:
+def resolve_dtype(hardware: HardwareConfig | Runtime, device: torch.device, *, fp32: bool = False) -> torch.dtype:
     """The dtype a model is held in: fp32 when asked (`fp32`: models about to be trained, whose weights
     are the fp32 masters, and the models the evaluate stage scores); the other frozen ones (the
     distillation teacher, LOO's teacher) in bf16 under bf16-mixed, else fp32.
@@ -130,6 +132,45 @@ def resolve_dtype(hardware: HardwareConfig, device: torch.device, *, fp32: bool 
     if fp32:
         return torch.float32
     return torch.bfloat16 if resolve_precision(hardware, device) == "bf16-mixed" else torch.float32
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The hardware section resolved once (`Runtime.resolve`): where a stage's models compute, in which
+    precision, and where its training runs. Plain fields, so a torchrun rank's job and an MMR worker's job
+    carry it as it is (`load_model` takes it in place of the hardware section, resolving nothing again)."""
+
+    device: str  # "cpu" | "cuda" (hardware.device "auto" resolved)
+    precision: str  # "fp32" | "bf16-mixed" (hardware.precision "auto" resolved)
+    nproc: int = 1  # processes (torchrun ranks; MMR: worker processes)
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
+    threads: int | None = None  # torch CPU threads (hardware.threads; None: torch's default)
+    torchrun: bool = False  # a stage's training runs under torchrun (`pipeline.stages.launch.fit`)
+
+    @classmethod
+    def resolve(cls, hardware: HardwareConfig, train: TrainConfig | None = None,
+                state_dir: str | os.PathLike | None = None) -> Runtime:
+        """`hardware` resolved (this sets hardware.threads in torch, as `resolve_device` does). Training
+        runs under torchrun when asked (nproc or nnodes > 1, or `train.cpu_offload`, which offloads FSDP's
+        shards), or to resume a distributed state in `state_dir` (with one process, then: the DCP state
+        reshards to it)."""
+        from pipeline.train.distributed import latest_distributed_state
+
+        device = resolve_device(hardware)
+        torchrun = (hardware.nproc > 1 or hardware.nnodes > 1 or (train is not None and train.cpu_offload)
+                    or (state_dir is not None and latest_distributed_state(state_dir) is not None))
+        return cls(device=device.type, precision=resolve_precision(hardware, device), nproc=hardware.nproc,
+                   nnodes=hardware.nnodes, rdzv_endpoint=hardware.rdzv_endpoint, threads=hardware.threads,
+                   torchrun=torchrun)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    def dtype(self, *, fp32: bool = False) -> torch.dtype:
+        """The dtype a model is held in (`resolve_dtype`)."""
+        return resolve_dtype(self, self.torch_device, fp32=fp32)  # a Runtime's precision is resolved already
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -157,9 +198,11 @@ def require_folder(path: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "checkpoint", *, fp32: bool = False):
+def load_model(path: str | os.PathLike, hardware: HardwareConfig | Runtime, what: str = "checkpoint", *,
+               fp32: bool = False):
     """A transformers causal LM (a teacher or a hybrid; Apriel-H1 and MambaInLlama checkpoints are
-    imported as hybrids) on the run's device, in eval mode, in the dtype `resolve_dtype` gives (`fp32`:
+    imported as hybrids) on the run's device (`hardware`: the section, or the `Runtime` resolved from it),
+    in eval mode, in the dtype `resolve_dtype` gives (`fp32`:
     held in fp32 whatever the precision, e.g. a model about to be trained); from safetensors only,
     refusing weights that are missing or shaped otherwise than its config says (they would be initialised
     at random)."""
@@ -171,8 +214,8 @@ def load_model(path: str | os.PathLike, hardware: HardwareConfig, what: str = "c
 
     folder = require_folder(path, what)
     check_safe_to_load(folder, what)
-    device = resolve_device(hardware)
-    dtype = resolve_dtype(hardware, device, fp32=fp32)
+    runtime = hardware if isinstance(hardware, Runtime) else Runtime.resolve(hardware)
+    device, dtype = runtime.torch_device, runtime.dtype(fp32=fp32)
     try:
         if detect_layout(folder) in (APRIEL_H1, MAMBAINLLAMA):
             return import_checkpoint(folder, dtype).to(device).eval()
@@ -434,6 +477,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_precision",
+    "Runtime",
     "save_checkpoint",
     "train_metrics",
     "write_meta",

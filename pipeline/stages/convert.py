@@ -6,12 +6,11 @@ hybrid: MIL for Mamba, `gdn_from_attention` for Gated DeltaNet) and distil the r
 teacher (`train`: reverse KL at T=1 by default). Training state lives in `work_dir` and is saved every
 `train.save_every` steps, so a killed conversion resumes where it stopped. Under torchrun (hardware.nproc
 > 1) this process loads no model: the ranks build the student (the same initial weights) and the teacher
-sharded from the files and write the checkpoint (`pipeline.stages.launch.train_sharded_under_torchrun`).
+sharded from the files and write the checkpoint (`pipeline.stages.launch.fit`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,25 +27,14 @@ from pipeline.stages.common import (
     cumulative_train_tokens,
     load_model,
     load_tokenizer,
-    metrics_callback,
     read_meta,
-    resolve_device,
-    resolve_precision,
-    save_checkpoint,
     stage,
     write_meta,
 )
 from pipeline.convert.sharded import ModelSource
 from pipeline.model.checkpoint import layer_kinds_of
-from pipeline.stages.launch import (
-    TrainingJob,
-    builds_sharded,
-    check_source,
-    train_sharded_under_torchrun,
-    train_under_torchrun,
-    uses_torchrun,
-)
-from pipeline.train import TrainConfig, train
+from pipeline.stages.launch import TrainingPlan, builds_sharded, check_source, fit
+from pipeline.train import TrainConfig
 
 
 def mamba_options(mamba: MambaConfig) -> dict:
@@ -75,16 +63,18 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     `mixers`: layer -> "mamba" or "gdn" for each of `new_layers` (None: all Mamba); new Gated DeltaNet layers
     take `gdn`'s settings unless the parent has some already."""
     started = time.time()
-    state_dir = work_dir / "train_state"
-    distributed = uses_torchrun(hardware, state_dir, train_cfg)
     source_dir = teacher_dir if parent_dir is None else parent_dir
     what = "teacher" if parent_dir is None else "parent checkpoint"
+    tokenizer = load_tokenizer(teacher_dir)
+    stage_data = StageData(data, tokenizer).with_generic(generic)
+    # the teacher is fit's to load (frozen: bf16 under bf16-mixed; under torchrun each rank builds its own)
+    plan = TrainingPlan(train_cfg, stage_data.data, distill_kind(data), str(work_dir), teacher_dir=str(teacher_dir),
+                        tokenizer_dir=str(teacher_dir))
+    runtime = plan.runtime(hardware)
     # under torchrun the ranks build teacher and student sharded from the files: this process loads neither
-    sharded = distributed and builds_sharded(source_dir)
-    # frozen: bf16 under bf16-mixed (under torchrun each rank builds its own)
-    teacher = None if distributed else load_model(teacher_dir, hardware, "teacher")
+    sharded = runtime.torchrun and builds_sharded(source_dir)
     parent = (check_source(ModelSource(str(source_dir)), torch.float32, what) if sharded
-              else load_model(source_dir, hardware, what, fp32=True))  # fp32 masters
+              else load_model(source_dir, runtime, what, fp32=True))  # fp32 masters
     attention = getattr(parent.config, "attention_layers", None)  # None: a plain teacher, all attention
     occupied = [] if attention is None else [layer for layer in new_layers if layer not in attention]
     if occupied:  # hybridize would refuse too; this names the stage's inputs
@@ -114,28 +104,8 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
         reporter.progress(f"  {name}: layers {new_layers} -> Mamba, pattern {student.config.layer_pattern}")
     if n_gdn:  # recorded only where there is Gated DeltaNet: a Mamba-only stage.json is as it always was
         extra = {**extra, "n_gdn": n_gdn, "converted_mixers": {str(layer): kinds[layer] for layer in new_layers}}
-    tokenizer = load_tokenizer(teacher_dir)
-    stage_data = StageData(data, tokenizer).with_generic(generic)
-    if distributed:
-        job = TrainingJob(train=train_cfg, data=stage_data.data, batches=distill_kind(data), state_dir=str(state_dir),
-                          precision=resolve_precision(hardware), device=resolve_device(hardware).type,
-                          teacher_dir=str(teacher_dir))
-        if sharded:
-            job = dataclasses.replace(job, student=source, tokenizer_dir=str(teacher_dir))
-            result = train_sharded_under_torchrun(job, hardware=hardware, work_dir=work_dir, out_dir=out_dir,
-                                                  reporter=reporter, label=name, what=what)
-            tokenizer.save_pretrained(out_dir)
-        else:
-            result = train_under_torchrun(student, tokenizer, job, hardware=hardware, work_dir=work_dir,
-                                          reporter=reporter, label=name)
-    else:
-        result = train(
-            student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
-            teacher=teacher, state_dir=state_dir, callback=metrics_callback(reporter, name),
-            precision=resolve_precision(hardware),
-        )
-    if not sharded:
-        save_checkpoint(student, tokenizer, out_dir, train_cfg.save_dtype)
+    result = fit(source if sharded else student, tokenizer, plan, runtime, reporter=reporter, label=name,
+                 out_dir=out_dir, what=what)
     meta = write_meta(
         out_dir, stage_name, settings, parent="teacher" if parent_dir is None
         else read_meta(parent_dir).get("checkpoint") or checkpoint_name(converted_count(student.config) - len(new_layers)),

@@ -1,12 +1,30 @@
-"""A stage's training under `torchrun` (hardware.nproc > 1): the launcher the stage calls, and the worker.
+"""Where a stage's training runs: `fit`, the one place that chooses between this process and `torchrun`,
+and the torchrun launcher and worker it uses.
+
+A training stage (teacher, convert / step / loo_step, sft, teacher_finetune) loads or builds its student,
+describes its training as a `TrainingPlan` (train config, data and batch kind, teacher folder, trainable
+set: configs and paths only), resolves the hardware section once (`TrainingPlan.runtime`, i.e.
+`pipeline.stages.common.Runtime.resolve`: device, precision, processes, threads, torchrun or not) and
+calls `fit(student, tokenizer, plan, runtime, ...)`, which trains and writes the trained checkpoint. In
+this process `fit` calls the one training loop (`pipeline.train.train`); under torchrun (hardware.nproc or
+nnodes > 1, train.cpu_offload, or a distributed state to resume) it launches the ranks below.
+
+Why here and not in `pipeline.train`: the training loop's package imports only itself, but choosing and
+feeding a training needs the floors above it: the data layer (`StageData` builds the batches), the
+conversion's sharded build (`ModelSource`), the stages' model loading and reporting
+(`pipeline.stages.common`) and the resolved hardware (`Runtime`, beside `load_model`, which takes it).
+`pipeline.stages` is the lowest floor that holds all of them.
+
+Under torchrun:
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.stages.launch <job.json>
 
 (multi-node: `--nnodes M --rdzv-backend c10d --rdzv-endpoint host:port` instead of `--standalone`); the
-`TrainingJob` is JSON (the ranks unpickle nothing from a work folder). Each rank builds the same batch source as the stage would and calls the one training loop
-(`pipeline.train.train`), which trains the FSDP2-sharded models and keeps its state through DCP in the
-stage's state directory. Rank 0 prints its progress as `@@metrics <json>` lines, which the launcher turns
-into the stage's reporter calls.
+`TrainingJob` (`TrainingPlan.job`: the plan and the runtime's device and precision) is JSON (the ranks
+unpickle nothing from a work folder). Each rank builds the batch source `fit` builds in this process
+(`batch_source`) and calls the one training loop (`pipeline.train.train`), which trains the FSDP2-sharded
+models and keeps its state through DCP in the stage's state directory. Rank 0 prints its progress as
+`@@metrics <json>` lines, which the launcher turns into the stage's reporter calls.
 
 Two ways in, one out:
 - `train_sharded_under_torchrun` (conversions and SFT: `TrainingJob.student` is a `ModelSource`): no
@@ -16,7 +34,7 @@ Two ways in, one out:
   `pipeline.convert.sharded`). At the end the ranks write the trained student as `save_checkpoint` would
   (the same bytes, in train.save_dtype): gathered, one tensor at a time through rank 0 (the default), or,
   with train.save_sharded, each rank its own shards through DCP, which the launcher then turns into the same
-  files, one tensor at a time (key-neutral: the output is the same either way). The stage adds the
+  files, one tensor at a time (key-neutral: the output is the same either way). `fit` adds the
   tokenizer. Before any rank starts, the launcher checks the sources (every weight present and of its
   shape) from their headers alone.
 - `train_under_torchrun` (a model only the stage has, e.g. the demo teacher trained from scratch): the
@@ -28,7 +46,8 @@ which loads whole. Each rank's peak host memory while building its models is wri
 `result/memory-rank-<r>.json` and reported in one progress line.
 
 A failure is one line naming the rank: the rank that failed first (torchrun's root cause), with its
-exception when it raised one (each rank writes `rank-<r>.error`), else its exit code or signal;
+exception when it raised one (each rank writes `rank-<r>.error`), else its exit code or signal (in the
+words of `pipeline.errors.how_it_ended`, which the MMR workers' failure lines use too);
 torchrun's full log stays in `<work_dir>/torchrun/torchrun.log`.
 """
 
@@ -48,8 +67,8 @@ from pathlib import Path
 from pipeline.config import DataConfig, HardwareConfig, from_plain, to_plain
 from pipeline.convert.sharded import ModelSource
 from pipeline.data.stage_data import StageData
-from pipeline.errors import StageError
-from pipeline.stages.common import Reporter, metrics_callback
+from pipeline.errors import StageError, how_it_ended
+from pipeline.stages.common import Reporter, Runtime, metrics_callback
 from pipeline.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -96,16 +115,80 @@ class TrainingJob:
         return from_plain(cls, plain)
 
 
-def uses_torchrun(hardware: HardwareConfig, state_dir: Path, train: TrainConfig | None = None) -> bool:
-    """Train under torchrun: when asked (nproc or nnodes > 1, or `train.cpu_offload`, which offloads FSDP's
-    shards), or to resume a distributed state (with one process, then: the DCP state reshards to it)."""
-    from pipeline.train.distributed import latest_distributed_state
-
-    return (hardware.nproc > 1 or hardware.nnodes > 1 or (train is not None and train.cpu_offload)
-            or latest_distributed_state(state_dir) is not None)
+STATE_DIR = "train_state"  # in a stage's work_dir: its resumable training state
+TORCHRUN_DIR = "torchrun"  # in a stage's work_dir: a torchrun launch's job, log, errors and results
 
 
-def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: HardwareConfig, work_dir: Path,
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a stage trains on and how, whichever process runs it: configs and paths, no model (the student
+    is `fit`'s argument, the hardware its `Runtime`)."""
+
+    train: TrainConfig
+    data: DataConfig  # the stage's data view (a generic folder of the stage's inputs already in it)
+    batches: str  # "distill" | "generic" | "sft" | "teacher" (TrainingJob.batches)
+    work_dir: str  # the state in <work_dir>/train_state, a torchrun launch's files in <work_dir>/torchrun
+    teacher_dir: str | None = None  # the frozen teacher to distil from
+    generic_every: int = 0  # batches="teacher": every this many batches from the generic corpus
+    trainable_prefix: str | None = None  # train only parameters under this name
+    tokenizer_dir: str | None = None  # where the ranks read the tokenizer (for a student built from its files)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.work_dir) / STATE_DIR
+
+    def runtime(self, hardware: HardwareConfig) -> Runtime:
+        """`hardware` resolved for this training (`Runtime.resolve`: torchrun too to resume a distributed
+        state in this plan's state_dir)."""
+        return Runtime.resolve(hardware, self.train, self.state_dir)
+
+    def job(self, runtime: Runtime, student: ModelSource | None = None) -> TrainingJob:
+        """The ranks' job file for this plan on `runtime` (`student`: built sharded on the ranks; None: the
+        student the launcher saves)."""
+        return TrainingJob(train=self.train, data=self.data, batches=self.batches, state_dir=str(self.state_dir),
+                           precision=runtime.precision, device=runtime.device, teacher_dir=self.teacher_dir,
+                           generic_every=self.generic_every, trainable_prefix=self.trainable_prefix,
+                           student=student, tokenizer_dir=self.tokenizer_dir if student is not None else None)
+
+
+def fit(student, tokenizer, plan: TrainingPlan, runtime: Runtime, *, reporter: Reporter, label: str,
+        out_dir: str | os.PathLike[str], what: str = "checkpoint"):
+    """Train `student` as `plan` says, where `runtime` says, and write it into `out_dir` as `save_checkpoint`
+    writes a checkpoint (in train.save_dtype, with `tokenizer`); returns the TrainResult. The one place
+    that chooses how a stage's training runs:
+    - in this process (`runtime.torchrun` false): the one training loop, the teacher loaded here;
+    - under torchrun, `student` a model this process holds: `train_under_torchrun` (the student gets the
+      trained weights back);
+    - under torchrun, `student` a `ModelSource`: `train_sharded_under_torchrun`, the ranks build it sharded
+      from its files and write the checkpoint (`what` names the source in error lines).
+    Progress and metrics go to `reporter`, the lines naming `label` (the checkpoint)."""
+    from pipeline.stages.common import load_model, metrics_callback, save_checkpoint
+    from pipeline.train import train
+
+    out_dir = Path(out_dir)
+    if isinstance(student, ModelSource):
+        if not runtime.torchrun or plan.tokenizer_dir is None:
+            raise ValueError("a student built from its files (a ModelSource) trains under torchrun only, with the "
+                             "plan's tokenizer_dir")
+        job = plan.job(runtime, student)
+        result = train_sharded_under_torchrun(job, hardware=runtime, work_dir=Path(plan.work_dir), out_dir=out_dir,
+                                              reporter=reporter, label=label, what=what)
+        tokenizer.save_pretrained(out_dir)
+        return result
+    if runtime.torchrun:
+        result = train_under_torchrun(student, tokenizer, plan.job(runtime), hardware=runtime,
+                                      work_dir=Path(plan.work_dir), reporter=reporter, label=label)
+    else:
+        teacher = load_model(plan.teacher_dir, runtime, "teacher") if plan.teacher_dir is not None else None
+        batches = batch_source(plan.data, plan.batches, plan.train, tokenizer, plan.generic_every)
+        result = train(student, batches, plan.train, teacher=teacher, state_dir=plan.state_dir,
+                       callback=metrics_callback(reporter, label), precision=runtime.precision,
+                       trainable_filter=trainable_filter(plan.trainable_prefix))
+    save_checkpoint(student, tokenizer, out_dir, plan.train.save_dtype)
+    return result
+
+
+def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: HardwareConfig | Runtime, work_dir: Path,
                          reporter: Reporter, label: str):
     """Train `student` in place under torchrun (see the module docstring); returns the TrainResult."""
     from safetensors.torch import load_file
@@ -119,7 +202,7 @@ def train_under_torchrun(student, tokenizer, job: TrainingJob, *, hardware: Hard
     return result
 
 
-def train_sharded_under_torchrun(job: TrainingJob, *, hardware: HardwareConfig, work_dir: Path, out_dir: Path,
+def train_sharded_under_torchrun(job: TrainingJob, *, hardware: HardwareConfig | Runtime, work_dir: Path, out_dir: Path,
                                  reporter: Reporter, label: str, what: str = "checkpoint"):
     """Train the student `job.student` describes, built sharded on the ranks, and write it into `out_dir` as
     `save_checkpoint` would in train.save_dtype, tokenizer aside (see the module docstring); returns the
@@ -176,20 +259,20 @@ def check_source(source: ModelSource, dtype, what: str):
     return model
 
 
-def _fresh_root(job: TrainingJob, hardware: HardwareConfig, work_dir: Path) -> Path:
+def _fresh_root(job: TrainingJob, hardware: HardwareConfig | Runtime, work_dir: Path) -> Path:
     import torch
 
     if job.device == "cuda" and hardware.nproc > torch.cuda.device_count():
         raise StageError(f"hardware.nproc={hardware.nproc} but this machine has {torch.cuda.device_count()} CUDA "
                          "devices (one process a GPU)")
-    root = Path(work_dir) / "torchrun"
+    root = Path(work_dir) / TORCHRUN_DIR
     if root.exists():  # what a killed launch left: the training state lives in job.state_dir, not here
         shutil.rmtree(root)
     root.mkdir(parents=True)
     return root
 
 
-def _launch(job: TrainingJob, root: Path, hardware: HardwareConfig, reporter: Reporter, label: str):
+def _launch(job: TrainingJob, root: Path, hardware: HardwareConfig | Runtime, reporter: Reporter, label: str):
     from pipeline.train.loop import TrainResult
 
     (root / JOB_FILE).write_text(job.to_json())
@@ -212,7 +295,7 @@ def _launch(job: TrainingJob, root: Path, hardware: HardwareConfig, reporter: Re
     return TrainResult(**result, state_path=Path(state_path) if state_path else None)
 
 
-def torchrun_command(hardware: HardwareConfig, arguments: list[str],
+def torchrun_command(hardware: HardwareConfig | Runtime, arguments: list[str],
                      entry: tuple[str, ...] = ("-m", "pipeline.stages.launch")) -> list[str]:
     """The torchrun command line that runs `entry` (a module, or a script path) with `arguments`."""
     if hardware.nnodes > 1:
@@ -267,13 +350,7 @@ def failure_line(log_path: Path, errors: Path, code: int) -> str:
     if error_file.is_file():
         return f"training under torchrun failed on rank {rank}: {error_file.read_text().strip()}{where}"
     exit_code = int(exit_match.group(1)) if exit_match else None
-    if exit_code is not None and exit_code < 0:
-        import signal
-
-        how = f"was killed by signal {signal.Signals(-exit_code).name}"
-    else:
-        how = f"exited with code {exit_code}"
-    return f"training under torchrun failed: rank {rank} {how}{where}"
+    return f"training under torchrun failed: rank {rank} {how_it_ended(exit_code)}{where}"
 
 
 def record_rank_error(exc: BaseException) -> None:
@@ -309,11 +386,17 @@ def mixed_source(data: StageData, train_cfg: TrainConfig, generic_every: int):
     return from_position
 
 
-def _batch_source(job: TrainingJob, tokenizer):
-    data = StageData(job.data, tokenizer)
-    if job.batches == "teacher":
-        return mixed_source(data, job.train, job.generic_every)
-    return data.batch_source(job.batches, job.train.batch_size, job.train.seed)
+def batch_source(data_cfg: DataConfig, batches: str, train_cfg: TrainConfig, tokenizer, generic_every: int = 0):
+    """The batches of a training (in this process, or on each rank): `batches` as TrainingJob.batches."""
+    data = StageData(data_cfg, tokenizer)
+    if batches == "teacher":
+        return mixed_source(data, train_cfg, generic_every)
+    return data.batch_source(batches, train_cfg.batch_size, train_cfg.seed)
+
+
+def trainable_filter(prefix: str | None):
+    """The trainable filter of `prefix` (train only the parameters under it; None: the config's set)."""
+    return (lambda name, _param: name.startswith(prefix)) if prefix else None
 
 
 def _save_full_weights(student, folder: Path) -> None:
@@ -340,16 +423,16 @@ def model_bytes(model) -> int:
     return sum(param.numel() * param.element_size() for param in model.parameters())
 
 
-def build_models(job: TrainingJob, root: Path, hardware: HardwareConfig):
+def build_models(job: TrainingJob, root: Path, runtime: Runtime):
     """(student, teacher or None, tokenizer) of this rank: built sharded where they can be (the module
     docstring), with this rank's peak host memory over the building written to the result folder."""
     import torch
 
     from pipeline.convert.sharded import build_sharded
-    from pipeline.stages.common import load_model, load_tokenizer, resolve_device, resolve_dtype
+    from pipeline.stages.common import load_model, load_tokenizer
     from pipeline.train.distributed import HostMemory, rank_and_world
 
-    device = resolve_device(hardware)
+    device = runtime.torch_device
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     memory = HostMemory().start()
@@ -357,14 +440,14 @@ def build_models(job: TrainingJob, root: Path, hardware: HardwareConfig):
         student = build_sharded(job.student, dtype=torch.float32, device=device, role="student",
                                 cpu_offload=job.train.cpu_offload, what="student")
     else:
-        student = load_model(root / "student", hardware, "student", fp32=True)
+        student = load_model(root / "student", runtime, "student", fp32=True)
     teacher = None
     if job.teacher_dir is not None:
         if builds_sharded(job.teacher_dir):
-            teacher = build_sharded(ModelSource(job.teacher_dir), dtype=resolve_dtype(hardware, device), device=device,
+            teacher = build_sharded(ModelSource(job.teacher_dir), dtype=runtime.dtype(), device=device,
                                     role="teacher", what="teacher")
         else:
-            teacher = load_model(job.teacher_dir, hardware, "teacher")
+            teacher = load_model(job.teacher_dir, runtime, "teacher")
     peak = memory.peak_increase()
     rank, _ = rank_and_world()
     folder = root / RESULT_DIR
@@ -389,13 +472,13 @@ def main(job_path: str) -> None:
     init_process_group(job.device)
     try:
         rank, _ = rank_and_world()
-        hardware = HardwareConfig(device=job.device, precision=job.precision)
-        student, teacher, tokenizer = build_models(job, root, hardware)
-        prefix = job.trainable_prefix
+        runtime = Runtime(device=job.device, precision=job.precision)  # resolved by the launcher
+        student, teacher, tokenizer = build_models(job, root, runtime)
         result = train(
-            student, _batch_source(job, tokenizer), job.train, teacher=teacher, state_dir=job.state_dir,
-            callback=emit_metrics if rank == 0 else None, precision=job.precision,
-            trainable_filter=(lambda name, _param: name.startswith(prefix)) if prefix else None,
+            student, batch_source(job.data, job.batches, job.train, tokenizer, job.generic_every), job.train,
+            teacher=teacher, state_dir=job.state_dir,
+            callback=emit_metrics if rank == 0 else None, precision=runtime.precision,
+            trainable_filter=trainable_filter(job.trainable_prefix),
             max_steps_this_call=job.max_steps,
         )
         folder = root / RESULT_DIR

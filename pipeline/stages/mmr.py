@@ -57,10 +57,10 @@ from pipeline.evaluate.plots import bar_plot, grouped_bar_plot
 from pipeline.stages.common import (
     ConsoleReporter,
     Reporter,
+    Runtime,
     load_model,
     load_tokenizer,
     metrics_callback,
-    resolve_precision,
     stage,
     train_metrics,
     write_meta,
@@ -307,13 +307,14 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
                            reporter=reporter, todo=pending_trials(pairs, seeds, trials), trials=trials, gdn=gdn)
     else:
         workers = {}
-        teacher_model = load_model(teacher, hardware, "teacher")  # frozen: bf16 under bf16-mixed
-        parent_model = load_model(parent, hardware, "parent checkpoint", fp32=True)  # fp32: its trial mixers train
+        runtime = Runtime.resolve(hardware)
+        teacher_model = load_model(teacher, runtime, "teacher")  # frozen: bf16 under bf16-mixed
+        parent_model = load_model(parent, runtime, "parent checkpoint", fp32=True)  # fp32: its trial mixers train
         stage_data = StageData(data, load_tokenizer(teacher))
         config = parent_model.config
         layers, n_mamba, n_gdn = config.attention_layers, len(config.mamba_layers), len(config.gdn_layers)
         pairs = mmr_candidates(layers, mixers)
-        precision = resolve_precision(hardware)
+        precision = runtime.precision
         _report_recorded(reporter, pairs, seeds, trials)
         for task in pending_trials(pairs, seeds, trials):
             layer, mixer, draw = task
@@ -370,7 +371,7 @@ class _WorkerJob:
 
     mmr: MMRConfig
     data: DataConfig
-    hardware: HardwareConfig
+    runtime: Runtime  # resolved once by the stage's process
     seed: int
     teacher: str
     parent: str
@@ -379,10 +380,9 @@ class _WorkerJob:
     def load(self, index: int) -> _Loaded:
         """Teacher and parent once a stage, on this worker's device (the tokenised data the worker's
         process already holds from an earlier stage is reused: `StageData`'s process-wide cache)."""
-        return _Loaded(teacher=load_model(self.teacher, self.hardware, "teacher"),
-                       parent=load_model(self.parent, self.hardware, "parent checkpoint", fp32=True),
-                       data=StageData(self.data, load_tokenizer(self.teacher)),
-                       precision=resolve_precision(self.hardware))
+        return _Loaded(teacher=load_model(self.teacher, self.runtime, "teacher"),
+                       parent=load_model(self.parent, self.runtime, "parent checkpoint", fp32=True),
+                       data=StageData(self.data, load_tokenizer(self.teacher)), precision=self.runtime.precision)
 
     def run(self, loaded: _Loaded, task: Trial, report) -> float:
         layer, mixer, draw = task
@@ -398,7 +398,7 @@ class _WorkerJob:
 
         loaded.teacher = loaded.parent = None
         gc.collect()
-        if self.hardware.device == "cuda":
+        if self.runtime.device == "cuda":
             torch.cuda.empty_cache()
 
     def cost(self, task) -> int:
@@ -407,20 +407,16 @@ class _WorkerJob:
         return self.mmr.train.steps * self.mmr.train.batch_size * self.mmr.train.grad_accum
 
 
-def _resolved_hardware(hardware: HardwareConfig) -> tuple[HardwareConfig, tuple[str, ...]]:
-    """hardware with device "auto" resolved here, once, so every worker and the error lines agree, and each
-    worker's device: on CUDA, worker i on GPU i modulo the GPUs there are (more workers than GPUs share
+def _worker_devices(runtime: Runtime) -> tuple[str, ...]:
+    """Each worker's device (the runtime resolved once by the stage's process, so every worker and the
+    error lines agree): on CUDA, worker i on GPU i modulo the GPUs there are (more workers than GPUs share
     them), on CPU all on "cpu"."""
     import torch
 
-    if hardware.device == "auto":
-        hardware = dataclasses.replace(hardware, device="cuda" if torch.cuda.is_available() else "cpu")
-    if hardware.device != "cuda":
-        return hardware, ("cpu",) * hardware.nproc
+    if runtime.device != "cuda":
+        return ("cpu",) * runtime.nproc
     count = torch.cuda.device_count()
-    if count == 0:
-        raise StageError("hardware.device=cuda but no CUDA device is available")
-    return hardware, tuple(f"cuda:{index % count}" for index in range(hardware.nproc))
+    return tuple(f"cuda:{index % count}" for index in range(runtime.nproc))
 
 
 def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: int, *, teacher, parent,
@@ -435,13 +431,14 @@ def _fan_out(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: i
 
     if not todo:
         return {}
-    hardware, devices = _resolved_hardware(hardware)
-    count = min(hardware.nproc, len(todo))
-    threads = hardware.threads or max(1, (os.cpu_count() or 1) // hardware.nproc)
-    job = _WorkerJob(mmr, data, hardware, seed, str(teacher), str(parent), gdn)
-    pool = pool_for(hardware.nproc, _WorkerSetup(devices, threads if hardware.device != "cuda" else None))
+    runtime = Runtime.resolve(hardware)
+    devices = _worker_devices(runtime)
+    count = min(runtime.nproc, len(todo))
+    threads = runtime.threads or max(1, (os.cpu_count() or 1) // runtime.nproc)
+    job = _WorkerJob(mmr, data, runtime, seed, str(teacher), str(parent), gdn)
+    pool = pool_for(runtime.nproc, _WorkerSetup(devices, threads if runtime.device != "cuda" else None))
     reused = pool.stages_run > 0
-    shared = " (sharing GPUs)" if hardware.device == "cuda" and len(set(devices[:count])) < count else ""
+    shared = " (sharing GPUs)" if runtime.device == "cuda" and len(set(devices[:count])) < count else ""
     reporter.progress(f"  mmr: {len(todo)} trials on {count} worker processes ({', '.join(devices[:count])}){shared}, "
                       f"{'reused from an earlier stage' if reused else 'started now'}")
     curves: dict[Trial, list[dict]] = {task: [] for task in todo}

@@ -3,7 +3,6 @@ anything else (`teacher.finetune`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -17,25 +16,13 @@ from pipeline.stages.common import (
     cumulative_train_tokens,
     load_model,
     load_tokenizer,
-    metrics_callback,
     read_meta,
-    resolve_device,
-    resolve_precision,
-    save_checkpoint,
     stage,
     write_meta,
 )
 from pipeline.convert.sharded import ModelSource
-from pipeline.stages.launch import (
-    TrainingJob,
-    builds_sharded,
-    check_source,
-    train_sharded_under_torchrun,
-    train_under_torchrun,
-    uses_torchrun,
-)
+from pipeline.stages.launch import TrainingPlan, builds_sharded, check_source, fit
 from pipeline.train import TrainConfig
-from pipeline.train import train as _train
 
 
 def _fine_tune(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, checkpoint: str | Path,
@@ -45,33 +32,18 @@ def _fine_tune(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, c
     `out_dir` as checkpoint `name`: the body of the SFT stage and of the teacher's fine-tuning."""
     started = time.time()
     what = "SFT input checkpoint" if stage_name == "sft" else "teacher to fine-tune"
-    state_dir = Path(work_dir) / "train_state"
-    distributed = uses_torchrun(hardware, state_dir, train)
-    sharded = distributed and builds_sharded(checkpoint)
+    plan = TrainingPlan(train, data, "sft", str(work_dir), tokenizer_dir=str(checkpoint))
+    runtime = plan.runtime(hardware)
+    sharded = runtime.torchrun and builds_sharded(checkpoint)
     # under torchrun the ranks build the model sharded from its files (this process holds its meta copy)
     model = (check_source(ModelSource(str(checkpoint)), torch.float32, what) if sharded
-             else load_model(checkpoint, hardware, what, fp32=True))  # fp32 master weights
+             else load_model(checkpoint, runtime, what, fp32=True))  # fp32 master weights
     tokenizer = load_tokenizer(checkpoint)
     stage_data = StageData(data, tokenizer)
     config = model.config
     reporter.progress(f"  {name}: SFT of {getattr(config, 'layer_pattern', None) or type(model).__name__}")
-    if distributed:
-        job = TrainingJob(train=train, data=data, batches="sft", state_dir=str(state_dir),
-                          precision=resolve_precision(hardware), device=resolve_device(hardware).type)
-        if sharded:
-            job = dataclasses.replace(job, student=ModelSource(str(checkpoint)), tokenizer_dir=str(checkpoint))
-            result = train_sharded_under_torchrun(job, hardware=hardware, work_dir=Path(work_dir), out_dir=out_dir,
-                                                  reporter=reporter, label=name, what=what)
-            tokenizer.save_pretrained(out_dir)
-        else:
-            result = train_under_torchrun(model, tokenizer, job, hardware=hardware, work_dir=Path(work_dir),
-                                          reporter=reporter, label=name)
-    else:
-        result = _train(model, stage_data.batch_source("sft", train.batch_size, train.seed), train,
-                        state_dir=state_dir, callback=metrics_callback(reporter, name),
-                        precision=resolve_precision(hardware))
-    if not sharded:
-        save_checkpoint(model, tokenizer, out_dir, train.save_dtype)
+    result = fit(ModelSource(str(checkpoint)) if sharded else model, tokenizer, plan, runtime, reporter=reporter,
+                 label=name, out_dir=out_dir, what=what)
     pattern = {"layers": config.num_hidden_layers}  # a plain teacher: all attention
     if hasattr(config, "layer_types") and hasattr(config, "mamba_layers"):  # a hybrid
         pattern = {"n_mamba": len(config.mamba_layers), "layer_types": list(config.layer_types),

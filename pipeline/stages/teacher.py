@@ -17,7 +17,6 @@ import torch
 
 from pipeline.config import DataConfig, HardwareConfig
 from pipeline.data.demo import DemoTeacherConfig
-from pipeline.data.stage_data import StageData
 from pipeline.errors import StageError
 from pipeline.stages.common import (
     ConsoleReporter,
@@ -25,15 +24,11 @@ from pipeline.stages.common import (
     check_vocabulary,
     load_model,
     load_tokenizer,
-    metrics_callback,
-    resolve_device,
-    resolve_precision,
     save_checkpoint,
     stage,
     write_meta,
 )
-from pipeline.stages.launch import TrainingJob, mixed_source, train_under_torchrun, uses_torchrun
-from pipeline.train import train
+from pipeline.stages.launch import TrainingPlan, fit
 
 
 @stage("teacher", version=1)
@@ -78,28 +73,18 @@ def run_teacher(demo: DemoTeacherConfig, data: DataConfig, hardware: HardwareCon
     reporter = reporter or ConsoleReporter()
     started, out_dir = time.time(), Path(out_dir)
     train_cfg = demo.train
+    plan = TrainingPlan(train_cfg, data, "teacher", str(work_dir), generic_every=demo.generic_every)
+    runtime = plan.runtime(hardware)
     tokenizer = build_char_tokenizer()
     torch.manual_seed(train_cfg.seed)
     random.seed(train_cfg.seed)
     model = LlamaForCausalLM(LlamaConfig(**demo.llama_config_kwargs(
         len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-    ))).to(resolve_device(hardware))
-    stage_data = StageData(data, tokenizer)
+    ))).to(runtime.torch_device)
     reporter.progress(f"  demo teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{train_cfg.steps} steps")
-    state_dir = Path(work_dir) / "train_state"
-    if uses_torchrun(hardware, state_dir, train_cfg):
-        job = TrainingJob(train=train_cfg, data=data, batches="teacher", state_dir=str(state_dir),
-                          precision=resolve_precision(hardware), device=resolve_device(hardware).type,
-                          generic_every=demo.generic_every)
-        result = train_under_torchrun(model, tokenizer, job, hardware=hardware, work_dir=Path(work_dir),
-                                      reporter=reporter, label="teacher")
-    else:
-        result = train(model, mixed_source(stage_data, train_cfg, demo.generic_every), train_cfg,
-                       state_dir=state_dir, callback=metrics_callback(reporter, "teacher"),
-                       precision=resolve_precision(hardware))
-    save_checkpoint(model, tokenizer, out_dir, train_cfg.save_dtype)
+    result = fit(model, tokenizer, plan, runtime, reporter=reporter, label="teacher", out_dir=out_dir)
     return write_meta(out_dir, "teacher", {"demo": demo, "data": data, "hardware": hardware}, parent=None,
                       started=started, checkpoint="teacher", source="demo", architecture="LlamaForCausalLM",
                       layers=model.config.num_hidden_layers, steps=result.steps_done, final_loss=result.final_loss)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.errors import how_it_ended
 
 _POLL_S = 0.5  # how often a waiting worker checks that its parent is alive, and the stage that its workers are
 
@@ -44,12 +45,9 @@ class WorkerFailure(RuntimeError):
         self.index, self.task, self.message, self.exitcode = index, task, message, exitcode
 
     def how(self) -> str:
-        """'was killed by signal SIGKILL' / 'exited with code 1' (deaths) or the exception line."""
-        if self.message is not None:
-            return self.message
-        if self.exitcode is not None and self.exitcode < 0:
-            return f"was killed by signal {signal.Signals(-self.exitcode).name}"
-        return f"exited with code {self.exitcode}"
+        """'was killed by signal SIGKILL' / 'exited with code 1' (deaths: `how_it_ended`, the words of the
+        torchrun launcher's failure line too) or the exception line."""
+        return self.message if self.message is not None else how_it_ended(self.exitcode)
 
 
 def longest_first(tasks: Iterable[Any], cost: Callable[[Any], float]) -> list[Any]:

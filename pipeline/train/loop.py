@@ -101,6 +101,22 @@ class _Objective:
     ce_weight: float  # 1.0 for pure CE; 0.0 = CE not computed
 
 
+@dataclass(frozen=True)
+class _Models:
+    """What `train` set up for its steps: the models, their heads, the objective and the optimiser."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    student_head: Tensor  # (V, H); a sharded student reads it again in each forward (`_loss_sums`)
+    teacher_head: Tensor | None
+    objective: _Objective
+    optimizer: torch.optim.Optimizer
+    trainable_params: list[nn.Parameter]
+    device: torch.device
+    precision: str  # "fp32" | "bf16-mixed"
+    sharded: bool  # under a process group: FSDP2 modules, DCP state
+
+
 @dataclass
 class _Progress:
     step: int
@@ -189,24 +205,11 @@ def train(
             cfg.steps,
             cfg.loss,
         )
-        return _run(
-            student=student,
-            teacher=teacher,
-            student_head=student_head,
-            teacher_head=teacher_head,
-            source=source,
-            cfg=cfg,
-            objective=objective,
-            optimizer=optimizer,
-            progress=progress,
-            trainable_params=[param for _, param in trainable],
-            device=device,
-            state_dir=state_dir,
-            callback=callback,
-            max_steps_this_call=max_steps_this_call,
-            precision=precision,
-            sharded=sharded,
-        )
+        models = _Models(student=student, teacher=teacher, student_head=student_head, teacher_head=teacher_head,
+                         objective=objective, optimizer=optimizer, trainable_params=[param for _, param in trainable],
+                         device=device, precision=precision, sharded=sharded)
+        return _run(models, source, cfg, progress, state_dir=state_dir, callback=callback,
+                    max_steps_this_call=max_steps_this_call)
     finally:
         for block in checkpointed:
             del block.forward  # the class's forward again
@@ -246,28 +249,22 @@ def _checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _run(
-    *,
-    student: nn.Module,
-    teacher: nn.Module | None,
-    student_head: Tensor,
-    teacher_head: Tensor | None,
+    models: _Models,
     source: BatchSource,
     cfg: TrainConfig,
-    objective: _Objective,
-    optimizer: torch.optim.Optimizer,
     progress: _Progress,
-    trainable_params: list[nn.Parameter],
-    device: torch.device,
+    *,
     state_dir: str | os.PathLike[str] | None,
     callback: MetricsCallback | None,
     max_steps_this_call: int | None,
-    precision: str,
-    sharded: bool = False,
 ) -> TrainResult:
+    student, teacher, objective, optimizer = models.student, models.teacher, models.objective, models.optimizer
+    device, sharded = models.device, models.sharded
     call_start = time.perf_counter()
     steps_left = cfg.steps - progress.step
     steps_this_call = steps_left if max_steps_this_call is None else min(steps_left, max_steps_this_call)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16-mixed" else nullcontext
+    bf16 = models.precision == "bf16-mixed"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     iterator: Iterator[Batch] = source.iter_from(progress.position)
     state_path = _latest(state_dir, sharded) if state_dir is not None else None
@@ -296,7 +293,7 @@ def _run(
         for batch in distributed.step_share(micro_batches, rank, world) if sharded else micro_batches:
             with autocast():
                 objective_sum, distill_sum, ce_sum = _loss_sums(
-                    student, teacher, student_head, teacher_head, batch, objective, cfg.kl_chunk_tokens,
+                    student, teacher, models.student_head, models.teacher_head, batch, objective, cfg.kl_chunk_tokens,
                     cfg.kl_chunk_elements, sharded=sharded,
                 )
             # FSDP averages the ranks' gradients: each rank back-propagates its share of the step's sum times W
@@ -307,7 +304,7 @@ def _run(
             sums += torch.stack(
                 [objective_sum.detach(), _or_zero(distill_sum, objective_sum), _or_zero(ce_sum, objective_sum)]
             ).double()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, max_norm=max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(models.trainable_params, max_norm=max_norm)
         if sharded:
             sums, grad_norm = distributed.sum_over_ranks(sums), distributed.full_value(grad_norm)
         loss, distill, ce = (sums / target_tokens).tolist()
