@@ -62,7 +62,7 @@ def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str
         extra.update(layer_pattern=model.config.layer_pattern, n_mamba=len(model.config.mamba_layers))
         if model.config.gdn_layers:
             extra["n_gdn"] = len(model.config.gdn_layers)
-    return write_meta(out_dir, "teacher", {"hardware": hardware}, parent=None, started=started,
+    return write_meta(out_dir, "teacher", parent=None, started=started,
                       checkpoint="teacher", source="gguf" if "gguf" in extra else "user",
                       architecture=type(model).__name__, layers=model.config.num_hidden_layers, **extra)
 
@@ -100,8 +100,7 @@ def run_teacher(demo: DemoTeacherConfig, data: DataConfig, hardware: HardwareCon
                        state_dir=state_dir, callback=metrics_callback(reporter, "teacher"),
                        precision=resolve_precision(hardware))
     save_checkpoint(model, tokenizer, out_dir, train_cfg.save_dtype)
-    return write_meta(out_dir, "teacher", {"demo": demo, "data": data, "hardware": hardware}, parent=None,
-                      started=started, checkpoint="teacher", source="demo", architecture="LlamaForCausalLM",
+    return write_meta(out_dir, "teacher", parent=None, started=started, checkpoint="teacher", source="demo", architecture="LlamaForCausalLM",
                       layers=model.config.num_hidden_layers, steps=result.steps_done, final_loss=result.final_loss)
 
 
