@@ -191,7 +191,8 @@ def markdown(record: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = spread_config(args)
-    from pipeline.chain import distill_view, run_local
+    from pipeline.chain import run_local
+    from pipeline.recipe import distill_view
     from pipeline.stages import run_mmr
     from pipeline.stages.common import ConsoleReporter
 

@@ -38,6 +38,19 @@ from typing import Any
 
 from pipeline.config import ConfigError, RunConfig, checkpoint_name
 from pipeline.executor import Output, Source, StageCall
+from pipeline.recipe import (
+    Distillation,
+    convert_call,
+    kl_call,
+    kl_step_call,
+    loo_call,
+    loo_step_call,
+    mmr_call,
+    quality_call,
+    samples_output,
+    step_call,
+    teacher_output,
+)
 
 RECORD_FIELDS = ("arm", "data", "loss", "ordering", "n_mamba", "seed", "tokens", "answer_accuracy", "nll_reasoning",
                  "nll_generic", "kl_to_teacher")
@@ -126,38 +139,27 @@ def run_ablation(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher
         shutdown()
 
 
+def arm_distillation(cfg: RunConfig, arm: Arm, seed: int) -> Distillation:
+    """An arm's distillation: the run's, with the arm's loss (and CE term), data and seed; the seed also
+    reaches the MMR and KL-guided trials. Mamba only: the arms compare data, loss and layer order, never
+    mixers (schedule.mixers is the conversion chain's)."""
+    train = dataclasses.replace(cfg.train, loss=arm.loss, seed=seed,
+                                **({"ce_weight": cfg.ablation.ce_weight} if arm.ce else {}))
+    return Distillation(train=train, first_train=dataclasses.replace(train, steps=cfg.first_train().steps),
+                        data=dataclasses.replace(cfg.data, distill_on=DISTILL_ON[arm.data]).distillation_view(),
+                        seed=seed, mmr=dataclasses.replace(cfg.mmr, train=dataclasses.replace(cfg.mmr.train, seed=seed)))
+
+
 def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None) -> list[Result]:
-    from pipeline.chain import generic_input, teacher_output
-    from pipeline.stages import (
-        run_convert,
-        run_kl,
-        run_kl_step,
-        run_loo,
-        run_loo_step,
-        run_mmr,
-        run_quality,
-        run_step,
-    )
-
     check_schedule(cfg)
-    hardware, counts = cfg.hardware, cfg.schedule.counts
-
-    def call(name: str, run: Callable, settings: dict[str, Any], inputs: dict[str, Any],
-             is_checkpoint: bool = True) -> Output:
-        stage_call = StageCall(name, run, settings, inputs, is_checkpoint)
-        stage_call.check_signature()
-        return execute(stage_call)
-
+    counts = cfg.schedule.counts
     teacher_out = teacher_output(cfg, execute, teacher)  # the conversion chain's teacher (fine-tuned if asked)
-    generic = generic_input(cfg, execute, teacher_out)  # {"generic": the teacher's samples} or {}
-    # the conversion chain's LOO call, settings and all: one ranking for every arm (and for `make pipeline`)
-    loo = call("loo", run_loo, {"loo": cfg.loo, "data": cfg.data.view("eval", "distill"), "hardware": hardware,
-                                "first_count": counts[0]}, {"teacher": teacher_out}, is_checkpoint=False)
-    scoring = {"evaluate": cfg.evaluate, "data": cfg.data.view("eval", "generic"), "hardware": hardware}
+    samples = samples_output(cfg, execute, teacher_out)  # the teacher's samples, or None
+    # the conversion chain's LOO call: one ranking for every arm (and for `make pipeline`)
+    loo = execute(loo_call(cfg, teacher_out))
 
     def quality(checkpoint: Output) -> Output:
-        return call(f"quality-{checkpoint.name}", run_quality, scoring,
-                    {"teacher": teacher_out, "checkpoint": checkpoint, **generic}, is_checkpoint=False)
+        return execute(quality_call(cfg, teacher=teacher_out, checkpoint=checkpoint, generic=samples))
 
     results: list[Result] = []
     chosen = set(cfg.ablation.arms or [arm.name for arm in ARMS])
@@ -165,34 +167,28 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
     for seed in cfg.ablation.seeds:
         firsts: dict[str, Output] = {}
         for arm in [arm for arm in ARMS if arm.name in needed]:
-            train = dataclasses.replace(cfg.train, loss=arm.loss, seed=seed,
-                                        **({"ce_weight": cfg.ablation.ce_weight} if arm.ce else {}))
-            data = dataclasses.replace(cfg.data, distill_on=DISTILL_ON[arm.data]).distillation_view()
-            reads_generic = generic if arm.data in ("generic", "mix") else {}
+            distillation = arm_distillation(cfg, arm, seed)
             if not arm.continued:
-                first = dataclasses.replace(train, steps=cfg.first_train().steps)
-                firsts[arm.name] = call(arm_name(arm, seed, counts[0]), run_convert,
-                                        {"train": first, "mamba": cfg.mamba, "data": data, "hardware": hardware,
-                                         "seed": seed, "count": counts[0]},
-                                        {"teacher": teacher_out, "loo": loo, **reads_generic})
+                firsts[arm.name] = execute(convert_call(
+                    cfg, distillation, teacher=teacher_out, loo=loo, name=arm_name(arm, seed, counts[0]),
+                    generic=samples if arm.data in ("generic", "mix") else None))
                 if arm.name in chosen:
                     results.append(Result(arm, seed, firsts[arm.name], quality(firsts[arm.name])))
                 continue
-            previous, scorings = firsts[RECIPE], []
-            mmr_cfg = dataclasses.replace(cfg.mmr, train=dataclasses.replace(cfg.mmr.train, seed=seed))
+            previous, scorings = firsts[RECIPE], []  # the continued arms read reasoning traces: no samples
             for count in counts[1:]:
-                settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
-                inputs = {"teacher": teacher_out, "parent": previous}
+                name = arm_name(arm, seed, count)
                 if arm.ordering == "mmr":
-                    scorings.append(call(f"mmr-{previous.name}", run_mmr, {"mmr": mmr_cfg, "data": data,
-                                         "hardware": hardware, "seed": seed}, inputs, is_checkpoint=False))
-                    previous = call(arm_name(arm, seed, count), run_step, settings, {**inputs, "mmr": scorings[-1]})
+                    scorings.append(execute(mmr_call(cfg, distillation, teacher=teacher_out, parent=previous)))
+                    previous = execute(step_call(cfg, distillation, count, teacher=teacher_out, parent=previous,
+                                                 mmr=scorings[-1], name=name))
                 elif arm.ordering == "kl":  # the same trial settings as MMR's (see pipeline.stages.kl)
-                    scorings.append(call(f"kl-{previous.name}", run_kl, {"train": mmr_cfg.train, "data": data,
-                                         "hardware": hardware, "seed": seed}, inputs, is_checkpoint=False))
-                    previous = call(arm_name(arm, seed, count), run_kl_step, settings, {**inputs, "kl": scorings[-1]})
+                    scorings.append(execute(kl_call(cfg, distillation, teacher=teacher_out, parent=previous)))
+                    previous = execute(kl_step_call(cfg, distillation, count, teacher=teacher_out, parent=previous,
+                                                    kl=scorings[-1], name=name))
                 else:
-                    previous = call(arm_name(arm, seed, count), run_loo_step, settings, {**inputs, "loo": loo})
+                    previous = execute(loo_step_call(cfg, distillation, count, teacher=teacher_out, parent=previous,
+                                                     loo=loo, name=name))
             results.append(Result(arm, seed, previous, quality(previous), tuple(scorings)))
     # the teacher's own scores, the reference line: last, so that concurrent runs start on their arms at once
     results.append(Result(None, None, teacher_out, quality(teacher_out)))
@@ -475,6 +471,7 @@ def write_report(teacher: Mapping[str, Any], records: Sequence[Mapping[str, Any]
     return paths
 
 
-__all__ = ["ARMS", "COMPARISONS", "METRICS", "RECORD_FIELDS", "Arm", "Result", "arm_name", "check_schedule",
+__all__ = ["ARMS", "COMPARISONS", "METRICS", "RECORD_FIELDS", "Arm", "Result", "arm_distillation", "arm_name",
+           "check_schedule",
            "collect_records", "compare", "device_tag", "kl_sequences", "mmr_sequences", "read_quality", "reading",
            "report_settings", "run_ablation", "summarize", "summary_markdown", "write_report"]

@@ -6,9 +6,10 @@ step, "kl" a KL-guided scoring -> kl_step, "loo" a loo_step by the teacher's LOO
 checkpoint (`start.path`: a hybrid, released or ours) it continues that hybrid's conversion instead:
 teacher -> start -> (MMR -> step) for every count -> SFT -> evaluate (the start evaluated as `start` beside
 the new checkpoints). Each stage is a
-`StageCall`: the stage function, the config sections it reads (taken here from the RunConfig, the only
-place that knows which section feeds which argument) and its inputs. `execute(call)` runs it and returns
-its Output (`pipeline.executor.Executor`, which flows/ wraps in Prefect tasks and MLflow runs).
+`StageCall`: the stage function, the config sections it reads and its inputs, built by `pipeline.recipe`
+(the one place that knows which section feeds which argument; the ablation builds its calls there too).
+`execute(call)` runs it and returns its Output (`pipeline.executor.Executor`, which flows/ wraps in Prefect
+tasks and MLflow runs).
 `run_local` runs the chain over a folder store without Prefect or MLflow.
 """
 
@@ -16,100 +17,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from pipeline.config import DEFAULT_MIXERS, ConfigError, RunConfig, checkpoint_name
+from pipeline.config import ConfigError, RunConfig, checkpoint_name
 from pipeline.executor import Executor, Output, Source, StageCall, local_source, work_root_for
+from pipeline.recipe import (
+    Distillation,
+    convert_call,
+    evaluate_call,
+    kl_call,
+    kl_step_call,
+    loo_call,
+    loo_step_call,
+    mmr_call,
+    samples_output,
+    sft_call,
+    start_call,
+    step_call,
+    teacher_output,
+)
 from pipeline.stages.common import Reporter
-from pipeline.stages.start import START
 
 UNTIL = ("teacher", "loo", "convert", "mmr", "steps", "sft", "evaluate")
-
-
-def distill_view(cfg: RunConfig):
-    """The data a distillation (conversion, step, MMR trial) reads: the source data.distill_on names."""
-    return cfg.data.distillation_view()
-
-
-def mixer_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    """What a conversion stage reads of schedule.mixers and the gdn section, beyond its usual settings:
-    nothing with the default mixers [mamba] (so Mamba-only runs keep their keys). The first conversion reads
-    the first mixer (and gdn when that is "gdn"), MMR all mixers (and gdn when listed), a step gdn when
-    listed (the settings of its new Gated DeltaNet layers)."""
-    mixers = list(cfg.schedule.mixers)
-    if mixers == DEFAULT_MIXERS:
-        return {}
-    if stage == "convert":
-        return {"mixer": mixers[0], "gdn": cfg.gdn} if mixers[0] != "mamba" else {}
-    if stage == "mmr":
-        return {"mixers": mixers, **({"gdn": cfg.gdn} if "gdn" in mixers else {})}
-    return {"gdn": cfg.gdn} if "gdn" in mixers else {}
-
-
-def teacher_call(cfg: RunConfig, source: Source | None) -> StageCall:
-    from pipeline.stages import import_teacher, run_teacher
-
-    if cfg.teacher.path:
-        if source is None:
-            raise ConfigError("teacher.path is set but no teacher source was resolved")
-        return StageCall("teacher", import_teacher, {"hardware": cfg.hardware}, {"source": source})
-    kinds = ("distill", "generic") if cfg.teacher.demo.generic_every else ("distill",)
-    return StageCall("teacher", run_teacher,
-                     {"demo": cfg.teacher.demo, "data": cfg.data.view(*kinds), "hardware": cfg.hardware}, {})
-
-
-TEACHER_FINETUNED = "teacher-ft"  # the output name of the fine-tuned teacher (teacher.finetune)
-
-
-def teacher_output(cfg: RunConfig, execute: Callable[[StageCall], Output], source: Source | None,
-                   outputs: dict[str, Output] | None = None) -> Output:
-    """The run's teacher: the `teacher` stage's output, then, with teacher.finetune.enabled, that teacher
-    fine-tuned on data.sft (`teacher-ft`), which every later stage distils from. Records each output in
-    `outputs` by name."""
-    from pipeline.stages import run_teacher_finetune
-
-    outputs = {} if outputs is None else outputs
-    first = teacher_call(cfg, source)
-    first.check_signature()
-    outputs["teacher"] = execute(first)
-    if not cfg.teacher.finetune.enabled:
-        return outputs["teacher"]
-    tune = StageCall(TEACHER_FINETUNED, run_teacher_finetune,
-                     {"train": cfg.teacher.finetune.train, "data": cfg.data.view("sft"), "hardware": cfg.hardware},
-                     {"teacher": outputs["teacher"]})
-    tune.check_signature()
-    outputs[TEACHER_FINETUNED] = execute(tune)
-    return outputs[TEACHER_FINETUNED]
-
-
-SAMPLES = "teacher-samples"  # the output name of the teacher's own samples (data.generic=teacher)
-
-
-def generic_input(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Output,
-                  outputs: dict[str, Output] | None = None) -> dict[str, Output]:
-    """`{"generic": <the teacher's samples>}` for the stages that read generic text, when data.generic is
-    "teacher" (the `samples` stage runs once, after the teacher); `{}` otherwise (they read data.generic)."""
-    from pipeline.stages import run_samples
-
-    if not cfg.data.samples_teacher:
-        return {}
-    call = StageCall(SAMPLES, run_samples, {"samples": cfg.data.samples, "hardware": cfg.hardware},
-                     {"teacher": teacher}, is_checkpoint=False)
-    call.check_signature()
-    output = execute(call)
-    if outputs is not None:
-        outputs[SAMPLES] = output
-    return {"generic": output}
-
-
-def start_call(cfg: RunConfig, source: Source | None, teacher: Output) -> StageCall:
-    """The start checkpoint registered in the store (checked against the teacher). Its content digest is
-    what every later stage's key holds of it (they take its Output as their parent)."""
-    from pipeline.stages import import_start
-
-    if source is None:
-        raise ConfigError("start.path is set but no start source was resolved")
-    return StageCall(START, import_start, {"hardware": cfg.hardware}, {"source": source, "teacher": teacher})
 
 
 def check_start_counts(cfg: RunConfig, n_mamba: int | None) -> None:
@@ -163,17 +91,6 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
 
 def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None, until: str,
           start: Source | None) -> dict[str, Output]:
-    from pipeline.stages import (
-        run_convert,
-        run_evaluate,
-        run_kl,
-        run_kl_step,
-        run_loo,
-        run_loo_step,
-        run_mmr,
-        run_sft,
-        run_step,
-    )
     from pipeline.data.stage_data import distill_kind
 
     if until not in UNTIL:
@@ -181,80 +98,57 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
     sft_from = sft_input(cfg)
     out: dict[str, Output] = {}
 
-    def call(name: str, run: Callable, settings: dict[str, Any], inputs: dict[str, Any], is_checkpoint: bool = True):
-        stage_call = StageCall(name, run, settings, inputs, is_checkpoint)
-        stage_call.check_signature()
-        out[name] = execute(stage_call)
-        return out[name]
+    def run(call: StageCall) -> Output:
+        out[call.name] = execute(call)
+        return out[call.name]
 
-    hardware, seed, counts = cfg.hardware, cfg.seed, cfg.schedule.counts
+    distillation = Distillation.of(cfg)
     teacher_out = teacher_output(cfg, execute, teacher, out)
     if until == "teacher":
         return out
-    generic = generic_input(cfg, execute, teacher_out, out)
-    distill_generic = generic if distill_kind(distill_view(cfg)) in ("generic", "mix") else {}
+    samples = samples_output(cfg, execute, teacher_out, out)
+    distill_generic = samples if distill_kind(distillation.data) in ("generic", "mix") else None
     if cfg.start.path:  # continue a hybrid: it takes the place of LOO and the first conversion
-        registered = start_call(cfg, start, teacher_out)
-        registered.check_signature()
-        out[START] = execute(registered)
-        check_start_counts(cfg, out[START].n_mamba)
+        registered = run(start_call(cfg, start, teacher_out))
+        check_start_counts(cfg, registered.n_mamba)
         if until in ("loo", "convert"):
             return out
-        previous, checkpoints, later = START, [START], counts
+        previous, later = registered, cfg.schedule.counts
     else:
-        call("loo", run_loo, {"loo": cfg.loo, "data": cfg.data.view("eval", "distill"), "hardware": hardware,
-                              "first_count": counts[0]}, {"teacher": teacher_out}, is_checkpoint=False)
+        loo = run(loo_call(cfg, teacher_out))
         if until == "loo":
             return out
-        previous = checkpoint_name(counts[0])
-        call(previous, run_convert, {"train": cfg.first_train(), "mamba": cfg.mamba, "data": distill_view(cfg),
-                                     "hardware": hardware, "seed": seed, "count": counts[0],
-                                     **mixer_settings(cfg, "convert")},
-             {"teacher": teacher_out, "loo": out["loo"], **distill_generic})
+        previous = run(convert_call(cfg, distillation, teacher=teacher_out, loo=loo, generic=distill_generic))
         if until == "convert":
             return out
-        checkpoints, later = [previous], counts[1:]
+        later = cfg.schedule.counts[1:]
+    checkpoints = [previous]
     selection = check_selection(cfg)
     for count in later:
-        name = checkpoint_name(count)
-        step_settings = {"train": cfg.train, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
-                         "count": count}
-        inputs = {"teacher": teacher_out, "parent": out[previous], **distill_generic}
         if selection == "mmr":
-            mmr_name = f"mmr-{previous}"
-            call(mmr_name, run_mmr, {"mmr": cfg.mmr, "data": distill_view(cfg), "hardware": hardware, "seed": seed,
-                                     **mixer_settings(cfg, "mmr")},
-                 {"teacher": teacher_out, "parent": out[previous]}, is_checkpoint=False)
+            mmr = run(mmr_call(cfg, distillation, teacher=teacher_out, parent=previous))
             if until == "mmr":
                 return out
-            call(name, run_step, {**step_settings, **mixer_settings(cfg, "step")},
-                 {"teacher": teacher_out, "parent": out[previous], "mmr": out[mmr_name]})
+            previous = run(step_call(cfg, distillation, count, teacher=teacher_out, parent=previous, mmr=mmr))
         elif selection == "kl":
-            kl_name = f"kl-{previous}"
-            call(kl_name, run_kl, {"train": cfg.mmr.train, "data": distill_view(cfg), "hardware": hardware,
-                                   "seed": seed},
-                 inputs, is_checkpoint=False)
+            kl = run(kl_call(cfg, distillation, teacher=teacher_out, parent=previous, generic=distill_generic))
             if until == "mmr":
                 return out
-            call(name, run_kl_step, step_settings, {**inputs, "kl": out[kl_name]})
+            previous = run(kl_step_call(cfg, distillation, count, teacher=teacher_out, parent=previous, kl=kl,
+                                        generic=distill_generic))
         else:  # the teacher's static LOO ranking: nothing to score
             if until == "mmr":
                 return out
-            call(name, run_loo_step, step_settings, {**inputs, "loo": out["loo"]})
-        checkpoints.append(name)
-        previous = name
+            previous = run(loo_step_call(cfg, distillation, count, teacher=teacher_out, parent=previous,
+                                         loo=out["loo"], generic=distill_generic))
+        checkpoints.append(previous)
     if until in ("mmr", "steps"):  # "mmr" with a one-count schedule: there is nothing to score
         return out
-    sft_name = f"{sft_from}-SFT"
-    call(sft_name, run_sft, {"train": cfg.sft.train, "data": cfg.data.view("sft"), "hardware": hardware},
-         {"checkpoint": out[sft_from]})
-    checkpoints.append(sft_name)
+    checkpoints.append(run(sft_call(cfg, out[sft_from])))
     if until == "sft":
         return out
-    reads = ("eval", "generic") if cfg.evaluate.generic_nll else ("eval",)
-    call("evaluate", run_evaluate, {"evaluate": cfg.evaluate, "data": cfg.data.view(*reads), "hardware": hardware},
-         {"teacher": teacher_out, "checkpoints": {name: out[name] for name in checkpoints},
-          **(generic if cfg.evaluate.generic_nll else {})}, is_checkpoint=False)
+    run(evaluate_call(cfg, teacher=teacher_out, checkpoints={output.name: output for output in checkpoints},
+                      generic=samples))
     return out
 
 
@@ -317,7 +211,5 @@ def run_local(cfg: RunConfig, root: str | Path | None = None, reporter: Reporter
     return {name: store.root / name for name in outputs}
 
 
-__all__ = ["UNTIL", "StageCall", "check_selection", "check_start_counts", "local_teacher_source", "mixer_settings",
-           "run_chain", "run_local",
-           "gguf_source", "sft_input", "start_call", "teacher_call", "teacher_output", "TEACHER_FINETUNED",
-           "SAMPLES", "generic_input"]
+__all__ = ["UNTIL", "StageCall", "check_selection", "check_start_counts", "gguf_source", "local_teacher_source",
+           "run_chain", "run_local", "sft_input"]

@@ -11,7 +11,8 @@ For one call:
    digest=...)`, verified, kept from pruning while the stage runs: another run committing a newer version
    meanwhile changes nothing here), the stage runs into a fresh output folder with a persistent work
    folder `<work_root>/<name>` (its training state survives a kill, so running again continues from the
-   last save; state saved under another key is discarded), and the output is committed through the
+   last save; state saved under another key is discarded), its settings are written beside it
+   (run_config.json, from the very settings the key digests), and the output is committed through the
    store, manifest last, with the key as its config digest.
 
 Work folders belong to one run: `work_root_for` names them after the run's store URI (`<cache>/work/
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import key_plain
-from pipeline.stages.common import RUN_CONFIG, STAGE_META, ConsoleReporter, Reporter, read_meta
+from pipeline.stages.common import RUN_CONFIG, STAGE_META, ConsoleReporter, Reporter, read_meta, write_run_config
 from pipeline.store import (
     MANIFEST_NAME,
     CheckpointRef,
@@ -276,6 +277,7 @@ class Executor:
         out_dir.mkdir(parents=True)
         with self.attempt(call, key) as (reporter, run_id):
             call.run(**call.settings, **inputs, out_dir=out_dir, work_dir=work_dir, reporter=reporter)
+            write_run_config(out_dir, call.settings)  # what the key covers, from the dict it digests
             pattern, n_mamba = layer_pattern(read_meta(out_dir))
             ref = self.store.put_checkpoint(
                 out_dir, call.name, config_digest=key, parent=parent_of(call),

@@ -396,20 +396,25 @@ def save_checkpoint(model, tokenizer, out_dir: Path, dtype: str | None = None) -
                          "permissions) on that disk (storage.cache_dir) and run again") from None
 
 
-def write_meta(out_dir: Path, stage: str, settings: dict[str, Any], *, parent: str | None, started: float,
-               **extra: Any) -> dict[str, Any]:
-    """stage.json + run_config.json beside the output (every checkpoint carries its settings and lineage).
-
-    `settings`: the stage's config arguments, by name (run_config.json holds them, as the key covers them).
-    Both files are redacted (`pipeline.redaction`): a data URL's password or token never lands in a checkpoint.
-    """
+def write_meta(out_dir: Path, stage: str, *, parent: str | None, started: float, **extra: Any) -> dict[str, Any]:
+    """stage.json beside the output: its lineage, layer pattern, timings and results (every checkpoint carries
+    them; its settings, run_config.json, the executor writes from the call: `write_run_config`). Redacted
+    (`pipeline.redaction`): a data URL's password or token never lands in a checkpoint."""
     from pipeline.redaction import redact
 
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"stage": stage, "parent": parent, "wall_time_s": round(time.time() - started, 2), **extra}
     (out_dir / STAGE_META).write_text(json.dumps(redact(meta, keys=False), indent=2, default=str) + "\n")
-    (out_dir / RUN_CONFIG).write_text(json.dumps(redact(to_plain(settings)), indent=2) + "\n")
     return meta
+
+
+def write_run_config(out_dir: Path, settings: dict[str, Any]) -> None:
+    """run_config.json beside the output: the stage's config arguments by name, exactly what its cache key
+    covers (the executor writes it from `StageCall.settings`, the very dict the key digests). Redacted."""
+    from pipeline.redaction import redact
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RUN_CONFIG).write_text(json.dumps(redact(to_plain(settings)), indent=2) + "\n")
 
 
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
@@ -481,4 +486,5 @@ __all__ = [
     "save_checkpoint",
     "train_metrics",
     "write_meta",
+    "write_run_config",
 ]

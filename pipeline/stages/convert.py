@@ -54,8 +54,7 @@ def converted_count(config) -> int:
 
 def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                        mamba: MambaConfig | None, teacher_dir: Path, parent_dir: Path | None, new_layers: list[int],
-                       out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, settings: dict,
-                       extra: dict, mixers: dict[int, str] | None = None, gdn: GDNConfig | None = None,
+                       out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, extra: dict, mixers: dict[int, str] | None = None, gdn: GDNConfig | None = None,
                        generic: Path | None = None) -> dict:
     """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings, unless the teacher is
     already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones. `generic`:
@@ -107,7 +106,7 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     result = fit(source if sharded else student, tokenizer, plan, runtime, reporter=reporter, label=name,
                  out_dir=out_dir, what=what)
     meta = write_meta(
-        out_dir, stage_name, settings, parent="teacher" if parent_dir is None
+        out_dir, stage_name, parent="teacher" if parent_dir is None
         else read_meta(parent_dir).get("checkpoint") or checkpoint_name(converted_count(student.config) - len(new_layers)),
         started=started, checkpoint=name, n_mamba=n_mamba,
         layer_types=student.config.layer_types, layer_pattern=student.config.layer_pattern,
@@ -141,12 +140,9 @@ def run_convert(train: TrainConfig, mamba: MambaConfig, data: DataConfig, hardwa
     if count - already > len(ranking):
         raise StageError(f"schedule.counts[0]={count} exceeds the teacher's {len(ranking) + already} layers")
     layers = sorted(ranking[:count - already])
-    settings = {"train": train, "mamba": mamba, "data": data, "hardware": hardware, "seed": seed, "count": count}
-    if mixer != "mamba":
-        settings.update(mixer=mixer, gdn=gdn)
     return convert_and_distil(train, data, hardware, seed, mamba, Path(teacher), None, layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="convert",
-                              settings=settings, extra={"selected_by": "loo"},
+                              extra={"selected_by": "loo"},
                               mixers={layer: mixer for layer in layers}, gdn=gdn,
                               generic=Path(generic) if generic is not None else None)
 
@@ -178,12 +174,9 @@ def run_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, see
         raise StageError(f"step to {count} converted layers needs {needed} more but only {len(chosen)} attention "
                          "layers remain")
     layers = sorted(chosen)
-    settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
-    if gdn is not None:
-        settings["gdn"] = gdn
     return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="step",
-                              settings=settings, extra={"selected_by": "mmr"}, mixers=chosen, gdn=gdn,
+                              extra={"selected_by": "mmr"}, mixers=chosen, gdn=gdn,
                               generic=Path(generic) if generic is not None else None)
 
 
@@ -207,10 +200,9 @@ def run_loo_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig,
         raise StageError(f"step to {count} Mamba layers needs {needed} more but only {len(ranked)} attention "
                          "layers remain")
     layers = sorted(ranked[:needed])
-    settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
     return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="loo_step",
-                              settings=settings, extra={"selected_by": "loo"},
+                              extra={"selected_by": "loo"},
                               generic=Path(generic) if generic is not None else None)
 
 

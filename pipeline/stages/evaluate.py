@@ -136,8 +136,7 @@ def run_evaluate(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareC
     tokens_frontier_plot(records, out_dir / TOKENS_FRONTIER_FILE)
     for name in (SUMMARY_FILE, "frontier.png", TOKENS_FRONTIER_FILE):
         reporter.log_artifact(out_dir / name)
-    write_meta(out_dir, "evaluate", {"evaluate": evaluate, "data": data, "hardware": hardware}, parent=None,
-               started=started, checkpoints=list(checkpoints))
+    write_meta(out_dir, "evaluate", parent=None, started=started, checkpoints=list(checkpoints))
     return records
 
 

@@ -150,8 +150,7 @@ def run_kl(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed:
              ylabel="KL(all converted) - KL(kept)", path=out_dir / KL_PLOT)
     for name in (KL_FILE, KL_PLOT):
         reporter.log_artifact(out_dir / name)
-    write_meta(out_dir, "kl", {"train": train, "data": data, "hardware": hardware, "seed": seed},
-               parent=f"H-{n_mamba}", started=started, ranking=[entry["layer"] for entry in ranking],
+    write_meta(out_dir, "kl", parent=f"H-{n_mamba}", started=started, ranking=[entry["layer"] for entry in ranking],
                all_converted_loss=reference)
     return result
 
@@ -182,10 +181,9 @@ def run_kl_step(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, 
     kinds = layer_kinds_of(Path(parent))
     current = len(kinds["mamba"]) + len(kinds["gdn"])
     layers = choose_layers(json.loads((Path(kl) / KL_FILE).read_text()), set(kinds["attention"]), count, current)
-    settings = {"train": train, "data": data, "hardware": hardware, "seed": seed, "count": count}
     return convert_and_distil(train, data, hardware, seed, None, Path(teacher), Path(parent), layers, Path(out_dir),
                               work_dir=Path(work_dir), reporter=reporter or ConsoleReporter(), stage_name="kl_step",
-                              settings=settings, extra={"selected_by": "kl"},
+                              extra={"selected_by": "kl"},
                               generic=Path(generic) if generic is not None else None)
 
 

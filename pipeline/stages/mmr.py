@@ -331,10 +331,7 @@ def run_mmr(mmr: MMRConfig, data: DataConfig, hardware: HardwareConfig, seed: in
           out_dir / "mmr.png")
     for name in (MMR_FILE, "mmr.png"):
         reporter.log_artifact(out_dir / name)
-    settings = {"mmr": mmr, "data": data, "hardware": hardware, "seed": seed}
-    if mixers != DEFAULT_MIXERS:
-        settings.update(mixers=mixers, gdn=gdn)
-    write_meta(out_dir, "mmr", settings, parent=f"H-{n_mamba + n_gdn}", started=started, ranking=ranking,
+    write_meta(out_dir, "mmr", parent=f"H-{n_mamba + n_gdn}", started=started, ranking=ranking,
                **({"workers": workers} if workers else {}))
     return result
 

@@ -83,8 +83,7 @@ def run_quality(evaluate: EvaluateConfig, data: DataConfig, hardware: HardwareCo
     reporter.log_artifact(out_dir / QUALITY_FILE)
     reporter.progress(f"  {record['checkpoint']}: accuracy {accuracy:.3f}, NLL reasoning "
                       f"{record['nll_reasoning']:.4f}, generic {record['nll_generic']:.4f}, KL {record['kl_to_teacher']:.4f}")
-    write_meta(out_dir, "quality", {"evaluate": evaluate, "data": data, "hardware": hardware},
-               parent=record["checkpoint"], started=started, device=record["device"])
+    write_meta(out_dir, "quality", parent=record["checkpoint"], started=started, device=record["device"])
     return record
 
 

@@ -51,7 +51,7 @@ def _fine_tune(train: TrainConfig, data: DataConfig, hardware: HardwareConfig, c
         if getattr(config, "gdn_layers", None):  # only then: a Mamba-only stage.json is as it always was
             pattern["n_gdn"] = len(config.gdn_layers)
     return write_meta(
-        out_dir, stage_name, {"train": train, "data": data, "hardware": hardware}, parent=parent,
+        out_dir, stage_name, parent=parent,
         started=started, checkpoint=name, **pattern, train=to_plain(train),
         steps=result.steps_done, tokens_seen=result.tokens_seen,
         cumulative_train_tokens=cumulative_train_tokens(checkpoint, result.tokens_seen),

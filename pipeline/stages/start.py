@@ -56,7 +56,7 @@ def import_start(hardware: HardwareConfig, *, source: str | Path, teacher: str |
     has_tokenizer = any((source / name).is_file() for name in TOKENIZER_FILES)
     save_checkpoint(model, load_tokenizer(source if has_tokenizer else teacher), out_dir)
     config = model.config
-    return write_meta(out_dir, "start", {"hardware": hardware}, parent=None, started=started, checkpoint=START,
+    return write_meta(out_dir, "start", parent=None, started=started, checkpoint=START,
                       source="start.path", layout=layout, n_mamba=len(config.mamba_layers),
                       **({"n_gdn": len(config.gdn_layers)} if config.gdn_layers else {}),
                       layer_types=config.layer_types, layer_pattern=config.layer_pattern,

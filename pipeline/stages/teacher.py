@@ -57,7 +57,7 @@ def import_teacher(hardware: HardwareConfig, *, source: str | Path, out_dir: str
         extra.update(layer_pattern=model.config.layer_pattern, n_mamba=len(model.config.mamba_layers))
         if model.config.gdn_layers:
             extra["n_gdn"] = len(model.config.gdn_layers)
-    return write_meta(out_dir, "teacher", {"hardware": hardware}, parent=None, started=started,
+    return write_meta(out_dir, "teacher", parent=None, started=started,
                       checkpoint="teacher", source="gguf" if "gguf" in extra else "user",
                       architecture=type(model).__name__, layers=model.config.num_hidden_layers, **extra)
 
@@ -85,8 +85,8 @@ def run_teacher(demo: DemoTeacherConfig, data: DataConfig, hardware: HardwareCon
     reporter.progress(f"  demo teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{train_cfg.steps} steps")
     result = fit(model, tokenizer, plan, runtime, reporter=reporter, label="teacher", out_dir=out_dir)
-    return write_meta(out_dir, "teacher", {"demo": demo, "data": data, "hardware": hardware}, parent=None,
-                      started=started, checkpoint="teacher", source="demo", architecture="LlamaForCausalLM",
+    return write_meta(out_dir, "teacher", parent=None, started=started, checkpoint="teacher", source="demo",
+                      architecture="LlamaForCausalLM",
                       layers=model.config.num_hidden_layers, steps=result.steps_done, final_loss=result.final_loss)
 
 

@@ -81,7 +81,6 @@ def test_the_table_ranks_every_attention_layer_by_its_kl_fall(tiny_teacher, h2, 
     assert (folder / KL_PLOT).stat().st_size > 1000
     meta = json.loads((folder / "stage.json").read_text())
     assert meta["stage"] == "kl" and meta["ranking"] == [entry["layer"] for entry in result["ranking"]]
-    assert set(json.loads((folder / "run_config.json").read_text())) == {"train", "data", "hardware", "seed"}
 
 
 def test_a_killed_scoring_resumes_at_its_missing_trials(tiny_teacher, h2, scored, tmp_path):
@@ -216,6 +215,7 @@ def test_a_kl_selected_chain_runs_and_reruns_from_the_store(tmp_path):
                    f"storage.cache_dir={tmp_path / 'cache'}"])
     out = run_local(cfg, until="steps")
     assert list(out) == ["teacher", "loo", "H-2", "kl-H-2", "H-3"]
+    assert set(json.loads((out["kl-H-2"] / "run_config.json").read_text())) == {"train", "data", "hardware", "seed"}
     table = json.loads((out["kl-H-2"] / KL_FILE).read_text())
     meta = json.loads((out["H-3"] / "stage.json").read_text())
     assert meta["stage"] == "kl_step" and meta["converted_layers"] == [table["ranking"][0]["layer"]]

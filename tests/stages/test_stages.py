@@ -85,7 +85,7 @@ def test_first_conversion_distils_and_loss_falls(tiny_teacher, loo_dir, tmp_path
     assert meta["parent"] == "teacher"
     assert meta["data"]["rows"] > 0 and meta["data"]["digest"] and meta["data"]["source"].startswith("demo:")
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
-    assert (tmp_path / "H-2" / "model.safetensors").is_file() and (tmp_path / "H-2" / "run_config.json").is_file()
+    assert (tmp_path / "H-2" / "model.safetensors").is_file()  # (its run_config.json: the executor's, tests/chain)
 
 
 def test_killed_conversion_resumes_to_the_same_weights(tiny_teacher, loo_dir, tmp_path):
