@@ -7,7 +7,7 @@
 from importlib import import_module
 from typing import Any
 
-from pipeline.train.config import DISTILL_LOSSES, LOSS_CHOICES, TRAINABLE_CHOICES, TrainConfig
+from pipeline.config.train import DISTILL_LOSSES, LOSS_CHOICES, TRAINABLE_CHOICES, TrainConfig
 
 _LAZY = {
     "Batch": "batches",
