@@ -193,7 +193,7 @@ def main(argv=None) -> None:
     cfg = spread_config(args)
     from pipeline.chain import distill_view, run_local
     from pipeline.stages import run_mmr
-    from pipeline.stages.common import ConsoleReporter
+    from pipeline.reporting import ConsoleReporter
 
     root = Path(args.root)
     work = root / ".cache" / "work" / cfg.run_name
