@@ -23,16 +23,12 @@ import torch
 
 from pipeline.config import STAGES, HardwareConfig, to_plain
 from pipeline.data.stage_data import (  # noqa: F401  (re-exported: the data layer)
-    _SHARED,
-    _SHARED_MAX,
     MAX_CUT_SHARE,
     MIX,
     MIX_PARTS,
     VALIDATION_SPLIT,
     StageData,
     _has_split,
-    _selection,
-    _shared,
     check_answer_budget,
     distill_kind,
     held_out_count,
