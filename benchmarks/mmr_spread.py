@@ -194,7 +194,7 @@ def main(argv=None) -> None:
     from pipeline.chain import run_local
     from pipeline.recipe import distill_view
     from pipeline.stages import run_mmr
-    from pipeline.stages.common import ConsoleReporter
+    from pipeline.reporting import ConsoleReporter
 
     root = Path(args.root)
     work = root / ".cache" / "work" / cfg.run_name

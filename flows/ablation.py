@@ -29,7 +29,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.common import (
-    TeacherResolver,
+    CheckpointResolver,
     cache_root_of,
     check_tracking,
     open_run_store,
@@ -64,7 +64,7 @@ def parent_run_name(cfg: RunConfig) -> str:
     return f"{cfg.run_name}-ablation"
 
 
-def check_ablation(cfg: RunConfig, teacher: TeacherResolver | None = None) -> Plan:
+def check_ablation(cfg: RunConfig, teacher: CheckpointResolver | None = None) -> Plan:
     """Every problem of this run (the conversion flow's checks, the ablation's schedule) and what each of
     its stage calls will do, before anything is written."""
     cache_root = cache_root_of(cfg)
@@ -74,7 +74,7 @@ def check_ablation(cfg: RunConfig, teacher: TeacherResolver | None = None) -> Pl
         return Plan(problems=[str(error)])
     store = open_run_store(cfg, cache_root)
     return plan(cfg, store=store, work_root=work_root_for(cache_root, store, cfg.run_name),
-                teacher=teacher or TeacherResolver(cfg, cache_root), tracking=lambda: check_tracking(cfg),
+                teacher=teacher or CheckpointResolver.teacher(cfg, cache_root), tracking=lambda: check_tracking(cfg),
                 until="steps", chain=lambda execute, source, _start: run_ablation(cfg, execute, source))
 
 
@@ -121,7 +121,7 @@ def log_arm_runs(tracker: Any, summary: list[dict], records: list[dict]) -> None
 def run_ablation_flow(cfg: RunConfig, command: str) -> dict[str, Any]:
     started = time.time()
     cache_root = cache_root_of(cfg)
-    teacher = TeacherResolver(cfg, cache_root)
+    teacher = CheckpointResolver.teacher(cfg, cache_root)
     checked = check_ablation(cfg, teacher)
     checked.raise_problems()
     store = open_run_store(cfg, cache_root)

@@ -122,13 +122,20 @@ def _health_request(uri: str):
     return urllib.request.Request(f"{urlunsplit(parts).rstrip('/')}/health", headers=headers)
 
 
-class TeacherResolver:
-    """The user's teacher (or, `key="start"`, the start checkpoint) as a Source, resolved once (listing and
-    digest; the weights come later)."""
+class CheckpointResolver:
+    """A checkpoint the user names, the teacher (`teacher.path`) or the start checkpoint (`start.path`), as a
+    Source, resolved once (listing and digest; the weights come later); None when the path is unset."""
 
-    def __init__(self, cfg: RunConfig, cache_root: Path, key: str = "teacher") -> None:
-        self.cfg, self.cache_root, self.source = cfg, cache_root, None
-        self.path = cfg.teacher.path if key == "teacher" else cfg.start.path
+    def __init__(self, path: str | None, cfg: RunConfig, cache_root: Path) -> None:
+        self.path, self.cfg, self.cache_root, self.source = path, cfg, cache_root, None
+
+    @classmethod
+    def teacher(cls, cfg: RunConfig, cache_root: Path) -> CheckpointResolver:
+        return cls(cfg.teacher.path, cfg, cache_root)
+
+    @classmethod
+    def start(cls, cfg: RunConfig, cache_root: Path) -> CheckpointResolver:
+        return cls(cfg.start.path, cfg, cache_root)
 
     def __call__(self) -> Source | None:
         if self.source is None and self.path:

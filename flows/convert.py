@@ -23,7 +23,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.common import (
-    TeacherResolver,
+    CheckpointResolver,
     cache_root_of,
     check_tracking,
     open_run_store,
@@ -46,14 +46,14 @@ from pipeline.redaction import redact, redact_text, redacted_exception
 from pipeline.tracking import NullTracker, Tracker
 
 
-def check_run(cfg: RunConfig, until: str = "evaluate", teacher: TeacherResolver | None = None,
-              start: TeacherResolver | None = None) -> Plan:
+def check_run(cfg: RunConfig, until: str = "evaluate", teacher: CheckpointResolver | None = None,
+              start: CheckpointResolver | None = None) -> Plan:
     """The plan of this run (`pipeline.plan.plan`): every problem, and what each stage will do."""
     cache_root = cache_root_of(cfg)
     store = open_run_store(cfg, cache_root)
     return plan(cfg, store=store, work_root=work_root_for(cache_root, store, cfg.run_name),
-                teacher=teacher or TeacherResolver(cfg, cache_root), tracking=lambda: check_tracking(cfg),
-                until=until, start=start or TeacherResolver(cfg, cache_root, "start"))
+                teacher=teacher or CheckpointResolver.teacher(cfg, cache_root), tracking=lambda: check_tracking(cfg),
+                until=until, start=start or CheckpointResolver.start(cfg, cache_root))
 
 
 def open_tracker(cfg: RunConfig) -> Tracker | NullTracker:
@@ -78,7 +78,7 @@ def run_conversion(cfg: RunConfig, until: str = "evaluate") -> dict[str, Any]:
         raise ConfigCompositionError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
     started = time.time()
     cache_root = cache_root_of(cfg)
-    teacher, start = TeacherResolver(cfg, cache_root), TeacherResolver(cfg, cache_root, "start")
+    teacher, start = CheckpointResolver.teacher(cfg, cache_root), CheckpointResolver.start(cfg, cache_root)
     checked = check_run(cfg, until, teacher, start)
     checked.raise_problems()  # every problem, one line each, before anything is written
     store = open_run_store(cfg, cache_root)

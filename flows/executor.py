@@ -29,6 +29,7 @@ from flows.publish import PUBLISHERS, artifact_key, log_output_files, mlflow_run
 from pipeline.config import to_plain
 from pipeline.executor import Executor, Output, StageCall
 from pipeline.redaction import redact_text, redacted_exception
+from pipeline.reporting import ConsoleReporter
 from pipeline.stages.common import read_meta
 from pipeline.store import Store
 
@@ -59,19 +60,12 @@ class StageReporter:
         progress(message)
 
 
-class _Console:
-    def log_metrics(self, metrics, step=None) -> None:
-        pass
-
-    def log_artifact(self, path) -> None:
-        pass
+class PrefectLogReporter(ConsoleReporter):
+    """`ConsoleReporter` whose lines go to the Prefect run's log and the console once (`flows.console.progress`);
+    metrics and files dropped. The executor's own reporter: each computed stage gets a `StageReporter`."""
 
     def progress(self, message: str) -> None:
         progress(message)
-
-    @contextlib.contextmanager
-    def trial(self, name: str) -> Iterator[_Console]:
-        yield self
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -100,7 +94,7 @@ class StoreExecutor(Executor):
 
     def __init__(self, store: Store, tracker: Any, work_root: Path, run_name: str, *,
                  first_count: int | None = None) -> None:
-        super().__init__(store, work_root, _Console())
+        super().__init__(store, work_root, PrefectLogReporter())
         self.tracker = tracker
         self.run_name = run_name
         self.first_count = first_count

@@ -35,7 +35,7 @@ from pipeline.recipe import (
     step_call,
     teacher_output,
 )
-from pipeline.stages.common import Reporter
+from pipeline.reporting import Reporter
 
 UNTIL = ("teacher", "loo", "convert", "mmr", "steps", "sft", "evaluate")
 

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import key_plain
-from pipeline.stages.common import RUN_CONFIG, STAGE_META, ConsoleReporter, Reporter, read_meta, write_run_config
+from pipeline.reporting import ConsoleReporter, Reporter
+from pipeline.stages.common import RUN_CONFIG, STAGE_META, read_meta, write_run_config
 from pipeline.store import (
     MANIFEST_NAME,
     CheckpointRef,

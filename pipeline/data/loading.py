@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
-import datasets
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # `datasets` is imported where rows are loaded, so `pipeline.data` imports without it
+    import datasets
+
+    Source = str | Path | Sequence[str | Path] | datasets.Dataset | Sequence[Mapping[str, Any]]
 
 __all__ = [
     "DataLoadError",
@@ -39,8 +43,6 @@ __all__ = [
 
 # file suffix -> `datasets` builder name
 DATA_SUFFIXES: dict[str, str] = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-Source = str | Path | Sequence[str | Path] | datasets.Dataset | Sequence[Mapping[str, Any]]
 
 
 class DataLoadError(ValueError):
@@ -101,6 +103,8 @@ def files_by_split(folder: Path) -> dict[str, list[Path]]:
 
 
 def _load_files(files: list[Path], what: str) -> datasets.Dataset:
+    import datasets
+
     for f in files:
         if f.stat().st_size == 0:
             raise DataLoadError(f"dataset {what} is empty: file {str(f)!r} has no rows")
@@ -162,6 +166,8 @@ def _load_url(url: str) -> datasets.Dataset:
     `datasets` cache records holds no password), the file's suffix names its format."""
     from urllib.parse import unquote, urlsplit, urlunsplit
 
+    import datasets
+
     from pipeline.redaction import redact_text
 
     shown = redact_text(url)
@@ -194,6 +200,8 @@ def load_rows(source: Source, split: str = "train") -> datasets.Dataset:
     ``validation*``/``val*``, ``test*``; other names count as train). A single file or list of files is
     the split itself. For the demo data, point at ``<folder>/reasoning`` or ``<folder>/text``.
     """
+    import datasets
+
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise DataLoadError(f"split {split!r} not found; available splits: {', '.join(source)}")
@@ -451,6 +459,8 @@ def tokenize_rows(
     Rows left without any loss token (e.g. a truncated-away answer) are dropped; if none remain it is an
     error. Output columns: input_ids, loss_mask, length, source_index.
     """
+    import datasets
+
     if not isinstance(max_length, int) or max_length < 2:
         raise DataLoadError(f"max_length must be an int >= 2, got {max_length!r}")
     if overflow not in ("truncate", "drop"):

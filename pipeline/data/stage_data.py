@@ -6,7 +6,7 @@ Contract:
   a URL, a hub dataset) or, when None, the bundled demo data (`pipeline.data.demo`).
 - Rows (`rows`), tokenised rows (`tokenized`) and the deterministic batch streams training resumes from
   (`batch_source`) come from `pipeline.data.loading` and `pipeline.data.batching`; generated and tokenised
-  rows are shared by the stages of one process (`_SHARED`), keyed by everything that determines them.
+  rows are shared by the stages of one process (`_PROCESS_ROW_CACHE`), keyed by everything that determines them.
 - Held-out rows: LOO scores on data.eval's validation split, else data.distill's, else the last
   `held_out_count` train rows of data.distill (`selection`), which training then never sees (`rows`).
   Evaluation reads data.eval's test split (`eval_problems`, `eval_batches`); LOO never does.
@@ -40,16 +40,16 @@ MIX_PARTS = ("distill", "generic")
 # determines them: the one-kind view of the stage's DataConfig (`DataConfig.view(kind)`: the source, the
 # demo settings that generate it, validation_share, max_length) with the split and, for local files, their
 # sizes and times; and the tokenizer's vocabulary and chat template. Bounded: the oldest entry goes first.
-_SHARED: dict[tuple, Any] = {}
-_SHARED_MAX = 16
+_PROCESS_ROW_CACHE: dict[tuple, Any] = {}
+_PROCESS_ROW_CACHE_SIZE = 16
 
 
-def _shared(key: tuple, build):
-    if key not in _SHARED:
-        while len(_SHARED) >= _SHARED_MAX:
-            _SHARED.pop(next(iter(_SHARED)))
-        _SHARED[key] = build()
-    return _SHARED[key]
+def _process_cached(key: tuple, build):
+    if key not in _PROCESS_ROW_CACHE:
+        while len(_PROCESS_ROW_CACHE) >= _PROCESS_ROW_CACHE_SIZE:
+            _PROCESS_ROW_CACHE.pop(next(iter(_PROCESS_ROW_CACHE)))
+        _PROCESS_ROW_CACHE[key] = build()
+    return _PROCESS_ROW_CACHE[key]
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -72,7 +72,7 @@ def padding_id(tokenizer) -> int:
 @dataclass
 class StageData:
     """The data a stage reads, loaded once per stage: demo data by default, any `datasets` source by config.
-    Generated and tokenised rows are shared across the stages of one process (see `_SHARED`).
+    Generated and tokenised rows are shared across the stages of one process (see `_PROCESS_ROW_CACHE`).
 
     `data` is the stage's view of the data section (`DataConfig.view`): only the sources it reads.
     """
@@ -96,7 +96,7 @@ class StageData:
 
             demo_cfg = self.data.demo
             key = ("demo", json.dumps(to_plain(demo_cfg), sort_keys=True))
-            self._cache["demo"] = _shared(key, lambda: generate_demo_data(demo_cfg))
+            self._cache["demo"] = _process_cached(key, lambda: generate_demo_data(demo_cfg))
         return self._cache["demo"]
 
     def _source_key(self, kind: str, split: str) -> tuple:
@@ -180,7 +180,7 @@ class StageData:
             from pipeline.data import tokenize_rows
 
             shared_key = ("tokenized", *self._source_key(kind, split), tokenizer_digest(self.tokenizer))
-            self._cache[key] = _shared(shared_key, lambda: tokenize_rows(self.rows(kind, split), self.tokenizer,
+            self._cache[key] = _process_cached(shared_key, lambda: tokenize_rows(self.rows(kind, split), self.tokenizer,
                                                                           self.data.max_length))
         return self._cache[key]
 

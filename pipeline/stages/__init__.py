@@ -1,7 +1,7 @@
 """The recipe's stages as plain functions over checkpoint folders (no Prefect, store or MLflow needed)."""
 
 from pipeline.errors import StageError
-from pipeline.stages.common import ConsoleReporter, Reporter
+from pipeline.reporting import ConsoleReporter, Reporter
 from pipeline.stages.convert import run_convert, run_loo_step, run_step
 from pipeline.stages.evaluate import run_evaluate, summary_table
 from pipeline.stages.kl import run_kl, run_kl_step

@@ -1,6 +1,7 @@
 """What every stage shares: devices, model and tokenizer loading, metadata files, reporting. The data a
 stage reads (`StageData`, held-out selection, mixing, the answer-budget check) is the data layer's
-(`pipeline.data.stage_data`) and `StageError` is `pipeline.errors`'; both are re-exported here.
+(`pipeline.data.stage_data`), `StageError` is `pipeline.errors`' and `Reporter` / `ConsoleReporter` are
+`pipeline.reporting`'s; all are re-exported here.
 
 A stage is a plain function of the config sections it reads and its input folders, called by the one
 executor (`pipeline.executor`) as `run_<stage>(**settings, **inputs, out_dir=, work_dir=, reporter=)`.
@@ -11,7 +12,6 @@ arguments, covers everything it reads. It writes its output folder and keeps res
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -19,22 +19,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from pipeline.config import STAGES, HardwareConfig, to_plain
 from pipeline.data.stage_data import (  # noqa: F401  (re-exported: the data layer)
-    _SHARED,
-    _SHARED_MAX,
     MAX_CUT_SHARE,
     MIX,
     MIX_PARTS,
     VALIDATION_SPLIT,
     StageData,
     _has_split,
-    _selection,
-    _shared,
     check_answer_budget,
     distill_kind,
     held_out_count,
@@ -43,7 +39,8 @@ from pipeline.data.stage_data import (  # noqa: F401  (re-exported: the data lay
     tokenizer_digest,
 )
 from pipeline.errors import StageError
-from pipeline.train.config import TrainConfig
+from pipeline.config.train import TrainConfig
+from pipeline.reporting import ConsoleReporter, Reporter  # noqa: F401  (re-exported: the stages' reporter)
 
 log = logging.getLogger(__name__)
 
@@ -63,43 +60,6 @@ def stage(name: str, version: int):
         function.stage_name, function.code_version = name, version
         return function
     return mark
-
-
-class Reporter(Protocol):
-    """Where stages send metrics and files (MLflow through the orchestration layer, or nowhere)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-
-    def log_artifact(self, path: str | os.PathLike) -> None: ...
-
-    def progress(self, message: str) -> None: ...
-
-    def trial(self, name: str) -> contextlib.AbstractContextManager[Reporter]:
-        """A reporter for one of several trainings inside a stage (an MMR trial), so that each one's
-        curves sit under the same `train/...` keys in a run of its own (MLflow: a nested run)."""
-        ...
-
-
-class ConsoleReporter:
-    """Prints progress lines; drops metrics (the default when a stage runs on its own)."""
-
-    def __init__(self, prefix: str = "") -> None:
-        self.prefix = prefix
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        pass
-
-    def log_artifact(self, path: str | os.PathLike) -> None:
-        pass
-
-    def progress(self, message: str) -> None:
-        from pipeline.redaction import redact_text
-
-        print(redact_text(f"{self.prefix}{message}"), flush=True)
-
-    @contextlib.contextmanager
-    def trial(self, name: str) -> Iterator[ConsoleReporter]:
-        yield self
 
 
 # --- hardware ------------------------------------------------------------------------------------

@@ -1,45 +1,54 @@
 """The training loop every stage uses (teacher pre-training, distillation, MMR trials, SFT) and its losses.
 
-`TrainConfig` imports no torch; the rest loads on first use, so configuration code (Hydra composition,
-`--help`) stays light.
+Its settings, `TrainConfig`, live in `pipeline.config.train` (no torch there, so composing a config never
+imports this package); they are re-exported here beside the loop that takes them.
 """
 
-from importlib import import_module
-from typing import Any
+from pipeline.config.train import DISTILL_LOSSES, LOSS_CHOICES, TRAINABLE_CHOICES, TrainConfig
+from pipeline.train.batches import (
+    Batch,
+    BatchFields,
+    BatchSource,
+    CallableBatchSource,
+    ListBatchSource,
+    PreparedBatch,
+    as_batch_source,
+    prepare_batch,
+)
+from pipeline.train.loop import MetricsCallback, StepMetrics, TrainResult, train
+from pipeline.train.losses import (
+    chunked_cross_entropy,
+    chunked_distill_loss,
+    reference_cross_entropy,
+    reference_distill_loss,
+)
+from pipeline.train.optim import TrainableFilter, build_optimizer, learning_rate_at, select_trainable
+from pipeline.train.state import latest_state
 
-from pipeline.train.config import DISTILL_LOSSES, LOSS_CHOICES, TRAINABLE_CHOICES, TrainConfig
-
-_LAZY = {
-    "Batch": "batches",
-    "BatchFields": "batches",
-    "BatchSource": "batches",
-    "CallableBatchSource": "batches",
-    "ListBatchSource": "batches",
-    "PreparedBatch": "batches",
-    "as_batch_source": "batches",
-    "prepare_batch": "batches",
-    "chunked_cross_entropy": "losses",
-    "chunked_distill_loss": "losses",
-    "reference_cross_entropy": "losses",
-    "reference_distill_loss": "losses",
-    "MetricsCallback": "loop",
-    "StepMetrics": "loop",
-    "TrainResult": "loop",
-    "train": "loop",
-    "TrainableFilter": "optim",
-    "build_optimizer": "optim",
-    "learning_rate_at": "optim",
-    "select_trainable": "optim",
-    "latest_state": "state",
-}
-
-__all__ = ["DISTILL_LOSSES", "LOSS_CHOICES", "TRAINABLE_CHOICES", "TrainConfig", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'pipeline.train' has no attribute {name!r}")
-    value = getattr(import_module(f"pipeline.train.{module}"), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "DISTILL_LOSSES",
+    "LOSS_CHOICES",
+    "TRAINABLE_CHOICES",
+    "TrainConfig",
+    "Batch",
+    "BatchFields",
+    "BatchSource",
+    "CallableBatchSource",
+    "ListBatchSource",
+    "PreparedBatch",
+    "as_batch_source",
+    "prepare_batch",
+    "chunked_cross_entropy",
+    "chunked_distill_loss",
+    "reference_cross_entropy",
+    "reference_distill_loss",
+    "MetricsCallback",
+    "StepMetrics",
+    "TrainResult",
+    "train",
+    "TrainableFilter",
+    "build_optimizer",
+    "learning_rate_at",
+    "select_trainable",
+    "latest_state",
+]

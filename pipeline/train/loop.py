@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from pipeline.train import distributed
 from pipeline.train.batches import Batch, BatchSource, PreparedBatch, as_batch_source, prepare_batch
-from pipeline.train.config import TRAIN_PRECISIONS, TRAJECTORY_FIELDS, TrainConfig
+from pipeline.config.train import TRAIN_PRECISIONS, TRAJECTORY_FIELDS, TrainConfig
 from pipeline.train.losses import chunked_cross_entropy, chunked_distill_loss
 from pipeline.train.optim import TrainableFilter, build_optimizer, learning_rate_at, select_trainable
 from pipeline.train.state import (

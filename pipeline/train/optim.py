@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.train.config import TrainConfig
+from pipeline.config.train import TrainConfig
 
 TrainableFilter = Callable[[str, nn.Parameter], bool]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.executor import Executor, Output, StageCall, work_root_for
-from pipeline.stages.common import ConsoleReporter, stage
+from pipeline.reporting import ConsoleReporter
+from pipeline.stages.common import stage
 from pipeline.store import LeaseHeldError, open_store
 
 

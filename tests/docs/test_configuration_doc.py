@@ -57,6 +57,6 @@ def test_every_conf_option_is_on_the_page():
 def _train_fields() -> list[str]:
     import dataclasses
 
-    from pipeline.train.config import TrainConfig
+    from pipeline.config.train import TrainConfig
 
     return [field.name for field in dataclasses.fields(TrainConfig)]

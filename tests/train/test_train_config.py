@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.config import TrainConfig
+from pipeline.config.train import TrainConfig
 
-CONFIG_FILE = Path(__file__).resolve().parents[2] / "pipeline" / "train" / "config.py"
+CONFIG_FILE = Path(__file__).resolve().parents[2] / "pipeline" / "config" / "train.py"
 
 
 def test_defaults_are_valid_and_distil_with_reverse_kl() -> None:
@@ -75,7 +75,7 @@ def test_structured_config_round_trip() -> None:
 
 
 def test_config_module_imports_no_torch() -> None:
-    # Load the file on its own (not through the package, whose __init__ imports the loop).
+    # Load the file on its own (no package __init__ runs).
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('train_config', {str(CONFIG_FILE)!r})\n"

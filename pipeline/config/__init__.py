@@ -1,5 +1,8 @@
 """The run configuration: typed dataclasses, the single source of truth (no torch import here).
 
+`RunConfig` and its sections are here; the training loop's `TrainConfig` is `pipeline.config.train`, the
+demo's generator and teacher settings `pipeline.config.demo`.
+
 `conf/` registers these as Hydra structured configs; the stages read them. Validation and derived values
 live in `__post_init__` (or `validate(num_layers)` where the teacher's depth is needed), so a bad value
 fails with one line naming the field, before any work starts.
@@ -12,8 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.data.demo import DemoDataConfig, DemoTeacherConfig
-from pipeline.train.config import TrainConfig
+from pipeline.config.demo import DemoDataConfig, DemoTeacherConfig
+from pipeline.config.train import TrainConfig
 
 STAGES = ("teacher", "teacher_finetune", "samples", "start", "loo", "convert", "mmr", "step", "loo_step", "kl",
           "kl_step", "sft", "evaluate", "quality")
