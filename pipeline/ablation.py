@@ -147,7 +147,8 @@ def arm_distillation(cfg: RunConfig, arm: Arm, seed: int) -> Distillation:
                                 **({"ce_weight": cfg.ablation.ce_weight} if arm.ce else {}))
     return Distillation(train=train, first_train=dataclasses.replace(train, steps=cfg.first_train().steps),
                         data=dataclasses.replace(cfg.data, distill_on=DISTILL_ON[arm.data]).distillation_view(),
-                        seed=seed, mmr=dataclasses.replace(cfg.mmr, train=dataclasses.replace(cfg.mmr.train, seed=seed)))
+                        seed=seed,
+                        mmr=dataclasses.replace(cfg.mmr, train=dataclasses.replace(cfg.mmr.train, seed=seed)))
 
 
 def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None) -> list[Result]:

@@ -54,7 +54,8 @@ def converted_count(config) -> int:
 
 def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: HardwareConfig, seed: int,
                        mamba: MambaConfig | None, teacher_dir: Path, parent_dir: Path | None, new_layers: list[int],
-                       out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, extra: dict, mixers: dict[int, str] | None = None, gdn: GDNConfig | None = None,
+                       out_dir: Path, *, work_dir: Path, reporter: Reporter, stage_name: str, extra: dict,
+                       mixers: dict[int, str] | None = None, gdn: GDNConfig | None = None,
                        generic: Path | None = None) -> dict:
     """`parent_dir` None: convert the teacher itself (with `mamba`'s mixer settings, unless the teacher is
     already a hybrid); else a hybrid, whose new mixers take the settings of its existing ones. `generic`:

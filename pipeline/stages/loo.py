@@ -129,8 +129,8 @@ def run_loo(loo: LOOConfig, data: DataConfig, hardware: HardwareConfig, first_co
              highlight=[position for position, e in enumerate(entries) if e["layer"] in first])
     for name in (LOO_FILE, "loo.png"):
         reporter.log_artifact(out_dir / name)
-    write_meta(out_dir, "loo", parent="teacher", started=started, baseline=baseline, ranking=result["ranking"], scored_on=scored_on,
-               **({"mamba_layers": mamba} if mamba else {}))
+    write_meta(out_dir, "loo", parent="teacher", started=started, baseline=baseline, ranking=result["ranking"],
+               scored_on=scored_on, **({"mamba_layers": mamba} if mamba else {}))
     return result
 
 

@@ -42,7 +42,8 @@ def run_samples(samples: SamplesConfig, hardware: HardwareConfig, *, teacher: st
                 handle.write(json.dumps(row) + "\n")
         counts[split], tokens = count, tokens + sum(text.new_tokens for text in texts)
         reporter.progress(f"  samples: {count} {split} rows")
-    return write_meta(out_dir, "samples", parent="teacher", started=started, checkpoint="teacher-samples", rows=counts, sampled_tokens=tokens)
+    return write_meta(out_dir, "samples", parent="teacher", started=started, checkpoint="teacher-samples",
+                      rows=counts, sampled_tokens=tokens)
 
 
 __all__ = ["SPLITS", "run_samples"]
