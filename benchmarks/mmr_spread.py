@@ -192,7 +192,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     cfg = spread_config(args)
     from pipeline.chain import run_local
-    from pipeline.recipe import distill_view
     from pipeline.stages import run_mmr
     from pipeline.reporting import ConsoleReporter
 
@@ -203,7 +202,7 @@ def main(argv=None) -> None:
     mmr = dataclasses.replace(cfg.mmr, seeds=args.draws)
     out_dir = root / "spread" / f"{cfg.run_name}-draws{args.draws}"
     started = time.perf_counter()
-    table = run_mmr(mmr, distill_view(cfg), cfg.hardware, cfg.seed, teacher=folders["teacher"], parent=parent,
+    table = run_mmr(mmr, cfg.data.for_distillation(), cfg.hardware, cfg.seed, teacher=folders["teacher"], parent=parent,
                     out_dir=out_dir, work_dir=work / f"spread-draws{args.draws}", reporter=ConsoleReporter())
     seconds = time.perf_counter() - started
     chosen = cfg.schedule.counts[1] - cfg.schedule.counts[0] if len(cfg.schedule.counts) > 1 else 1

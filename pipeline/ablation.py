@@ -146,7 +146,7 @@ def arm_distillation(cfg: RunConfig, arm: Arm, seed: int) -> Distillation:
     train = dataclasses.replace(cfg.train, loss=arm.loss, seed=seed,
                                 **({"ce_weight": cfg.ablation.ce_weight} if arm.ce else {}))
     return Distillation(train=train, first_train=dataclasses.replace(train, steps=cfg.first_train().steps),
-                        data=dataclasses.replace(cfg.data, distill_on=DISTILL_ON[arm.data]).distillation_view(),
+                        data=dataclasses.replace(cfg.data, distill_on=DISTILL_ON[arm.data]).for_distillation(),
                         seed=seed,
                         mmr=dataclasses.replace(cfg.mmr, train=dataclasses.replace(cfg.mmr.train, seed=seed)))
 

@@ -91,7 +91,7 @@ def run_chain(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: S
 
 def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Source | None, until: str,
           start: Source | None) -> dict[str, Output]:
-    from pipeline.data.stage_data import distill_kind
+    from pipeline.data.stage_data import distillation_source
 
     if until not in UNTIL:
         raise ConfigError(f"until={until!r} is not a stage; valid: {', '.join(UNTIL)}")
@@ -107,7 +107,7 @@ def _walk(cfg: RunConfig, execute: Callable[[StageCall], Output], teacher: Sourc
     if until == "teacher":
         return out
     samples = samples_output(cfg, execute, teacher_out, out)
-    distill_generic = samples if distill_kind(distillation.data) in ("generic", "mix") else None
+    distill_generic = samples if distillation_source(distillation.data) in ("generic", "mix") else None
     if cfg.start.path:  # continue a hybrid: it takes the place of LOO and the first conversion
         registered = run(start_call(cfg, start, teacher_out))
         check_start_counts(cfg, registered.n_mamba)

@@ -51,11 +51,6 @@ def _generic(generic: Output | None) -> dict[str, Output]:
     return {"generic": generic} if generic is not None else {}
 
 
-def distill_view(cfg: RunConfig) -> DataConfig:
-    """The data a distillation (conversion, step, MMR trial) reads: the source data.distill_on names."""
-    return cfg.data.distillation_view()
-
-
 # --- the distillation: what an ablation arm varies ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -73,7 +68,7 @@ class Distillation:
     @classmethod
     def of(cls, cfg: RunConfig) -> Distillation:
         """The conversion chain's distillation."""
-        return cls(cfg.train, cfg.first_train(), distill_view(cfg), cfg.seed, cfg.mmr, tuple(cfg.schedule.mixers),
+        return cls(cfg.train, cfg.first_train(), cfg.data.for_distillation(), cfg.seed, cfg.mmr, tuple(cfg.schedule.mixers),
                    cfg.gdn)
 
     def mixer_settings(self, stage: str) -> dict[str, Any]:
@@ -268,7 +263,7 @@ def quality_call(cfg: RunConfig, *, teacher: Output, checkpoint: Output, generic
                     {"teacher": teacher, "checkpoint": checkpoint, **_generic(generic)}, is_checkpoint=False)
 
 
-__all__ = ["Distillation", "SAMPLES", "TEACHER_FINETUNED", "convert_call", "distill_view", "evaluate_call",
+__all__ = ["Distillation", "SAMPLES", "TEACHER_FINETUNED", "convert_call", "evaluate_call",
            "kl_call", "kl_step_call", "loo_call", "loo_step_call", "mmr_call", "quality_call",
            "samples_call", "samples_output", "sft_call", "start_call", "step_call", "teacher_call",
            "teacher_finetune_call", "teacher_output"]

@@ -206,7 +206,7 @@ class DataConfig:
         return self.generic == TEACHER_SAMPLES
 
 
-    def distillation_view(self) -> DataConfig:
+    def for_distillation(self) -> DataConfig:
         """The view the distillations (conversion, step, MMR trial) read: the source `distill_on` names, or
         for "mix" both reasoning traces and generic text (`distill_on` says which)."""
         if self.distill_on == "mix":

@@ -10,7 +10,7 @@ Contract:
 - Held-out rows: LOO scores on data.eval's validation split, else data.distill's, else the last
   `held_out_count` train rows of data.distill (`selection`), which training then never sees (`rows`).
   Evaluation reads data.eval's test split (`eval_problems`, `eval_batches`); LOO never does.
-- Mixing: data.distill_on=mix (`distill_kind`) trains on reasoning traces and generic text, the first
+- Mixing: data.distill_on=mix (`distillation_source`) trains on reasoning traces and generic text, the first
   `mix_share` rows of each.
 - Answer budget: problems scored by greedy decoding are refused (`check_answer_budget`) when the decoding
   budget would cut the reference replies of more than MAX_CUT_SHARE of them.
@@ -292,7 +292,7 @@ def _selection(data: DataConfig) -> tuple[str, Any]:
     return "held_out", count
 
 
-def distill_kind(data: DataConfig) -> str:
+def distillation_source(data: DataConfig) -> str:
     """What the distillations train on: "distill" (reasoning traces), "generic" or "mix" (both)."""
     return data.distill_on if data.distill_on in ("generic", "mix") else "distill"
 
@@ -304,7 +304,7 @@ __all__ = [
     "VALIDATION_SPLIT",
     "StageData",
     "check_answer_budget",
-    "distill_kind",
+    "distillation_source",
     "held_out_count",
     "padding_id",
     "reference_reply",

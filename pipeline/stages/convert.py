@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import DataConfig, GDNConfig, HardwareConfig, MambaConfig, checkpoint_name, to_plain
 from pipeline.convert import hybridize
-from pipeline.data.stage_data import StageData, distill_kind
+from pipeline.data.stage_data import StageData, distillation_source
 from pipeline.errors import StageError
 from pipeline.stages.common import (
     ConsoleReporter,
@@ -68,7 +68,7 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     tokenizer = load_tokenizer(teacher_dir)
     stage_data = StageData(data, tokenizer).with_generic(generic)
     # the teacher is fit's to load (frozen: bf16 under bf16-mixed; under torchrun each rank builds its own)
-    plan = TrainingPlan(train_cfg, stage_data.data, distill_kind(data), str(work_dir), teacher_dir=str(teacher_dir),
+    plan = TrainingPlan(train_cfg, stage_data.data, distillation_source(data), str(work_dir), teacher_dir=str(teacher_dir),
                         tokenizer_dir=str(teacher_dir))
     runtime = plan.runtime(hardware)
     # under torchrun the ranks build teacher and student sharded from the files: this process loads neither
@@ -113,7 +113,7 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
         layer_types=student.config.layer_types, layer_pattern=student.config.layer_pattern,
         converted_layers=new_layers, train=to_plain(train_cfg), steps=result.steps_done,
         tokens_seen=result.tokens_seen, cumulative_train_tokens=cumulative_train_tokens(parent_dir, result.tokens_seen),
-        data=stage_data.describe(distill_kind(data)), final_distill_loss=result.final_distill_loss, **extra,
+        data=stage_data.describe(distillation_source(data)), final_distill_loss=result.final_distill_loss, **extra,
     )
     reporter.log_metrics({"final_distill_loss": result.final_distill_loss, "n_mamba": n_mamba})
     return meta

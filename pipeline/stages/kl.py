@@ -45,7 +45,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig, HardwareConfig
 from pipeline.convert import hybridize
-from pipeline.data.stage_data import StageData, distill_kind
+from pipeline.data.stage_data import StageData, distillation_source
 from pipeline.errors import StageError
 from pipeline.evaluate.plots import bar_plot
 from pipeline.stages.common import (
@@ -81,7 +81,7 @@ def trial_loss(parent_model, teacher_model, stage_data: StageData, data: DataCon
     student = hybridize(parent_model, converted, seed=seed)
     prefixes = tuple(f"model.layers.{layer}.mixer." for layer in converted)
     result = train(
-        student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
+        student, stage_data.batch_source(distillation_source(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
         teacher=teacher_model, callback=callback, precision=precision,
         trainable_filter=(lambda name, _param: name.startswith(prefixes)) if train_cfg.trainable == "mamba" else None,
     )

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from pipeline.config import DEFAULT_MIXERS, DataConfig, GDNConfig, HardwareConfig, MMRConfig
 from pipeline.convert import gdn_trial, mamba_trial
-from pipeline.data.stage_data import StageData, distill_kind
+from pipeline.data.stage_data import StageData, distillation_source
 from pipeline.errors import StageError
 from pipeline.evaluate.plots import bar_plot, grouped_bar_plot
 from pipeline.stages.common import (
@@ -175,7 +175,7 @@ def score_layer(parent_model, teacher_model, stage_data: StageData, data: DataCo
         trial = mamba_trial(parent_model, layer, seed=seed, draw=draw)
     with trial as student:
         result = train(
-            student, stage_data.batch_source(distill_kind(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
+            student, stage_data.batch_source(distillation_source(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
             teacher=teacher_model, callback=callback,
             trainable_filter=lambda name, _param: name.startswith(prefix), precision=precision,
         )

@@ -96,7 +96,7 @@ MetricsCallback = Callable[[StepMetrics], None]
 
 @dataclass(frozen=True)
 class _Objective:
-    distill_kind: str | None  # "reverse_kl" | "forward_kl" | None (CE only)
+    distill_loss: str | None  # "reverse_kl" | "forward_kl" | None (CE only)
     temperature: float
     ce_weight: float  # 1.0 for pure CE; 0.0 = CE not computed
 
@@ -321,7 +321,7 @@ def _run(
         progress.tokens_seen += step_tokens
         record = (
             loss,
-            distill if objective.distill_kind is not None else None,
+            distill if objective.distill_loss is not None else None,
             ce if objective.ce_weight > 0 else None,
         )
         progress.recent.append(record)
@@ -380,7 +380,7 @@ def _loss_sums(
     else:
         hidden = _hidden_states(student, batch)[:, :-1]  # (B, T-1, H)
     distill_sum = ce_sum = None
-    if objective.distill_kind is not None:
+    if objective.distill_loss is not None:
         assert teacher is not None and teacher_head is not None
         with torch.no_grad():
             if sharded:
@@ -394,7 +394,7 @@ def _loss_sums(
             teacher_hidden,
             teacher_head,
             batch.target_mask,
-            kind=objective.distill_kind,
+            kind=objective.distill_loss,
             temperature=objective.temperature,
             chunk_tokens=chunk_tokens,
             chunk_elements=chunk_elements,
@@ -424,10 +424,10 @@ def _objective(cfg: TrainConfig, teacher: nn.Module | None) -> _Objective:
     if cfg.is_distillation:
         if teacher is None:
             raise ValueError(f"loss={cfg.loss!r} distils from a teacher, but no teacher was given")
-        return _Objective(distill_kind=cfg.loss, temperature=cfg.temperature, ce_weight=cfg.ce_weight)
+        return _Objective(distill_loss=cfg.loss, temperature=cfg.temperature, ce_weight=cfg.ce_weight)
     if teacher is not None:
         raise ValueError("loss='ce' trains on the data alone, but a teacher was given; use a KL loss to distil")
-    return _Objective(distill_kind=None, temperature=1.0, ce_weight=1.0)
+    return _Objective(distill_loss=None, temperature=1.0, ce_weight=1.0)
 
 
 def _device_of(model: nn.Module, role: str) -> torch.device:

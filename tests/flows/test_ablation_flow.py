@@ -160,11 +160,11 @@ def test_even_mix_holds_as_many_rows_of_reasoning_traces_as_of_generic_text():
     import dataclasses
 
     from pipeline.data import build_char_tokenizer
-    from pipeline.stages.common import StageData, distill_kind
+    from pipeline.stages.common import StageData, distillation_source
 
     cfg = compose(["experiment=tiny", "data.distill_on=mix", "data.demo.n_text_train=100"])
-    view = cfg.data.distillation_view()
-    assert (view.distill_on, distill_kind(view)) == ("mix", "mix")
+    view = cfg.data.for_distillation()
+    assert (view.distill_on, distillation_source(view)) == ("mix", "mix")
     assert view == dataclasses.replace(cfg.data.view("distill", "generic"), distill_on="mix")
     data = StageData(view, build_char_tokenizer())
     mixed = data.tokenized("mix")
