@@ -13,13 +13,14 @@ whole), then sliced into this rank's rows. So the gathered weights are
 bit-identical to the unsharded path's (tests/train/test_sharded_build.py compares them).
 
 A rank's peak host memory is then about its share of the model (1/W of it) plus one layer's new mixer and
-attention weights, not the whole model; the measured figures are in that test and in the README.
+attention weights, not the whole model (that test bounds it; benchmarks/results/sharded-build-cpu.json
+holds the figures).
 
 `plan_weights` does the weight surgery's checks without reading any tensor (every target tensor has a
 source of the right shape; every source tensor is used or is a replaced attention), so the stage runs it
 before starting any rank. Supported sources: checkpoints in this project's layout or a plain transformers
 one (config.json + safetensors files, single or with an index); the imported hybrid layouts (Apriel-H1,
-MambaInLlama) load whole, as before (`pipeline.stages.common.load_model`).
+MambaInLlama) load whole (`pipeline.stages.common.load_model`).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ kernels; on CPU it runs eagerly (the CPU figures of the demo compare tiny models
 GPU serving). Greedy, a fixed number of new tokens, random prompt tokens.
 
 The prompt batch is prefilled in as few forwards as fit `prefill_tokens` prompt tokens each (the whole batch
-at short prompts, one row at a time at 16k): a row-by-row prefill of a short-prompt batch measures kernel
-launches, not the model, and hid the hybrids' decode behind it (64 sequential forwards took 2-4 s of a
-2-4 s call on SmolLM2, benchmarks/results/smollm2-h200.md).
+at short prompts, one row at a time at 16k), so that the ratio measures the model: a row-by-row prefill of a
+short-prompt batch is bound by kernel launches and hides the hybrids' decode behind them (on SmolLM2 at
+batch 64 it is most of a 2-4 s call: commit 587f8eb).
 """
 
 from __future__ import annotations

@@ -86,9 +86,9 @@ def resolve_dtype(hardware: HardwareConfig | Runtime, device: torch.device, *, f
     are the fp32 masters, and the models the evaluate stage scores); the other frozen ones (the
     distillation teacher, LOO's teacher) in bf16 under bf16-mixed, else fp32.
 
-    Why evaluation holds its models in fp32: on one H200 the demo's hybrids held in bf16 answered far
-    worse (greedy decoding through Mamba layers) than the same training run's checkpoints held in fp32,
-    at the same teacher-forced NLL (benchmarks/results/gpu-pipeline-h200.md)."""
+    Evaluation holds its models in fp32 so that a checkpoint's answer accuracy does not depend on bf16
+    rounding through greedy decoding; under bf16-mixed the evaluate stage measures speed on a bf16 copy. The
+    bf16 / fp32 comparisons are in benchmarks/results/gpu-pipeline-h200.md."""
     if fp32:
         return torch.float32
     return torch.bfloat16 if resolve_precision(hardware, device) == "bf16-mixed" else torch.float32

@@ -14,9 +14,9 @@ is refused, because bf16 parameters lose most updates at the recipe's learning r
 half a bf16 ulp of the weight, 2^-9 of it, rounds away). "bf16-mixed" runs forward and backward under
 bf16 autocast (on CUDA or CPU); the chunked losses form each chunk's logits with the autocast's bf16 head
 GEMM and upcast them to fp32 before the softmax, the KL / CE and the gradient of the logits
-(`pipeline.train.losses`). A head GEMM in fp32 was measured on an H200 and changed no quality figure of
-the demo chain (benchmarks/results/gpu-pipeline-h200.md) while costing the 1B benchmark about a quarter of
-its throughput, so it is not used. The frozen teacher may be held in any dtype (bf16 saves memory).
+(`pipeline.train.losses`). The head GEMM stays in bf16: in fp32 it moves no quality figure of the demo
+chain and costs the 1B training benchmark about 30% of its throughput (benchmarks/results/gpu-pipeline-h200.md).
+The frozen teacher may be held in any dtype (bf16 saves memory).
 
 Processes: called in a process group (a worker under `torchrun`, any number of processes, one included),
 the loop shards student and teacher with FSDP2 (a model already built sharded, `pipeline.convert.sharded`,
