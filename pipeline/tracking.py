@@ -21,7 +21,7 @@ of well-known shapes and the values of secret environment variables. Binary file
 A parent run is re-attached only with the same params (a restart of the same run); a run name reused with
 other settings gets a new parent run, since MLflow params cannot change.
 
-The default tracking URI is ``sqlite:///<working dir>/mlflow.db`` (MLflow 3 no longer accepts plain
+The default tracking URI is ``sqlite:///<working dir>/mlflow.db`` (MLflow 3 refuses plain
 ``file:`` stores); ``MLFLOW_TRACKING_URI`` or the ``tracking_uri`` argument points at a server. Nothing here
 talks to MLflow at import time, and mlflow is imported only when a :class:`Tracker` is created, so code
 that logs through :class:`NullTracker` runs without mlflow installed. No torch either.

@@ -16,7 +16,7 @@ Contract:
   budget would cut the reference replies of more than MAX_CUT_SHARE of them.
 - Its own refusals (evaluation rows without an 'answer' column, a budget too short, too few train rows to
   hold out) raise `pipeline.errors.StageError` in one line, the class the stages raise and their callers
-  catch; a source that does not load raises `pipeline.data.loading`'s DataLoadError as before.
+  catch; a source that does not load raises `pipeline.data.loading`'s DataLoadError.
 - This module imports nothing from `pipeline.stages`; `pipeline.stages.common` re-exports its names.
 """
 

@@ -13,9 +13,9 @@ Layer kinds follow transformers' own vocabulary for `config.layer_types` where i
 `"mlp"` is the name NemotronH uses for a block without a token mixer; transformers maps it to a cache
 layer that stores nothing. The short names (`attention`, `mamba`, `gdn`, `identity`) are accepted on
 input and rewritten to the canonical ones. Beware one clash of vocabularies: transformers' Qwen3-Next
-calls its Gated DeltaNet layers `"linear_attention"`; here that entry has always meant Mamba-1 (every
-checkpoint written so far says so and loads unchanged), and Gated DeltaNet is `"gated_delta_net"`
-(Fast-LLM's name for it in `layer_types`).
+calls its Gated DeltaNet layers `"linear_attention"`; here that entry means Mamba-1 (the meaning every
+checkpoint of this project is written with, so all of them load unchanged), and Gated DeltaNet is
+`"gated_delta_net"` (Fast-LLM's name for it in `layer_types`).
 
 Glossary where our names meet Mamba's / HF's: d_inner = "intermediate_size" of Jamba's mixer =
 n_heads x head_dim; d_xb = n_kv_heads x head_dim (width of x and B before the GQA expansion);

@@ -33,7 +33,7 @@ tokens. With a single remaining candidate there is
 nothing to compare and no trial runs.
 
 Each finished trial is recorded in `work_dir` (trials.json, replaced atomically), so a killed stage resumes
-at the missing trials. The trials run one after the other in one process (no fan-out over GPUs yet).
+at the missing trials. The trials run one after the other in one process (no fan-out over GPUs).
 """
 
 from __future__ import annotations

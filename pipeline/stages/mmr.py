@@ -25,8 +25,8 @@ Fan-out (hardware.nproc = N > 1): the trials are independent, so N worker proces
 only the first stage pays for starting processes, importing torch and initialising a device. For each
 stage every worker it uses loads teacher and parent once on its own device (CUDA: worker i on GPU i modulo
 the GPUs there are; CPU: N processes, which is what the tests use), takes trials (a layer, mixer and draw)
-from the stage's queue (longest first by their cost, steps x batch; equal costs, as today's trials all are,
-keep the order of `pending_trials`) and releases both models when the stage's trials are done (their GPU
+from the stage's queue (longest first by their cost, steps x batch; equal costs, which every trial of a stage
+has, keep the order of `pending_trials`) and releases both models when the stage's trials are done (their GPU
 memory is back before the next step trains). Every trial is the same function with the same seed and
 batches as in the sequential path, so a pair's score does not depend on which worker ran it, how many
 there are, or what the worker ran before (on CPU equal to the sequential scores within float32 noise, see
@@ -399,8 +399,8 @@ class _WorkerJob:
             torch.cuda.empty_cache()
 
     def cost(self, task) -> int:
-        """What a trial costs, in sequences trained on (steps x batch): every trial of a stage costs the same
-        today, so the queue keeps the candidates' order."""
+        """What a trial costs, in sequences trained on (steps x batch): the same for every trial of a stage,
+        so the queue keeps the candidates' order."""
         return self.mmr.train.steps * self.mmr.train.batch_size * self.mmr.train.grad_accum
 
 
