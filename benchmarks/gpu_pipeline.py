@@ -337,7 +337,7 @@ def score_checkpoint(cfg: RunConfig, teacher: Path, folder: Path, score_teacher:
 
 def one_mixer_run(args) -> None:
     """A child process: one (mixer, K, seed) from the shared teacher: LOO, the conversion, its quality."""
-    from pipeline.chain import TEACHER_FINETUNED
+    from pipeline.recipe import TEACHER_FINETUNED
 
     cfg = mixer_config(args.preset, args.mixer, args.count, args.seed, args.device, args.teacher_steps)
     record = {"mixer": args.mixer, "count": args.count, "seed": args.seed}
@@ -372,7 +372,8 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def mixers(args) -> None:
-    from pipeline.chain import TEACHER_FINETUNED, run_local
+    from pipeline.chain import run_local
+    from pipeline.recipe import TEACHER_FINETUNED
 
     root = Path(args.root)
     started = time.perf_counter()

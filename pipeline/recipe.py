@@ -68,8 +68,8 @@ class Distillation:
     @classmethod
     def of(cls, cfg: RunConfig) -> Distillation:
         """The conversion chain's distillation."""
-        return cls(cfg.train, cfg.first_train(), cfg.data.for_distillation(), cfg.seed, cfg.mmr, tuple(cfg.schedule.mixers),
-                   cfg.gdn)
+        return cls(cfg.train, cfg.first_train(), cfg.data.for_distillation(), cfg.seed, cfg.mmr,
+                   tuple(cfg.schedule.mixers), cfg.gdn)
 
     def mixer_settings(self, stage: str) -> dict[str, Any]:
         """What a conversion stage reads of the mixers and the gdn section, beyond its usual settings: nothing
