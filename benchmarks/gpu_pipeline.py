@@ -261,7 +261,7 @@ def precision(args) -> None:
         record = json.loads(out.read_text()) if out.exists() else {}
         results.append({"variant": variant, "seed": seed, "exit_code": code, **record})
         print(f"{variant} seed {seed}: exit {code}", flush=True)
-    teacher_meta = json.loads((Path(teacher_ft or teacher) / "stage.json").read_text())
+    teacher_meta = json.loads((Path(teacher) / "stage.json").read_text())
     summary = {"teacher": {"seconds": round(teacher_s, 1), "final_loss": teacher_meta.get("final_loss")},
                "runs": results, "environment": environment(), "concurrent_processes": len(children)}
     Path(args.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")

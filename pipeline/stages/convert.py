@@ -68,8 +68,8 @@ def convert_and_distil(train_cfg: TrainConfig, data: DataConfig, hardware: Hardw
     tokenizer = load_tokenizer(teacher_dir)
     stage_data = StageData(data, tokenizer).with_generic(generic)
     # the teacher is fit's to load (frozen: bf16 under bf16-mixed; under torchrun each rank builds its own)
-    plan = TrainingPlan(train_cfg, stage_data.data, distillation_source(data), str(work_dir), teacher_dir=str(teacher_dir),
-                        tokenizer_dir=str(teacher_dir))
+    plan = TrainingPlan(train_cfg, stage_data.data, distillation_source(data), str(work_dir),
+                        teacher_dir=str(teacher_dir), tokenizer_dir=str(teacher_dir))
     runtime = plan.runtime(hardware)
     # under torchrun the ranks build teacher and student sharded from the files: this process loads neither
     sharded = runtime.torchrun and builds_sharded(source_dir)

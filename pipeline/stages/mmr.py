@@ -175,7 +175,8 @@ def score_layer(parent_model, teacher_model, stage_data: StageData, data: DataCo
         trial = mamba_trial(parent_model, layer, seed=seed, draw=draw)
     with trial as student:
         result = train(
-            student, stage_data.batch_source(distillation_source(data), train_cfg.batch_size, train_cfg.seed), train_cfg,
+            student, stage_data.batch_source(distillation_source(data), train_cfg.batch_size, train_cfg.seed),
+            train_cfg,
             teacher=teacher_model, callback=callback,
             trainable_filter=lambda name, _param: name.startswith(prefix), precision=precision,
         )
